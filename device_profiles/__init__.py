@@ -1,0 +1,1 @@
+"""flexrank.device_profiles"""
