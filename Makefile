@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/flexrank demo
+	$(VENV)/bin/flexrank decompose smollm2-135m --samples 128 --seq-len 256
 
 lint: install
 	$(VENV)/bin/ruff check .

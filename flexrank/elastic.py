@@ -195,6 +195,6 @@ def _skeleton_from_config(directory: Path, model_class: str):
     model = model_type(config)  # random init, overwritten by the checkpoint
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer

@@ -96,12 +96,12 @@ def _load_folder(path: Path, dtype=None):
         is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
         auto = AutoModelForCausalLM if is_lm else AutoModel
         model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # safetensors raises its own SafetensorError on damage
         raise ModelLoadError(f"could not load the model in {path}: {_first_line(err)} "
                              "(a truncated or corrupt weight file?)") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # TypeError: a tokenizer class with no files
         logger.warning("no tokenizer in %s; returning the model without one", path)
         tokenizer = None
     model.eval()

@@ -93,10 +93,13 @@ def test_covariance_equals_direct_computation_and_masks_padding():
     handle.remove()
     rows = torch.cat([captured["down"][0].reshape(-1, 64),
                       captured["down"][1][:, :7].reshape(-1, 64)])
-    stats = collect_covariances(model, batches, progress=False)
+    stats = collect_covariances(model, batches, precise=True, progress=False)
     cov, count = stats.covariance("model.layers.1.mlp.down_proj")
     assert count == 3 * 10 + 3 * 7
     torch.testing.assert_close(cov, rows.T @ rows, rtol=1e-10, atol=1e-10)
+    fast, _ = collect_covariances(model, batches, progress=False).covariance(
+        "model.layers.1.mlp.down_proj")
+    torch.testing.assert_close(fast, rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
 def test_covariance_shards_sum_to_whole():

@@ -1,0 +1,112 @@
+"""Command line: `flexrank <command>` and `flexrank-export`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from flexrank.models import ALIASES, DEFAULT_MODEL
+
+logger = logging.getLogger("flexrank")
+
+# Commands whose issue has not landed yet say so plainly and exit non-zero.
+NOT_YET = {
+    "compress": "nested elastic distillation and `flexrank compress`",
+    "export": "the exporters and `flexrank-export --profile ... --budget auto`",
+    "bench": "the runtime and tier benchmarks",
+    "eval": "evaluation and the Pareto report",
+    "profiles": "device profiles",
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="teacher",
+                   help="calibration source: 'teacher' (text sampled from the model), a text or "
+                        ".jsonl file, or a datasets folder (default: teacher)")
+    p.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_decompose(args) -> int:
+    import flexrank
+    from flexrank.report import format_table
+
+    started = time.perf_counter()
+    model, tokenizer = flexrank.load_model(args.model)
+    loaded = time.perf_counter()
+    batches = flexrank.calibration_data(tokenizer, source=args.calib, model=model,
+                                        num_samples=args.samples, seq_len=args.seq_len,
+                                        seed=args.seed, batch_size=args.batch_size)
+    calibrated = time.perf_counter()
+    stats = flexrank.collect_covariances(model, batches)
+    collected = time.perf_counter()
+    reports = flexrank.factorize_(model, stats, flexrank.FactorizeConfig(
+        include_lm_head=args.include_lm_head))
+    done = time.perf_counter()
+    fractions = (0.25, 0.5, 0.75)
+    rows = [[r.name, f"{r.shape[0]}x{r.shape[1]}", r.max_rank,
+             "data" if r.whitened else "plain",
+             *[r.relative_error_at(f) for f in fractions]] for r in reports]
+    print(format_table(["layer", "shape", "max rank", "svd",
+                        *[f"rel. err @{int(f * 100)}% rank" for f in fractions]], rows,
+                       title=f"\nDataSVD of {args.model}: {len(reports)} layers, "
+                             f"{stats.num_tokens} calibration tokens"))
+    stages = [["load", loaded - started], ["calibration data", calibrated - loaded],
+              ["covariance", collected - calibrated], ["decompose", done - collected]]
+    print(format_table(["stage", "seconds"], stages, title="\nStages"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexrank", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decompose", help="load a model, calibrate, DataSVD every linear layer "
+                                         "and print a per-layer table")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"alias ({', '.join(ALIASES)}), HF folder or .gguf (default: "
+                        f"{DEFAULT_MODEL})")
+    _add_calibration_args(p)
+    p.add_argument("--include-lm-head", action="store_true")
+    p.set_defaults(func=cmd_decompose)
+
+    for name, what in NOT_YET.items():
+        p = sub.add_parser(name, help=f"(not yet available: {what})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_not_yet(name, what))
+    return parser
+
+
+def _not_yet(name: str, what: str):
+    def run(args) -> int:
+        print(f"flexrank {name}: not available yet in this version ({what} is still being "
+              "built). Available now: flexrank decompose.", file=sys.stderr)
+        return 2
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["export", *argv])

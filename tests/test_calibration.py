@@ -1,0 +1,95 @@
+"""calibration_data: every source, deterministic packing, clear errors."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import SHAKESPEARE, tiny_llama
+
+from flexrank.calibration import CalibrationError, calibration_data, pack
+
+
+def test_text_file_packs_deterministically(tmp_path, tokenizer):
+    text = "".join(f"line {i}: to be or not to be\n" for i in range(200))
+    path = tmp_path / "a.txt"
+    path.write_text(text)
+    a = calibration_data(tokenizer, path, num_samples=10, seq_len=32, seed=3, batch_size=4)
+    b = calibration_data(tokenizer, path, num_samples=10, seq_len=32, seed=3, batch_size=4)
+    c = calibration_data(tokenizer, path, num_samples=10, seq_len=32, seed=4, batch_size=4)
+    assert [x["input_ids"].shape for x in a] == [(4, 32), (4, 32), (2, 32)]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
+    # every sample is a verbatim window of the tokenised text
+    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for row in torch.cat([x["input_ids"] for x in a]).tolist():
+        start = [i for i in range(len(stream) - 31) if stream[i:i + 32] == row]
+        assert start and start[0] % 32 == 0
+
+
+def test_pack_windows_are_disjoint_and_span_respected():
+    stream = torch.arange(1000)
+    out = pack(stream, num_samples=5, seq_len=10, seed=0, span=(0.5, 1.0))
+    assert out.min() >= 500 and len(set(out.flatten().tolist())) == 50
+    assert torch.all(out[:, 1:] - out[:, :-1] == 1)
+
+
+def test_jsonl_and_datasets_folder(tmp_path, tokenizer):
+    rows = [{"text": f"record {i} says hello world"} for i in range(50)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    from_jsonl = calibration_data(tokenizer, jsonl, num_samples=8, seq_len=16, seed=0)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    from_ds = calibration_data(tokenizer, tmp_path / "ds", num_samples=8, seq_len=16, seed=0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"])
+               for x, y in zip(from_jsonl, from_ds, strict=True))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(CalibrationError, match=r"bad\.jsonl:2 has no string field 'text'"):
+        calibration_data(tokenizer, bad, num_samples=1, seq_len=2)
+
+
+def test_errors_empty_short_and_encoding(tmp_path, tokenizer):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="empty"):
+        calibration_data(tokenizer, empty)
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 100)
+    with pytest.raises(CalibrationError, match=r"has 101 tokens .* need 512"):
+        calibration_data(tokenizer, short, num_samples=4, seq_len=128)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème".encode("latin-1"))
+    with pytest.raises(CalibrationError, match="not UTF-8"):
+        calibration_data(tokenizer, latin)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        calibration_data(tokenizer, tmp_path / "missing.txt")
+
+
+def test_few_samples_warns(tmp_path, tokenizer, caplog):
+    path = tmp_path / "a.txt"
+    path.write_text("abc " * 500)
+    with caplog.at_level(logging.WARNING):
+        calibration_data(tokenizer, path, num_samples=4, seq_len=16)
+    assert "recommended" in caplog.text
+
+
+def test_teacher_samples_are_seeded_model_text(tokenizer):
+    model = tiny_llama()
+    a = calibration_data(tokenizer, "teacher", model=model, num_samples=3, seq_len=12, seed=1,
+                         batch_size=2)
+    b = calibration_data(tokenizer, "teacher", model=model, num_samples=3, seq_len=12, seed=1,
+                         batch_size=2)
+    ids = torch.cat([x["input_ids"] for x in a])
+    assert ids.shape == (3, 12) and torch.all(ids[:, 0] == tokenizer.bos_token_id)
+    assert torch.equal(ids, torch.cat([x["input_ids"] for x in b]))
+    with pytest.raises(CalibrationError, match="pass model="):
+        calibration_data(tokenizer, "teacher")
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="shared data not beside the checkout")
+def test_real_text_split(tokenizer):
+    batches = calibration_data(tokenizer, SHAKESPEARE, num_samples=16, seq_len=64,
+                               span=(0.0, 0.8))
+    assert sum(b["input_ids"].shape[0] for b in batches) == 16
