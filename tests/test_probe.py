@@ -1,0 +1,112 @@
+"""Probing: cached equals uncached, candidate ranks, fast mode agrees at probed points,
+resume after interruption, curves on real layers behave."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama, token_batches
+
+from flexrank.covariance import collect_covariances
+from flexrank.probe import ProbeConfig, candidate_ranks, find_blocks, probe
+from flexrank.surgery import factorize_
+
+
+def factorised(build=tiny_llama, seed=0):
+    teacher = build(seed=seed)
+    model = copy.deepcopy(teacher)
+    data = token_batches(100, num=2, batch=2, seq=12, seed=seed)
+    factorize_(model, collect_covariances(model, data, progress=False), progress=False)
+    return model, teacher, data
+
+
+def test_candidate_ranks():
+    ranks = candidate_ranks(576, 16, 8)
+    assert len(ranks) == 16 and ranks[-1] == 576 and all(r % 8 == 0 for r in ranks)
+    assert all(abs(r - 36 * (k + 1)) <= 4 for k, r in enumerate(ranks))  # evenly spread
+    assert all(a < b for a, b in zip(ranks, ranks[1:], strict=False))
+    ranks = candidate_ranks(32, 8, 8)  # too small for multiples of 8: step 1
+    assert ranks == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert candidate_ranks(5, 5, 8) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="max rank 3"):
+        candidate_ranks(3, 4, 8)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_block_cache_equals_full_forward(build):
+    model, teacher, data = factorised(build)
+    assert len(find_blocks(model)) == 2
+    config = ProbeConfig(mode="exact", num_levels=4)
+    cached = probe(model, teacher, data, config, progress=False)
+    direct = probe(model, teacher, data, config, use_block_cache=False, progress=False)
+    assert cached.layer_names == direct.layer_names
+    np.testing.assert_allclose(cached.errors, direct.errors, rtol=1e-4, atol=1e-7)
+    assert np.all(cached.errors[:, -1] == 0) and np.all(cached.errors[:, 0] > 0)
+    assert np.all(cached.errors >= 0)
+    # the model is left at full rank and unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(model(**data[0]).logits, teacher(**data[0]).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_exact_entry_is_kl_of_single_truncation():
+    model, teacher, data = factorised()
+    sens = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4), progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    row = sens.layer_names.index(name)
+    layer = model.get_submodule(name)
+    layer.rank = int(sens.ranks[row, 1])
+    kls = []
+    with torch.no_grad():
+        for b in data:
+            p = torch.log_softmax(teacher(**b).logits, -1)
+            q = torch.log_softmax(model(**b).logits, -1)
+            kls.append(float((p.exp() * (p - q)).sum(-1).mean()))
+    layer.rank = layer.max_rank
+    assert sens.errors[row, 1] == pytest.approx(np.mean(kls), rel=1e-4)
+
+
+def test_fast_mode_matches_exact_at_probed_levels():
+    model, teacher, data = factorised()
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=6), progress=False)
+    fast = probe(model, teacher, data, ProbeConfig(mode="fast", num_levels=6, probe_points=3),
+                 progress=False)
+    probed = fast.meta["probe_levels"]
+    assert probed == [0, 2, 4]
+    np.testing.assert_allclose(fast.errors[:, probed], exact.errors[:, probed], rtol=1e-5)
+    # unprobed levels are filled with positive values in the probed neighbours' range
+    filled = fast.errors[:, [1, 3]]
+    assert np.all(filled > 0) and np.all(fast.errors[:, -1] == 0)
+
+
+def test_interrupted_probe_resumes(tmp_path, monkeypatch):
+    model, teacher, data = factorised()
+    config = ProbeConfig(mode="exact", num_levels=4)
+    reference = probe(model, teacher, data, config, progress=False)
+    path = tmp_path / "probe.json"
+
+    import flexrank.probe as probe_module
+    calls = {"n": 0}
+    real = probe_module.write_json_atomic
+
+    def crash_after_three(p, data_):
+        real(p, data_)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe_module, "write_json_atomic", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        probe(model, teacher, data, config, cache_path=path, progress=False)
+    monkeypatch.setattr(probe_module, "write_json_atomic", real)
+    import json
+    assert len(json.loads(path.read_text())["rows"]) == 3
+    for layer in model.modules():  # the interrupted run may leave a layer truncated
+        if hasattr(layer, "max_rank"):
+            layer.rank = layer.max_rank
+    resumed = probe(model, teacher, data, config, cache_path=path, progress=False)
+    np.testing.assert_allclose(resumed.errors, reference.errors, rtol=1e-6)
+    with pytest.raises(ValueError, match="another model or configuration"):
+        probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=3), cache_path=path,
+              progress=False)
