@@ -1,1 +1,110 @@
-"""flexrank.exporters"""
+"""flexrank.exporters: turn an `ElasticModel` into a deployable bundle.
+
+    from flexrank.exporters import export, load_manifest
+    manifest = export(elastic_model, "dist/", format="onnx", layout="per-budget")
+
+An exporter is one function registered by name; adding a format is one decorated function:
+
+    @register_exporter("myformat")
+    def export_myformat(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+        ...  # write the files, return the manifest body (see manifest.py)
+
+`export` then writes `flexrank-manifest.json` last and atomically (file sha256s included):
+a bundle without a manifest is not finished.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .manifest import (
+    MANIFEST_FILE,
+    BundleError,
+    CorruptFileError,
+    MissingFileError,
+    load_manifest,
+    write_manifest,
+)
+from .validate import (
+    ExportValidationError,
+    GenerationMismatchError,
+    OutputMismatchError,
+    OutputNamesError,
+    ShapeError,
+)
+
+EXPORTERS: dict[str, Callable[..., dict]] = {}
+LAYOUTS = ("per-budget", "shared", "elastic")
+QUANTIZATIONS = (None, "int8")
+
+
+def register_exporter(name: str):
+    """Decorator: make `fn` the exporter for format `name`."""
+
+    def wrap(fn):
+        if name in EXPORTERS:
+            raise ValueError(f"an exporter for format {name!r} is already registered")
+        EXPORTERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def resolve_budgets(elastic, budgets) -> list[float]:
+    if budgets is None:
+        return sorted(elastic.budgets)
+    if isinstance(budgets, (int, float)):
+        budgets = [budgets]
+    known = list(elastic.budgets)
+    chosen = []
+    for beta in budgets:
+        match = [b for b in known if abs(b - float(beta)) <= 1e-9]
+        if not match:
+            raise ValueError(f"budget {beta} is not one of the plan's budgets {known}")
+        chosen.append(match[0])
+    return sorted(set(chosen))
+
+
+def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",
+           layout: str = "per-budget", budgets=None, quantize: str | None = None,
+           **options) -> dict:
+    """Export `budgets` (None: all of the plan's) of `elastic_model` into `out_dir`.
+
+    `options` go to the format's exporter (ONNX: `sample_inputs` for a plain nn.Module,
+    `config=OnnxExportConfig(...)`). Returns the manifest as a dict.
+    """
+    if format not in EXPORTERS:
+        raise ValueError(f"unknown export format {format!r}; available: {sorted(EXPORTERS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    quantize = None if quantize in (None, "none") else quantize
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose 'none' or 'int8'")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until written again
+    body = EXPORTERS[format](elastic_model, out_dir, layout=layout,
+                             budgets=resolve_budgets(elastic_model, budgets),
+                             quantize=quantize, **options)
+    write_manifest(out_dir, body)
+    return load_manifest(out_dir)
+
+
+from . import onnx as _onnx  # noqa: E402,F401  (registers "onnx", "ort")
+
+__all__ = [
+    "EXPORTERS",
+    "BundleError",
+    "CorruptFileError",
+    "ExportValidationError",
+    "GenerationMismatchError",
+    "MissingFileError",
+    "OutputMismatchError",
+    "OutputNamesError",
+    "ShapeError",
+    "export",
+    "load_manifest",
+    "register_exporter",
+]

@@ -1,0 +1,169 @@
+"""Export-friendly copies of a nested model at one budget.
+
+Every `NestedLinear` / `NestedConv*` is replaced by a plain module computing the chosen
+deployment form (`flexrank.gauge.choose_form`): one dense matmul, a gauge-fixed pair with
+an identity block (Concat of z and Û z), or plain factors. The ONNX graph then holds
+MatMuls over exactly those weights. `FactorLinear` is the rank-major form used by the
+`shared` and `elastic` layouts: Vᵀ (r, n) and Uᵀ (r, m), whose first rows are the nested
+rank prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexrank.gauge import LayerForm, choose_form, gauge_fix, leading_condition
+from flexrank.layers import NestedLinear
+from flexrank.targets import nested_layers
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """How one layer was deployed at one budget (recorded in the manifest)."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in_flat)
+    rank: int
+    form: str  # LayerForm value, or "factors" for the shared/elastic layouts
+    condition: float | None  # cond of the gauge-fixed block (gauge form only)
+    params: int  # numbers stored for this layer, bias excluded
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_param(t: torch.Tensor, dtype) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(dtype).contiguous(), requires_grad=False)
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight, bias, dtype):
+        super().__init__()
+        self.weight = _as_param(weight, dtype)  # (m, n)
+        self.bias = None if bias is None else _as_param(bias, dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class GaugeLinear(nn.Module):
+    """y = Concat(z, Û z) + b with z = V̂ᵀ x: leading rows are the pivots (no reordering)."""
+
+    def __init__(self, V_hat, U_rest, bias, dtype):
+        super().__init__()
+        self.V_hat_t = _as_param(V_hat.T, dtype)  # (r, n)
+        self.U_rest = _as_param(U_rest, dtype)  # (m - r, r)
+        self.bias = None if bias is None else _as_param(bias, dtype)
+
+    def forward(self, x):
+        z = F.linear(x, self.V_hat_t)  # (..., r)
+        y = torch.cat([z, F.linear(z, self.U_rest)], dim=-1)  # (..., m)
+        return y if self.bias is None else y + self.bias
+
+
+class FactorLinear(nn.Module):
+    """Plain factors y = U_r (V_rᵀ x) + b, stored rank-major: Vt (r, n), Ut (r, m)."""
+
+    def __init__(self, U, V, bias, dtype):
+        super().__init__()
+        self.Vt = _as_param(V.T, dtype)
+        self.Ut = _as_param(U.T, dtype)
+        self.bias = None if bias is None else _as_param(bias, dtype)
+
+    def forward(self, x):
+        y = torch.matmul(torch.matmul(x, self.Vt.t()), self.Ut)  # (..., r) -> (..., m)
+        return y if self.bias is None else y + self.bias
+
+
+class _ConvForm(nn.Module):
+    """Convolution forms: dense kernel, gauge-fixed (rank-r conv, Concat with a 1×1 conv of
+    it) or plain (rank-r conv then 1×1 conv)."""
+
+    def __init__(self, layer, form, kernels, bias, dtype):
+        super().__init__()
+        self.form = form
+        self.conv = F.conv1d if len(layer.kernel_size) == 1 else F.conv2d
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        self.first = _as_param(kernels[0], dtype)
+        self.second = None if kernels[1] is None else _as_param(kernels[1], dtype)
+        self.bias = None if bias is None else _as_param(bias, dtype)
+
+    def forward(self, x):
+        args = (self.stride, self.padding, self.dilation)
+        if self.form == LayerForm.DENSE:
+            return self.conv(x, self.first, self.bias, *args)
+        z = self.conv(x, self.first, None, *args)  # (B, r, ...)
+        if self.form == LayerForm.PLAIN:
+            return self.conv(z, self.second, self.bias)
+        y = torch.cat([z, self.conv(z, self.second)], dim=1)  # (B, m, ...)
+        if self.bias is None:
+            return y
+        return y + self.bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+
+
+def _conv_module(layer, form, rank, U, V, fixed, bias, dtype):
+    m, r = layer.out_channels, rank
+    ones = [1] * len(layer.kernel_size)
+    if form == LayerForm.DENSE:
+        kernels = ((U[:, :r] @ V[:, :r].T).reshape(m, layer.in_channels, *layer.kernel_size),
+                   None)
+    elif form == LayerForm.GAUGE:
+        kernels = (fixed.V_hat.T.reshape(r, layer.in_channels, *layer.kernel_size),
+                   fixed.U_rest.reshape(m - r, r, *ones))
+    else:
+        kernels = (V[:, :r].T.reshape(r, layer.in_channels, *layer.kernel_size),
+                   U[:, :r].reshape(m, r, *ones))
+    return _ConvForm(layer, form, kernels, bias, dtype)
+
+
+def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = False,
+                 ) -> tuple[nn.Module, LayerExport]:
+    """The export module for `layer` at `rank`, and what was chosen."""
+    U = layer.U.detach().double()
+    V = layer.V.detach().double()
+    m, n = U.shape[0], V.shape[0]
+    bias = None if layer.bias is None else layer.bias.detach()
+    dtype = layer.U.dtype
+    if factors_only:
+        if not isinstance(layer, NestedLinear):
+            raise NotImplementedError(f"layer {name}: the shared and elastic layouts support "
+                                      "linear layers only; export convolutions per budget")
+        module = FactorLinear(U[:, :rank], V[:, :rank], bias, dtype)
+        return module, LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
+    condition = leading_condition(U, rank) if rank < min(m, n) else None
+    form = choose_form(m, n, rank, condition)
+    fixed = gauge_fix(U, V, rank) if form == LayerForm.GAUGE else None
+    params = {LayerForm.DENSE: m * n, LayerForm.GAUGE: (m + n - rank) * rank,
+              LayerForm.PLAIN: (m + n) * rank}[form]
+    record = LayerExport(name, (m, n), rank, form.value,
+                         condition if form == LayerForm.GAUGE else None, params)
+    if not isinstance(layer, NestedLinear):
+        return _conv_module(layer, form, rank, U, V, fixed, bias, dtype), record
+    if form == LayerForm.DENSE:
+        return DenseLinear(U[:, :rank] @ V[:, :rank].T, bias, dtype), record
+    if form == LayerForm.GAUGE:
+        return GaugeLinear(fixed.V_hat, fixed.U_rest, bias, dtype), record
+    return FactorLinear(U[:, :rank], V[:, :rank], bias, dtype), record
+
+
+def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool = False,
+                     ) -> tuple[nn.Module, list[LayerExport]]:
+    """A copy of `model` with every nested layer replaced by its export module at `ranks`.
+
+    The caller's model is not modified.
+    """
+    copied = copy.deepcopy(model)
+    records = []
+    for name, layer in nested_layers(copied).items():
+        module, record = deploy_layer(name, layer, ranks.get(name, layer.max_rank),
+                                      factors_only)
+        parent_name, _, child = name.rpartition(".")
+        parent = copied.get_submodule(parent_name) if parent_name else copied
+        setattr(parent, child, module)
+        records.append(record)
+    return copied.eval(), records

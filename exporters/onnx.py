@@ -1,0 +1,252 @@
+"""The `onnx` and `ort` exporters: every budget of an `ElasticModel` in one of three layouts
+(DESIGN.md §5), each validated against PyTorch.
+
+Bundle layout (`out_dir`):
+
+    per-budget   budget-<β>/model.onnx (+ config, tokenizer): self-contained, gauge-fixed
+    shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes)
+    elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β)
+    (all)        flexrank-manifest.json, written last by `flexrank.exporters.export`
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from flexrank.targets import nested_layers
+
+from . import register_exporter
+from .deploy import LayerExport
+from .onnx_graph import (
+    canonical_factor_names,
+    load_model,
+    save_model,
+    store_tied_once,
+)
+from .onnx_layouts import RANK_LEVEL, make_elastic, write_shared
+from .torch_to_onnx import (
+    OnnxExportConfig,
+    convert_to_ort,
+    export_budget_graph,
+    finish_graph,
+    model_kind,
+    named_inputs,
+    quantize_int8,
+    sample_for,
+    torch_outputs,
+)
+from .validate import make_session, validate_decoder, validate_named
+
+logger = logging.getLogger(__name__)
+
+
+def budget_name(beta: float) -> str:
+    return f"budget-{beta:g}"
+
+
+@contextmanager
+def at_budget(elastic, beta: float):
+    """The PyTorch model at `beta`; the layers' previous ranks are restored afterwards."""
+    layers = nested_layers(elastic.model)
+    previous = {name: layer.rank for name, layer in layers.items()}
+    previous_budget = getattr(elastic, "budget", None)
+    elastic.set_budget(beta)
+    try:
+        yield elastic.model
+    finally:
+        for name, rank in previous.items():
+            layers[name].rank = rank
+        if hasattr(elastic, "budget"):
+            elastic.budget = previous_budget
+
+
+def validate_graph(elastic, beta, kind, graph: Path, sample, config: OnnxExportConfig,
+                   strict: bool = True, feed_extra: dict | None = None) -> dict:
+    session = make_session(graph, config.threads)
+    with at_budget(elastic, beta) as model:
+        if kind == "decoder":
+            report = validate_decoder(session, model, sample, config.tolerance, strict,
+                                      config.generate, feed_extra)
+        else:
+            report = validate_named(session, torch_outputs(model, kind), named_inputs(kind, sample),
+                                    config.tolerance, strict, feed_extra)
+    logger.info("β=%g: max |Δ| %.3g, top-1 agreement %.4f, generation %s", beta,
+                report.max_abs_diff, report.top1_agreement, report.generation_match)
+    return report.to_dict()
+
+
+def other_params(model) -> int:
+    """Parameters outside the nested layers (embeddings, norms, a tied head counted once)."""
+    nested = {id(p) for layer in nested_layers(model).values() for p in layer.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in nested)
+
+
+def budget_entry(elastic, beta, records, files, out_dir: Path, validation, **extra) -> dict:
+    factorised = sum(r.params for r in records)
+    dense = sum(r.shape[0] * r.shape[1] for r in records)
+    paths = sorted({f.relative_to(out_dir).as_posix() for f in files})
+    return {
+        "beta": beta,
+        "files": paths,
+        "bytes": sum((out_dir / p).stat().st_size for p in paths),
+        "params": {"factorised": factorised, "factorised_dense": dense,
+                   "kept": factorised / dense if dense else 1.0,
+                   "other": other_params(elastic.model)},
+        "forms": {form: sum(r.form == form for r in records)
+                  for form in sorted({r.form for r in records})},
+        "ranks": {r.name: r.rank for r in records},
+        "layers": [r.to_dict() for r in records],
+        "validation": validation,
+        **extra,
+    }
+
+
+def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
+    entries = []
+    for beta in budgets:
+        folder = out_dir / budget_name(beta)
+        shutil.rmtree(folder, ignore_errors=True)
+        path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
+        finish_graph(path, config)
+        if quantize == "int8":
+            quantize_int8(path)
+        validation = (validate_graph(elastic, beta, kind, path, sample, config,
+                                     strict=quantize is None) if config.validate else None)
+        if ort:
+            convert_to_ort(folder)
+            graph_files = sorted(folder.glob("*.ort"))
+            make_session(graph_files[0], config.threads)  # the .ort file loads
+        else:
+            graph_files = [path]
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        entries.append(budget_entry(elastic, beta, records, files, out_dir, validation,
+                                    graph=graph_files[0].relative_to(out_dir).as_posix()))
+    return entries
+
+
+def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path):
+    """Plain rank-major factor graphs per budget, largest first, canonical factor names."""
+    graphs, records, factor_names, support_files = {}, {}, set(), []
+    for beta in sorted(budgets, reverse=True):
+        folder = scratch / budget_name(beta)
+        path, records[beta], factors = export_budget_graph(elastic, beta, kind, folder, sample,
+                                                           config, factors_only=True)
+        model = load_model(path)
+        store_tied_once(model)
+        factor_names |= canonical_factor_names(model, factors)
+        graphs[beta] = model
+        support_files = [f for f in folder.iterdir() if f.is_file() and ".onnx" not in f.name]
+    return graphs, records, factor_names, support_files
+
+
+def _shared(elastic, out_dir, budgets, kind, sample, config):
+    folder = out_dir / "shared"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        graphs, records, factor_names, support = _factor_graphs(elastic, budgets, kind, sample,
+                                                                config, Path(scratch))
+        for f in support:
+            shutil.copy(f, folder / f.name)
+        names = {f"model-{budget_name(beta)}.onnx": model for beta, model in graphs.items()}
+        write_shared(names, factor_names, folder)
+    entries = []
+    for beta in budgets:
+        graph = folder / f"model-{budget_name(beta)}.onnx"
+        validation = (validate_graph(elastic, beta, kind, graph, sample, config)
+                      if config.validate else None)
+        files = [graph, folder / "weights.bin", *(folder / f.name for f in support)]
+        entries.append(budget_entry(elastic, beta, records[beta], files, out_dir, validation,
+                                    graph=graph.relative_to(out_dir).as_posix()))
+    return entries
+
+
+def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
+    folder = out_dir / "elastic"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    top = max(budgets)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        graphs, records, factor_names, support = _factor_graphs(elastic, [top], kind, sample,
+                                                                config, Path(scratch))
+        for f in support:
+            shutil.copy(f, folder / f.name)
+    all_records = {beta: export_records(elastic, beta) for beta in budgets}
+    factor_ranks = {}
+    for name in factor_names:
+        layer = name.rsplit(".", 1)[0]
+        factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
+    graph = folder / "model.onnx"
+    save_model(make_elastic(graphs[top], factor_ranks), graph, config.external_data)
+    entries = []
+    for level, beta in enumerate(budgets):
+        feed = {RANK_LEVEL: np.array([level], np.int64)}
+        validation = (validate_graph(elastic, beta, kind, graph, sample, config,
+                                     feed_extra=feed) if config.validate else None)
+        entries.append([beta, level, validation])
+    if ort:
+        convert_to_ort(folder)
+        graph = sorted(folder.glob("*.ort"))[0]
+    files = [f for f in folder.iterdir() if f.is_file()]
+    return [budget_entry(elastic, beta, list(all_records[beta].values()), files, out_dir,
+                         validation, graph=graph.relative_to(out_dir).as_posix(),
+                         rank_level=level)
+            for beta, level, validation in entries]
+
+
+def export_records(elastic, beta):
+    """{layer: LayerExport} of the plain factors at `beta` (what the elastic graph computes)."""
+    records = {}
+    for name, rank in elastic.layer_ranks(beta).items():
+        layer = nested_layers(elastic.model)[name]
+        m, n = layer.U.shape[0], layer.V.shape[0]
+        records[name] = LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
+    return records
+
+
+def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
+            sample_inputs=None, config: OnnxExportConfig | None = None) -> dict:
+    config = config or OnnxExportConfig()
+    if quantize is not None and layout != "per-budget":
+        raise ValueError(f"--quantize {quantize} works with the per-budget layout only: the "
+                         f"{layout} layout shares float factor prefixes across budgets")
+    if ort and layout == "shared":
+        raise ValueError("the ORT format embeds weights in each file: use --layout per-budget "
+                         "or elastic with --format ort")
+    kind = model_kind(elastic.model)
+    sample = sample_for(kind, elastic.model, elastic.tokenizer, sample_inputs, config)
+    if layout == "per-budget":
+        entries = _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort)
+    elif layout == "shared":
+        entries = _shared(elastic, out_dir, budgets, kind, sample, config)
+    else:
+        entries = _elastic(elastic, out_dir, budgets, kind, sample, config, ort)
+    return {
+        "model_id": getattr(elastic, "model_id", "custom"),
+        "kind": kind,
+        "export_format": "ort" if ort else "onnx",
+        "layout": layout,
+        "quantize": quantize,
+        "budgets": entries,
+        "profiles": {},  # profile -> budget table, filled by the CLI that knows the profiles
+        "host_latency": None,  # measured by benchmarks / `flexrank bench`
+        "predicted_device_latency": None,
+    }
+
+
+@register_exporter("onnx")
+def export_onnx(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+    return _export(elastic, Path(out_dir), layout=layout, budgets=budgets, quantize=quantize,
+                   ort=False, **options)
+
+
+@register_exporter("ort")
+def export_ort(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+    return _export(elastic, Path(out_dir), layout=layout, budgets=budgets, quantize=quantize,
+                   ort=True, **options)

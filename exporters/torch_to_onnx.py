@@ -1,0 +1,206 @@
+"""From a nested PyTorch model at one budget to an ONNX graph file (and ORT format, int8).
+
+Model kinds:
+- decoder LM (a transformers model that generates): optimum's exporter, task
+  `text-generation-with-past`, so the graph has Hugging Face's KV-cache names and
+  `optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(budget_dir)` runs it;
+- other transformers models (BERT-style encoders, ViT): optimum, feature extraction;
+- any other `nn.Module`: `torch.onnx.export` with dynamic batch/sequence axes over the
+  `sample_inputs` the caller gives.
+
+Each nested layer is first replaced by its deployment form (`deploy.py`), so the graph
+holds MatMuls over dense, gauge-fixed or plain factors; after export tied weights are
+stored once (`onnx_graph.store_tied_once`) and every budget is validated against PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .deploy import deployable_model
+from .onnx_graph import load_model, save_model, store_tied_once
+from .validate import DEFAULT_TOLERANCE
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_TEXT = "To be, or not to be, that is the question:"
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    opset: int | None = None  # None: optimum's default for the architecture (18), else 18
+    external_data: bool = False  # always write weights to `model.onnx_data` (auto above 2 GB)
+    validate: bool = True
+    tolerance: float = DEFAULT_TOLERANCE  # max |Δ| relative to max(1, max |reference|)
+    generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's
+    threads: int = 2  # onnxruntime threads for validation
+    sample_text: str = SAMPLE_TEXT
+
+    def __post_init__(self):
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
+        if self.threads < 1:
+            raise ValueError(f"threads {self.threads} must be >= 1")
+
+
+def model_kind(model: nn.Module) -> str:
+    """'decoder', 'encoder' (transformers, no generation) or 'module'."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "can_generate"):
+        return "module"
+    if model.can_generate() and not getattr(config, "is_encoder_decoder", False):
+        return "decoder"
+    return "encoder"
+
+
+def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
+                 config: OnnxExportConfig) -> Path:
+    """Export `model` (already in deployment form) into `folder/model.onnx`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind in ("decoder", "encoder"):
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        task = "text-generation-with-past" if kind == "decoder" else "feature-extraction"
+        onnx_export_from_model(model, folder, task=task, opset=config.opset,
+                               do_validation=False)
+        return folder / "model.onnx"
+    args = sample_inputs if isinstance(sample_inputs, tuple) else (sample_inputs,)
+    input_names = [f"input_{i}" for i in range(len(args))]
+    with torch.no_grad():
+        out = model(*args)
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    output_names = [f"output_{i}" for i in range(len(outputs))]
+    dynamic = {}
+    for name, tensor in zip(input_names + output_names, (*args, *outputs), strict=True):
+        # batch, and the sequence/spatial axes after the channel axis
+        dynamic[name] = {0: "batch"} | {d: f"{name}_dim{d}" for d in range(2, tensor.dim())}
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            dynamic[name][1] = f"{name}_seq"
+    path = folder / "model.onnx"
+    torch.onnx.export(model, args, str(path), input_names=input_names,
+                      output_names=output_names, dynamic_axes=dynamic,
+                      opset_version=config.opset or 18, dynamo=False)
+    return path
+
+
+def finish_graph(path: Path, config: OnnxExportConfig) -> list[Path]:
+    """Store tied weights once and save (external data when asked or above 2 GB)."""
+    model = load_model(path)
+    removed = store_tied_once(model)
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    if removed:
+        logger.info("%s: %d duplicate (tied) initializers stored once", path.name, removed)
+    return save_model(model, path, config.external_data)
+
+
+def quantize_int8(path: Path) -> list[Path]:
+    """onnxruntime dynamic quantization of the weight MatMuls (int8 weights, per tensor)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        quantize_dynamic(path, out, op_types_to_quantize=["MatMul"],
+                         weight_type=QuantType.QInt8)
+        for stale in path.parent.glob(path.name + "*"):
+            stale.unlink()
+        written = []
+        for produced in Path(tmp).iterdir():
+            target = path.parent / produced.name
+            shutil.move(produced, target)
+            written.append(target)
+    return written
+
+
+def convert_to_ort(folder: Path) -> list[Path]:
+    """`.onnx` -> `.ort` in `folder` (ORT Mobile), plus `required_operators.config`."""
+    command = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+               str(folder), "--output_dir", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ORT-format conversion of {folder} failed:\n{result.stderr[-2000:]}")
+    ort_files = sorted(folder.glob("*.ort"))
+    if not ort_files:
+        raise RuntimeError(f"ORT-format conversion of {folder} wrote no .ort file")
+    for onnx_file in folder.glob("*.onnx*"):
+        onnx_file.unlink()
+    return ort_files + sorted(folder.glob("*.config"))
+
+
+def sample_for(kind: str, model: nn.Module, tokenizer, sample_inputs, config: OnnxExportConfig):
+    """Sample inputs for validation: the caller's, else text through the tokenizer, else
+    random token ids."""
+    if sample_inputs is not None:
+        return sample_inputs
+    if kind == "module":
+        raise ValueError("exporting a plain nn.Module needs sample_inputs (a tensor or a tuple "
+                         "of tensors, as the model's forward takes them)")
+    if tokenizer is not None:
+        ids = tokenizer([config.sample_text, config.sample_text[::-1]], return_tensors="pt",
+                        truncation=True, max_length=32)["input_ids"]
+        ids = ids[:, : min(ids.shape[1], 24)]
+    else:
+        vocab = model.config.vocab_size
+        ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    if kind == "decoder":
+        return ids
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in model.forward.__code__.co_varnames:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
+
+
+def torch_outputs(model: nn.Module, kind: str):
+    """{graph output name: tensor} from a PyTorch forward, matching the export's names."""
+
+    def run(inputs):
+        if kind == "encoder":
+            out = model(**inputs)
+            return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        args = inputs_as_tuple(inputs)
+        out = model(*args)
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        return {f"output_{i}": t for i, t in enumerate(outputs)}
+
+    return run
+
+
+def inputs_as_tuple(inputs) -> tuple:
+    if isinstance(inputs, dict):
+        return tuple(inputs[f"input_{i}"] for i in range(len(inputs)))
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def named_inputs(kind: str, sample) -> dict:
+    if kind == "module":
+        return {f"input_{i}": t for i, t in enumerate(inputs_as_tuple(sample))}
+    return sample
+
+
+def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_inputs,
+                        config: OnnxExportConfig, factors_only: bool = False):
+    """Export one budget into `folder/model.onnx`.
+
+    Returns (graph path, layer records, factors) where factors are the rank-major factor
+    arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
+    """
+    deployed, records = deployable_model(elastic.model, elastic.layer_ranks(beta), factors_only)
+    factors = {}
+    if factors_only:
+        for record in records:
+            module = deployed.get_submodule(record.name)
+            factors[f"{record.name}.Vt"] = module.Vt.detach().numpy().copy()
+            factors[f"{record.name}.Ut"] = module.Ut.detach().numpy().copy()
+    path = export_graph(deployed, kind, folder, sample_inputs, config)
+    if elastic.tokenizer is not None and kind != "module":
+        elastic.tokenizer.save_pretrained(folder)
+    return path, records, factors

@@ -1,0 +1,275 @@
+"""ONNX export of tiny nested models: every layout and budget exported, validated against
+PyTorch and reloaded from the bundle; optimum's ORTModelForCausalLM generates what PyTorch
+generates; the shared layout stores each byte once; the elastic graph computes every
+budget; broken bundles fail loudly."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama, token_batches
+from flexrank.exporters import (
+    EXPORTERS,
+    CorruptFileError,
+    MissingFileError,
+    OutputMismatchError,
+    OutputNamesError,
+    ShapeError,
+    export,
+    load_manifest,
+)
+from flexrank.exporters.manifest import MANIFEST_FILE
+from flexrank.exporters.onnx_layouts import RANK_LEVEL
+from flexrank.exporters.validate import make_session, onnx_greedy, torch_greedy, validate_named
+
+from flexrank.covariance import collect_covariances
+from flexrank.elastic import ElasticModel
+from flexrank.surgery import FactorizeConfig, factorize_
+from flexrank.targets import nested_layers
+
+logging.getLogger("optimum").setLevel(logging.ERROR)
+FRACTIONS = (0.5, 0.75, 1.0)
+
+
+class StandInPlan:
+    """The three attributes of a NestedPlan that ElasticModel and the exporters use."""
+
+    def __init__(self, table: dict[float, dict[str, int]]):
+        self.table = table
+        self.budgets = sorted(table)
+        self.layer_names = list(table[self.budgets[0]])
+
+    def ranks_for(self, beta):
+        return dict(self.table[beta])
+
+
+def nested_plan(model, fractions=FRACTIONS) -> StandInPlan:
+    """Each layer keeps round(f · max_rank) at budget f: nested, full rank at 1.0."""
+    layers = nested_layers(model)
+    return StandInPlan({f: {name: max(1, round(f * layer.max_rank))
+                            for name, layer in layers.items()} for f in fractions})
+
+
+def elastic(build, tokenizer=None, data=True):
+    model = build()
+    if data:
+        stats = collect_covariances(model, token_batches(100), progress=False)
+        factorize_(model, stats, progress=False)
+    else:
+        factorize_(model, None, FactorizeConfig(method="plain"), progress=False)
+    return ElasticModel(model, nested_plan(model), tokenizer=tokenizer, model_id=build.__name__)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """PyTorch's OpenMP threads busy-wait; alternating with onnxruntime on a shared 2-core
+    machine that made tiny forwards 70x slower. One thread keeps the tests fast."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return elastic(tiny_llama, char_tokenizer())
+
+
+def test_every_registered_format_has_a_fixture():
+    assert set(EXPORTERS) == {"onnx", "ort"}  # a new format needs a test here
+
+
+@pytest.mark.parametrize("layout", ["per-budget", "shared", "elastic"])
+def test_llama_every_layout_validated_and_reloaded(llama, layout, tmp_path):
+    manifest = export(llama, tmp_path, layout=layout)
+    assert [b["beta"] for b in manifest["budgets"]] == list(FRACTIONS)
+    reloaded = load_manifest(tmp_path)  # checks every sha256
+    assert reloaded == manifest
+    for entry in manifest["budgets"]:
+        check = entry["validation"]
+        assert check["generation_match"] is True
+        assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0
+        assert check["outputs"][0] == "logits"
+        assert entry["ranks"] == llama.layer_ranks(entry["beta"])
+    if layout == "per-budget":
+        forms = {b["beta"]: b["forms"] for b in manifest["budgets"]}
+        assert forms[1.0] == {"dense": 14}  # β = 1: full rank is exported dense
+        assert "gauge" in forms[0.5]
+        half = manifest["budgets"][0]
+        assert half["params"]["factorised"] == sum(
+            (m + n - r) * r if form == "gauge" else m * n if form == "dense" else (m + n) * r
+            for (m, n), r, form in ((tuple(x["shape"]), x["rank"], x["form"])
+                                    for x in half["layers"]))
+        # tied embedding stored once: no initializer equals the embedding transposed
+        graph = onnx.load(tmp_path / half["graph"])
+        embed = llama.model.get_input_embeddings().weight.detach().numpy()
+        shapes = [tuple(i.dims) for i in graph.graph.initializer]
+        assert shapes.count(embed.shape) == 1 and embed.T.shape not in shapes
+
+
+def test_ort_model_for_causal_lm_generates_like_pytorch(llama, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    manifest = export(llama, tmp_path, budgets=[0.5])
+    folder = tmp_path / manifest["budgets"][0]["graph"].rsplit("/", 1)[0]
+    ort_model = ORTModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    prompt = llama.tokenizer("To be, or not", return_tensors="pt")["input_ids"]
+    llama.set_budget(0.5)
+    with torch.no_grad():
+        expected = llama.model.generate(prompt, max_new_tokens=20, min_new_tokens=20,
+                                        do_sample=False)
+    got = ort_model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_shared_layout_stores_each_byte_once(llama, tmp_path):
+    per_budget = export(llama, tmp_path / "pb", layout="shared", budgets=[1.0])
+    manifest = export(llama, tmp_path / "all", layout="shared")
+    folder = tmp_path / "all" / "shared"
+    weights = (folder / "weights.bin").stat().st_size
+    largest_alone = (tmp_path / "pb" / "shared" / "weights.bin").stat().st_size
+    assert weights == largest_alone  # adding smaller budgets adds no weight bytes
+    graph_bytes = [(folder / f"model-budget-{b:g}.onnx").stat().st_size for b in FRACTIONS]
+    assert max(graph_bytes) < 200_000  # graphs without weights (tiny model: ~100 kB of nodes)
+    files = manifest["files"]
+    total = sum(e["bytes"] for e in files.values())
+    support = sum(e["bytes"] for p, e in files.items() if not p.endswith((".onnx", ".bin")))
+    assert total == weights + sum(graph_bytes) + support
+    assert per_budget["budgets"][0]["validation"]["generation_match"]
+    # every budget's factor is a prefix of the one block in weights.bin
+    small = onnx.load(folder / "model-budget-0.5.onnx", load_external_data=False)
+    big = onnx.load(folder / "model-budget-1.onnx", load_external_data=False)
+    where = {i.name: {e.key: e.value for e in i.external_data} for i in big.graph.initializer}
+    name = "model.layers.0.mlp.up_proj.Vt"
+    small_ext = {i.name: {e.key: e.value for e in i.external_data}
+                 for i in small.graph.initializer}[name]
+    assert small_ext["offset"] == where[name]["offset"]
+    assert int(small_ext["length"]) * 2 == int(where[name]["length"])  # rank 16 of 32
+
+
+def test_elastic_graph_gives_each_budget(llama, tmp_path):
+    manifest = export(llama, tmp_path, layout="elastic")
+    graph = tmp_path / manifest["budgets"][0]["graph"]
+    session = make_session(graph)
+    assert RANK_LEVEL in [i.name for i in session.get_inputs()]
+    prompt = llama.tokenizer("Now is the winter", return_tensors="pt")["input_ids"]
+    for level, beta in enumerate(FRACTIONS):
+        llama.set_budget(beta)
+        ours = onnx_greedy(session, prompt.numpy(), 8, {RANK_LEVEL: np.array([level])})
+        assert np.array_equal(ours, torch_greedy(llama.model, prompt, 8))
+    assert {b["rank_level"] for b in manifest["budgets"]} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+@pytest.mark.parametrize("layout", ["per-budget", "shared", "elastic"])
+def test_gpt2_and_bert_every_layout(build, layout, tmp_path):
+    em = elastic(build)
+    manifest = export(em, tmp_path, layout=layout)
+    load_manifest(tmp_path)
+    assert len(manifest["budgets"]) == 3
+    for entry in manifest["budgets"]:
+        check = entry["validation"]
+        assert check["max_abs_diff"] < 1e-3 * max(1.0, check["max_abs_reference"])
+        if build is tiny_gpt2:
+            assert manifest["kind"] == "decoder" and check["generation_match"] is True
+        else:
+            assert manifest["kind"] == "encoder"
+            assert "last_hidden_state" in check["outputs"]
+
+
+def test_generic_module_with_dynamic_axes(tmp_path):
+    model = tiny_cnn()
+    factorize_(model, None, FactorizeConfig(method="plain"), progress=False)
+    em = ElasticModel(model, nested_plan(model), model_id="cnn")
+    sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    manifest = export(em, tmp_path, sample_inputs=sample)
+    for entry in manifest["budgets"]:
+        assert entry["validation"]["max_abs_diff"] < 1e-4
+        session = make_session(tmp_path / entry["graph"])
+        em.set_budget(entry["beta"])
+        other = torch.randn(5, 3, 8, 8)  # another batch size and image size
+        with torch.no_grad():
+            expected = em.model(other).numpy()
+        got = session.run(None, {"input_0": other.numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert "gauge" in manifest["budgets"][0]["forms"]
+
+
+def test_validation_errors_are_typed(llama, tmp_path):
+    manifest = export(llama, tmp_path, budgets=[0.5], config=None)
+    session = make_session(tmp_path / manifest["budgets"][0]["graph"])
+    ids = torch.randint(3, 100, (1, 5))
+    inputs = {"input_ids": ids}
+    llama.set_budget(0.5)
+
+    def outputs(scale=1.0, shape=None, names=None):
+        def run(_):
+            feed_out = session.run(None, _feed(session, ids))
+            out = dict(zip([o.name for o in session.get_outputs()], feed_out, strict=True))
+            out = {k: torch.from_numpy(v * scale) for k, v in out.items()}
+            if shape is not None:
+                out["logits"] = out["logits"][..., :shape]
+            if names is not None:
+                out = {names.get(k, k): v for k, v in out.items()}
+            return out
+        return run
+
+    validate_named(session, outputs(), inputs, feed_extra=_feed(session, ids))
+    with pytest.raises(OutputMismatchError, match="logits"):
+        validate_named(session, outputs(scale=2.0), inputs, feed_extra=_feed(session, ids))
+    with pytest.raises(ShapeError, match="shape"):
+        validate_named(session, outputs(shape=50), inputs, feed_extra=_feed(session, ids))
+    with pytest.raises(OutputNamesError):
+        validate_named(session, outputs(names={"logits": "scores"}), inputs,
+                       feed_extra=_feed(session, ids))
+
+
+def _feed(session, ids):
+    from flexrank.exporters.validate import decoder_feed
+
+    return decoder_feed(session, ids.numpy(), None, 0)
+
+
+def test_missing_or_corrupt_bundle_files_fail_clearly(llama, tmp_path):
+    manifest = export(llama, tmp_path, budgets=[0.5, 1.0])
+    graph = tmp_path / manifest["budgets"][0]["graph"]
+    data = graph.read_bytes()
+    graph.write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(CorruptFileError, match="budget-0.5/model.onnx"):
+        load_manifest(tmp_path)
+    graph.unlink()
+    with pytest.raises(MissingFileError, match="budget-0.5/model.onnx"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_FILE).unlink()
+    with pytest.raises(MissingFileError, match="not a finished"):
+        load_manifest(tmp_path)
+
+
+def test_manifest_contents(llama, tmp_path):
+    manifest = export(llama, tmp_path, budgets=[0.75])
+    on_disk = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert on_disk["model_id"] == "tiny_llama" and on_disk["layout"] == "per-budget"
+    entry = on_disk["budgets"][0]
+    assert set(entry["files"]) <= set(on_disk["files"])
+    assert {"config.json", "tokenizer.json", "model.onnx"} <= {
+        f.rsplit("/", 1)[1] for f in entry["files"]}
+    assert on_disk["versions"]["onnxruntime"] and on_disk["versions"]["torch"]
+    assert entry["bytes"] == sum(on_disk["files"][f]["bytes"] for f in entry["files"])
+    assert manifest == on_disk
+
+
+def test_bad_arguments_are_refused(llama, tmp_path):
+    with pytest.raises(ValueError, match="budget 0.3 is not one"):
+        export(llama, tmp_path, budgets=[0.3])
+    with pytest.raises(ValueError, match="unknown export format"):
+        export(llama, tmp_path, format="tflite")
+    with pytest.raises(ValueError, match="per-budget layout only"):
+        export(llama, tmp_path, layout="shared", quantize="int8")
