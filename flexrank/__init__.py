@@ -9,8 +9,12 @@
 
 from flexrank.calibration import CalibrationError, calibration_data
 from flexrank.covariance import CovarianceStats, collect_covariances
+from flexrank.distill import DistillConfig, distill
+from flexrank.elastic import ElasticModel
 from flexrank.layers import NestedConv1d, NestedConv2d, NestedLinear
 from flexrank.models import ModelLoadError, load_model
+from flexrank.planner import NestedPlan, plan
+from flexrank.probe import ProbeConfig, probe
 from flexrank.sensitivity import Sensitivity
 from flexrank.surgery import FactorizeConfig, factorize_
 
@@ -19,14 +23,21 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError",
     "CovarianceStats",
+    "DistillConfig",
+    "ElasticModel",
     "FactorizeConfig",
     "ModelLoadError",
     "NestedConv1d",
     "NestedConv2d",
     "NestedLinear",
+    "NestedPlan",
+    "ProbeConfig",
     "Sensitivity",
     "calibration_data",
     "collect_covariances",
+    "distill",
     "factorize_",
     "load_model",
+    "plan",
+    "probe",
 ]

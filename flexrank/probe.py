@@ -35,6 +35,8 @@ from flexrank.targets import nested_layers
 
 logger = logging.getLogger(__name__)
 
+MIN_DAMAGE = 1e-12
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -129,8 +131,11 @@ class Damage:
                 value = float((per_token * mask).sum() / mask.sum())
             else:
                 value = float(per_token.mean())
-            return max(value, 0.0)  # KL ≥ 0; float32 rounding near full rank can dip below
-        return float((output - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
+            # KL ≥ 0, but float32 rounding near full rank can dip below; a tiny positive
+            # floor keeps "full rank is strictly best" so β = 1 plans the original model
+            return max(value, MIN_DAMAGE)
+        value = float((output - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
+        return max(value, MIN_DAMAGE)
 
 
 class BlockCache:

@@ -62,9 +62,10 @@ class Sensitivity:
         """Copy with each layer's error curve forced non-increasing in rank.
 
         Calibration noise can make a smaller rank look better than a larger one; the
-        planner assumes more rank never hurts, so take the running minimum from the right.
+        planner assumes more rank never hurts, so each error becomes the largest error at
+        any rank at or above it (running maximum from the right: conservative).
         """
-        errors = np.minimum.accumulate(self.errors[:, ::-1], axis=1)[:, ::-1].copy()
+        errors = np.maximum.accumulate(self.errors[:, ::-1], axis=1)[:, ::-1].copy()
         errors = np.maximum(errors, 0.0)
         return Sensitivity(list(self.layer_names), list(self.shapes), self.ranks.copy(),
                            errors, dict(self.meta))

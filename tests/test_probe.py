@@ -2,6 +2,7 @@
 resume after interruption, curves on real layers behave."""
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_interrupted_probe_resumes(tmp_path, monkeypatch):
     reference = probe(model, teacher, data, config, progress=False)
     path = tmp_path / "probe.json"
 
-    import flexrank.probe as probe_module
+    probe_module = importlib.import_module("flexrank.probe")
     calls = {"n": 0}
     real = probe_module.write_json_atomic
 
@@ -110,3 +111,12 @@ def test_interrupted_probe_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="another model or configuration"):
         probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=3), cache_path=path,
               progress=False)
+
+
+def test_monotone_forces_non_increasing_curves():
+    from flexrank.sensitivity import Sensitivity
+
+    sens = Sensitivity(["a", "b"], [(4, 4), (4, 4)], [[1, 2, 3, 4]] * 2,
+                       [[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(sens.monotone().errors,
+                                  [[3.0, 2.0, 2.0, 0.0], [5.0, 4.0, 1.0, 0.0]])

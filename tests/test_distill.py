@@ -1,0 +1,160 @@
+"""Nested elastic distillation and the elastic checkpoint."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from elastic_fixtures import BUDGETS, tiny_elastic
+
+from flexrank.distill import (
+    DistillConfig,
+    batch_indices,
+    budgets_for_step,
+    distill,
+    distill_loss,
+    evaluate_budgets,
+    lr_factor,
+)
+from flexrank.elastic import BudgetError, ElasticModel
+
+
+def test_distill_loss_is_token_mean_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    p, q = t.softmax(-1), s.softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    expected = (kl * mask).sum() / mask.sum()
+    torch.testing.assert_close(distill_loss(s, t, mask), expected)
+    T = 2.0
+    p, q = (t / T).softmax(-1), (s / T).softmax(-1)
+    expected_t = (p * (p.log() - q.log())).sum(-1).mean() * T**2
+    torch.testing.assert_close(distill_loss(s, t, None, T), expected_t)
+
+
+def test_samplers_schedule_and_batches():
+    cfg = DistillConfig(sampler="sandwich", seed=1)
+    for step in range(20):
+        chosen = budgets_for_step([0.4, 0.6, 0.8, 1.0], cfg, step)
+        assert chosen[0] == 3 and chosen[-1] == 0 and len(chosen) == 3
+    uniform = [budgets_for_step([0.5, 1.0], DistillConfig(seed=2), s)[0] for s in range(400)]
+    assert 150 < sum(uniform) < 250
+    weighted = DistillConfig(sampler="weighted", budget_weights=(0.0, 1.0))
+    assert all(budgets_for_step([0.5, 1.0], weighted, s) == [1] for s in range(20))
+    cfg = DistillConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(110, cfg) == pytest.approx(0.1)
+    epoch = [batch_indices(12, DistillConfig(batch_size=4), s) for s in range(3)]
+    assert sorted(int(i) for b in epoch for i in b) == list(range(12))
+    with pytest.raises(ValueError, match="sampler 'weighted' needs budget_weights"):
+        DistillConfig(sampler="weighted")
+
+
+def test_distillation_lowers_heldout_kl_at_every_budget():
+    student, teacher, plan, train, held_out = tiny_elastic()
+    result = distill(student, teacher, plan, train,
+                     DistillConfig(steps=200, lr=3e-4, warmup_steps=10, batch_size=8),
+                     eval_batches=held_out, progress=False)
+    before, after = result.evals[0]["budgets"], result.evals[-1]["budgets"]
+    assert result.steps_done == 200 and result.evals[-1]["step"] == 200
+    assert result.tokens_seen == 200 * 8 * 16
+    for beta in BUDGETS[:-1]:  # β = 1 starts at KL 0: it can only be held, not improved
+        assert after[beta]["kl"] < 0.97 * before[beta]["kl"], (beta, before, after)
+    assert all(p.requires_grad is False for p in student.parameters())
+
+
+def test_uncertainty_weights_run_and_train():
+    student, teacher, plan, train, held_out = tiny_elastic(seed=1)
+    result = distill(student, teacher, plan, train,
+                     DistillConfig(steps=100, lr=3e-4, warmup_steps=10, batch_size=8,
+                                   sampler="sandwich", uncertainty_weights=True),
+                     eval_batches=held_out, progress=False)
+    before, after = result.evals[0]["budgets"], result.evals[-1]["budgets"]
+    assert after[0.6]["kl"] < before[0.6]["kl"]
+
+
+def test_interrupt_and_resume_is_bit_identical(tmp_path):
+    config = DistillConfig(steps=8, lr=1e-3, warmup_steps=2, checkpoint_every=3)
+    student, teacher, plan, train, _ = tiny_elastic(seed=2)
+    reference = copy.deepcopy(student)
+    distill(reference, teacher, plan, train, config, progress=False)
+
+    module = importlib.import_module("flexrank.distill")
+    real = module.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_second(*args, **kwargs):
+        real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # checkpoint at step 6 written, then the run dies
+            raise KeyboardInterrupt
+
+    module.save_checkpoint = crash_after_second
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            distill(student, teacher, plan, train, config, output_dir=tmp_path, progress=False)
+    finally:
+        module.save_checkpoint = real
+    resumed = copy.deepcopy(student)  # carries the crashed run's weights; resume must overwrite
+    result = distill(resumed, teacher, plan, train, config, output_dir=tmp_path, progress=False)
+    assert result.steps_done == 8
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_elastic_save_load_identical_logits_every_budget(tmp_path, tokenizer):
+    student, teacher, plan, train, _ = tiny_elastic(seed=3)
+    em = ElasticModel(student, plan, tokenizer, model_id="tiny-llama")
+    ids = train[0]
+    reference = {}
+    with torch.no_grad():
+        for beta in plan.budgets:
+            reference[beta] = em.set_budget(beta).model(**ids).logits
+    em.save_pretrained(tmp_path / "elastic")
+    loaded = ElasticModel.from_pretrained(tmp_path / "elastic")
+    assert loaded.model_id == "tiny-llama" and loaded.tokenizer is not None
+    assert loaded.budgets == em.budgets
+    with torch.no_grad():
+        for beta in plan.budgets:
+            assert torch.equal(loaded.set_budget(beta).model(**ids).logits, reference[beta])
+    loaded.set_budget(0.6)
+    out = loaded.model.generate(ids["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    with pytest.raises(BudgetError, match=r"budget 0.7 is not one of the plan's budgets"):
+        loaded.set_budget(0.7)
+
+
+def test_elastic_checkpoint_errors(tmp_path):
+    student, _, plan, train, _ = tiny_elastic(seed=4)
+    em = ElasticModel(student, plan)
+    em.save_pretrained(tmp_path / "e")
+    weights = tmp_path / "e" / "flexrank-elastic.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="flexrank-elastic.safetensors"):
+        ElasticModel.from_pretrained(tmp_path / "e")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete"):
+        ElasticModel.from_pretrained(tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="not a FlexRank elastic checkpoint"):
+        ElasticModel.from_pretrained(tmp_path)
+
+
+def test_evaluate_budgets_matches_direct_perplexity():
+    student, teacher, plan, train, held_out = tiny_elastic(seed=5)
+    em = ElasticModel(student, plan)
+    results = evaluate_budgets(em, teacher, held_out)
+    em.set_budget(1.0)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in held_out:
+            logits = student(**b).logits
+            logp = torch.log_softmax(logits[:, :-1], -1)
+            nll -= float(logp.gather(-1, b["input_ids"][:, 1:, None]).sum())
+            count += b["input_ids"][:, 1:].numel()
+    assert results[1.0]["ppl"] == pytest.approx(float(torch.exp(torch.tensor(nll / count))),
+                                                rel=1e-5)
+    assert all(r == layer.max_rank for r, layer in zip(plan.ranks[-1], em.layers.values(),
+                                                       strict=True))
+    assert results[1.0]["kl"] < 1e-6 < results[0.6]["kl"]
