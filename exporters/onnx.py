@@ -116,17 +116,12 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
         finish_graph(path, config)
         if quantize == "int8":
             quantize_int8(path)
-        validation = (validate_graph(elastic, beta, kind, path, sample, config,
+        graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
+        validation = (validate_graph(elastic, beta, kind, graph, sample, config,
                                      strict=quantize is None) if config.validate else None)
-        if ort:
-            convert_to_ort(folder)
-            graph_files = sorted(folder.glob("*.ort"))
-            make_session(graph_files[0], config.threads)  # the .ort file loads
-        else:
-            graph_files = [path]
         files = [f for f in folder.rglob("*") if f.is_file()]
         entries.append(budget_entry(elastic, beta, records, files, out_dir, validation,
-                                    graph=graph_files[0].relative_to(out_dir).as_posix()))
+                                    graph=graph.relative_to(out_dir).as_posix()))
     return entries
 
 
@@ -184,15 +179,14 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
         factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
     graph = folder / "model.onnx"
     save_model(make_elastic(graphs[top], factor_ranks), graph, config.external_data)
+    if ort:
+        graph = convert_to_ort(folder)[0]
     entries = []
     for level, beta in enumerate(budgets):
         feed = {RANK_LEVEL: np.array([level], np.int64)}
         validation = (validate_graph(elastic, beta, kind, graph, sample, config,
                                      feed_extra=feed) if config.validate else None)
         entries.append([beta, level, validation])
-    if ort:
-        convert_to_ort(folder)
-        graph = sorted(folder.glob("*.ort"))[0]
     files = [f for f in folder.iterdir() if f.is_file()]
     return [budget_entry(elastic, beta, list(all_records[beta].values()), files, out_dir,
                          validation, graph=graph.relative_to(out_dir).as_posix(),

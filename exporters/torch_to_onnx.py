@@ -124,7 +124,7 @@ def quantize_int8(path: Path) -> list[Path]:
 def convert_to_ort(folder: Path) -> list[Path]:
     """`.onnx` -> `.ort` in `folder` (ORT Mobile), plus `required_operators.config`."""
     command = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
-               str(folder), "--output_dir", str(folder)]
+               str(folder), "--output_dir", str(folder), "--optimization_style", "Fixed"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"ORT-format conversion of {folder} failed:\n{result.stderr[-2000:]}")

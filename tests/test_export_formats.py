@@ -1,0 +1,97 @@
+"""Export options on a tiny Llama: int8 dynamic quantization, ORT format for mobile builds,
+external data."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_llama, token_batches
+from flexrank.exporters import export, load_manifest
+from flexrank.exporters.torch_to_onnx import OnnxExportConfig
+
+from flexrank.covariance import collect_covariances
+from flexrank.elastic import ElasticModel
+from flexrank.surgery import factorize_
+from flexrank.targets import nested_layers
+
+
+class StandInPlan:
+    def __init__(self, table):
+        self.table, self.budgets = table, sorted(table)
+        self.layer_names = list(table[self.budgets[0]])
+
+    def ranks_for(self, beta):
+        return dict(self.table[beta])
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """OpenMP busy-waiting next to onnxruntime on a shared 2-core machine: see
+    test_export_onnx.py."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    layers = nested_layers(model)
+    plan = StandInPlan({f: {n: max(1, round(f * l.max_rank)) for n, l in layers.items()}
+                        for f in (0.5, 1.0)})
+    return ElasticModel(model, plan, tokenizer=char_tokenizer(), model_id="tiny-llama")
+
+
+def test_int8_quantizes_weight_matmuls(llama, tmp_path):
+    manifest = export(llama, tmp_path, quantize="int8")
+    assert manifest["quantize"] == "int8"
+    for entry in manifest["budgets"]:
+        graph = onnx.load(tmp_path / entry["graph"])
+        ops = {node.op_type for node in graph.graph.node}
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+        int8 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert len(int8) >= 14  # every factorised layer's weights (gauge-fixed: 2 per layer)
+        check = entry["validation"]
+        assert check["top1_agreement"] >= 0.9  # reported, not required to be exact
+        assert check["max_abs_diff"] < 0.5 * check["max_abs_reference"] + 1.0
+
+
+def test_ort_format_with_required_operators(llama, tmp_path):
+    manifest = export(llama, tmp_path, format="ort", budgets=[0.5])
+    entry = manifest["budgets"][0]
+    assert entry["graph"].endswith(".ort")
+    names = {f.rsplit("/", 1)[1] for f in entry["files"]}
+    assert {"model.ort", "required_operators.config", "config.json"} <= names
+    assert not any(n.endswith(".onnx") for n in names)
+    assert entry["validation"]["generation_match"] is True  # validated from the .ort file
+    config = (tmp_path / entry["graph"]).with_name("required_operators.config").read_text()
+    assert "MatMul" in config
+    load_manifest(tmp_path)
+
+
+def test_ort_format_elastic(llama, tmp_path):
+    manifest = export(llama, tmp_path, format="ort", layout="elastic")
+    assert all(e["validation"]["generation_match"] for e in manifest["budgets"])
+    assert {e["graph"] for e in manifest["budgets"]} == {"elastic/model.ort"}
+
+
+def test_external_data_on_request(llama, tmp_path):
+    manifest = export(llama, tmp_path, budgets=[0.5], config=OnnxExportConfig(external_data=True))
+    entry = manifest["budgets"][0]
+    assert "budget-0.5/model.onnx_data" in entry["files"]
+    graph = tmp_path / entry["graph"]
+    inits = onnx.load(graph, load_external_data=False).graph.initializer
+    big = [i for i in inits if len(i.raw_data) >= 1024 or i.data_location == 1]
+    assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big)
+    assert entry["validation"]["generation_match"] is True
+
+
+def test_shared_layout_refuses_ort_and_int8(llama, tmp_path):
+    with pytest.raises(ValueError, match="ORT format"):
+        export(llama, tmp_path, format="ort", layout="shared")
+    with pytest.raises(ValueError, match="per-budget layout only"):
+        export(llama, tmp_path, layout="elastic", quantize="int8")
