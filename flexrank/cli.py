@@ -8,12 +8,12 @@ import sys
 import time
 
 from flexrank.models import ALIASES, DEFAULT_MODEL
+from flexrank.pipeline import CompressConfig
 
 logger = logging.getLogger("flexrank")
 
 # Commands whose issue has not landed yet say so plainly and exit non-zero.
 NOT_YET = {
-    "compress": "nested elastic distillation and `flexrank compress`",
     "export": "the exporters and `flexrank-export --profile ... --budget auto`",
     "bench": "the runtime and tier benchmarks",
     "eval": "evaluation and the Pareto report",
@@ -66,6 +66,56 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budgets {text!r}: give numbers like 1,0.8,0.6") from None
+
+
+def compress_config(args) -> CompressConfig:
+    from flexrank.distill import DistillConfig
+    from flexrank.probe import ProbeConfig
+
+    return CompressConfig(
+        calib=args.calib, num_samples=args.samples, seq_len=args.seq_len,
+        eval_samples=args.eval_samples, batch_size=args.batch_size, budgets=args.budgets,
+        probe=ProbeConfig(mode=args.probe_mode, num_levels=args.levels,
+                          rank_multiple=args.rank_multiple),
+        probe_samples=args.probe_samples,
+        distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
+                              sampler=args.sampler, grad_accum=args.grad_accum,
+                              seed=args.seed),
+        seed=args.seed)
+
+
+def add_compress_args(p: argparse.ArgumentParser) -> None:
+    _add_calibration_args(p)
+    p.add_argument("--eval-samples", type=int, default=16,
+                   help="held-out sequences for the summary table")
+    p.add_argument("--budgets", type=_budgets, default=(1.0, 0.8, 0.6, 0.4),
+                   help="comma-separated budgets in (0, 1] (default 1,0.8,0.6,0.4)")
+    p.add_argument("--probe-mode", choices=("fast", "exact"), default="fast")
+    p.add_argument("--levels", type=int, default=16, help="candidate ranks per layer")
+    p.add_argument("--rank-multiple", type=int, default=8)
+    p.add_argument("--probe-samples", type=int, default=4)
+    p.add_argument("--steps", type=int, default=200, help="distillation steps")
+    p.add_argument("--train-batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--sampler", choices=("uniform", "sandwich"), default="uniform")
+
+
+def cmd_compress(args) -> int:
+    from flexrank.pipeline import compress
+
+    _, summary = compress(args.model, args.output, compress_config(args))
+    print(summary)
+    print(f"\nelastic checkpoint: {args.output}/elastic")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexrank", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -80,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-lm-head", action="store_true")
     p.set_defaults(func=cmd_decompose)
 
+    p = sub.add_parser("compress", help="decompose, plan and distill a model into an elastic "
+                                        "checkpoint (resumable)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("-o", "--output", required=True, help="output folder (resumes if present)")
+    add_compress_args(p)
+    p.set_defaults(func=cmd_compress)
+
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet available: {what})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -90,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _not_yet(name: str, what: str):
     def run(args) -> int:
         print(f"flexrank {name}: not available yet in this version ({what} is still being "
-              "built). Available now: flexrank decompose.", file=sys.stderr)
+              "built). Available now: flexrank decompose, flexrank compress.",
+              file=sys.stderr)
         return 2
     return run
 

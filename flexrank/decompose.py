@@ -102,9 +102,3 @@ def output_error(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank: i
     D = W - U[:, :rank].to(COMPUTE_DTYPE) @ V[:, :rank].to(COMPUTE_DTYPE).T
     return torch.einsum("ij,jk,ik->", D, cov.to(COMPUTE_DTYPE), D)
 
-
-def deployed_params(m: int, n: int, rank: int) -> int:
-    """Parameters of a gauge-fixed rank-r layer, r(m+n−r), never more than the dense m·n."""
-    if rank >= min(m, n):
-        return m * n
-    return rank * (m + n - rank)

@@ -61,6 +61,20 @@ def _empty_layer(spec: dict) -> nn.Module:
     return nested_type(conv, spec["max_rank"])
 
 
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """{name: structure} of every nested layer: enough to rebuild empty ones."""
+    return {name: _layer_spec(layer) for name, layer in nested_layers(model).items()}
+
+
+def restructure_(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
+    """Swap the named layers of a fresh model for empty nested layers (weights to load)."""
+    for name, spec in specs.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _empty_layer(spec))
+    return model
+
+
 class ElasticModel:
     def __init__(self, model: nn.Module, plan, tokenizer=None, model_id: str = "custom"):
         self.model = model
@@ -114,7 +128,7 @@ class ElasticModel:
             "format_version": FORMAT_VERSION,
             "model_id": self.model_id,
             "model_class": type(self.model).__name__,
-            "layers": {name: _layer_spec(layer) for name, layer in self.layers.items()},
+            "layers": layer_specs(self.model),
         }
         with atomic_dir(directory) as tmp:
             config = getattr(self.model, "config", None)
@@ -132,7 +146,7 @@ class ElasticModel:
                         ) -> ElasticModel:
         from flexrank.planner import NestedPlan
 
-        directory = Path(directory)
+        directory = resolve_elastic_dir(Path(directory))
         meta = read_meta(directory)
         for name in (WEIGHTS_FILE, PLAN_FILE):
             if not (directory / name).is_file():
@@ -141,10 +155,7 @@ class ElasticModel:
         tokenizer = None
         if model is None:
             model, tokenizer = _skeleton_from_config(directory, meta["model_class"])
-        for name, spec in meta["layers"].items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _empty_layer(spec))
+        restructure_(model, meta["layers"])
         try:
             missing, unexpected = load_safetensors_model(model, str(directory / WEIGHTS_FILE),
                                                          strict=False)
@@ -159,6 +170,13 @@ class ElasticModel:
         model.eval()
         plan = NestedPlan.load(directory / PLAN_FILE)
         return cls(model, plan, tokenizer, meta.get("model_id", "custom"))
+
+
+def resolve_elastic_dir(directory: Path) -> Path:
+    """A `flexrank compress` output folder keeps its checkpoint in elastic/."""
+    if not (directory / META_FILE).is_file() and (directory / "elastic" / META_FILE).is_file():
+        return directory / "elastic"
+    return directory
 
 
 def read_meta(directory: Path) -> dict:

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flexrank.costs import gauge_fixed_params as deployed_params
 from flexrank.decompose import (
     DegenerateCovarianceError,
-    deployed_params,
     output_error,
     plain_svd,
     symmetric_sqrt,
