@@ -122,8 +122,12 @@ def _conv_module(layer, form, rank, U, V, fixed, bias, dtype):
 
 
 def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = False,
-                 ) -> tuple[nn.Module, LayerExport]:
-    """The export module for `layer` at `rank`, and what was chosen."""
+                 latency=None, force_form: str | None = None) -> tuple[nn.Module, LayerExport]:
+    """The export module for `layer` at `rank`, and what was chosen.
+
+    `latency`: a measured table for `choose_form`; `force_form` ("plain" or "dense") skips
+    the choice below full rank (benchmarks: what the gauge buys).
+    """
     U = layer.U.detach().double()
     V = layer.V.detach().double()
     m, n = U.shape[0], V.shape[0]
@@ -136,7 +140,11 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
         module = FactorLinear(U[:, :rank], V[:, :rank], bias, dtype)
         return module, LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
     condition = leading_condition(U, rank) if rank < min(m, n) else None
-    form = choose_form(m, n, rank, condition)
+    form = choose_form(m, n, rank, condition, latency=latency)
+    if force_form is not None and rank < min(m, n):
+        form = LayerForm(force_form)
+    if form == LayerForm.GAUGE and condition is None:
+        condition = leading_condition(U, rank)
     fixed = gauge_fix(U, V, rank) if form == LayerForm.GAUGE else None
     params = {LayerForm.DENSE: m * n, LayerForm.GAUGE: (m + n - rank) * rank,
               LayerForm.PLAIN: (m + n) * rank}[form]
@@ -152,6 +160,7 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
 
 
 def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool = False,
+                     latency=None, force_form: str | None = None,
                      ) -> tuple[nn.Module, list[LayerExport]]:
     """A copy of `model` with every nested layer replaced by its export module at `ranks`.
 
@@ -161,7 +170,7 @@ def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool
     records = []
     for name, layer in nested_layers(copied).items():
         module, record = deploy_layer(name, layer, ranks.get(name, layer.max_rank),
-                                      factors_only)
+                                      factors_only, latency, force_form)
         parent_name, _, child = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
         setattr(parent, child, module)

@@ -44,8 +44,13 @@ class OnnxExportConfig:
     generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's
     threads: int = 2  # onnxruntime threads for validation
     sample_text: str = SAMPLE_TEXT
+    latency: object | None = None  # flexrank.costs.LatencyTable: choose forms by measured time
+    force_form: str | None = None  # "plain" or "dense" below full rank (benchmarks only)
 
     def __post_init__(self):
+        if self.force_form not in (None, "plain", "dense", "gauge"):
+            raise ValueError(f"force_form {self.force_form!r} is not 'plain', 'dense' or "
+                             "'gauge'")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
         if self.threads < 1:
@@ -193,7 +198,8 @@ def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_in
     Returns (graph path, layer records, factors) where factors are the rank-major factor
     arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
     """
-    deployed, records = deployable_model(elastic.model, elastic.layer_ranks(beta), factors_only)
+    deployed, records = deployable_model(elastic.model, elastic.layer_ranks(beta), factors_only,
+                                         config.latency, config.force_form)
     factors = {}
     if factors_only:
         for record in records:

@@ -40,6 +40,7 @@ References: DESIGN.md §3 (budget counts r(m+n−r)), §4.6 (gauge fixing and it
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -159,18 +160,31 @@ def gauge_fixed_forward(x: torch.Tensor, fixed: GaugeFixed,
 
 def choose_form(m: int, n: int, rank: int, condition: float | None = None,
                 max_condition: float = MAX_CONDITION,
-                dense_fraction: float = DENSE_FRACTION) -> LayerForm:
+                dense_fraction: float = DENSE_FRACTION,
+                latency: Callable[[int, int, int], float] | None = None) -> LayerForm:
     """How to deploy an m×n layer at `rank` (see the module docstring for the rule).
 
     `condition` is cond(U[:r,:r]) (`leading_condition`); None means "not known", and
-    rules gauge fixing out.
+    rules gauge fixing out. `latency(m, n, r)` (the planner's measured
+    `flexrank.costs.LatencyTable`: dense time at full rank, gauge-fixed time below) replaces
+    the `dense_fraction` rule between dense and gauge-fixed when it has both entries.
     """
     full = min(m, n)
     if not 1 <= rank <= full:
         raise ValueError(f"rank {rank} is out of range [1, {full}] for a {m}x{n} layer")
-    if rank == full or gauge_fixed_cost(m, n, rank) > dense_fraction * m * n:
+    if rank == full:
         return LayerForm.DENSE
-    if condition is not None and condition <= max_condition:
+    well_conditioned = condition is not None and condition <= max_condition
+    if latency is not None and well_conditioned:
+        try:
+            faster_dense = latency(m, n, full) <= latency(m, n, rank)
+        except ValueError:  # not measured at this rank: fall back to the cost rule
+            pass
+        else:
+            return LayerForm.DENSE if faster_dense else LayerForm.GAUGE
+    if gauge_fixed_cost(m, n, rank) > dense_fraction * m * n:
+        return LayerForm.DENSE
+    if well_conditioned:
         return LayerForm.GAUGE
     if plain_cost(m, n, rank) > dense_fraction * m * n:
         return LayerForm.DENSE

@@ -95,3 +95,13 @@ def test_shared_layout_refuses_ort_and_int8(llama, tmp_path):
         export(llama, tmp_path, format="ort", layout="shared")
     with pytest.raises(ValueError, match="per-budget layout only"):
         export(llama, tmp_path, layout="elastic", quantize="int8")
+
+
+def test_forced_plain_factors_match_and_cost_more(llama, tmp_path):
+    gauge = export(llama, tmp_path / "gauge", budgets=[0.5])["budgets"][0]
+    plain = export(llama, tmp_path / "plain", budgets=[0.5],
+                   config=OnnxExportConfig(force_form="plain"))["budgets"][0]
+    assert plain["forms"] == {"plain": 14} and gauge["forms"] == {"gauge": 14}
+    assert plain["validation"]["generation_match"] is True
+    saved = sum(x["rank"] ** 2 for x in gauge["layers"])  # the identity blocks not stored
+    assert plain["params"]["factorised"] - gauge["params"]["factorised"] == saved

@@ -89,3 +89,14 @@ def test_choose_form_rule():
     assert choose_form(576, 576, 288, condition=1e6) is LayerForm.DENSE  # plain ≥ 0.9·dense
     with pytest.raises(ValueError, match="out of range"):
         choose_form(8, 6, 0)
+
+
+def test_choose_form_by_measured_latency():
+    from flexrank.costs import LatencyTable
+
+    table = LatencyTable(((576, 576, 576, 10e-6), (576, 576, 540, 9e-6),
+                          (576, 576, 432, 14e-6)), threads=2, batch=1, repeats=5)
+    assert choose_form(576, 576, 540, 1.0, latency=table) is LayerForm.GAUGE  # measured faster
+    assert choose_form(576, 576, 432, 1.0, latency=table) is LayerForm.DENSE  # measured slower
+    assert choose_form(576, 576, 100, 1.0, latency=table) is LayerForm.GAUGE  # not measured
+    assert choose_form(576, 576, 540, 1e6, latency=table) is LayerForm.DENSE  # ill-conditioned
