@@ -1,0 +1,85 @@
+"""Evaluation against direct computations from logits; baselines meet their budget."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama
+
+from flexrank.baselines import uniform_ranks
+from flexrank.costs import gauge_fixed_params
+from flexrank.evaluate import (
+    EvaluationError,
+    cosine_similarity,
+    perplexity,
+    teacher_agreement,
+    windows,
+)
+
+
+def direct_nll(model, ids):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)
+    return -logp[:-1].gather(-1, ids[1:, None]).squeeze(-1)
+
+
+def test_windows_score_every_token_once():
+    ids = torch.arange(50)
+    for seq_len, stride in [(16, 16), (16, 5), (50, 50), (64, 10), (7, 1)]:
+        scored = []
+        for w in windows(ids, seq_len, stride):
+            assert len(w.input_ids) <= seq_len
+            scored += w.input_ids[w.score_from:].tolist()
+        assert scored == list(range(1, 50)), (seq_len, stride)
+
+
+def test_perplexity_equals_direct_computation():
+    model = tiny_llama(init_std=0.2)
+    ids = torch.randint(3, 100, (40,), generator=torch.Generator().manual_seed(0))
+    whole = math.exp(float(direct_nll(model, ids).mean()))
+    assert perplexity(model, ids, seq_len=64) == pytest.approx(whole, rel=1e-5)
+    strided = perplexity(model, ids, seq_len=10, stride=10)
+    assert strided != pytest.approx(whole, rel=1e-6)  # less context than the whole text
+    nll, n = 0.0, 0
+    for w in windows(ids, 10, 10):
+        losses = direct_nll(model, w.input_ids)[w.score_from - 1:]
+        nll, n = nll + float(losses.sum()), n + losses.numel()
+    assert n == 39 and strided == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_teacher_agreement_self_and_other():
+    model, other = tiny_llama(init_std=0.2), tiny_llama(seed=1, init_std=0.2)
+    ids = torch.randint(3, 100, (30,), generator=torch.Generator().manual_seed(1))
+    same = teacher_agreement(model, model, ids, seq_len=16)
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["top1"] == 1.0
+    diff = teacher_agreement(other, model, ids, seq_len=64)
+    with torch.no_grad():
+        t = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1)
+        s = torch.log_softmax(other(input_ids=ids[None]).logits[0, :-1], -1)
+    assert diff["kl"] == pytest.approx(float((t.exp() * (t - s)).sum(-1).mean()), rel=1e-5)
+    assert diff["top1"] == pytest.approx(float((t.argmax(-1) == s.argmax(-1)).float().mean()))
+
+
+def test_bad_input_and_encoders():
+    model = tiny_llama()
+    with pytest.raises(EvaluationError, match="stride"):
+        list(windows(torch.arange(5), 4, 5))
+    bert = tiny_bert()
+    with pytest.raises(EvaluationError, match="no logits"):
+        perplexity(bert, torch.arange(3, 20))
+    batches = [{"input_ids": torch.randint(3, 100, (2, 8)),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    assert cosine_similarity(bert, bert, batches) == pytest.approx(1.0, abs=1e-6)
+    assert perplexity(model, torch.arange(3, 10), seq_len=4) > 1
+
+
+def test_uniform_ranks_meet_budget_and_are_maximal():
+    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)] * 3
+    dense = sum(m * n for m, n in shapes)
+    for beta in (0.9, 0.8, 0.6, 0.4):
+        ranks = uniform_ranks(shapes, beta)
+        used = sum(gauge_fixed_params(m, n, r) for (m, n), r in zip(shapes, ranks, strict=True))
+        assert used <= beta * dense
+        assert used > (beta - 0.02) * dense  # within a rank step of the budget
+    assert uniform_ranks(shapes, 1.0) == [min(s) for s in shapes]
+    assert all(r % 8 == 0 for r in uniform_ranks(shapes, 0.5, multiple=8))
