@@ -1,0 +1,39 @@
+"""Run under `torchrun --nproc_per_node N`: covariance on this rank's shard of the batches
+(all-reduced) and a few distillation steps on this rank's slice of each global batch.
+Rank 0 writes the results to argv[1]. Used by test_distributed.py."""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from elastic_fixtures import tiny_elastic
+from safetensors.torch import save_file
+
+from flexrank.covariance import collect_covariances
+from flexrank.distill import DistillConfig, distill
+
+STEPS = 4
+
+
+def run(out: Path) -> None:
+    # built before the process group exists, so each rank decomposes from its own full sums
+    student, teacher, plan, train, _ = tiny_elastic(seed=7)
+    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stats = collect_covariances(teacher, train[rank::world], progress=False)
+    config = DistillConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=1,
+                           checkpoint_every=0)
+    distill(student, teacher, plan, train, config, accelerator=accelerator, progress=False)
+    if accelerator.is_main_process:
+        tensors = {f"cov.{k}": v for k, v in stats.sums.items()}
+        tensors |= {f"param.{k}": v.detach().clone() for k, v in student.state_dict().items()
+                    if "lm_head" not in k}
+        tensors |= {f"initial.{k}": v for k, v in initial.items() if "lm_head" not in k}
+        tensors["tokens"] = torch.tensor([stats.num_tokens])
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]))
