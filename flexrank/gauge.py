@@ -72,7 +72,7 @@ class GaugeFixed:
     U_rest: torch.Tensor  # (m - r, r): the rows of U G that are not the identity
     pivots: torch.Tensor  # (r,) int64, output rows equal to z
     rest: torch.Tensor  # (m - r,) int64, the other output rows, ascending
-    condition: float  # cond(U[P,:]), 2-norm
+    condition: float  # cond₂(U[P,:]) with unit columns (`block_condition`)
 
     @property
     def rank(self) -> int:
@@ -110,10 +110,21 @@ def pivot_rows(U: torch.Tensor) -> torch.Tensor:
     return perm[: U.shape[1]]
 
 
+def block_condition(U_r: torch.Tensor, rows: torch.Tensor) -> float:
+    """cond₂ of U_r[rows] with U_r's columns scaled to unit norm.
+
+    Scaling the columns of U (U D, V D⁻¹: the same layer) leaves the gauge-fixed factors
+    unchanged, U D (U[P] D)⁻¹ = U U[P]⁻¹, so only the scale-free condition number says how
+    much rounding the gauge adds; DataSVD's U = P diag(√σ) would otherwise count √(σ₁/σ_r).
+    """
+    U_r = U_r.to(COMPUTE_DTYPE)
+    unit = U_r / U_r.norm(dim=0).clamp_min(torch.finfo(COMPUTE_DTYPE).tiny)
+    return float(torch.linalg.cond(unit[rows]))
+
+
 def leading_condition(U: torch.Tensor, rank: int) -> float:
-    """cond₂ of the leading r×r block of U[:, :r]: what a no-reorder gauge would invert."""
-    block = U[:rank, :rank].to(COMPUTE_DTYPE)
-    return float(torch.linalg.cond(block))
+    """Condition of the leading r×r block of U[:, :r] (what a no-reorder gauge inverts)."""
+    return block_condition(U[:, :rank], torch.arange(rank))
 
 
 def gauge_fix(U: torch.Tensor, V: torch.Tensor, rank: int,
@@ -135,7 +146,7 @@ def gauge_fix(U: torch.Tensor, V: torch.Tensor, rank: int,
         pivots = torch.arange(rank) if pivots == "leading" else pivot_rows(U_r)
     pivots = torch.as_tensor(pivots, dtype=torch.long)
     block = U_r[pivots]  # (r, r)
-    condition = float(torch.linalg.cond(block))
+    condition = block_condition(U_r, pivots)
     if not condition < 1 / torch.finfo(COMPUTE_DTYPE).eps:
         raise ValueError(f"pivot block of U is singular (cond {condition:.3g}): "
                          "use plain factors for this layer")

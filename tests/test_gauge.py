@@ -100,3 +100,14 @@ def test_choose_form_by_measured_latency():
     assert choose_form(576, 576, 432, 1.0, latency=table) is LayerForm.DENSE  # measured slower
     assert choose_form(576, 576, 100, 1.0, latency=table) is LayerForm.GAUGE  # not measured
     assert choose_form(576, 576, 540, 1e6, latency=table) is LayerForm.DENSE  # ill-conditioned
+
+
+def test_column_scaling_changes_neither_factors_nor_condition():
+    U, V, _ = random_factors(20, 12, 12, seed=5)
+    D = torch.logspace(0, 4, 12, dtype=torch.float64)  # DataSVD-like √σ spread
+    plain = gauge_fix(U, V, 7)
+    scaled = gauge_fix(U * D, V / D, 7)
+    torch.testing.assert_close(scaled.U_rest, plain.U_rest)
+    torch.testing.assert_close(scaled.V_hat, plain.V_hat)
+    assert scaled.condition == pytest.approx(plain.condition, rel=1e-9)
+    assert leading_condition(U * D, 7) == pytest.approx(leading_condition(U, 7), rel=1e-9)

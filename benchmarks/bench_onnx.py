@@ -1,0 +1,193 @@
+"""ONNX export benchmark on SmolLM2-135M, onnxruntime CPU, all in one run.
+
+    .venv/bin/python benchmarks/bench_onnx.py [--threads 2] [--budgets 0.5,0.75,1] [--out DIR]
+
+DataSVD factors from a small tinyshakespeare calibration, a uniform plan (each layer keeps
+the largest rank r with r(m + n − r) ≤ β·m·n, so β is the kept fraction of the factorised
+parameters; β = 1 is the dense model, exported dense), then per budget:
+
+- per-budget gauge-fixed export: prefill time (prompt 64), decode ms/token (median of
+  `--decode-tokens` ≥ 30 steps through the KV cache), file size, bytes read per decoded token
+  (every weight once, the tied embedding/lm_head dense) — against the dense export (β = 1);
+- the same ranks with plain factors (what gauge fixing buys);
+- the shared and elastic layouts (same budgets), and int8 dynamic quantization.
+
+Target (issue): decode-time ratio to dense within 15 % of the bytes-read ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import CALIBRATION_SPAN, SHAKESPEARE
+from flexrank.exporters import export
+from flexrank.exporters.onnx_layouts import RANK_LEVEL
+from flexrank.exporters.torch_to_onnx import OnnxExportConfig
+from flexrank.exporters.validate import decoder_feed
+
+import flexrank
+from flexrank.elastic import ElasticModel
+from flexrank.targets import nested_layers
+
+PROMPT = 64
+
+
+class UniformPlan:
+    """Each layer keeps the same fraction β of its dense parameters (no sensitivity data)."""
+
+    def __init__(self, layers: dict, budgets: list[float]):
+        self.budgets = sorted(budgets)
+        self.layer_names = list(layers)
+        self.table = {beta: {name: uniform_rank(layer.U.shape[0], layer.V.shape[0], beta)
+                             for name, layer in layers.items()} for beta in self.budgets}
+
+    def ranks_for(self, beta):
+        return dict(self.table[beta])
+
+
+def uniform_rank(m: int, n: int, beta: float) -> int:
+    full = min(m, n)
+    if beta >= 1:
+        return full
+    return max(r for r in range(1, full + 1) if r * (m + n - r) <= beta * m * n)
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def time_decoder(path: Path, threads: int, decode_tokens: int, extra: dict | None = None):
+    """(prefill seconds for a 64-token prompt, median decode seconds per token)."""
+    sess = session(path, threads)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, 40000, (1, PROMPT))
+    out_names = [o.name for o in sess.get_outputs()]
+
+    def run(ids, past, past_len):
+        feed = decoder_feed(sess, ids, past, past_len)
+        feed.update(extra or {})
+        return dict(zip(out_names, sess.run(None, feed), strict=True))
+
+    prefill = []
+    for _ in range(5):
+        start = time.perf_counter()
+        outputs = run(prompt, None, 0)
+        prefill.append(time.perf_counter() - start)
+    past = {k: v for k, v in outputs.items() if k.startswith("present.")}
+    ids, steps = outputs["logits"][:, -1].argmax(-1)[:, None], []
+    for i in range(decode_tokens + 3):
+        start = time.perf_counter()
+        outputs = run(ids, past, PROMPT + i)
+        if i >= 3:  # warm-up steps
+            steps.append(time.perf_counter() - start)
+        past = {k: v for k, v in outputs.items() if k.startswith("present.")}
+        ids = outputs["logits"][:, -1].argmax(-1)[:, None]
+    return statistics.median(prefill), statistics.median(steps)
+
+
+def bytes_read(entry: dict) -> float:
+    """Weight bytes touched per decoded token (float32): the factorised layers, plus the
+    other parameters (the tied embedding counted once: as lm_head it is read in full; the
+    lookup reads one row; norms)."""
+    return 4.0 * (entry["params"]["factorised"] + entry["params"]["other"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", default="0.5,0.75,1")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="bundle folder (default: a temp folder)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    out = Path(args.out or tempfile.mkdtemp(prefix="flexrank-bench-onnx-"))
+
+    start = time.perf_counter()
+    model, tokenizer = flexrank.load_model("smollm2-135m")
+    batches = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=args.samples,
+                                        seq_len=128, span=CALIBRATION_SPAN)
+    flexrank.factorize_(model, flexrank.collect_covariances(model, batches, progress=False),
+                        progress=False)
+    em = ElasticModel(model, UniformPlan(nested_layers(model), budgets), tokenizer,
+                      model_id="smollm2-135m")
+    print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+    rows, results = [], {}
+
+    def measure(label, manifest, folder, extra_for=None):
+        for entry in manifest["budgets"]:
+            extra = extra_for(entry) if extra_for else None
+            torch.set_num_threads(1)  # keep PyTorch's threads off the cores while timing
+            prefill, decode = time_decoder(folder / entry["graph"], args.threads,
+                                           args.decode_tokens, extra)
+            torch.set_num_threads(args.threads)
+            size = sum(manifest["files"][f]["bytes"] for f in entry["files"]
+                       if f.endswith((".onnx", ".onnx_data", ".bin", ".ort")))
+            result = {"label": label, "beta": entry["beta"], "prefill_ms": 1e3 * prefill,
+                      "decode_ms": 1e3 * decode, "file_mb": size / 1e6,
+                      "bytes_read_mb": bytes_read(entry) / 1e6,
+                      "forms": entry["forms"], "validation": entry["validation"]}
+            results.setdefault(label, []).append(result)
+            print(json.dumps(result), file=sys.stderr, flush=True)
+
+    def run(label, **kw):
+        t = time.perf_counter()
+        folder = out / label
+        manifest = export(em, folder, **kw)
+        print(f"{label}: export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        return manifest, folder
+
+    quick = OnnxExportConfig(generate=False)
+    manifest, folder = run("gauge", budgets=budgets)
+    measure("gauge", manifest, folder)
+    low = [b for b in budgets if b < 1]
+    manifest, folder = run("plain", budgets=low, config=OnnxExportConfig(force_form="plain",
+                                                                         generate=False))
+    measure("plain", manifest, folder)
+    manifest, folder = run("shared", layout="shared", budgets=budgets, config=quick)
+    measure("shared", manifest, folder)
+    manifest, folder = run("elastic", layout="elastic", budgets=budgets, config=quick)
+    measure("elastic", manifest, folder,
+            lambda e: {RANK_LEVEL: np.array([e["rank_level"]], np.int64)})
+    manifest, folder = run("int8", budgets=budgets, quantize="int8")
+    measure("int8", manifest, folder)
+
+    dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
+    header = ("| variant | β | forms | file MB | bytes read/token MB | bytes ratio | prefill ms "
+              "(64) | decode ms/token | decode ratio | target ≤ | max abs Δ logits | top-1 | "
+              "greedy 20 = PyTorch |")
+    rows = [header, "|" + "---|" * 13]
+    for label, items in results.items():
+        for r in items:
+            bytes_ratio = r["bytes_read_mb"] / dense["bytes_read_mb"]
+            v = r["validation"] or {}
+            rows.append(
+                f"| {label} | {r['beta']:g} | {r['forms']} | {r['file_mb']:.1f} | "
+                f"{r['bytes_read_mb']:.1f} | {bytes_ratio:.3f} | {r['prefill_ms']:.1f} | "
+                f"{r['decode_ms']:.2f} | {r['decode_ms'] / dense['decode_ms']:.3f} | "
+                f"{1.15 * bytes_ratio:.3f} | {v.get('max_abs_diff', float('nan')):.2e} | "
+                f"{v.get('top1_agreement', float('nan')):.3f} | {v.get('generation_match')} |")
+    print("\n".join(rows))
+    (out / "bench_onnx.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
