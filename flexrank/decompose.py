@@ -42,20 +42,31 @@ class Factors:
         return int(self.sigma.numel())
 
 
+@dataclass(frozen=True)
+class Whitening:
+    """Σ = Q diag(root²) Qᵀ with eigenvalues clamped: S = Q diag(root) Qᵀ, never formed."""
+
+    Q: torch.Tensor  # (n, n) orthogonal, float64
+    root: torch.Tensor  # (n,) √λ after clamping
+
+    @classmethod
+    def of(cls, cov: torch.Tensor, floor: float = EIGEN_FLOOR) -> Whitening:
+        cov = cov.to(COMPUTE_DTYPE)
+        if not torch.isfinite(cov).all():
+            raise DegenerateCovarianceError("covariance has non-finite entries")
+        eigvals, Q = torch.linalg.eigh((cov + cov.T) / 2)
+        lam_max = eigvals.max()
+        if lam_max <= 0:
+            raise DegenerateCovarianceError(
+                "covariance is zero: the layer never saw a non-zero input")
+        return cls(Q, eigvals.clamp_min(floor * lam_max).sqrt())
+
+
 def symmetric_sqrt(cov: torch.Tensor,
                    floor: float = EIGEN_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """S = Q diag(√λ) Qᵀ and S⁻¹ for a symmetric PSD matrix, eigenvalues clamped at floor·λ_max."""
-    cov = cov.to(COMPUTE_DTYPE)
-    if not torch.isfinite(cov).all():
-        raise DegenerateCovarianceError("covariance has non-finite entries")
-    eigvals, Q = torch.linalg.eigh((cov + cov.T) / 2)
-    lam_max = eigvals.max()
-    if lam_max <= 0:
-        raise DegenerateCovarianceError("covariance is zero: the layer never saw a non-zero input")
-    root = eigvals.clamp_min(floor * lam_max).sqrt()
-    S = (Q * root) @ Q.T
-    S_inv = (Q / root) @ Q.T
-    return S, S_inv
+    w = Whitening.of(cov, floor)
+    return (w.Q * w.root) @ w.Q.T, (w.Q / w.root) @ w.Q.T
 
 
 def plain_svd(weight: torch.Tensor) -> Factors:
@@ -66,20 +77,29 @@ def plain_svd(weight: torch.Tensor) -> Factors:
     return Factors(U=P * root, V=Rh.T * root, sigma=sigma, whitened=False)
 
 
-def whitened_svd(weight: torch.Tensor, cov: torch.Tensor, floor: float = EIGEN_FLOOR) -> Factors:
+def whitened_svd(weight: torch.Tensor, cov: torch.Tensor | None = None,
+                 floor: float = EIGEN_FLOOR, whitening: Whitening | None = None) -> Factors:
     """DataSVD: minimise E‖(W − U_r V_rᵀ) x‖² for x with second moment Σ (`cov`, (n, n)).
 
     W S = P diag(σ) Rᵀ, U = P √σ, V = S⁻¹ R √σ. The output error of the rank-r truncation
     on the data is the tail energy Σ_{j>r} σ_j² (exact when no eigenvalue was clamped).
+    S is never formed: with A = W Q diag(√λ) = P σ R̃ᵀ, W S = A Qᵀ so R = Q R̃ and
+    S⁻¹ R = Q diag(1/√λ) R̃. Layers reading the same input can share one `whitening`.
     """
     m, n = weight.shape
-    if cov.shape != (n, n):
-        raise ValueError(f"covariance is {tuple(cov.shape)} but the weight has {n} inputs")
-    S, S_inv = symmetric_sqrt(cov, floor)
-    W = weight.to(COMPUTE_DTYPE)
-    P, sigma, Rh = torch.linalg.svd(W @ S, full_matrices=False)
+    if whitening is None:
+        if cov is None or cov.shape != (n, n):
+            shape = None if cov is None else tuple(cov.shape)
+            raise ValueError(f"covariance is {shape} but the weight has {n} inputs")
+        whitening = Whitening.of(cov, floor)
+    Q, lam_root = whitening.Q, whitening.root
+    if Q.shape != (n, n):
+        raise ValueError(f"whitening is {tuple(Q.shape)} but the weight has {n} inputs")
+    A = (weight.to(COMPUTE_DTYPE) @ Q) * lam_root
+    P, sigma, Rh = torch.linalg.svd(A, full_matrices=False)
     root = sigma.sqrt()
-    return Factors(U=P * root, V=(S_inv @ Rh.T) * root, sigma=sigma, whitened=True)
+    V = Q @ (Rh.T / lam_root[:, None]) * root
+    return Factors(U=P * root, V=V, sigma=sigma, whitened=True)
 
 
 def tail_energy(sigma: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from flexrank.decompose import (
     EIGEN_FLOOR,
     DegenerateCovarianceError,
     Factors,
+    Whitening,
     plain_svd,
     relative_tail_energy,
     whitened_svd,
@@ -56,13 +57,29 @@ class LayerReport:
         return float(relative_tail_energy(self.sigma)[rank])
 
 
+class WhiteningCache:
+    """The last input's whitening: q/k/v (and gate/up) come one after another and share it."""
+
+    def __init__(self, stats: CovarianceStats, floor: float):
+        self.stats, self.floor = stats, floor
+        self.leader: str | None = None
+        self.value: Whitening | None = None
+
+    def __call__(self, name: str) -> Whitening:
+        leader = self.stats.leader_of[name]
+        if leader != self.leader:
+            self.leader, self.value = leader, None  # drop the old one before computing
+            self.value = Whitening.of(self.stats.covariance(name)[0], self.floor)
+        return self.value
+
+
 def decompose_layer(name: str, module: nn.Module, stats: CovarianceStats | None,
-                    config: FactorizeConfig) -> Factors:
+                    config: FactorizeConfig, cache: WhiteningCache | None = None) -> Factors:
     weight, _ = linear_weight(module)
     if config.method == "data" and stats is not None and name in stats:
-        cov, _count = stats.covariance(name)
         try:
-            return whitened_svd(weight, cov, config.eigen_floor)
+            whitening = (cache or WhiteningCache(stats, config.eigen_floor))(name)
+            return whitened_svd(weight, whitening=whitening)
         except DegenerateCovarianceError as err:
             logger.warning("layer %s: %s; falling back to plain SVD", name, err)
     elif config.method == "data":
@@ -91,10 +108,11 @@ def factorize_(model: nn.Module, stats: CovarianceStats | None = None,
         raise ValueError("method 'data' needs covariance stats from collect_covariances(); "
                          "pass stats, or FactorizeConfig(method='plain')")
     targets = find_targets(model, filter_fn, config.include_lm_head)
+    cache = WhiteningCache(stats, config.eigen_floor) if stats is not None else None
     reports = []
     for name, module in tqdm(targets.items(), desc="decompose", disable=not progress,
                              unit="layer"):
-        factors = decompose_layer(name, module, stats, config)
+        factors = decompose_layer(name, module, stats, config, cache)
         dtype = module.weight.dtype
         new = nested_from_module(module, factors.U.to(dtype), factors.V.to(dtype))
         new.train(module.training)
