@@ -228,17 +228,24 @@ def _load_partial(path: Path, signature: dict) -> dict[str, list[float]]:
 @torch.no_grad()
 def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
           config: ProbeConfig | None = None, cache_path: str | os.PathLike | None = None,
-          use_block_cache: bool = True, progress: bool = True) -> Sensitivity:
+          use_block_cache: bool = True, progress: bool = True,
+          only: Sequence[str] | None = None) -> Sensitivity:
     """Sensitivity matrix of every nested layer of `model` (factorised, at full rank)
     against `teacher` (the original model) on `batches`.
 
     With `cache_path`, finished rows are saved after every layer and reused on restart.
+    `only` restricts probing to the named layers (the others stay at full rank).
     Under torch.distributed the layers are split across processes and the rows gathered.
     """
     config = config or ProbeConfig()
     layers = nested_layers(model)
     if not layers:
         raise ValueError("the model has no nested layers: run flexrank.factorize_ first")
+    if only is not None:
+        unknown = sorted(set(only) - set(layers))
+        if unknown:
+            raise ValueError(f"cannot probe {unknown[:3]}: not nested layers of the model")
+        layers = {name: layers[name] for name in only}
     if not batches:
         raise ValueError("probing needs at least one batch")
     levels = min(config.num_levels, min(layer.max_rank for layer in layers.values()))
