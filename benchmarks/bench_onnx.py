@@ -109,14 +109,16 @@ def bytes_read(entry: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
+    parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--budgets", default="0.5,0.75,1")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="bundle folder (default: a temp folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    # PyTorch's OpenMP threads busy-wait: on a loaded 2-core host two of them crawl
+    torch.set_num_threads(args.torch_threads)
     budgets = [float(b) for b in args.budgets.split(",")]
     out = Path(args.out or tempfile.mkdtemp(prefix="flexrank-bench-onnx-"))
 
@@ -128,17 +130,16 @@ def main() -> None:
                         progress=False)
     em = ElasticModel(model, UniformPlan(nested_layers(model), budgets), tokenizer,
                       model_id="smollm2-135m")
-    print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr,
+          flush=True)
 
     rows, results = [], {}
 
     def measure(label, manifest, folder, extra_for=None):
         for entry in manifest["budgets"]:
             extra = extra_for(entry) if extra_for else None
-            torch.set_num_threads(1)  # keep PyTorch's threads off the cores while timing
             prefill, decode = time_decoder(folder / entry["graph"], args.threads,
                                            args.decode_tokens, extra)
-            torch.set_num_threads(args.threads)
             size = sum(manifest["files"][f]["bytes"] for f in entry["files"]
                        if f.endswith((".onnx", ".onnx_data", ".bin", ".ort")))
             result = {"label": label, "beta": entry["beta"], "prefill_ms": 1e3 * prefill,

@@ -30,7 +30,7 @@ class LayerExport:
     shape: tuple[int, int]  # (out, in_flat)
     rank: int
     form: str  # LayerForm value, or "factors" for the shared/elastic layouts
-    condition: float | None  # cond of the gauge-fixed block (gauge form only)
+    condition: float | None  # scale-free cond of U[:r,:r] (None at full rank)
     params: int  # numbers stored for this layer, bias excluded
 
     def to_dict(self) -> dict:
@@ -143,13 +143,10 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
     form = choose_form(m, n, rank, condition, latency=latency)
     if force_form is not None and rank < min(m, n):
         form = LayerForm(force_form)
-    if form == LayerForm.GAUGE and condition is None:
-        condition = leading_condition(U, rank)
     fixed = gauge_fix(U, V, rank) if form == LayerForm.GAUGE else None
     params = {LayerForm.DENSE: m * n, LayerForm.GAUGE: (m + n - rank) * rank,
               LayerForm.PLAIN: (m + n) * rank}[form]
-    record = LayerExport(name, (m, n), rank, form.value,
-                         condition if form == LayerForm.GAUGE else None, params)
+    record = LayerExport(name, (m, n), rank, form.value, condition, params)
     if not isinstance(layer, NestedLinear):
         return _conv_module(layer, form, rank, U, V, fixed, bias, dtype), record
     if form == LayerForm.DENSE:

@@ -150,9 +150,10 @@ def sample_for(kind: str, model: nn.Module, tokenizer, sample_inputs, config: On
         raise ValueError("exporting a plain nn.Module needs sample_inputs (a tensor or a tuple "
                          "of tensors, as the model's forward takes them)")
     if tokenizer is not None:
-        ids = tokenizer([config.sample_text, config.sample_text[::-1]], return_tensors="pt",
-                        truncation=True, max_length=32)["input_ids"]
-        ids = ids[:, : min(ids.shape[1], 24)]
+        rows = [tokenizer(text, return_tensors="pt")["input_ids"][0]
+                for text in (config.sample_text, config.sample_text[::-1])]
+        length = min(24, *(len(row) for row in rows))
+        ids = torch.stack([row[:length] for row in rows])  # (2, T)
     else:
         vocab = model.config.vocab_size
         ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
