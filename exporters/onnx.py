@@ -37,6 +37,7 @@ from .torch_to_onnx import (
     finish_graph,
     model_kind,
     named_inputs,
+    outlier_layers,
     quantize_int8,
     sample_for,
     torch_outputs,
@@ -114,14 +115,18 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
         shutil.rmtree(folder, ignore_errors=True)
         path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
         finish_graph(path, config)
+        extra = {}
         if quantize == "int8":
-            quantize_int8(path)
+            with at_budget(elastic, beta) as model:
+                float_layers = outlier_layers(model, kind, sample, config.int8_outlier_ratio)
+            quantize_int8(path, float_layers)
+            extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
         graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
         validation = (validate_graph(elastic, beta, kind, graph, sample, config,
                                      strict=quantize is None) if config.validate else None)
         files = [f for f in folder.rglob("*") if f.is_file()]
         entries.append(budget_entry(elastic, beta, records, files, out_dir, validation,
-                                    graph=graph.relative_to(out_dir).as_posix()))
+                                    graph=graph.relative_to(out_dir).as_posix(), **extra))
     return entries
 
 

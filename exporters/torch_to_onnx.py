@@ -26,12 +26,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexrank.targets import nested_layers
+
 from .deploy import deployable_model
 from .onnx_graph import load_model, save_model, store_tied_once
 from .validate import DEFAULT_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
+# Dynamic int8 quantizes each activation per tensor: an input whose max |x| is this many
+# times its RMS (SmolLM2's down_proj inputs reach 190; ordinary inputs stay below 30) loses
+# its ordinary entries to the outliers' scale, so such layers stay in float.
+INT8_OUTLIER_RATIO = 32.0
 SAMPLE_TEXT = "To be, or not to be, that is the question:"
 
 
@@ -46,6 +52,7 @@ class OnnxExportConfig:
     sample_text: str = SAMPLE_TEXT
     latency: object | None = None  # flexrank.costs.LatencyTable: choose forms by measured time
     force_form: str | None = None  # "plain" or "dense" below full rank (benchmarks only)
+    int8_outlier_ratio: float = INT8_OUTLIER_RATIO  # int8: layers above stay float
 
     def __post_init__(self):
         if self.force_form not in (None, "plain", "dense", "gauge"):
@@ -108,14 +115,60 @@ def finish_graph(path: Path, config: OnnxExportConfig) -> list[Path]:
     return save_model(model, path, config.external_data)
 
 
-def quantize_int8(path: Path) -> list[Path]:
-    """onnxruntime dynamic quantization of the weight MatMuls (int8 weights, per tensor)."""
+
+
+@torch.no_grad()
+def outlier_layers(model: nn.Module, kind: str, sample, ratio: float = INT8_OUTLIER_RATIO,
+                   ) -> dict[str, float]:
+    """{nested layer: max|x| / rms(x) of its input on `sample`} for the layers above `ratio`."""
+    found, handles = {}, []
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].detach().double()
+            found[name] = max(found.get(name, 0.0),
+                              float(x.abs().max() / x.pow(2).mean().sqrt().clamp_min(1e-30)))
+        return record
+
+    for name, layer in nested_layers(model).items():
+        handles.append(layer.register_forward_pre_hook(hook(name)))
+    try:
+        if kind == "decoder":
+            model(input_ids=sample)
+        elif kind == "encoder":
+            model(**sample)
+        else:
+            model(*(sample if isinstance(sample, tuple) else (sample,)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: value for name, value in found.items() if value > ratio}
+
+
+def onnx_scope(name: str) -> str:
+    """torch.onnx's node-name scope of module `name`: model.layers.0.mlp -> /model/layers.0/mlp/"""
+    parts = []
+    for part in name.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + "/"
+
+
+def quantize_int8(path: Path, float_layers=()) -> list[Path]:
+    """onnxruntime dynamic quantization of the weight MatMuls (int8 weights per channel,
+    activations per tensor at run time); the MatMuls of `float_layers` stay float."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    scopes = tuple(onnx_scope(name) for name in float_layers)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    keep = [n.name for n in graph.node if n.op_type == "MatMul" and n.name.startswith(scopes)]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        quantize_dynamic(path, out, op_types_to_quantize=["MatMul"],
-                         weight_type=QuantType.QInt8)
+        quantize_dynamic(path, out, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=keep)
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
         written = []

@@ -105,3 +105,29 @@ def test_forced_plain_factors_match_and_cost_more(llama, tmp_path):
     assert plain["validation"]["generation_match"] is True
     saved = sum(x["rank"] ** 2 for x in gauge["layers"])  # the identity blocks not stored
     assert plain["params"]["factorised"] - gauge["params"]["factorised"] == saved
+
+
+def test_onnx_scope_names():
+    from flexrank.exporters.torch_to_onnx import onnx_scope
+
+    assert onnx_scope("model.layers.0.mlp.down_proj") == "/model/layers.0/mlp/down_proj/"
+    assert onnx_scope("transformer.h.11.attn.c_attn") == "/transformer/h.11/attn/c_attn/"
+
+
+def test_int8_keeps_layers_with_outlier_inputs_in_float(tmp_path):
+    from flexrank.exporters.torch_to_onnx import onnx_scope
+
+    model = tiny_llama()
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    layers = nested_layers(model)
+    plan = StandInPlan({0.5: {n: max(1, l.max_rank // 2) for n, l in layers.items()}})
+    em = ElasticModel(model, plan, tokenizer=char_tokenizer())
+    config = OnnxExportConfig(int8_outlier_ratio=4.0)  # tiny random model: ratios 3 to 6
+    entry = export(em, tmp_path, quantize="int8", config=config)["budgets"][0]
+    kept = entry["int8_float_layers"]
+    assert kept and min(kept.values()) > 4.0 and len(kept) < len(layers)
+    graph = onnx.load(tmp_path / entry["graph"]).graph
+    quantized = {node.name.rsplit("/", 1)[0] for node in graph.node
+                 if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")}
+    assert quantized and not quantized & {onnx_scope(n).rstrip("/") for n in kept}, quantized
