@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from common import CALIBRATION_SPAN, SHAKESPEARE
 from flexrank.exporters import export
+from flexrank.exporters.deploy import FormPolicy
 from flexrank.exporters.onnx_layouts import RANK_LEVEL
 from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 from flexrank.exporters.validate import decoder_feed
@@ -160,8 +161,8 @@ def main() -> None:
     manifest, folder = run("gauge", budgets=budgets)
     measure("gauge", manifest, folder)
     low = [b for b in budgets if b < 1]
-    manifest, folder = run("plain", budgets=low, config=OnnxExportConfig(force_form="plain",
-                                                                         generate=False))
+    plain = OnnxExportConfig(forms=FormPolicy(force_form="plain"), generate=False)
+    manifest, folder = run("plain", budgets=low, config=plain)
     measure("plain", manifest, folder)
     manifest, folder = run("shared", layout="shared", budgets=budgets, config=quick)
     measure("shared", manifest, folder)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexrank.gauge import LayerForm, choose_form, gauge_fix, leading_condition
+from flexrank.gauge import MAX_CONDITION, LayerForm, choose_form, gauge_fix, leading_condition
 from flexrank.layers import NestedLinear
 from flexrank.targets import nested_layers
 
@@ -121,13 +121,25 @@ def _conv_module(layer, form, rank, U, V, fixed, bias, dtype):
     return _ConvForm(layer, form, kernels, bias, dtype)
 
 
-def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = False,
-                 latency=None, force_form: str | None = None) -> tuple[nn.Module, LayerExport]:
-    """The export module for `layer` at `rank`, and what was chosen.
+@dataclass(frozen=True)
+class FormPolicy:
+    """How `choose_form` decides (see flexrank/gauge.py)."""
 
-    `latency`: a measured table for `choose_form`; `force_form` ("plain" or "dense") skips
-    the choice below full rank (benchmarks: what the gauge buys).
-    """
+    max_condition: float = MAX_CONDITION
+    latency: object | None = None  # a flexrank.costs.LatencyTable: decide by measured time
+    force_form: str | None = None  # "plain", "dense" or "gauge" below full rank (benchmarks)
+
+    def __post_init__(self):
+        if self.force_form not in (None, "plain", "dense", "gauge"):
+            raise ValueError(f"force_form {self.force_form!r} is not 'plain', 'dense' or "
+                             "'gauge'")
+        if not self.max_condition >= 1:
+            raise ValueError(f"max_condition {self.max_condition} must be >= 1")
+
+
+def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = False,
+                 policy: FormPolicy = FormPolicy()) -> tuple[nn.Module, LayerExport]:
+    """The export module for `layer` at `rank`, and what was chosen."""
     U = layer.U.detach().double()
     V = layer.V.detach().double()
     m, n = U.shape[0], V.shape[0]
@@ -140,9 +152,9 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
         module = FactorLinear(U[:, :rank], V[:, :rank], bias, dtype)
         return module, LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
     condition = leading_condition(U, rank) if rank < min(m, n) else None
-    form = choose_form(m, n, rank, condition, latency=latency)
-    if force_form is not None and rank < min(m, n):
-        form = LayerForm(force_form)
+    form = choose_form(m, n, rank, condition, policy.max_condition, latency=policy.latency)
+    if policy.force_form is not None and rank < min(m, n):
+        form = LayerForm(policy.force_form)
     fixed = gauge_fix(U, V, rank) if form == LayerForm.GAUGE else None
     params = {LayerForm.DENSE: m * n, LayerForm.GAUGE: (m + n - rank) * rank,
               LayerForm.PLAIN: (m + n) * rank}[form]
@@ -157,7 +169,7 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
 
 
 def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool = False,
-                     latency=None, force_form: str | None = None,
+                     policy: FormPolicy = FormPolicy(),
                      ) -> tuple[nn.Module, list[LayerExport]]:
     """A copy of `model` with every nested layer replaced by its export module at `ranks`.
 
@@ -167,7 +179,7 @@ def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool
     records = []
     for name, layer in nested_layers(copied).items():
         module, record = deploy_layer(name, layer, ranks.get(name, layer.max_rank),
-                                      factors_only, latency, force_form)
+                                      factors_only, policy)
         parent_name, _, child = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
         setattr(parent, child, module)

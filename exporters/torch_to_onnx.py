@@ -28,7 +28,7 @@ from torch import nn
 
 from flexrank.targets import nested_layers
 
-from .deploy import deployable_model
+from .deploy import FormPolicy, deployable_model
 from .onnx_graph import load_model, save_model, store_tied_once
 from .validate import DEFAULT_TOLERANCE
 
@@ -50,14 +50,10 @@ class OnnxExportConfig:
     generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's
     threads: int = 2  # onnxruntime threads for validation
     sample_text: str = SAMPLE_TEXT
-    latency: object | None = None  # flexrank.costs.LatencyTable: choose forms by measured time
-    force_form: str | None = None  # "plain" or "dense" below full rank (benchmarks only)
+    forms: FormPolicy = FormPolicy()  # dense / gauge-fixed / plain choice per layer
     int8_outlier_ratio: float = INT8_OUTLIER_RATIO  # int8: layers above stay float
 
     def __post_init__(self):
-        if self.force_form not in (None, "plain", "dense", "gauge"):
-            raise ValueError(f"force_form {self.force_form!r} is not 'plain', 'dense' or "
-                             "'gauge'")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
         if self.threads < 1:
@@ -253,7 +249,7 @@ def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_in
     arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
     """
     deployed, records = deployable_model(elastic.model, elastic.layer_ranks(beta), factors_only,
-                                         config.latency, config.force_form)
+                                         config.forms)
     factors = {}
     if factors_only:
         for record in records:

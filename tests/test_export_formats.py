@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_llama, token_batches
 from flexrank.exporters import export, load_manifest
+from flexrank.exporters.deploy import FormPolicy
 from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 
 from flexrank.covariance import collect_covariances
@@ -100,7 +101,7 @@ def test_shared_layout_refuses_ort_and_int8(llama, tmp_path):
 def test_forced_plain_factors_match_and_cost_more(llama, tmp_path):
     gauge = export(llama, tmp_path / "gauge", budgets=[0.5])["budgets"][0]
     plain = export(llama, tmp_path / "plain", budgets=[0.5],
-                   config=OnnxExportConfig(force_form="plain"))["budgets"][0]
+                   config=OnnxExportConfig(forms=FormPolicy(force_form="plain")))["budgets"][0]
     assert plain["forms"] == {"plain": 14} and gauge["forms"] == {"gauge": 14}
     assert plain["validation"]["generation_match"] is True
     saved = sum(x["rank"] ** 2 for x in gauge["layers"])  # the identity blocks not stored
