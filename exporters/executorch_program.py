@@ -1,0 +1,247 @@
+"""From a deployed PyTorch module to an ExecuTorch `.pte` program lowered to XNNPACK.
+
+    torch.export  ->  to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])
+                  ->  to_executorch  ->  model.pte
+
+- decoder LMs: transformers' `TorchExportableModuleForDecoderOnlyLM` (static KV cache
+  held as mutable buffers inside the program), forward(input_ids (1, T), cache_position
+  (T,)) -> logits (1, T, V), T dynamic up to the maximum sequence length; metadata as
+  constant methods (`get_max_seq_len`, `get_vocab_size`, `get_bos_id`, `get_eos_ids`,
+  `get_n_layers`, ... as ExecuTorch's LLM runner reads them, plus the FlexRank budget and
+  ranks);
+- encoders (transformers, no generation) and generic modules: dynamic batch and
+  sequence/spatial axes where `torch.export` can keep them (`Dim.AUTO`), else static.
+
+Delegate blobs and constant tensors are written as segments after the flatbuffer
+(`extract_delegate_segments`; constants always go to the constant segment), so the
+flatbuffer the runtime parses stays small and large files load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+REASON_CHARS = 400  # the first characters of torch.export's message kept in our error
+
+
+class ExecutorchTraceError(ValueError):
+    """`torch.export` could not trace the model: names the module and the reason."""
+
+
+# ---- metadata ---------------------------------------------------------------------------
+
+def decoder_metadata(model: nn.Module, max_seq_len: int) -> dict:
+    """The constant methods ExecuTorch's LLM runner (and optimum-executorch) read."""
+    config = model.config.get_text_config()
+    eos = getattr(model.generation_config, "eos_token_id", None) or config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
+               if e is not None]
+    bos = getattr(config, "bos_token_id", None)
+    return {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_max_batch_size": 1,
+        "get_vocab_size": int(config.vocab_size),
+        "get_bos_id": -1 if bos is None else int(bos),
+        "get_eos_ids": eos_ids,
+        "get_n_layers": int(config.num_hidden_layers),
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+
+
+def flexrank_metadata(beta: float, ranks: dict[str, int], quantize: str | None) -> dict:
+    """Budget and plan ranks; ranks as a list in layer order plus a JSON {layer: rank}."""
+    return {
+        "get_flexrank_budget": float(beta),
+        "get_flexrank_ranks": [int(r) for r in ranks.values()],
+        "get_flexrank_ranks_json": json.dumps(ranks),
+        "get_flexrank_quantize": quantize or "none",
+    }
+
+
+# ---- tracing ----------------------------------------------------------------------------
+
+class _EncoderOutputs(nn.Module):
+    """A transformers encoder as a module of named tensor inputs -> tuple of tensors."""
+
+    def __init__(self, model: nn.Module, output_names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.output_names = output_names
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.model(**kwargs)
+        return tuple(out[name] for name in self.output_names)
+
+
+def decoder_wrapper(deployed: nn.Module, max_seq_len: int) -> nn.Module:
+    """transformers' static-cache wrapper around the deployed decoder (modified in place:
+    `deployed` is already the exporter's own copy)."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    deployed.generation_config.use_cache = True
+    deployed.generation_config.cache_implementation = "static"
+    deployed.config.use_cache = True
+    return TorchExportableModuleForDecoderOnlyLM(deployed, batch_size=1,
+                                                 max_cache_len=max_seq_len).eval()
+
+
+def encoder_wrapper(deployed: nn.Module, sample: dict) -> nn.Module:
+    with torch.no_grad():
+        out = deployed(**sample)
+    names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
+    return _EncoderOutputs(deployed, names).eval()
+
+
+# Dynamic axes tried in order for encoders and generic modules: XNNPACK refuses some
+# graphs with several dynamic axes (a reshape with more than one), so fall back.
+DYNAMIC_CHOICES = ("batch+sequence", "batch", "static")
+
+
+def _dims(tensor: torch.Tensor, choice: str, max_batch: int, max_len: int) -> dict:
+    """Dim.AUTO on the batch axis and (for "batch+sequence") every axis after the
+    channel/feature axis, or the sequence axis of 2-D integer ids; torch.export keeps an
+    axis dynamic when it can."""
+    auto = torch.export.Dim.AUTO
+    if choice == "static":
+        return {}
+    axes = {0: auto(min=1, max=max_batch)}
+    if choice == "batch":
+        return axes
+    extra = range(1, tensor.dim()) if tensor.dim() == 2 and not tensor.is_floating_point() \
+        else range(2, tensor.dim())
+    for axis in extra:
+        axes[axis] = auto(min=1, max=max(max_len, tensor.shape[axis]))
+    return axes
+
+
+def trace(module: nn.Module, kind: str, sample, max_seq_len: int, max_batch: int,
+          dynamic: str = "batch+sequence"):
+    """torch.export `module` (a decoder wrapper, or an encoder wrapper / generic module
+    called with the positional tuple `sample`)."""
+    try:
+        if kind == "decoder":
+            # transformers' static cache exports with strict (dynamo) tracing only; the
+            # non-strict path fails in run_decompositions with torch 2.13.
+            seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+            kwargs = {"input_ids": sample, "cache_position": torch.arange(sample.shape[1])}
+            return torch.export.export(module, (), kwargs, strict=True, dynamic_shapes={
+                "input_ids": {1: seq}, "cache_position": {0: seq}})
+        shapes = tuple(_dims(a, dynamic, max_batch, max_seq_len) for a in sample)
+        return torch.export.export(module, sample, dynamic_shapes=shapes, strict=False)
+    except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
+        raise ExecutorchTraceError(trace_failure_message(module, err)) from err
+
+
+def trace_and_lower(module: nn.Module, kind: str, sample, max_seq_len: int, max_batch: int,
+                    path: Path, metadata: dict):
+    """Trace and lower to `path` with the most dynamic axes XNNPACK accepts; returns the
+    ExportedProgram."""
+    choices = ("decoder",) if kind == "decoder" else DYNAMIC_CHOICES
+    for i, choice in enumerate(choices):
+        last = i == len(choices) - 1
+        try:
+            program = trace(module, kind, sample, max_seq_len, max_batch, choice)
+            lower_to_pte(program, path, metadata)
+            return program
+        except Exception as err:  # noqa: BLE001 - retried with fewer dynamic axes
+            if last:
+                raise
+            logger.info("dynamic axes %r refused (%s: %s); trying %r", choice,
+                        type(err).__name__, str(err).split("\n", 1)[0][:200], choices[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _user_frame(err: BaseException, module: nn.Module) -> tuple[str, str, str] | None:
+    """(module name, class, 'file:line') of the innermost frame inside one of `module`'s
+    submodules: from the Python traceback (non-strict export runs the model's code), else
+    from dynamo's 'from user code' lines (strict export)."""
+    by_id = {id(m): name for name, m in module.named_modules()}
+    found = None
+    chain, seen = err, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        for frame, line in traceback.walk_tb(chain.__traceback__):
+            owner = frame.f_locals.get("self")
+            if id(owner) in by_id:
+                found = (by_id[id(owner)] or "<root>", type(owner).__name__,
+                         f"{frame.f_code.co_filename}:{line}")
+        chain = chain.__cause__ or chain.__context__
+    if found is not None:
+        return found
+    places = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', str(err))
+    for filename, line, function in reversed(places):
+        for name, m in module.named_modules():
+            code = getattr(getattr(type(m), function, None), "__code__", None)
+            if code is not None and code.co_filename == filename:
+                return name or "<root>", type(m).__name__, f"{filename}:{line}"
+    return None
+
+
+def trace_failure_message(module: nn.Module, err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    reason = (lines[0] if lines else type(err).__name__)[:REASON_CHARS]
+    where = _user_frame(err, module)
+    place = (f"module {where[0]!r} ({where[1]}, {where[2]})" if where
+             else f"the model ({type(module).__name__})")
+    return (f"torch.export cannot trace {place}: {type(err).__name__}: {reason}. ExecuTorch "
+            "needs a graph without data-dependent Python control flow; rewrite that code with "
+            "tensor ops (torch.where, torch.cond) or export a module without it")
+
+
+# ---- lowering ---------------------------------------------------------------------------
+
+def lower_to_pte(program, path: Path, metadata: dict) -> Path:
+    """XNNPACK lowering and serialisation of an ExportedProgram to `path`."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                       constant_methods=metadata)
+    executorch_program = edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True))  # delegate blobs as segments, not in the flatbuffer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        executorch_program.write_to_file(f)  # streams the segments; no full copy in memory
+    return path
+
+
+def dynamic_axes(program) -> dict[str, list[int]]:
+    """{user input name: axes that stayed dynamic} of an ExportedProgram."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    out = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                out[node.name] = [i for i, s in enumerate(value.shape)
+                                  if not isinstance(s, int)]
+    return out
+
+
+def segment_layout(path: Path) -> dict:
+    """Sizes of the flatbuffer and of the segments after it (ExecuTorch extended header)."""
+    from executorch.exir._serialize._program import _ExtendedHeader
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    header = _ExtendedHeader.from_bytes(head[8:])
+    size = path.stat().st_size
+    if not header.is_valid():
+        return {"bytes": size, "flatbuffer_bytes": size, "segment_bytes": 0}
+    return {"bytes": size, "flatbuffer_bytes": int(header.program_size),
+            "segment_bytes": size - int(header.segment_base_offset)}
