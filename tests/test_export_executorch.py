@@ -10,12 +10,15 @@ import json
 import flexrank.exporters.executorch  # noqa: F401  (registers "executorch")
 import pytest
 import torch
-from conftest import tiny_cnn
+from conftest import char_tokenizer, tiny_cnn, tiny_llama, token_batches
 from flexrank.exporters import EXPORTERS, export, load_manifest
-from flexrank.exporters.executorch_program import ExecutorchTraceError
-from flexrank.exporters.executorch_validate import constant_methods, load_method
+from flexrank.exporters.executorch import ExecutorchExportConfig
+from flexrank.exporters.executorch_program import ExecutorchTraceError, segment_layout
+from flexrank.exporters.executorch_validate import constant_methods, load_method, pte_greedy
+from flexrank.exporters.validate import GENERATION_TOKENS, torch_greedy
 from torch import nn
 
+from flexrank.covariance import collect_covariances
 from flexrank.elastic import ElasticModel
 from flexrank.surgery import FactorizeConfig, factorize_
 from flexrank.targets import nested_layers
@@ -111,3 +114,79 @@ def test_untraceable_module_names_the_module(tmp_path):
     with pytest.raises(ExecutorchTraceError, match="module 'gate' \\(DataDependent") as info:
         export(em, tmp_path, format="executorch", sample_inputs=torch.randn(2, 8))
     assert len(str(info.value)) < 1000 and "torch.cond" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    return ElasticModel(model, nested_plan(model), tokenizer=char_tokenizer(),
+                        model_id="tiny_llama")
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama-executorch")
+    config = ExecutorchExportConfig(max_seq_len=64)
+    return out, export(llama, out, format="executorch", config=config)
+
+
+def test_llama_every_budget_validated_with_generation(llama, llama_bundle):
+    out, manifest = llama_bundle
+    assert load_manifest(out) == manifest
+    assert manifest["kind"] == "decoder" and [b["beta"] for b in manifest["budgets"]] == \
+        list(FRACTIONS)
+    for entry in manifest["budgets"]:
+        check = entry["validation"]
+        assert check["generation_match"] is True
+        assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0
+        assert entry["ranks"] == llama.layer_ranks(entry["beta"])
+        assert {"model.pte", "tokenizer.json"} <= {f.rsplit("/", 1)[1] for f in entry["files"]}
+    assert "gauge" in manifest["budgets"][0]["forms"]
+    assert manifest["budgets"][-1]["forms"] == {"dense": 14}
+
+
+def test_llama_generation_through_the_runtime(llama, llama_bundle):
+    """Independently of the exporter's own check: a longer prompt, prefill + 20 steps."""
+    out, manifest = llama_bundle
+    entry = manifest["budgets"][0]
+    prompt = torch.tensor([[1, *range(10, 40)]])  # (1, 31)
+    ours = pte_greedy(load_method(out / entry["graph"]), prompt, GENERATION_TOKENS)
+    llama.set_budget(entry["beta"])
+    assert ours.tolist() == torch_greedy(llama.model, prompt, GENERATION_TOKENS).tolist()
+
+
+def test_llama_metadata_methods(llama, llama_bundle):
+    out, manifest = llama_bundle
+    entry = manifest["budgets"][1]
+    metadata = constant_methods(out / entry["graph"])
+    config = llama.model.config
+    assert metadata["get_max_seq_len"] == 64 == entry["max_seq_len"]
+    assert metadata["get_vocab_size"] == config.vocab_size == 100
+    assert metadata["get_bos_id"] == 1 and metadata["get_eos_ids"] in (2, [2])
+    assert metadata["get_n_layers"] == 2 and metadata["use_kv_cache"] is True
+    assert metadata["get_flexrank_budget"] == pytest.approx(0.75)
+    assert json.loads(metadata["get_flexrank_ranks_json"]) == entry["ranks"]
+    assert list(_as_list(metadata["get_flexrank_ranks"])) == list(entry["ranks"].values())
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def test_constants_are_segments_outside_the_flatbuffer(llama_bundle):
+    out, manifest = llama_bundle
+    entry = manifest["budgets"][-1]
+    layout = segment_layout(out / entry["graph"])
+    assert layout == entry["program"]
+    # the weights (about 17k float32 numbers, ~70 kB) live in segments after the flatbuffer
+    assert layout["segment_bytes"] > 60_000 > layout["flatbuffer_bytes"]
+
+
+def test_executorch_refuses_other_layouts_and_quantizations(llama, tmp_path):
+    with pytest.raises(ValueError, match="per-budget layout only"):
+        export(llama, tmp_path, format="executorch", layout="shared")
+    with pytest.raises(ValueError, match="too short"):
+        export(llama, tmp_path, format="executorch",
+               config=ExecutorchExportConfig(max_seq_len=16))
