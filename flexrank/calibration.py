@@ -136,6 +136,13 @@ def teacher_samples(model, tokenizer, num_samples: int, seq_len: int, seed: int,
     return torch.cat(rows)
 
 
+def to_device(batch, device):
+    """A batch (dict of tensors, or one tensor) on `device`."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch.to(device)
+
+
 def to_batches(samples: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
             for chunk in samples.split(batch_size)]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexrank.calibration import to_device
 from flexrank.targets import FilterFn, find_targets
 
 logger = logging.getLogger(__name__)
@@ -171,12 +172,6 @@ def gram(rows: torch.Tensor, dtype: torch.dtype = GRAM_DTYPE,
     return total
 
 
-def _to_device(batch, device):
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch.to(device)
-
-
 @torch.no_grad()
 def collect_covariances(model: nn.Module, batches: Iterable, filter_fn: FilterFn | None = None,
                         include_lm_head: bool = False, offload: bool = False,
@@ -199,7 +194,7 @@ def collect_covariances(model: nn.Module, batches: Iterable, filter_fn: FilterFn
     try:
         with CovarianceCollector(targets, offload, precise) as collector:
             for batch in tqdm(batches, desc="covariance", disable=not progress, unit="batch"):
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 if isinstance(batch, Mapping):
                     mask = batch.get("attention_mask")
                     collector.token_mask = mask.bool() if mask is not None else None

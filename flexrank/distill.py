@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexrank.calibration import to_device
 from flexrank.elastic import ElasticModel
 from flexrank.io import atomic_dir
 from flexrank.targets import nested_layers
@@ -158,12 +159,12 @@ def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequenc
     model.eval()
     device = next(model.parameters()).device
     results = {}
-    teacher_logits = [teacher(**_to(b, device)).logits for b in batches]
+    teacher_logits = [teacher(**to_device(b, device)).logits for b in batches]
     for beta in elastic.budgets:
         elastic.set_budget(beta)
         kl_sum = nll_sum = tokens = 0.0
         for batch, t_logits in zip(batches, teacher_logits, strict=True):
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             logits = model(**batch).logits.float()
             mask = batch["attention_mask"].float()
             n = float(mask.sum())
@@ -177,10 +178,6 @@ def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequenc
         results[beta] = {"kl": kl_sum / tokens, "ppl": math.exp(nll_sum / predicted)}
     model.train(was_training)
     return results
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ---- checkpoints ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from flexrank.calibration import calibration_data
+from flexrank.calibration import calibration_data, to_batches
 from flexrank.covariance import CovarianceStats, collect_covariances
 from flexrank.distill import DistillConfig, distill, evaluate_budgets
 from flexrank.elastic import ElasticModel, layer_specs, restructure_
@@ -140,10 +140,6 @@ def _calibration(stages: Stages, cfg: CompressConfig, model, tokenizer):
     return train, held_out
 
 
-def _batches(ids: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch_size)]
-
-
 def _covariance(stages: Stages, model, batches) -> CovarianceStats:
     path = stages.dir / "covariance.safetensors"
     if stages.done("covariance"):
@@ -188,7 +184,7 @@ def _probe_and_plan(stages: Stages, cfg: CompressConfig, student, teacher, train
         sens = Sensitivity.load(sens_path)
     else:
         started = time.perf_counter()
-        probe_batches = _batches(train_ids[:cfg.probe_samples], cfg.batch_size)
+        probe_batches = to_batches(train_ids[:cfg.probe_samples], cfg.batch_size)
         sens = probe(student, teacher, probe_batches, cfg.probe,
                      cache_path=stages.dir / "probe-partial.json")
         sens.save(sens_path)
@@ -224,12 +220,12 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     stages.times["load"] = time.perf_counter() - started
     teacher.requires_grad_(False)
     train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer)
-    train = _batches(train_ids, config.batch_size)
+    train = to_batches(train_ids, config.batch_size)
     stats = _covariance(stages, teacher, train)
     student = _decompose(stages, config, teacher, stats)
     del stats
     nested = _probe_and_plan(stages, config, student, teacher, train_ids)
-    held_out = _batches(eval_ids, config.batch_size) if len(eval_ids) else None
+    held_out = to_batches(eval_ids, config.batch_size) if len(eval_ids) else None
 
     elastic = ElasticModel(student, nested, tokenizer, model_id=model_id)
     before = evaluate_budgets(elastic, teacher, held_out) if held_out else None

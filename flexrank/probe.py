@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexrank.covariance import _to_device
+from flexrank.calibration import to_device
 from flexrank.io import write_json_atomic
 from flexrank.layers import NESTED_TYPES
 from flexrank.sensitivity import Sensitivity
@@ -255,7 +255,7 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     ranks = {n: candidate_ranks(layer.max_rank, levels, config.rank_multiple)
              for n, layer in layers.items()}
     device = next(model.parameters()).device
-    batches = [_to_device(b, device) for b in batches]
+    batches = [to_device(b, device) for b in batches]
     masks = [b.get("attention_mask").float() if isinstance(b, Mapping)
              and b.get("attention_mask") is not None else None for b in batches]
     was_training = model.training
