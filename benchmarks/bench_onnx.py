@@ -9,6 +9,7 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
 - per-budget gauge-fixed export: prefill time (prompt 64), decode ms/token (median of
   `--decode-tokens` ≥ 30 steps through the KV cache), file size, bytes read per decoded token
   (every weight once, the tied embedding/lm_head dense) — against the dense export (β = 1);
+  every graph is timed in `--rounds` round-robin rounds, best median kept;
 - the same ranks with plain factors (what gauge fixing buys);
 - the shared and elastic layouts (same budgets), and int8 dynamic quantization.
 
@@ -115,6 +116,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.75,1")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--extra-conditions", type=lambda v: [float(c) for c in v.split(",")],
+                        default=[1e3], help="also export with these max_condition values")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best of)")
     parser.add_argument("--out", default=None, help="bundle folder (default: a temp folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -134,21 +138,20 @@ def main() -> None:
     print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr,
           flush=True)
 
-    rows, results = [], {}
+    results: dict[str, list[dict]] = {}
+    graphs = []  # (result, graph path, extra feed): timed together at the end
 
     def measure(label, manifest, folder, extra_for=None):
         for entry in manifest["budgets"]:
-            extra = extra_for(entry) if extra_for else None
-            prefill, decode = time_decoder(folder / entry["graph"], args.threads,
-                                           args.decode_tokens, extra)
             size = sum(manifest["files"][f]["bytes"] for f in entry["files"]
                        if f.endswith((".onnx", ".onnx_data", ".bin", ".ort")))
-            result = {"label": label, "beta": entry["beta"], "prefill_ms": 1e3 * prefill,
-                      "decode_ms": 1e3 * decode, "file_mb": size / 1e6,
+            result = {"label": label, "beta": entry["beta"], "prefill_ms": float("inf"),
+                      "decode_ms": float("inf"), "file_mb": size / 1e6,
                       "bytes_read_mb": bytes_read(entry) / 1e6,
                       "forms": entry["forms"], "validation": entry["validation"]}
             results.setdefault(label, []).append(result)
-            print(json.dumps(result), file=sys.stderr, flush=True)
+            graphs.append((result, folder / entry["graph"],
+                           extra_for(entry) if extra_for else None))
 
     def run(label, **kw):
         t = time.perf_counter()
@@ -161,6 +164,10 @@ def main() -> None:
     manifest, folder = run("gauge", budgets=budgets)
     measure("gauge", manifest, folder)
     low = [b for b in budgets if b < 1]
+    for cond in args.extra_conditions:
+        config = OnnxExportConfig(forms=FormPolicy(max_condition=cond))
+        manifest, folder = run(f"gauge-cond{cond:g}", budgets=low, config=config)
+        measure(f"gauge-cond{cond:g}", manifest, folder)
     plain = OnnxExportConfig(forms=FormPolicy(force_form="plain"), generate=False)
     manifest, folder = run("plain", budgets=low, config=plain)
     measure("plain", manifest, folder)
@@ -172,6 +179,15 @@ def main() -> None:
     manifest, folder = run("int8", budgets=budgets, quantize="int8")
     measure("int8", manifest, folder)
 
+    # Round-robin timing, best of `--rounds` medians: other processes on the host slow
+    # some stretches of the run, and timing variants at different moments would compare
+    # the load, not the graphs.
+    for round_index in range(args.rounds):
+        for result, path, extra in graphs:
+            prefill, decode = time_decoder(path, args.threads, args.decode_tokens, extra)
+            result["prefill_ms"] = min(result["prefill_ms"], 1e3 * prefill)
+            result["decode_ms"] = min(result["decode_ms"], 1e3 * decode)
+        print(f"timing round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
     header = ("| variant | β | forms | file MB | bytes read/token MB | bytes ratio | prefill ms "
               "(64) | decode ms/token | decode ratio | target ≤ | max abs Δ logits | top-1 | "
