@@ -144,11 +144,14 @@ def quantize_8da4w_(model: nn.Module, nested_names, group_size: int = 32) -> Qua
             f"({len(nested_bad)} such layer(s))")
     skipped = {name: f"input width {shape[1]} is not a multiple of {group_size}"
                for name, shape in bad.items()}
+    for layer in nested_names:
+        if not any(n == layer or n.startswith(layer + ".") for n in linears):
+            skipped[layer] = "a convolution: 8da4w quantizes linear layers only"
     for name, why in skipped.items():
         logger.warning("8da4w: %s stays float32 (%s)", name, why)
     config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                    weight_granularity=PerGroup(group_size))
     quantize_(model, config,
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped)
-    quantized = tuple(n for n in linears if n not in skipped)
+    quantized = tuple(n for n in linears if n not in skipped)  # convolutions are not here
     return QuantizationReport(QUANTIZE_8DA4W, group_size, quantized, skipped)

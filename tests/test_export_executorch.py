@@ -14,7 +14,13 @@ from conftest import char_tokenizer, tiny_cnn, tiny_llama, token_batches
 from flexrank.exporters import EXPORTERS, export, load_manifest
 from flexrank.exporters.executorch import ExecutorchExportConfig
 from flexrank.exporters.executorch_program import ExecutorchTraceError, segment_layout
+from flexrank.exporters.executorch_quant import (
+    QuantizationShapeError,
+    aligned_rank,
+    aligned_ranks,
+)
 from flexrank.exporters.executorch_validate import constant_methods, load_method, pte_greedy
+from flexrank.exporters.manifest import write_manifest
 from flexrank.exporters.validate import GENERATION_TOKENS, torch_greedy
 from torch import nn
 
@@ -190,3 +196,77 @@ def test_executorch_refuses_other_layouts_and_quantizations(llama, tmp_path):
     with pytest.raises(ValueError, match="too short"):
         export(llama, tmp_path, format="executorch",
                config=ExecutorchExportConfig(max_seq_len=16))
+
+
+# ---- 8da4w ------------------------------------------------------------------------------
+
+def export_8da4w(elastic, out, **options) -> dict:
+    """`export(..., quantize="8da4w")`: the registered exporter plus the manifest, called
+    directly while `flexrank.exporters.export` lists only the ONNX quantizations."""
+    body = EXPORTERS["executorch"](elastic, out, layout="per-budget",
+                                   budgets=sorted(elastic.budgets), quantize="8da4w", **options)
+    write_manifest(out, body)
+    return load_manifest(out)
+
+
+def wide_tiny_llama():
+    """Layers wide enough for 32-groups below full rank: hidden 64, MLP 128, k/v 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_aligned_ranks_are_group_multiples_and_stay_nested():
+    for max_rank in (16, 40, 64, 100, 576):
+        ranks = [aligned_rank(r, max_rank, 32) for r in range(1, max_rank + 1)]
+        assert ranks == sorted(ranks)  # monotone: a nested plan stays nested
+        assert ranks[-1] == max_rank  # full rank stays full (exported dense)
+        assert all(r % 32 == 0 or r == max_rank for r in ranks)
+    assert aligned_rank(47, 576, 32) == 32 and aligned_rank(48, 576, 32) == 64
+    assert aligned_rank(5, 576, 32) == 32  # never below one group
+    assert aligned_ranks({"a": 100, "b": 16}, {"a": 576, "b": 16}, 32) == {"a": 96, "b": 16}
+
+
+@pytest.mark.slow
+def test_llama_8da4w_every_layer_quantized_with_aligned_ranks(tmp_path):
+    model = wide_tiny_llama()
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    em = ElasticModel(model, nested_plan(model, (0.4, 1.0)), tokenizer=char_tokenizer())
+    manifest = export_8da4w(em, tmp_path, config=ExecutorchExportConfig(max_seq_len=64))
+    assert manifest["quantize"] == "8da4w"
+    for entry in manifest["budgets"]:
+        assert all(r % 32 == 0 for r in entry["ranks"].values())
+        assert entry["plan_ranks"] == em.layer_ranks(entry["beta"])
+        quantization = entry["quantization"]
+        assert quantization["skipped"] == {}
+        quantized = set(quantization["quantized"])
+        for name in entry["ranks"]:  # every factorised layer: dense, or both factors
+            assert name in quantized or {f"{name}.down", f"{name}.up"} <= quantized
+        assert "lm_head" in quantized  # the (untied in the program) head, input width 64
+        check = entry["validation"]
+        assert check["top1_agreement"] >= 0.9 and check["max_abs_diff"] < 0.2
+        assert check["generation_match"] is True
+        twin = check["quantized_reference"]  # the lowering itself, apart from int4 error
+        assert twin["top1_agreement"] == 1.0 and twin["max_abs_diff"] < 0.02
+        assert json.loads(constant_methods(tmp_path / entry["graph"])[
+            "get_flexrank_ranks_json"]) == entry["ranks"]
+    low = manifest["budgets"][0]
+    assert "plain" in low["forms"] and "gauge" not in low["forms"]  # see QUANTIZED_MAX_...
+    assert low["ranks"] != low["plan_ranks"]  # alignment moved some ranks
+    float_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert low["bytes"] < float_bytes  # int4 weights
+
+
+def test_unquantizable_shape_is_a_clear_error(tmp_path):
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    factorize_(model, None, FactorizeConfig(method="plain"), progress=False)
+    em = ElasticModel(model, nested_plan(model, (1.0,)))
+    with pytest.raises(QuantizationShapeError, match="input width 20 is not a multiple of the "
+                                                     "group size 32"):
+        export_8da4w(em, tmp_path, sample_inputs=torch.randn(2, 20))
