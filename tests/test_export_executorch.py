@@ -237,7 +237,7 @@ def test_llama_8da4w_every_layer_quantized_with_aligned_ranks(tmp_path):
     model = wide_tiny_llama()
     factorize_(model, collect_covariances(model, token_batches(100), progress=False),
                progress=False)
-    em = ElasticModel(model, nested_plan(model, (0.4, 1.0)), tokenizer=char_tokenizer())
+    em = ElasticModel(model, nested_plan(model, (0.4,)), tokenizer=char_tokenizer())
     manifest = export_8da4w(em, tmp_path, config=ExecutorchExportConfig(max_seq_len=64))
     assert manifest["quantize"] == "8da4w"
     for entry in manifest["budgets"]:
