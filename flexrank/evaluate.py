@@ -56,7 +56,7 @@ def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids[None])
+    out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]))
     logits = getattr(out, "logits", None)
     if logits is None:
         raise EvaluationError(f"{type(model).__name__} returns no logits: perplexity needs a "
@@ -124,3 +124,47 @@ def cosine_similarity(model: nn.Module, reference: nn.Module, batches: Sequence[
         total += float(sims.sum())
         count += sims.numel()
     return total / count
+
+
+def bundle_decoders(bundle_dir, budgets: Sequence[float] | None = None) -> dict[float, nn.Module]:
+    """{β: onnxruntime decoder} of a per-budget ONNX bundle, through optimum's
+    ORTModelForCausalLM (so the exported files themselves are scored)."""
+    from pathlib import Path
+
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from flexrank.exporters import load_manifest
+
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    if manifest.get("kind") != "decoder":
+        raise EvaluationError(f"{bundle_dir} holds a {manifest.get('kind')} export, not a "
+                              "decoder: perplexity needs a language model bundle")
+    if manifest.get("layout") != "per-budget" or manifest.get("export_format") != "onnx":
+        raise EvaluationError(f"{bundle_dir} is a {manifest.get('layout')} "
+                              f"{manifest.get('export_format')} bundle; `flexrank eval` scores "
+                              "per-budget ONNX bundles (export with --layout per-budget)")
+    wanted = None if budgets is None else {round(float(b), 9) for b in budgets}
+    models = {}
+    for entry in manifest["budgets"]:
+        if wanted is not None and round(entry["beta"], 9) not in wanted:
+            continue
+        folder = (bundle_dir / entry["graph"]).parent
+        models[entry["beta"]] = ORTModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, use_cache=False, use_io_binding=False)
+    if not models:
+        raise EvaluationError(f"none of the budgets {budgets} is in {bundle_dir}")
+    return models
+
+
+def evaluate_models(models: dict[float, nn.Module], teacher: nn.Module | None,
+                    ids: torch.Tensor, seq_len: int = 256, stride: int | None = None,
+                    ) -> dict[float, dict[str, float]]:
+    """{β: {ppl[, kl, top1]}} for ready-made per-budget models (e.g. bundle_decoders)."""
+    results = {}
+    for beta, model in sorted(models.items()):
+        row = {"ppl": perplexity(model, ids, seq_len, stride)}
+        if teacher is not None:
+            row.update(teacher_agreement(model, teacher, ids, seq_len, stride))
+        results[beta] = row
+    return results

@@ -83,3 +83,24 @@ def test_uniform_ranks_meet_budget_and_are_maximal():
         assert used > (beta - 0.02) * dense  # within a rank step of the budget
     assert uniform_ranks(shapes, 1.0) == [min(s) for s in shapes]
     assert all(r % 8 == 0 for r in uniform_ranks(shapes, 0.5, multiple=8))
+
+
+def test_bundle_eval_equals_pytorch_eval(tmp_path):
+    from elastic_fixtures import tiny_elastic
+
+    from flexrank.elastic import ElasticModel
+    from flexrank.evaluate import bundle_decoders, evaluate_elastic, evaluate_models
+    from flexrank.exporters import export
+
+    student, teacher, plan, _, _ = tiny_elastic(seed=11)
+    em = ElasticModel(student, plan, model_id="tiny")
+    ids = torch.randint(3, 100, (48,), generator=torch.Generator().manual_seed(2))
+    export(em, tmp_path / "dist", budgets=[0.6, 1.0])
+    from_bundle = evaluate_models(bundle_decoders(tmp_path / "dist"), teacher, ids, seq_len=32)
+    from_torch = evaluate_elastic(em, teacher, ids, budgets=[0.6, 1.0], seq_len=32)
+    assert set(from_bundle) == {0.6, 1.0}
+    for beta in (0.6, 1.0):
+        assert from_bundle[beta]["ppl"] == pytest.approx(from_torch[beta]["ppl"], rel=1e-4)
+        assert from_bundle[beta]["top1"] == pytest.approx(from_torch[beta]["top1"], abs=0.03)
+    with pytest.raises(EvaluationError, match="none of the budgets"):
+        bundle_decoders(tmp_path / "dist", budgets=[0.8])
