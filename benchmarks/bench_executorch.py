@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from bench_onnx import UniformPlan, time_decoder
 from common import CALIBRATION_SPAN, SHAKESPEARE
+
+import flexrank
+from flexrank.elastic import ElasticModel
 from flexrank.exporters import EXPORTERS, export
 from flexrank.exporters.executorch import ExecutorchExportConfig
 from flexrank.exporters.executorch_validate import load_method
 from flexrank.exporters.manifest import load_manifest, write_manifest
-
-import flexrank
-from flexrank.elastic import ElasticModel
 from flexrank.targets import nested_layers
 
 PROMPT = 64

@@ -152,7 +152,8 @@ def _compare(model, kind, sample, path: Path, config, strict: bool, generate: bo
     else:
         run = encoder_wrapper(model, sample) if kind == "encoder" else model
         inputs = _positional(kind, sample)
-        report = validate_module_pte(path, run, inputs, config.tolerance, strict)
+        names = getattr(run, "output_names", None)
+        report = validate_module_pte(path, run, inputs, config.tolerance, strict, names)
         if all(0 in axes for axes in dynamic.values()) and inputs[0].shape[0] > 1:
             # a second batch size through the dynamic batch axis
             validate_module_pte(path, run, tuple(t[:1] for t in inputs), config.tolerance,

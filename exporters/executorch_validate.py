@@ -104,15 +104,15 @@ def validate_decoder_pte(path: Path, model, input_ids: torch.Tensor, tolerance: 
 
 @torch.no_grad()
 def validate_module_pte(path: Path, run_torch, inputs: tuple, tolerance: float,
-                        strict: bool) -> ValidationReport:
+                        strict: bool, names: tuple[str, ...] | None = None) -> ValidationReport:
     """Encoders and generic modules: `inputs` in the program's order; `run_torch(*inputs)`
-    returns the PyTorch outputs as a tuple."""
+    returns the PyTorch outputs as a tuple (`names`: theirs, else output_<i>)."""
     got = [_numpy(t) for t in load_method(path).execute(list(inputs))]
     reference = run_torch(*inputs)
     reference = reference if isinstance(reference, (tuple, list)) else (reference,)
     if len(got) != len(reference):
         raise OutputNamesError(f"{path.name} returns {len(got)} outputs, PyTorch {len(reference)}")
-    names = [f"output_{i}" for i in range(len(got))]
+    names = list(names or (f"output_{i}" for i in range(len(got))))
     expected = {name: _numpy(t) for name, t in zip(names, reference, strict=True)}
     worst, ref_max, top1 = _check_outputs(names, got, expected, tolerance, strict)
     return ValidationReport(worst, ref_max, top1, None, tuple(names))

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 
-import flexrank.exporters.executorch  # noqa: F401  (registers "executorch")
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_cnn, tiny_llama, token_batches
+from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_llama, token_batches
+from torch import nn
+
+import flexrank.exporters.executorch  # noqa: F401  (registers "executorch")
+from flexrank.covariance import collect_covariances
+from flexrank.elastic import ElasticModel
 from flexrank.exporters import EXPORTERS, export, load_manifest
 from flexrank.exporters.executorch import ExecutorchExportConfig
 from flexrank.exporters.executorch_program import ExecutorchTraceError, segment_layout
@@ -22,10 +26,6 @@ from flexrank.exporters.executorch_quant import (
 from flexrank.exporters.executorch_validate import constant_methods, load_method, pte_greedy
 from flexrank.exporters.manifest import write_manifest
 from flexrank.exporters.validate import GENERATION_TOKENS, torch_greedy
-from torch import nn
-
-from flexrank.covariance import collect_covariances
-from flexrank.elastic import ElasticModel
 from flexrank.surgery import FactorizeConfig, factorize_
 from flexrank.targets import nested_layers
 
@@ -94,6 +94,27 @@ def test_generic_module_every_budget_runs_in_executorch(cnn, tmp_path):
         assert json.loads(metadata["get_flexrank_ranks_json"]) == entry["ranks"]
     assert "gauge" in manifest["budgets"][0]["forms"]
     assert manifest["budgets"][-1]["forms"] == {"dense": 4}
+
+
+@pytest.mark.slow
+def test_encoder_with_dynamic_batch_and_sequence(tmp_path):
+    model = tiny_bert()
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    em = ElasticModel(model, nested_plan(model, (0.5,)), tokenizer=char_tokenizer())
+    manifest = export(em, tmp_path, format="executorch")
+    entry = manifest["budgets"][0]
+    assert manifest["kind"] == "encoder" and entry["forms"] == {"gauge": 13}
+    assert entry["validation"]["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert entry["validation"]["max_abs_diff"] < 1e-4
+    assert entry["dynamic_axes"]["input_ids"] == [0, 1]
+    ids = torch.randint(3, 100, (3, 7))  # another batch size and length
+    mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+    got = load_method(tmp_path / entry["graph"]).execute([ids, mask, types])
+    em.set_budget(0.5)
+    with torch.no_grad():
+        expected = em.model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    torch.testing.assert_close(got[0], expected.last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
 class DataDependent(nn.Module):
