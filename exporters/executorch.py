@@ -45,6 +45,7 @@ from .executorch_program import (
     trace_and_lower,
 )
 from .executorch_quant import (
+    GROUP_SIZES,
     QUANTIZE_8DA4W,
     aligned_ranks,
     linear_forms_,
@@ -85,6 +86,9 @@ class ExecutorchExportConfig:
             raise ValueError(f"max_batch {self.max_batch} must be >= 1")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size {self.group_size} is not supported by 8da4w; choose "
+                             f"one of {list(GROUP_SIZES)}")
 
 
 def exported_ranks(elastic, beta: float, quantize: str | None, group_size: int) -> dict:

@@ -215,6 +215,8 @@ def test_constants_are_segments_outside_the_flatbuffer(llama_bundle):
 def test_executorch_refuses_other_layouts_and_quantizations(llama, tmp_path):
     with pytest.raises(ValueError, match="per-budget layout only"):
         export(llama, tmp_path, format="executorch", layout="shared")
+    with pytest.raises(ValueError, match="group_size 16 is not supported"):
+        ExecutorchExportConfig(group_size=16)
     with pytest.raises(ValueError, match="too short"):
         export(llama, tmp_path, format="executorch",
                config=ExecutorchExportConfig(max_seq_len=16))
