@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/flexrank-bench")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=120, help="0: no distillation")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -104,9 +104,12 @@ def main() -> None:
     for beta in BUDGETS:
         planned.set_budget(beta)
         results["DataSVD + plan"][beta] = perplexity(decomposed, ids)
-    results["FlexRank distilled"] = {}
-    agreement["FlexRank distilled"] = {}
-    for beta in BUDGETS:
+    if args.steps == 0:  # no distillation asked: the elastic model is DataSVD + plan
+        elastic = None
+    else:
+        results["FlexRank distilled"] = {}
+        agreement["FlexRank distilled"] = {}
+    for beta in BUDGETS if elastic is not None else ():
         elastic.set_budget(beta)
         results["FlexRank distilled"][beta] = perplexity(elastic.model, ids)
         agreement["FlexRank distilled"][beta] = teacher_agreement(elastic.model, teacher, ids)
