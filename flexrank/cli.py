@@ -14,10 +14,7 @@ logger = logging.getLogger("flexrank")
 
 # Commands whose issue has not landed yet say so plainly and exit non-zero.
 NOT_YET = {
-    "export": "the exporters and `flexrank-export --profile ... --budget auto`",
-    "bench": "the runtime and tier benchmarks",
     "eval": "evaluation and the Pareto report",
-    "profiles": "device profiles",
 }
 
 
@@ -137,6 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_args(p)
     p.set_defaults(func=cmd_compress)
 
+    from flexrank.deploy_cli import add_export_args, cmd_export, cmd_profiles
+    from flexrank.tiers import DEFAULT_PROFILES, cmd_bench
+
+    p = sub.add_parser("export", help="pick a budget for a device profile, export it, validate "
+                                      "it and measure it (= flexrank-export)")
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="per device tier: measured host figures and predicted "
+                                     "device figures of a bundle, as a table and a PNG plot")
+    p.add_argument("dist_dir", help="bundle folder written by flexrank-export")
+    p.add_argument("--profiles", default=DEFAULT_PROFILES,
+                   help=f"comma-separated profile names or YAML files (default: "
+                        f"{DEFAULT_PROFILES})")
+    p.add_argument("--tokens", type=int, default=16, help="decoded tokens timed per budget")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profiles", help="list the shipped device profiles and their targets")
+    p.set_defaults(func=cmd_profiles)
+
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet available: {what})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -147,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _not_yet(name: str, what: str):
     def run(args) -> int:
         print(f"flexrank {name}: not available yet in this version ({what} is still being "
-              "built). Available now: flexrank decompose, flexrank compress.",
+              "built). Available now: flexrank decompose, compress, export, bench, profiles.",
               file=sys.stderr)
         return 2
     return run
