@@ -173,7 +173,13 @@ def cmd_export(args) -> int:
         print("dry run: nothing written")
         return 0
     budgets = _budgets_to_export(elastic, request, decision, args.layout)
-    chosen = decision.beta if request == "auto" else max(budgets)
+    fits = decision is not None and decision.beta is not None
+    chosen = decision.beta if fits and decision.beta in budgets else max(budgets)
+    if decision is not None and request != "auto":
+        row = next(r for r in decision.rows if r.beta == chosen)
+        if not row.fits:
+            print(f"note: β {chosen:g} does not meet {profile.name}'s targets (predicted): "
+                  + "; ".join(c.describe() for c in row.failures))
 
     from flexrank.exporters import export
 

@@ -72,6 +72,10 @@ class ElasticSession:
         started = time.perf_counter()
         self.bundle_dir = Path(bundle_dir)
         self.manifest = load_manifest(self.bundle_dir, verify=verify)
+        if self.manifest.get("export_format") not in ("onnx", "ort"):
+            raise ValueError(f"{self.bundle_dir} is a {self.manifest.get('export_format')} "
+                             "bundle; ElasticSession runs onnx and ort bundles (run .pte "
+                             "programs with executorch.runtime)")
         self.kind = self.manifest["kind"]
         self.layout = self.manifest["layout"]
         self.budgets = sorted(e["beta"] for e in self.manifest["budgets"])

@@ -104,6 +104,11 @@ def test_dry_run_and_fixed_budget(checkpoint, tmp_path, capsys):
     manifest = load_manifest(dist)
     assert [b["beta"] for b in manifest["budgets"]] == [0.8]
     assert manifest["deployment"]["chosen_beta"] == 0.8 and "profiles" in manifest
+    forced = tmp_path / "forced"
+    assert export_main([str(checkpoint), "--profile", str(impossible_profile(tmp_path)),
+                        "--budget", "1", "-o", str(forced)]) == 0
+    assert "note: β 1 does not meet impossible's targets" in capsys.readouterr().out
+    assert load_manifest(forced)["profiles"]["impossible"]["chosen_beta"] is None
 
 
 def test_bad_input_is_refused_clearly(checkpoint, tmp_path, capsys):
