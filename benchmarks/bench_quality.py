@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="evaluate only dense and distilled (baselines: a --steps 0 run)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -89,11 +91,14 @@ def main() -> None:
     restructure_(decomposed, json.loads(_safetensors_meta(path)))
     load_st(decomposed, str(path), strict=False)
     plain = copy.deepcopy(teacher)
-    factorize_(plain, None, FactorizeConfig(method="plain"))
+    if not args.skip_baselines:
+        factorize_(plain, None, FactorizeConfig(method="plain"))
 
     layers = nested_layers(decomposed)
     shapes = [(layer.U.shape[0], layer.V.shape[0]) for layer in layers.values()]
     methods = {"plain SVD, uniform": plain, "DataSVD, uniform": decomposed}
+    if args.skip_baselines:
+        methods = {}
     for name, model in methods.items():
         results[name] = {}
         for beta in BUDGETS:
@@ -101,7 +106,7 @@ def main() -> None:
             results[name][beta] = perplexity(model, ids)
     results["DataSVD + plan"] = {}
     planned = ElasticModel(decomposed, plan)
-    for beta in BUDGETS:
+    for beta in BUDGETS if not args.skip_baselines else ():
         planned.set_budget(beta)
         results["DataSVD + plan"][beta] = perplexity(decomposed, ids)
     if args.steps == 0:  # no distillation asked: the elastic model is DataSVD + plan
