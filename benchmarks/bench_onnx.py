@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import CALIBRATION_SPAN, SHAKESPEARE
+
+import flexrank
+from flexrank.elastic import ElasticModel
 from flexrank.exporters import export
 from flexrank.exporters.deploy import FormPolicy
 from flexrank.exporters.onnx_layouts import RANK_LEVEL
 from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 from flexrank.exporters.validate import decoder_feed
-
-import flexrank
-from flexrank.elastic import ElasticModel
 from flexrank.targets import nested_layers
 
 PROMPT = 64

@@ -37,7 +37,9 @@ from .validate import (
 
 EXPORTERS: dict[str, Callable[..., dict]] = {}
 LAYOUTS = ("per-budget", "shared", "elastic")
-QUANTIZATIONS = (None, "int8")
+# Weight quantization each format offers (onnxruntime dynamic int8; XNNPACK 8-bit dynamic
+# activations with 4-bit grouped weights).
+QUANTIZATIONS = {"onnx": ("int8",), "ort": ("int8",), "executorch": ("8da4w",)}
 
 
 def register_exporter(name: str):
@@ -80,8 +82,10 @@ def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     quantize = None if quantize in (None, "none") else quantize
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantize!r}; choose 'none' or 'int8'")
+    offered = QUANTIZATIONS.get(format, ())
+    if quantize is not None and quantize not in offered:
+        raise ValueError(f"quantization {quantize!r} is not available for format {format!r}; "
+                         f"choose one of {['none', *offered]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until written again
@@ -92,6 +96,7 @@ def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",
     return load_manifest(out_dir)
 
 
+from . import executorch as _executorch  # noqa: E402,F401  (registers "executorch")
 from . import onnx as _onnx  # noqa: E402,F401  (registers "onnx", "ort")
 
 __all__ = [

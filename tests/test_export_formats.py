@@ -7,12 +7,12 @@ import onnx
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_llama, token_batches
-from flexrank.exporters import export, load_manifest
-from flexrank.exporters.deploy import FormPolicy
-from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 
 from flexrank.covariance import collect_covariances
 from flexrank.elastic import ElasticModel
+from flexrank.exporters import export, load_manifest
+from flexrank.exporters.deploy import FormPolicy
+from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 from flexrank.surgery import factorize_
 from flexrank.targets import nested_layers
 

@@ -13,6 +13,9 @@ import onnx
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama, token_batches
+
+from flexrank.covariance import collect_covariances
+from flexrank.elastic import ElasticModel
 from flexrank.exporters import (
     EXPORTERS,
     CorruptFileError,
@@ -26,9 +29,6 @@ from flexrank.exporters import (
 from flexrank.exporters.manifest import MANIFEST_FILE
 from flexrank.exporters.onnx_layouts import RANK_LEVEL
 from flexrank.exporters.validate import make_session, onnx_greedy, torch_greedy, validate_named
-
-from flexrank.covariance import collect_covariances
-from flexrank.elastic import ElasticModel
 from flexrank.surgery import FactorizeConfig, factorize_
 from flexrank.targets import nested_layers
 
