@@ -12,12 +12,6 @@ from flexrank.pipeline import CompressConfig
 
 logger = logging.getLogger("flexrank")
 
-# Commands whose issue has not landed yet say so plainly and exit non-zero.
-NOT_YET = {
-    "eval": "evaluation and the Pareto report",
-}
-
-
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -113,6 +107,56 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from flexrank.elastic import ElasticModel
+    from flexrank.evaluate import bundle_decoders, evaluate_elastic, evaluate_models, tokenize_text
+    from flexrank.exporters.manifest import MANIFEST_FILE, load_manifest
+    from flexrank.report import format_table
+
+    path = Path(args.path)
+    text = Path(args.text).read_text(encoding="utf-8")
+    if (path / MANIFEST_FILE).is_file():
+        manifest = load_manifest(path)
+        model_id = manifest.get("model_id")
+        teacher, tokenizer = _teacher(model_id, args.no_teacher)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            folder = path / manifest["budgets"][0]["graph"]
+            tokenizer = AutoTokenizer.from_pretrained(folder.parent, local_files_only=True)
+        ids = tokenize_text(tokenizer, text, args.max_tokens)
+        results = evaluate_models(bundle_decoders(path), teacher, ids, args.seq_len, args.stride)
+        source = f"bundle {path} (onnxruntime)"
+    else:
+        elastic = ElasticModel.from_pretrained(path)
+        if elastic.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer: perplexity needs one")
+        teacher, _ = _teacher(elastic.model_id, args.no_teacher)
+        ids = tokenize_text(elastic.tokenizer, text, args.max_tokens)
+        results = evaluate_elastic(elastic, teacher, ids, seq_len=args.seq_len,
+                                   stride=args.stride)
+        source = f"elastic checkpoint {path} (PyTorch)"
+    keys = ["ppl"] + (["kl", "top1"] if teacher is not None else [])
+    rows = [[beta] + [row[k] for k in keys] for beta, row in sorted(results.items())]
+    print(format_table(["budget", *keys], rows,
+                       title=f"\n{source}: {len(ids)} tokens of {args.text}, windows of "
+                             f"{args.seq_len}"))
+    return 0
+
+
+def _teacher(model_id, skip: bool):
+    """The original model, for KL/top-1, when its id still loads (an alias or a path)."""
+    if skip or not model_id:
+        return None, None
+    from flexrank.models import ModelLoadError, load_model
+    try:
+        return load_model(model_id)
+    except ModelLoadError:
+        logger.warning("original model %r not found: reporting perplexity only", model_id)
+        return None, None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexrank", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -154,20 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list the shipped device profiles and their targets")
     p.set_defaults(func=cmd_profiles)
 
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"(not yet available: {what})")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet(name, what))
+    p = sub.add_parser("eval", help="perplexity (and KL / top-1 to the original model) of an "
+                                    "elastic checkpoint or a per-budget ONNX bundle, per budget")
+    p.add_argument("path", help="ELASTIC_DIR (scored in PyTorch) or DIST_DIR (onnxruntime)")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--stride", type=int, default=None, help="default: seq-len")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--no-teacher", action="store_true",
+                   help="skip KL / top-1 (do not load the original model)")
+    p.set_defaults(func=cmd_eval)
     return parser
-
-
-def _not_yet(name: str, what: str):
-    def run(args) -> int:
-        print(f"flexrank {name}: not available yet in this version ({what} is still being "
-              "built). Available now: flexrank decompose, compress, export, bench, profiles.",
-              file=sys.stderr)
-        return 2
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,35 @@ def test_bundle_eval_equals_pytorch_eval(tmp_path):
         assert from_bundle[beta]["top1"] == pytest.approx(from_torch[beta]["top1"], abs=0.03)
     with pytest.raises(EvaluationError, match="none of the budgets"):
         bundle_decoders(tmp_path / "dist", budgets=[0.8])
+
+
+def test_cli_eval_elastic_and_bundle(tmp_path, capsys):
+    from conftest import char_tokenizer
+    from elastic_fixtures import tiny_elastic
+
+    from flexrank.cli import main
+    from flexrank.elastic import ElasticModel
+    from flexrank.exporters import export
+
+    student, teacher, plan, _, _ = tiny_elastic(seed=12)
+    em = ElasticModel(student, plan, char_tokenizer(), model_id="not-a-model")
+    em.save_pretrained(tmp_path / "elastic")
+    export(em, tmp_path / "dist", budgets=[0.6])
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"{i} the quick brown fox jumps over the lazy dog\n"
+                            for i in range(20)))
+    assert main(["eval", str(tmp_path / "elastic"), "--text", str(text), "--seq-len", "32",
+                 "--max-tokens", "200"]) == 0
+    torch_out = capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "dist"), "--text", str(text), "--seq-len", "32",
+                 "--max-tokens", "200", "--no-teacher"]) == 0
+    bundle_out = capsys.readouterr().out
+    ppl = {line.split()[0]: float(line.split()[1]) for out in (torch_out,)
+           for line in out.splitlines() if line.strip().startswith("0.6")}
+    bundle_ppl = float(next(line.split()[1] for line in bundle_out.splitlines()
+                            if line.strip().startswith("0.6")))
+    assert bundle_ppl == pytest.approx(ppl["0.6"], rel=1e-3)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" ")
+    assert main(["eval", str(tmp_path / "elastic"), "--text", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
