@@ -10,6 +10,7 @@ from flexrank.covariance import collect_covariances
 from flexrank.planner import plan as make_plan
 from flexrank.probe import ProbeConfig, probe
 from flexrank.surgery import factorize_
+from flexrank.targets import nested_layers
 
 BUDGETS = [0.6, 0.8, 1.0]
 
@@ -24,3 +25,22 @@ def tiny_elastic(seed: int = 0, budgets=BUDGETS):
     sens = probe(student, teacher, train[:1], ProbeConfig(mode="exact", num_levels=4),
                  progress=False)
     return student, teacher, make_plan(sens, budgets=budgets), train, held_out
+
+
+class StandInPlan:
+    """The three attributes of a NestedPlan that ElasticModel and the exporters use."""
+
+    def __init__(self, table: dict[float, dict[str, int]]):
+        self.table = table
+        self.budgets = sorted(table)
+        self.layer_names = list(table[self.budgets[0]])
+
+    def ranks_for(self, beta):
+        return dict(self.table[beta])
+
+
+def nested_plan(model, fractions=(0.5, 0.75, 1.0)) -> StandInPlan:
+    """Each layer keeps round(f · max_rank) at budget f: nested, full rank at 1.0."""
+    layers = nested_layers(model)
+    return StandInPlan({f: {name: max(1, round(f * layer.max_rank))
+                            for name, layer in layers.items()} for f in fractions})

@@ -8,7 +8,6 @@ import json
 import logging
 
 import pytest
-import torch
 import yaml
 from conftest import char_tokenizer, tiny_llama
 from elastic_fixtures import tiny_elastic
@@ -21,14 +20,6 @@ from flexrank.profiles import PROFILE_DIR
 from flexrank.runtime import ElasticSession
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_llama, token_batches
+from elastic_fixtures import nested_plan
 from torch import nn
 
 import flexrank.exporters.executorch  # noqa: F401  (registers "executorch")
@@ -27,38 +28,10 @@ from flexrank.exporters.executorch_validate import constant_methods, load_method
 from flexrank.exporters.manifest import write_manifest
 from flexrank.exporters.validate import GENERATION_TOKENS, torch_greedy
 from flexrank.surgery import FactorizeConfig, factorize_
-from flexrank.targets import nested_layers
 
 FRACTIONS = (0.5, 0.75, 1.0)
 LLAMA_FRACTIONS = (0.5, 1.0)  # each decoder budget costs ~15 s of XNNPACK lowering
 pytest.importorskip("executorch.runtime")
-
-
-class StandInPlan:
-    """The three attributes of a NestedPlan that ElasticModel and the exporters use."""
-
-    def __init__(self, table: dict[float, dict[str, int]]):
-        self.table = table
-        self.budgets = sorted(table)
-        self.layer_names = list(table[self.budgets[0]])
-
-    def ranks_for(self, beta):
-        return dict(self.table[beta])
-
-
-def nested_plan(model, fractions=FRACTIONS) -> StandInPlan:
-    """Each layer keeps round(f · max_rank) at budget f: nested, full rank at 1.0."""
-    layers = nested_layers(model)
-    return StandInPlan({f: {name: max(1, round(f * layer.max_rank))
-                            for name, layer in layers.items()} for f in fractions})
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import onnx
 import pytest
-import torch
 from conftest import char_tokenizer, tiny_llama, token_batches
+from elastic_fixtures import StandInPlan
 
 from flexrank.covariance import collect_covariances
 from flexrank.elastic import ElasticModel
@@ -15,25 +15,6 @@ from flexrank.exporters.deploy import FormPolicy
 from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 from flexrank.surgery import factorize_
 from flexrank.targets import nested_layers
-
-
-class StandInPlan:
-    def __init__(self, table):
-        self.table, self.budgets = table, sorted(table)
-        self.layer_names = list(table[self.budgets[0]])
-
-    def ranks_for(self, beta):
-        return dict(self.table[beta])
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """OpenMP busy-waiting next to onnxruntime on a shared 2-core machine: see
-    test_export_onnx.py."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

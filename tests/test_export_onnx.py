@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama, token_batches
+from elastic_fixtures import nested_plan
 
 from flexrank.covariance import collect_covariances
 from flexrank.elastic import ElasticModel
@@ -30,29 +31,9 @@ from flexrank.exporters.manifest import MANIFEST_FILE
 from flexrank.exporters.onnx_layouts import RANK_LEVEL
 from flexrank.exporters.validate import make_session, onnx_greedy, torch_greedy, validate_named
 from flexrank.surgery import FactorizeConfig, factorize_
-from flexrank.targets import nested_layers
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 FRACTIONS = (0.5, 0.75, 1.0)
-
-
-class StandInPlan:
-    """The three attributes of a NestedPlan that ElasticModel and the exporters use."""
-
-    def __init__(self, table: dict[float, dict[str, int]]):
-        self.table = table
-        self.budgets = sorted(table)
-        self.layer_names = list(table[self.budgets[0]])
-
-    def ranks_for(self, beta):
-        return dict(self.table[beta])
-
-
-def nested_plan(model, fractions=FRACTIONS) -> StandInPlan:
-    """Each layer keeps round(f · max_rank) at budget f: nested, full rank at 1.0."""
-    layers = nested_layers(model)
-    return StandInPlan({f: {name: max(1, round(f * layer.max_rank))
-                            for name, layer in layers.items()} for f in fractions})
 
 
 def elastic(build, tokenizer=None, data=True):
@@ -63,16 +44,6 @@ def elastic(build, tokenizer=None, data=True):
     else:
         factorize_(model, None, FactorizeConfig(method="plain"), progress=False)
     return ElasticModel(model, nested_plan(model), tokenizer=tokenizer, model_id=build.__name__)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """PyTorch's OpenMP threads busy-wait; alternating with onnxruntime on a shared 2-core
-    machine that made tiny forwards 70x slower. One thread keeps the tests fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

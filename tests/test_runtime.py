@@ -25,14 +25,6 @@ logging.getLogger("optimum").setLevel(logging.ERROR)
 PROMPT = np.array([[5, 9, 14, 3, 22, 7]])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def llama():
     student, teacher, plan, _, _ = tiny_elastic()
