@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +119,16 @@ def pack(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int,
 
 @torch.no_grad()
 def teacher_samples(model, tokenizer, num_samples: int, seq_len: int, seed: int,
-                    batch_size: int = 8, temperature: float = 1.0) -> torch.Tensor:
+                    batch_size: int = 8, temperature: float = 1.0,
+                    progress: bool = True) -> torch.Tensor:
     """Sequences sampled from the model itself from its BOS token (data-free calibration)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     rows = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for first in range(0, num_samples, batch_size):
+        starts = range(0, num_samples, batch_size)
+        for first in tqdm(starts, desc="teacher samples", unit="batch", disable=not progress):
             n = min(batch_size, num_samples - first)
             prompt = torch.full((n, 1), bos, dtype=torch.long, device=device)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
