@@ -29,16 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_onnx import UniformPlan, time_decoder
-from common import CALIBRATION_SPAN, SHAKESPEARE
+from bench_onnx import time_decoder, uniform_smollm2
 
-import flexrank
-from flexrank.elastic import ElasticModel
 from flexrank.exporters import EXPORTERS, export
 from flexrank.exporters.executorch import ExecutorchExportConfig
 from flexrank.exporters.executorch_validate import load_method
 from flexrank.exporters.manifest import load_manifest, write_manifest
-from flexrank.targets import nested_layers
 
 PROMPT = 64
 WARMUP = 3
@@ -97,16 +93,7 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     out = Path(args.out or tempfile.mkdtemp(prefix="flexrank-bench-executorch-"))
 
-    start = time.perf_counter()
-    model, tokenizer = flexrank.load_model("smollm2-135m")
-    batches = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=args.samples,
-                                        seq_len=128, span=CALIBRATION_SPAN)
-    flexrank.factorize_(model, flexrank.collect_covariances(model, batches, progress=False),
-                        progress=False)
-    em = ElasticModel(model, UniformPlan(nested_layers(model), budgets), tokenizer,
-                      model_id="smollm2-135m")
-    print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr,
-          flush=True)
+    em = uniform_smollm2(args.samples, budgets)
 
     config = ExecutorchExportConfig(max_seq_len=args.max_seq_len)
     programs = []  # (result, path, runtime)

@@ -56,6 +56,22 @@ class UniformPlan:
         return dict(self.table[beta])
 
 
+
+def uniform_smollm2(samples: int, budgets: list[float]) -> ElasticModel:
+    """SmolLM2-135M with DataSVD factors (calibrated on `samples` x 128 tokens) and a uniform
+    plan over `budgets`: the shared starting point of the export benchmarks."""
+    start = time.perf_counter()
+    model, tokenizer = flexrank.load_model("smollm2-135m")
+    batches = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=samples,
+                                        seq_len=128, span=CALIBRATION_SPAN)
+    flexrank.factorize_(model, flexrank.collect_covariances(model, batches, progress=False),
+                        progress=False)
+    em = ElasticModel(model, UniformPlan(nested_layers(model), budgets), tokenizer,
+                      model_id="smollm2-135m")
+    print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr,
+          flush=True)
+    return em
+
 def uniform_rank(m: int, n: int, beta: float) -> int:
     full = min(m, n)
     if beta >= 1:
@@ -127,16 +143,7 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     out = Path(args.out or tempfile.mkdtemp(prefix="flexrank-bench-onnx-"))
 
-    start = time.perf_counter()
-    model, tokenizer = flexrank.load_model("smollm2-135m")
-    batches = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=args.samples,
-                                        seq_len=128, span=CALIBRATION_SPAN)
-    flexrank.factorize_(model, flexrank.collect_covariances(model, batches, progress=False),
-                        progress=False)
-    em = ElasticModel(model, UniformPlan(nested_layers(model), budgets), tokenizer,
-                      model_id="smollm2-135m")
-    print(f"load + calibrate + factorise: {time.perf_counter() - start:.0f} s", file=sys.stderr,
-          flush=True)
+    em = uniform_smollm2(args.samples, budgets)
 
     results: dict[str, list[dict]] = {}
     graphs = []  # (result, graph path, extra feed): timed together at the end
