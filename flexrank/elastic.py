@@ -12,6 +12,7 @@ for a bare `nn.Module` pass a skeleton of the same architecture as `model=`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -180,8 +181,6 @@ def resolve_elastic_dir(directory: Path) -> Path:
 
 
 def read_meta(directory: Path) -> dict:
-    import json
-
     path = directory / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a FlexRank elastic "
