@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint report clean
 
 install: $(STAMP)
 
@@ -20,6 +20,15 @@ demo: install
 	rm -rf dist
 	$(VENV)/bin/flexrank-export --profile pixel8 --budget auto -o dist
 	$(VENV)/bin/flexrank bench dist --profiles pixel8,laptop-x86,server-x86
+
+# The quality report of BENCHMARKS.md (about an hour on 2 cores): baselines, distillation,
+# ONNX latency, PNGs in benchmarks/figures/.
+REPORT_OUT ?= /tmp/flexrank-bench
+report: install
+	cd benchmarks && ../$(PY) bench_quality.py --out $(REPORT_OUT) --steps 0
+	cd benchmarks && ../$(PY) bench_quality.py --out $(REPORT_OUT) --steps 300 --skip-baselines
+	cd benchmarks && ../$(PY) bench_report.py --out $(REPORT_OUT) --benchmarks ../BENCHMARKS.md \
+		--figures benchmarks/figures
 
 lint: install
 	$(VENV)/bin/ruff check .
