@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ import torch
 from flexrank.targets import nested_layers
 
 from . import register_exporter
-from .deploy import FormPolicy, deployable_model
+from .deploy import FormPolicy, deployable_model, quantized_policy
 from .executorch_program import (
     decoder_metadata,
     decoder_wrapper,
@@ -59,12 +59,6 @@ from .validate import DEFAULT_TOLERANCE, GENERATION_TOKENS
 logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = "model.pte"
-# 8da4w: gauge fixing is ruled out (a condition bound no real block meets), leaving plain
-# factors or dense. Û = U U[:r]⁻¹ and V̂ = V U[:r]ᵀ have unbalanced scales that int4 groups
-# and int8 per-token activations of z resolve badly: tiny Llama (hidden 64, β = 0.4,
-# 10 factorised layers), max |Δlogits| to float32 0.87 gauge-fixed vs 0.11 plain (top-1
-# 0.81 vs 1.0). `forms.force_form` still overrides this (benchmarks).
-QUANTIZED_MAX_CONDITION = 1.0
 QUANTIZATIONS = (None, QUANTIZE_8DA4W)
 
 
@@ -117,9 +111,10 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
     """Write `folder/model.pte` for `beta`; returns (records, ranks, extra manifest fields,
     the deployed PyTorch module that was exported)."""
     ranks = exported_ranks(elastic, beta, quantize, config.group_size)
-    policy = config.forms
-    if quantize is not None and policy.force_form is None:
-        policy = replace(policy, max_condition=QUANTIZED_MAX_CONDITION)
+    # 8da4w: plain factors or dense, never gauge-fixed (`quantized_policy` says why; tiny
+    # Llama, hidden 64, β = 0.4: max |Δlogits| to float32 0.87 gauge-fixed vs 0.11 plain,
+    # top-1 0.81 vs 1.0). `forms.force_form` still overrides this (benchmarks).
+    policy = config.forms if quantize is None else quantized_policy(config.forms)
     deployed, records = deployable_model(elastic.model, ranks, policy=policy)
     quantization = None
     if quantize == QUANTIZE_8DA4W:

@@ -4,6 +4,7 @@
 Bundle layout (`out_dir`):
 
     per-budget   budget-<β>/model.onnx (+ config, tokenizer): self-contained, gauge-fixed
+                 (int8: plain factors or dense, see `deploy.quantized_policy`)
     shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes)
     elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β)
     (all)        flexrank-manifest.json, written last by `flexrank.exporters.export`
@@ -15,6 +16,7 @@ import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import numpy as np
 from flexrank.targets import nested_layers
 
 from . import register_exporter
-from .deploy import LayerExport
+from .deploy import LayerExport, quantized_policy
 from .onnx_graph import (
     canonical_factor_names,
     load_model,
@@ -35,6 +37,7 @@ from .torch_to_onnx import (
     convert_to_ort,
     export_budget_graph,
     finish_graph,
+    float_weight_matmuls,
     model_kind,
     named_inputs,
     outlier_layers,
@@ -109,11 +112,15 @@ def budget_entry(elastic, beta, records, files, out_dir: Path, validation, **ext
 
 
 def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
+    # int8: plain factors or dense, never gauge-fixed (`quantized_policy` says why); the
+    # manifest's `forms` and `layers` record what each layer became
+    graph_config = config if quantize is None else replace(
+        config, forms=quantized_policy(config.forms))
     entries = []
     for beta in budgets:
         folder = out_dir / budget_name(beta)
         shutil.rmtree(folder, ignore_errors=True)
-        path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
+        path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, graph_config)
         finish_graph(path, config)
         extra = {}
         if quantize == "int8":
@@ -121,6 +128,7 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
                 float_layers = outlier_layers(model, kind, sample, config.int8_outlier_ratio)
             quantize_int8(path, float_layers)
             extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
+            extra["int8_float_matmuls"] = float_weight_matmuls(path)
         graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
         validation = (validate_graph(elastic, beta, kind, graph, sample, config,
                                      strict=quantize is None) if config.validate else None)

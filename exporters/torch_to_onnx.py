@@ -154,7 +154,10 @@ def onnx_scope(name: str) -> str:
 
 def quantize_int8(path: Path, float_layers=()) -> list[Path]:
     """onnxruntime dynamic quantization of the weight MatMuls (int8 weights per channel,
-    activations per tensor at run time); the MatMuls of `float_layers` stay float."""
+    activations per tensor at run time); the MatMuls of `float_layers` stay float.
+
+    The graph must hold no gauge-fixed layer: int8 error in its z is amplified by
+    ‖U[r:] U[:r]⁻¹‖ (`deploy.quantized_policy`), so export it with plain factors or dense."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -173,6 +176,21 @@ def quantize_int8(path: Path, float_layers=()) -> list[Path]:
             shutil.move(produced, target)
             written.append(target)
     return written
+
+
+def float_weight_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes of a quantized graph still multiplying by a float
+    weight: the `float_layers` kept out of int8, and a tied lm_head, whose weight is a
+    Transpose of the embedding table rather than an initializer (quantize_dynamic only
+    quantizes constant initializers)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    weights |= {node.output[0] for node in graph.node
+                if node.op_type == "Transpose" and node.input[0] in weights}
+    return [node.name for node in graph.node
+            if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights]
 
 
 def convert_to_ort(folder: Path) -> list[Path]:
