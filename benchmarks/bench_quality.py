@@ -4,11 +4,13 @@ FlexRank's plan (no training), and FlexRank distilled. Held-out: the last 10 % o
 tinyshakespeare; calibration and training: the first 80 %.
 
 The plan is nested over seven budgets, but distillation trains only four of them
-(TRAINED_BUDGETS: the weighted sampler gives the others weight 0), so the rows at
-0.9 / 0.7 / 0.5 show budgets FlexRank never saw in training.
+(TRAINED_BUDGETS: the sampler gives the others weight 0), so the rows at 0.9 / 0.7 / 0.5
+show budgets FlexRank never saw in training. The default sampler is sandwich (β = 1 and
+0.4 every step, plus 0.6 or 0.8): β = 1 in every step keeps the shared factors from
+drifting away from the dense model, which one budget per step at lr 1e-4 did.
 
     .venv/bin/python benchmarks/bench_quality.py --out /tmp/flexrank-bench \
-        [--samples 64 --seq-len 256 --steps 300 --train-batch 2 --eval-tokens 8192]
+        [--samples 64 --seq-len 256 --steps 100 --train-batch 2 --eval-tokens 8192]
 
 The compress stages are cached in --out, so a second run only re-evaluates. Prints the
 stage times, the plan summary and one perplexity table (also written as JSON to --out).
@@ -64,7 +66,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=300, help="0: no distillation")
     parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--sampler", choices=("weighted", "sandwich"), default="sandwich",
+                        help="weighted: one trained budget per step; sandwich: the largest, "
+                             "the smallest and one trained budget between them")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--skip-baselines", action="store_true",
                         help="evaluate only dense and distilled (baselines: a --steps 0 run)")
@@ -77,7 +82,7 @@ def main() -> None:
         eval_samples=8, batch_size=8, budgets=BUDGETS,
         probe=ProbeConfig(mode="fast", num_levels=16), probe_samples=2,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
-                              warmup_steps=10, checkpoint_every=20, sampler="weighted",
+                              warmup_steps=10, checkpoint_every=20, sampler=args.sampler,
                               budget_weights=trained_weights()))
     with PeakRSS() as rss:
         elastic, summary = compress("smollm2-135m", out, config)

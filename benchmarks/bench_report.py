@@ -198,7 +198,8 @@ def markdown(ppl: dict, latency: dict, base: dict, trained: dict, unseen: set[fl
     training = (f"{args['steps']} steps × {args['train_batch']} × {args['seq_len']} tokens = "
                 f"{trained['tokens_seen']:,} tokens, trained budgets "
                 f"{', '.join(f'{b:g}' for b in trained['trained_budgets'])}, "
-                f"lr {args['lr']:g}, {distill / 60:.0f} min of distillation on this CPU")
+                f"sampler {args.get('sampler', 'weighted')}, lr {args['lr']:g}, "
+                f"{distill / 60:.0f} min of distillation on this CPU")
     return "\n".join([
         START,
         f"    {command}",

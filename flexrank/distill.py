@@ -1,9 +1,10 @@
 """Nested elastic distillation: train every budget of one set of nested factors at once.
 
 Each step samples a budget (uniform, user weights, or sandwich: largest + smallest + one
-random), sets every layer to the plan's rank and minimises KL(teacher ‖ student) on the
-logits at temperature T over the real tokens. Optional learned uncertainty weights per
-budget (Nested Subspace Networks): Σ_k exp(−s_k)·L_k + s_k.
+random, by the user weights when given), sets every layer to the plan's rank and
+minimises KL(teacher ‖ student) on the logits at temperature T over the real tokens.
+Optional learned uncertainty weights per budget (Nested Subspace Networks):
+Σ_k exp(−s_k)·L_k + s_k.
 
 Distribution is Accelerate's (DDP; FSDP through its config): each process takes its slice
 of the global batch. Budget and batch choices come from a counter-based RNG seeded by
@@ -51,7 +52,9 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     sampler: str = "uniform"
-    budget_weights: tuple[float, ...] | None = None  # for sampler="weighted"
+    # sampler="weighted": the probability of each budget (ascending, as the plan's);
+    # "sandwich": of each budget as the random middle one (0: never trained)
+    budget_weights: tuple[float, ...] | None = None
     uncertainty_weights: bool = False
     train_all: bool = False  # False: only nested factors and their biases are trained
     eval_every: int = 0  # steps; 0 = only before and after
@@ -106,14 +109,17 @@ def budgets_for_step(budgets: Sequence[float], config: DistillConfig, step: int)
     """Indices of the budgets trained at `step` (deterministic in (seed, step))."""
     rng = np.random.default_rng([config.seed, step, 0])
     k = len(budgets)
-    if config.sampler == "sandwich":
-        middle = [int(rng.integers(1, k - 1))] if k > 2 else []
-        return sorted({0, k - 1, *middle}, reverse=True)
-    if config.sampler == "weighted":
+    weights = np.ones(k)
+    if config.budget_weights is not None:
         if len(config.budget_weights) != k:
             raise ValueError(f"{len(config.budget_weights)} budget_weights for {k} budgets")
-        p = np.asarray(config.budget_weights, dtype=float)
-        return [int(rng.choice(k, p=p / p.sum()))]
+        weights = np.asarray(config.budget_weights, dtype=float)
+    if config.sampler == "sandwich":  # the middle one drawn by weight among the others
+        inner = weights[1:k - 1]
+        middle = [1 + int(rng.choice(k - 2, p=inner / inner.sum()))] if inner.sum() > 0 else []
+        return sorted({0, k - 1, *middle}, reverse=True)
+    if config.sampler == "weighted":
+        return [int(rng.choice(k, p=weights / weights.sum()))]
     return [int(rng.integers(0, k))]
 
 

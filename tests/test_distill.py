@@ -42,6 +42,12 @@ def test_samplers_schedule_and_batches():
     assert 150 < sum(uniform) < 250
     weighted = DistillConfig(sampler="weighted", budget_weights=(0.0, 1.0))
     assert all(budgets_for_step([0.5, 1.0], weighted, s) == [1] for s in range(20))
+    # sandwich with weights: the middle budget is never one of weight 0
+    budgets = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    cfg = DistillConfig(sampler="sandwich", budget_weights=(1, 0, 1, 0, 3, 0, 1))
+    middles = [budgets_for_step(budgets, cfg, s)[1] for s in range(400)]
+    assert set(middles) == {2, 4} and 230 < middles.count(4) < 370  # p(0.8) = 3/4
+    assert all(budgets_for_step(budgets, cfg, s)[::2] == [6, 0] for s in range(20))
     cfg = DistillConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(110, cfg) == pytest.approx(0.1)
