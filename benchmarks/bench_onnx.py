@@ -9,7 +9,9 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
 - per-budget gauge-fixed export: prefill time (prompt 64), decode ms/token (median of
   `--decode-tokens` ≥ 30 steps through the KV cache), file size, bytes read per decoded token
   (every weight once, the tied embedding/lm_head dense) — against the dense export (β = 1);
-  every graph is timed in `--rounds` round-robin rounds, best median kept;
+  every graph is timed step-interleaved with the dense one (`time_interleaved`) in
+  `--rounds` rounds, best median kept, decode ratio = median of the per-round ratios;
+  `--profile` adds onnxruntime's kernel time per op type for dense and the lowest β;
 - the same ranks with plain factors (what gauge fixing buys);
 - the shared and elastic layouts (same budgets), and int8 dynamic quantization.
 
@@ -79,43 +81,81 @@ def uniform_rank(m: int, n: int, beta: float) -> int:
     return max(r for r in range(1, full + 1) if r * (m + n - r) <= beta * m * n)
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
+class Decoder:
+    """One graph's session and KV cache, decoded one greedy token per `step()`."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def __init__(self, path: Path, threads: int, extra: dict | None = None,
+                 profile: bool = False):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "flexrank-ort-profile")
+        self.sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.extra = extra or {}
+        self.out_names = [o.name for o in self.sess.get_outputs()]
+        self.prompt = np.random.default_rng(0).integers(100, 40000, (1, PROMPT))
+
+    def _run(self, ids, past, past_len) -> float:
+        feed = decoder_feed(self.sess, ids, past, past_len)
+        feed.update(self.extra)
+        start = time.perf_counter()
+        outputs = dict(zip(self.out_names, self.sess.run(None, feed), strict=True))
+        seconds = time.perf_counter() - start
+        self.past = {k: v for k, v in outputs.items() if k.startswith("present.")}
+        self.ids = outputs["logits"][:, -1].argmax(-1)[:, None]
+        return seconds
+
+    def prefill(self) -> float:
+        self.position = PROMPT
+        return self._run(self.prompt, None, 0)
+
+    def step(self) -> float:
+        seconds = self._run(self.ids, self.past, self.position)
+        self.position += 1
+        return seconds
 
 
-def time_decoder(path: Path, threads: int, decode_tokens: int, extra: dict | None = None):
-    """(prefill seconds for a 64-token prompt, median decode seconds per token)."""
-    sess = session(path, threads)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(100, 40000, (1, PROMPT))
-    out_names = [o.name for o in sess.get_outputs()]
+def time_interleaved(decoders: list[Decoder], decode_tokens: int):
+    """[(median prefill s, median decode s/token)] per decoder, their runs interleaved.
 
-    def run(ids, past, past_len):
-        feed = decoder_feed(sess, ids, past, past_len)
-        feed.update(extra or {})
-        return dict(zip(out_names, sess.run(None, feed), strict=True))
-
-    prefill = []
+    Each prefill and each decode step runs for every graph in turn, so a stretch of load
+    from other processes slows all graphs alike and the ratios stay comparable; timing one
+    graph after another (as this script did before) compared the load, not the graphs.
+    """
+    prefill = [[] for _ in decoders]
+    steps = [[] for _ in decoders]
     for _ in range(5):
-        start = time.perf_counter()
-        outputs = run(prompt, None, 0)
-        prefill.append(time.perf_counter() - start)
-    past = {k: v for k, v in outputs.items() if k.startswith("present.")}
-    ids, steps = outputs["logits"][:, -1].argmax(-1)[:, None], []
+        for times, decoder in zip(prefill, decoders, strict=True):
+            times.append(decoder.prefill())
     for i in range(decode_tokens + 3):
-        start = time.perf_counter()
-        outputs = run(ids, past, PROMPT + i)
-        if i >= 3:  # warm-up steps
-            steps.append(time.perf_counter() - start)
-        past = {k: v for k, v in outputs.items() if k.startswith("present.")}
-        ids = outputs["logits"][:, -1].argmax(-1)[:, None]
-    return statistics.median(prefill), statistics.median(steps)
+        for times, decoder in zip(steps, decoders, strict=True):
+            seconds = decoder.step()
+            if i >= 3:  # warm-up steps
+                times.append(seconds)
+    return [(statistics.median(p), statistics.median(s))
+            for p, s in zip(prefill, steps, strict=True)]
+
+
+def op_profile(path: Path, threads: int, decode_tokens: int) -> dict[str, float]:
+    """Kernel milliseconds per decode step by ONNX op type (onnxruntime's profiler), plus
+    "wall" (median step) and "kernels" (their sum): the gap is per-node dispatch."""
+    decoder = Decoder(path, threads, profile=True)
+    decoder.prefill()
+    walls = [decoder.step() for _ in range(decode_tokens)]
+    events = json.loads(Path(decoder.sess.end_profiling()).read_text())
+    first_step = [e for e in events if e.get("name") == "model_run"][1]["ts"]
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and \
+                e["ts"] >= first_step:
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / decode_tokens
+    table = dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+    return {"wall": 1e3 * statistics.median(walls), "kernels": sum(per_op.values()), **table}
 
 
 def bytes_read(entry: dict) -> float:
@@ -135,6 +175,8 @@ def main() -> None:
     parser.add_argument("--extra-conditions", type=lambda v: [float(c) for c in v.split(",")],
                         default=[1e3], help="also export with these max_condition values")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best of)")
+    parser.add_argument("--profile", action="store_true",
+                        help="onnxruntime profile of dense and the lowest β: ms per op type")
     parser.add_argument("--out", default=None, help="bundle folder (default: a temp folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -186,16 +228,30 @@ def main() -> None:
     manifest, folder = run("int8", budgets=budgets, quantize="int8")
     measure("int8", manifest, folder)
 
-    # Round-robin timing, best of `--rounds` medians: other processes on the host slow
-    # some stretches of the run, and timing variants at different moments would compare
-    # the load, not the graphs.
+    # Every graph is timed step-interleaved with the dense one (`time_interleaved`), in
+    # `--rounds` rounds: best median ms kept, and the decode ratio to dense is the median of
+    # the per-round ratios, each taken under the same load.
+    dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
+    dense_path = next(path for result, path, _ in graphs if result is dense)
     for round_index in range(args.rounds):
         for result, path, extra in graphs:
-            prefill, decode = time_decoder(path, args.threads, args.decode_tokens, extra)
-            result["prefill_ms"] = min(result["prefill_ms"], 1e3 * prefill)
-            result["decode_ms"] = min(result["decode_ms"], 1e3 * decode)
+            if result is dense:
+                continue
+            pair = [Decoder(dense_path, args.threads), Decoder(path, args.threads, extra)]
+            timed = time_interleaved(pair, args.decode_tokens)
+            for r, (prefill, decode) in zip((dense, result), timed, strict=True):
+                r["prefill_ms"] = min(r["prefill_ms"], 1e3 * prefill)
+                r["decode_ms"] = min(r["decode_ms"], 1e3 * decode)
+            result.setdefault("decode_ratios", []).append(timed[1][1] / timed[0][1])
         print(f"timing round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
+    if args.profile:
+        low = min(results["gauge"], key=lambda r: r["beta"])
+        for r in (dense, low):
+            path = next(path for result, path, _ in graphs if result is r)
+            r["op_profile_ms"] = op_profile(path, args.threads, args.decode_tokens)
+            print(f"β={r['beta']:g} per decode step (ms): "
+                  + ", ".join(f"{op} {ms:.2f}" for op, ms in
+                              list(r["op_profile_ms"].items())[:10]), file=sys.stderr)
     header = ("| variant | β | forms | file MB | bytes read/token MB | bytes ratio | prefill ms "
               "(64) | decode ms/token | decode ratio | target ≤ | max abs Δ logits | top-1 | "
               "greedy 20 = PyTorch |")
@@ -207,7 +263,7 @@ def main() -> None:
             rows.append(
                 f"| {label} | {r['beta']:g} | {r['forms']} | {r['file_mb']:.1f} | "
                 f"{r['bytes_read_mb']:.1f} | {bytes_ratio:.3f} | {r['prefill_ms']:.1f} | "
-                f"{r['decode_ms']:.2f} | {r['decode_ms'] / dense['decode_ms']:.3f} | "
+                f"{r['decode_ms']:.2f} | {statistics.median(r.get('decode_ratios', [1.0])):.3f} | "
                 f"{1.15 * bytes_ratio:.3f} | {v.get('max_abs_diff', float('nan')):.2e} | "
                 f"{v.get('top1_agreement', float('nan')):.3f} | {v.get('generation_match')} |")
     print("\n".join(rows))
