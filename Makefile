@@ -26,7 +26,7 @@ demo: install
 REPORT_OUT ?= /tmp/flexrank-bench
 report: install
 	cd benchmarks && ../$(PY) bench_quality.py --out $(REPORT_OUT) --steps 0
-	cd benchmarks && ../$(PY) bench_quality.py --out $(REPORT_OUT) --steps 300 --skip-baselines
+	cd benchmarks && ../$(PY) bench_quality.py --out $(REPORT_OUT) --steps 100 --skip-baselines
 	cd benchmarks && ../$(PY) bench_report.py --out $(REPORT_OUT) --benchmarks ../BENCHMARKS.md \
 		--figures benchmarks/figures
 

@@ -43,6 +43,7 @@ from flexrank.exporters.validate import decoder_feed
 from flexrank.targets import nested_layers
 
 PROMPT = 64
+VARIANTS = ("conditions", "plain", "shared", "elastic", "int8")
 
 
 class UniformPlan:
@@ -177,6 +178,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best of)")
     parser.add_argument("--profile", action="store_true",
                         help="onnxruntime profile of dense and the lowest β: ms per op type")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"which exports besides the gauge-fixed one ({','.join(VARIANTS)})")
     parser.add_argument("--out", default=None, help="bundle folder (default: a temp folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -213,20 +216,27 @@ def main() -> None:
     manifest, folder = run("gauge", budgets=budgets)
     measure("gauge", manifest, folder)
     low = [b for b in budgets if b < 1]
-    for cond in args.extra_conditions:
+    variants = set(args.variants.split(",")) if args.variants else set()
+    if variants - set(VARIANTS):
+        sys.exit(f"unknown --variants {sorted(variants - set(VARIANTS))}; choose from {VARIANTS}")
+    for cond in args.extra_conditions if "conditions" in variants else ():
         config = OnnxExportConfig(forms=FormPolicy(max_condition=cond))
         manifest, folder = run(f"gauge-cond{cond:g}", budgets=low, config=config)
         measure(f"gauge-cond{cond:g}", manifest, folder)
-    plain = OnnxExportConfig(forms=FormPolicy(force_form="plain"), generate=False)
-    manifest, folder = run("plain", budgets=low, config=plain)
-    measure("plain", manifest, folder)
-    manifest, folder = run("shared", layout="shared", budgets=budgets, config=quick)
-    measure("shared", manifest, folder)
-    manifest, folder = run("elastic", layout="elastic", budgets=budgets, config=quick)
-    measure("elastic", manifest, folder,
-            lambda e: {RANK_LEVEL: np.array([e["rank_level"]], np.int64)})
-    manifest, folder = run("int8", budgets=budgets, quantize="int8")
-    measure("int8", manifest, folder)
+    if "plain" in variants:
+        plain = OnnxExportConfig(forms=FormPolicy(force_form="plain"), generate=False)
+        manifest, folder = run("plain", budgets=low, config=plain)
+        measure("plain", manifest, folder)
+    if "shared" in variants:
+        manifest, folder = run("shared", layout="shared", budgets=budgets, config=quick)
+        measure("shared", manifest, folder)
+    if "elastic" in variants:
+        manifest, folder = run("elastic", layout="elastic", budgets=budgets, config=quick)
+        measure("elastic", manifest, folder,
+                lambda e: {RANK_LEVEL: np.array([e["rank_level"]], np.int64)})
+    if "int8" in variants:
+        manifest, folder = run("int8", budgets=budgets, quantize="int8")
+        measure("int8", manifest, folder)
 
     # Every graph is timed step-interleaved with the dense one (`time_interleaved`), in
     # `--rounds` rounds: best median ms kept, and the decode ratio to dense is the median of
