@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from flexrank.distill import DistillConfig
 from flexrank.models import ALIASES, DEFAULT_MODEL
 from flexrank.pipeline import CompressConfig
 
@@ -66,7 +67,6 @@ def _budgets(text: str) -> tuple[float, ...]:
 
 
 def compress_config(args) -> CompressConfig:
-    from flexrank.distill import DistillConfig
     from flexrank.probe import ProbeConfig
 
     return CompressConfig(
@@ -94,8 +94,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=200, help="distillation steps")
     p.add_argument("--train-batch", type=int, default=4, help="sequences per step")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--sampler", choices=("uniform", "sandwich"), default="uniform")
+    p.add_argument("--lr", type=float, default=DistillConfig.lr)
+    p.add_argument("--sampler", choices=("uniform", "sandwich"), default=DistillConfig.sampler)
 
 
 def cmd_compress(args) -> int:

@@ -38,7 +38,8 @@ def test_samplers_schedule_and_batches():
     for step in range(20):
         chosen = budgets_for_step([0.4, 0.6, 0.8, 1.0], cfg, step)
         assert chosen[0] == 3 and chosen[-1] == 0 and len(chosen) == 3
-    uniform = [budgets_for_step([0.5, 1.0], DistillConfig(seed=2), s)[0] for s in range(400)]
+    uniform = [budgets_for_step([0.5, 1.0], DistillConfig(sampler="uniform", seed=2), s)[0]
+               for s in range(400)]
     assert 150 < sum(uniform) < 250
     weighted = DistillConfig(sampler="weighted", budget_weights=(0.0, 1.0))
     assert all(budgets_for_step([0.5, 1.0], weighted, s) == [1] for s in range(20))
