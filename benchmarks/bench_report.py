@@ -41,6 +41,7 @@ START, END = "<!-- report:start -->", "<!-- report:end -->"
 DISTILLED, PLANNED = "FlexRank distilled", "DataSVD + plan"
 UNIFORM = ("plain SVD, uniform", "DataSVD, uniform")
 TARGETS = {0.8: 0.15, 0.6: 0.40}  # issue 8: ppl within this fraction of dense
+CHART_TOP = 10  # perplexity axes end at this multiple of the dense model's
 
 
 class FixedPlan:
@@ -108,11 +109,33 @@ def latency_of(method: str, latency: dict) -> dict[float, float]:
     return latency["uniform"] if method in UNIFORM else latency["plan"]
 
 
-def plot_ppl_vs_budget(ppl: dict, unseen: set[float], path: Path) -> None:
+def _axes():
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def _finish(fig, ax, ppl: dict, xlabel: str, title: str, path: Path) -> None:
+    """Log-scale perplexity axis up to CHART_TOP x dense (plain SVD's 1e5-1e8 would flatten
+    every other curve: it is named off the chart instead), legend, atomic PNG."""
+    dense = ppl["dense"][1.0]
+    ax.set_yscale("log")
+    ax.set_ylim(0.9 * min(v for per in ppl.values() for v in per.values()), CHART_TOP * dense)
+    off = [n for n, per in ppl.items() if max(per.values()) > CHART_TOP * dense]
+    if off:
+        ax.text(0.01, 0.99, "off the chart above: " + ", ".join(off), transform=ax.transAxes,
+                fontsize=7, va="top")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def plot_ppl_vs_budget(ppl: dict, unseen: set[float], path: Path) -> None:
+    fig, ax = _axes()
     for name, per in ppl.items():
         if name == "dense":
             ax.axhline(per[1.0], color="black", linestyle=":", label="dense")
@@ -124,20 +147,12 @@ def plot_ppl_vs_budget(ppl: dict, unseen: set[float], path: Path) -> None:
             ax.plot(hollow, [per[b] for b in hollow], "o", markersize=9,
                     markerfacecolor="white", color=line.get_color(),
                     label="never trained (between planned levels)")
-    ax.set_yscale("log")
-    ax.set_xlabel("budget β (kept fraction of the factorised parameters)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M, tinyshakespeare last 10 %")
-    ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    _finish(fig, ax, ppl, "budget β (kept fraction of the factorised parameters)",
+            "SmolLM2-135M, tinyshakespeare last 10 %", path)
 
 
 def plot_ppl_vs_latency(ppl: dict, latency: dict, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = _axes()
     for name, per in ppl.items():
         ms = latency_of(name, latency)
         betas = sorted(b for b in per if b in ms)
@@ -148,13 +163,8 @@ def plot_ppl_vs_latency(ppl: dict, latency: dict, path: Path) -> None:
         for b in betas:
             ax.annotate(f"{b:g}", (ms[b], per[b]), fontsize=7, textcoords="offset points",
                         xytext=(3, 3))
-    ax.set_yscale("log")
-    ax.set_xlabel("decode ms/token, onnxruntime CPU (measured on this host)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("Quality vs measured latency (labels: β)")
-    ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    _finish(fig, ax, ppl, "decode ms/token, onnxruntime CPU (measured on this host)",
+            "Quality vs measured latency (labels: β)", path)
 
 
 def markdown(ppl: dict, latency: dict, base: dict, trained: dict, unseen: set[float],
@@ -243,6 +253,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--reuse-latency", action="store_true",
+                        help="redraw from OUT/report/latency.json instead of exporting again")
     parser.add_argument("--benchmarks", default=None, help="BENCHMARKS.md to update")
     parser.add_argument("--figures", default="figures", help="PNG folder, relative to it")
     args = parser.parse_args()
@@ -255,10 +267,15 @@ def main() -> None:
     report.mkdir(parents=True, exist_ok=True)
 
     elastic = ElasticModel.from_pretrained(out / "elastic")
-    latency = measure_latency(elastic, report / "onnx", args.threads, args.rounds,
-                              args.decode_tokens)
-    (report / "latency.json").write_text(json.dumps(
-        {k: {str(b): v for b, v in per.items()} for k, per in latency.items()}, indent=1))
+    saved = report / "latency.json"
+    if args.reuse_latency and saved.is_file():
+        latency = {k: {float(b): v for b, v in per.items()}
+                   for k, per in json.loads(saved.read_text()).items()}
+    else:
+        latency = measure_latency(elastic, report / "onnx", args.threads, args.rounds,
+                                  args.decode_tokens)
+        saved.write_text(json.dumps(
+            {k: {str(b): v for b, v in per.items()} for k, per in latency.items()}, indent=1))
     plot_ppl_vs_budget(ppl, unseen, report / "ppl-vs-budget.png")
     plot_ppl_vs_latency(ppl, latency, report / "ppl-vs-latency.png")
     elastic.plan.save_heatmap(report / "rank-heatmap.png")
