@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from flexrank.io import save_tokenizer
 from flexrank.targets import nested_layers
 
 from . import register_exporter
@@ -133,7 +134,7 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
     program = trace_and_lower(module, kind, traced_inputs, config.max_seq_len,
                               config.max_batch, path, metadata)
     if elastic.tokenizer is not None and kind != "module":
-        elastic.tokenizer.save_pretrained(folder)
+        save_tokenizer(elastic.tokenizer, folder)
     extra = {"program": segment_layout(path), "dynamic_axes": dynamic_axes(program),
              "quantization": None if quantization is None else quantization.to_dict()}
     if kind == "decoder":

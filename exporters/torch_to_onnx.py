@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexrank.io import save_tokenizer
 from flexrank.targets import nested_layers
 
 from .deploy import FormPolicy, deployable_model
@@ -276,5 +277,5 @@ def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_in
             factors[f"{record.name}.Ut"] = module.Ut.detach().numpy().copy()
     path = export_graph(deployed, kind, folder, sample_inputs, config)
     if elastic.tokenizer is not None and kind != "module":
-        elastic.tokenizer.save_pretrained(folder)
+        save_tokenizer(elastic.tokenizer, folder)
     return path, records, factors

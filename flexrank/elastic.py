@@ -21,7 +21,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from flexrank.io import atomic_dir, write_json_atomic
+from flexrank.io import atomic_dir, save_tokenizer, write_json_atomic
 from flexrank.layers import NestedConv1d, NestedConv2d, NestedLinear
 from flexrank.targets import nested_layers
 
@@ -136,7 +136,7 @@ class ElasticModel:
             if config is not None and hasattr(config, "save_pretrained"):
                 config.save_pretrained(tmp)
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+                save_tokenizer(self.tokenizer, tmp)
             save_safetensors_model(self.model, str(tmp / WEIGHTS_FILE))
             self.plan.save(tmp / PLAN_FILE)
             write_json_atomic(tmp / META_FILE, meta)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes, hashing."""
+"""Small file helpers shared by every stage: atomic writes, hashing, tokenizer files."""
 
 from __future__ import annotations
 
@@ -62,3 +62,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """The tokenizer's files in `directory`; a fast tokenizer writes only tokenizer.json and
+    its configs. The slow files add nothing that loads it and can be large: SmolLM2's
+    tokenizer rebuilt from GGUF writes a 98 MB tokenizer.model into every bundle."""
+    if getattr(tokenizer, "is_fast", False):
+        tokenizer.save_pretrained(directory, legacy_format=False)
+    else:
+        tokenizer.save_pretrained(directory)

@@ -3,8 +3,10 @@
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama
+from transformers import AutoTokenizer
 
 import flexrank
+from flexrank.io import save_tokenizer
 from flexrank.models import ModelLoadError
 
 
@@ -64,7 +66,7 @@ def test_bad_gguf_files(tmp_path):
 
 
 @pytest.mark.real_model
-def test_real_smollm2_loads_offline_and_knows_paris(monkeypatch):
+def test_real_smollm2_loads_offline_and_knows_paris(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = flexrank.load_model("smollm2-135m")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
@@ -72,3 +74,11 @@ def test_real_smollm2_loads_offline_and_knows_paris(monkeypatch):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    # bundles carry tokenizer.json only (the GGUF-rebuilt slow file is 98 MB), and the
+    # saved tokenizer encodes exactly as the loaded one
+    save_tokenizer(tokenizer, tmp_path)
+    assert not (tmp_path / "tokenizer.model").exists()
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "ROMEO: But soft, what light through yonder window breaks?\n  é 123"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert reloaded.eos_token_id == tokenizer.eos_token_id
