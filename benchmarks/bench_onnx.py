@@ -9,8 +9,8 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
 - per-budget gauge-fixed export: prefill time (prompt 64), decode ms/token (median of
   `--decode-tokens` ≥ 30 steps through the KV cache), file size, bytes read per decoded token
   (every weight once, the tied embedding/lm_head dense) — against the dense export (β = 1);
-  every graph is timed step-interleaved with the dense one (`time_interleaved`) in
-  `--rounds` rounds, best median kept, decode ratio = median of the per-round ratios;
+  every graph is timed back to back with the dense one (`time_in_turn`) in `--rounds`
+  rounds, best median kept, decode ratio = median of the per-round ratios;
   `--profile` adds onnxruntime's kernel time per op type for dense and the lowest β;
 - the same ranks with plain factors (what gauge fixing buys);
 - the shared and elastic layouts (same budgets), and int8 dynamic quantization.
@@ -120,25 +120,24 @@ class Decoder:
         return seconds
 
 
-def time_interleaved(decoders: list[Decoder], decode_tokens: int):
-    """[(median prefill s, median decode s/token)] per decoder, their runs interleaved.
+def time_in_turn(graphs: list[tuple[Path, dict | None]], threads: int, decode_tokens: int):
+    """[(median prefill s, median decode s/token)] per (graph, extra feed), timed one after
+    the other, each in its own session, released before the next is opened.
 
-    Each prefill and each decode step runs for every graph in turn, so a stretch of load
-    from other processes slows all graphs alike and the ratios stay comparable; timing one
-    graph after another (as this script did before) compared the load, not the graphs.
+    Callers time a graph back to back with the dense one and take the ratio, so both see
+    nearly the same load. Only one session lives at a time: two live onnxruntime sessions
+    (as when steps were interleaved) spin each other's thread pools on a 2-core host and
+    added the same overhead to both graphs (dense 32.7 ms/token there against 20.0 alone),
+    pulling every ratio towards 1.
     """
-    prefill = [[] for _ in decoders]
-    steps = [[] for _ in decoders]
-    for _ in range(5):
-        for times, decoder in zip(prefill, decoders, strict=True):
-            times.append(decoder.prefill())
-    for i in range(decode_tokens + 3):
-        for times, decoder in zip(steps, decoders, strict=True):
-            seconds = decoder.step()
-            if i >= 3:  # warm-up steps
-                times.append(seconds)
-    return [(statistics.median(p), statistics.median(s))
-            for p, s in zip(prefill, steps, strict=True)]
+    results = []
+    for path, extra in graphs:
+        decoder = Decoder(path, threads, extra)
+        prefill = [decoder.prefill() for _ in range(5)]
+        steps = [decoder.step() for _ in range(decode_tokens + 3)][3:]  # 3 warm-up steps
+        results.append((statistics.median(prefill), statistics.median(steps)))
+        del decoder
+    return results
 
 
 def op_profile(path: Path, threads: int, decode_tokens: int) -> dict[str, float]:
@@ -238,7 +237,7 @@ def main() -> None:
         manifest, folder = run("int8", budgets=budgets, quantize="int8")
         measure("int8", manifest, folder)
 
-    # Every graph is timed step-interleaved with the dense one (`time_interleaved`), in
+    # Every graph is timed back to back with the dense one (`time_in_turn`), in
     # `--rounds` rounds: best median ms kept, and the decode ratio to dense is the median of
     # the per-round ratios, each taken under the same load.
     dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
@@ -247,8 +246,8 @@ def main() -> None:
         for result, path, extra in graphs:
             if result is dense:
                 continue
-            pair = [Decoder(dense_path, args.threads), Decoder(path, args.threads, extra)]
-            timed = time_interleaved(pair, args.decode_tokens)
+            timed = time_in_turn([(dense_path, None), (path, extra)], args.threads,
+                                 args.decode_tokens)
             for r, (prefill, decode) in zip((dense, result), timed, strict=True):
                 r["prefill_ms"] = min(r["prefill_ms"], 1e3 * prefill)
                 r["decode_ms"] = min(r["decode_ms"], 1e3 * decode)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_onnx import Decoder, time_interleaved
+from bench_onnx import time_in_turn
 
 from flexrank.baselines import uniform_ranks
 from flexrank.elastic import ElasticModel
@@ -102,10 +102,10 @@ def measure_latency(elastic: ElasticModel, folder: Path, threads: int, rounds: i
         print(f"export {label}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
         graphs += [(label, entry["beta"], folder / label / entry["graph"])
                    for entry in manifest["budgets"]]
-    # Each graph is timed in a pair with the dense one, steps interleaved (bench_onnx's
-    # method): the ratio is taken under one load, and only two onnxruntime sessions live at
-    # a time (thirteen at once spun each other's thread pools on 2 cores: every graph
-    # timed alike). A graph's figure is the dense median x its median ratio to dense.
+    # Each graph is timed back to back with the dense one (bench_onnx.time_in_turn: one
+    # session alive at a time; live sessions spin each other's thread pools on 2 cores),
+    # so the ratio is taken under one load. A graph's figure is the dense median x its
+    # median ratio to dense.
     dense_path = next(path for label, beta, path in graphs if label == "plan" and beta == 1.0)
     ratios: dict[tuple[str, float], list[float]] = {}
     dense_ms: list[float] = []
@@ -113,8 +113,8 @@ def measure_latency(elastic: ElasticModel, folder: Path, threads: int, rounds: i
         for label, beta, path in graphs:
             if path == dense_path:
                 continue
-            pair = [Decoder(dense_path, threads), Decoder(path, threads)]
-            (_, dense), (_, decode) = time_interleaved(pair, decode_tokens)
+            (_, dense), (_, decode) = time_in_turn([(dense_path, None), (path, None)],
+                                                   threads, decode_tokens)
             ratios.setdefault((label, beta), []).append(decode / dense)
             dense_ms.append(1e3 * dense)
         print(f"timing round {round_index + 1}/{rounds}", file=sys.stderr)
@@ -242,7 +242,7 @@ def markdown(ppl: dict, latency: dict, base: dict, trained: dict, unseen: set[fl
         "(planned, nested between trained levels, sampler weight 0). Training budget: "
         f"{training}. Latency: onnxruntime CPU, 2 threads, median decode step of the "
         "per-budget export: the dense median x the graph's median ratio to dense, each "
-        "graph timed step-interleaved with the dense one.",
+        "graph timed back to back with the dense one, one session alive at a time.",
         "",
         *lines,
         "",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,20 @@ def teacher_samples(model, tokenizer, num_samples: int, seq_len: int, seed: int,
                     progress: bool = True) -> torch.Tensor:
     """Sequences sampled from the model itself from its BOS token (data-free calibration)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # generate() warns of "right-padding" whenever the prompt's last id is the pad id: here
+    # the one-token BOS prompt, which some tokenizers share with EOS (= pad). No padding.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        rows = _sample_rows(model, bos, tokenizer.eos_token_id, num_samples, seq_len, seed,
+                            batch_size, temperature, progress)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return torch.cat(rows)
+
+
+def _sample_rows(model, bos, pad, num_samples, seq_len, seed, batch_size, temperature,
+                 progress) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     rows = []
     with torch.random.fork_rng(devices=[]):
@@ -134,9 +149,9 @@ def teacher_samples(model, tokenizer, num_samples: int, seq_len: int, seed: int,
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                  do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
-                                 pad_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=pad)
             rows.append(out[:, :seq_len].cpu())
-    return torch.cat(rows)
+    return rows
 
 
 def to_device(batch, device):
