@@ -38,7 +38,7 @@ from flexrank.io import atomic_path
 from flexrank.targets import nested_layers
 
 START, END = "<!-- report:start -->", "<!-- report:end -->"
-DISTILLED, PLANNED = "FlexRank distilled", "DataSVD + plan"
+DISTILLED = "FlexRank distilled"
 UNIFORM = ("plain SVD, uniform", "DataSVD, uniform")
 TARGETS = {0.8: 0.15, 0.6: 0.40}  # issue 8: ppl within this fraction of dense
 CHART_TOP = 10  # perplexity axes end at this multiple of the dense model's
