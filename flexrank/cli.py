@@ -91,7 +91,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=int, default=16, help="candidate ranks per layer")
     p.add_argument("--rank-multiple", type=int, default=8)
     p.add_argument("--probe-samples", type=int, default=4)
-    p.add_argument("--steps", type=int, default=200, help="distillation steps")
+    p.add_argument("--steps", type=int, default=200,
+                   help="distillation steps (sandwich: the largest, the smallest and one other "
+                        "budget each step)")
     p.add_argument("--train-batch", type=int, default=4, help="sequences per step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=DistillConfig.lr)
