@@ -46,17 +46,24 @@ PROMPT = 64
 VARIANTS = ("conditions", "plain", "shared", "elastic", "int8")
 
 
-class UniformPlan:
-    """Each layer keeps the same fraction β of its dense parameters (no sensitivity data)."""
+class TablePlan:
+    """A plan-like table {β: {layer: rank}} for `ElasticModel` (baselines, no sensitivity)."""
 
-    def __init__(self, layers: dict, budgets: list[float]):
-        self.budgets = sorted(budgets)
-        self.layer_names = list(layers)
-        self.table = {beta: {name: uniform_rank(layer.U.shape[0], layer.V.shape[0], beta)
-                             for name, layer in layers.items()} for beta in self.budgets}
+    def __init__(self, table: dict[float, dict[str, int]]):
+        self.table = table
+        self.budgets = sorted(table)
+        self.layer_names = list(next(iter(table.values())))
 
     def ranks_for(self, beta):
         return dict(self.table[beta])
+
+
+class UniformPlan(TablePlan):
+    """Each layer keeps the same fraction β of its dense parameters (no sensitivity data)."""
+
+    def __init__(self, layers: dict, budgets: list[float]):
+        super().__init__({beta: {name: uniform_rank(layer.U.shape[0], layer.V.shape[0], beta)
+                                 for name, layer in layers.items()} for beta in budgets})
 
 
 

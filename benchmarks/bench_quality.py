@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/flexrank-bench")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=300, help="0: no distillation")
+    parser.add_argument("--steps", type=int, default=100, help="0: no distillation")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--sampler", choices=("weighted", "sandwich"), default="sandwich",

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_onnx import time_in_turn
+from bench_onnx import TablePlan, time_in_turn
 
 from flexrank.baselines import uniform_ranks
 from flexrank.elastic import ElasticModel
@@ -42,18 +42,6 @@ DISTILLED = "FlexRank distilled"
 UNIFORM = ("plain SVD, uniform", "DataSVD, uniform")
 TARGETS = {0.8: 0.15, 0.6: 0.40}  # issue 8: ppl within this fraction of dense
 CHART_TOP = 10  # perplexity axes end at this multiple of the dense model's
-
-
-class FixedPlan:
-    """A plan-like table of ranks per budget (the uniform baseline), for `ElasticModel`."""
-
-    def __init__(self, ranks: dict[float, dict[str, int]]):
-        self.table = ranks
-        self.budgets = sorted(ranks)
-        self.layer_names = list(next(iter(ranks.values())))
-
-    def ranks_for(self, beta: float) -> dict[str, int]:
-        return dict(self.table[beta])
 
 
 def load_quality(out: Path) -> tuple[dict, dict]:
@@ -72,10 +60,11 @@ def merged_ppl(base: dict, trained: dict) -> dict[str, dict[float, float]]:
     return ppl
 
 
-def uniform_plan(elastic: ElasticModel, budgets: list[float]) -> FixedPlan:
+def uniform_plan(elastic: ElasticModel, budgets: list[float]) -> TablePlan:
+    """The uniform baseline's ranks (`baselines.uniform_ranks`: one rank fraction)."""
     layers = nested_layers(elastic.model)
     shapes = [(layer.U.shape[0], layer.V.shape[0]) for layer in layers.values()]
-    return FixedPlan({beta: dict(zip(layers, uniform_ranks(shapes, beta), strict=True))
+    return TablePlan({beta: dict(zip(layers, uniform_ranks(shapes, beta), strict=True))
                       for beta in budgets})
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -124,23 +125,9 @@ def teacher_samples(model, tokenizer, num_samples: int, seq_len: int, seed: int,
                     progress: bool = True) -> torch.Tensor:
     """Sequences sampled from the model itself from its BOS token (data-free calibration)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    # generate() warns of "right-padding" whenever the prompt's last id is the pad id: here
-    # the one-token BOS prompt, which some tokenizers share with EOS (= pad). No padding.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        rows = _sample_rows(model, bos, tokenizer.eos_token_id, num_samples, seq_len, seed,
-                            batch_size, temperature, progress)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return torch.cat(rows)
-
-
-def _sample_rows(model, bos, pad, num_samples, seq_len, seed, batch_size, temperature,
-                 progress) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     rows = []
-    with torch.random.fork_rng(devices=[]):
+    with _transformers_errors_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         starts = range(0, num_samples, batch_size)
         for first in tqdm(starts, desc="teacher samples", unit="batch", disable=not progress):
@@ -149,9 +136,22 @@ def _sample_rows(model, bos, pad, num_samples, seq_len, seed, batch_size, temper
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                  do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
-                                 pad_token_id=pad)
+                                 pad_token_id=tokenizer.eos_token_id)
             rows.append(out[:, :seq_len].cpu())
-    return rows
+    return torch.cat(rows)
+
+
+@contextmanager
+def _transformers_errors_only():
+    """generate() warns of "right-padding" whenever the prompt's last id is the pad id: for
+    teacher samples the one-token BOS prompt, which some tokenizers share with EOS (= pad).
+    There is no padding, so only transformers' errors are shown meanwhile."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def to_device(batch, device):
