@@ -29,7 +29,6 @@ from .onnx_graph import (
     canonical_factor_names,
     load_model,
     save_model,
-    store_tied_once,
 )
 from .onnx_layouts import RANK_LEVEL, make_elastic, write_shared
 from .torch_to_onnx import (
@@ -43,6 +42,7 @@ from .torch_to_onnx import (
     outlier_layers,
     quantize_int8,
     sample_for,
+    tidy_graph,
     torch_outputs,
 )
 from .validate import make_session, validate_decoder, validate_named
@@ -121,7 +121,7 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
         folder = out_dir / budget_name(beta)
         shutil.rmtree(folder, ignore_errors=True)
         path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, graph_config)
-        finish_graph(path, config)
+        finish_graph(path, kind, getattr(elastic.model, "config", None), config)
         extra = {}
         if quantize == "int8":
             with at_budget(elastic, beta) as model:
@@ -145,8 +145,7 @@ def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path):
         folder = scratch / budget_name(beta)
         path, records[beta], factors = export_budget_graph(elastic, beta, kind, folder, sample,
                                                            config, factors_only=True)
-        model = load_model(path)
-        store_tied_once(model)
+        model = tidy_graph(load_model(path), kind, getattr(elastic.model, "config", None), config)
         factor_names |= canonical_factor_names(model, factors)
         graphs[beta] = model
         support_files = [f for f in folder.iterdir() if f.is_file() and ".onnx" not in f.name]

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ from flexrank.targets import nested_layers
 
 from .deploy import FormPolicy, deployable_model
 from .onnx_graph import load_model, save_model, store_tied_once
+from .onnx_simplify import simplify
 from .validate import DEFAULT_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class OnnxExportConfig:
     sample_text: str = SAMPLE_TEXT
     forms: FormPolicy = FormPolicy()  # dense / gauge-fixed / plain choice per layer
     int8_outlier_ratio: float = INT8_OUTLIER_RATIO  # int8: layers above stay float
+    simplify: bool = True  # fuse and drop shape plumbing (`onnx_simplify`); False: as exported
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
@@ -101,14 +104,25 @@ def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
     return path
 
 
-def finish_graph(path: Path, config: OnnxExportConfig) -> list[Path]:
-    """Store tied weights once and save (external data when asked or above 2 GB)."""
-    model = load_model(path)
+def tidy_graph(model: onnx.ModelProto, kind: str, hf_config, config: OnnxExportConfig,
+               ) -> onnx.ModelProto:
+    """Tied weights stored once; with `config.simplify`, the graph simplified
+    (`onnx_simplify.simplify`: onnxruntime's fusions for transformers models, static shapes)."""
     removed = store_tied_once(model)
+    if removed:
+        logger.info("%d duplicate (tied) initializers stored once", removed)
+    if not config.simplify:
+        return model
+    return simplify(model, num_heads=getattr(hf_config, "num_attention_heads", 0) or 0,
+                    hidden_size=getattr(hf_config, "hidden_size", 0) or 0,
+                    fuse=kind in ("decoder", "encoder"))
+
+
+def finish_graph(path: Path, kind: str, hf_config, config: OnnxExportConfig) -> list[Path]:
+    """`tidy_graph`, then save (external data when asked or above 2 GB)."""
+    model = tidy_graph(load_model(path), kind, hf_config, config)
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
-    if removed:
-        logger.info("%s: %d duplicate (tied) initializers stored once", path.name, removed)
     return save_model(model, path, config.external_data)
 
 
@@ -159,7 +173,6 @@ def quantize_int8(path: Path, float_layers=()) -> list[Path]:
 
     The graph must hold no gauge-fixed layer: int8 error in its z is amplified by
     ‖U[r:] U[:r]⁻¹‖ (`deploy.quantized_policy`), so export it with plain factors or dense."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     scopes = tuple(onnx_scope(name) for name in float_layers)
@@ -168,7 +181,10 @@ def quantize_int8(path: Path, float_layers=()) -> list[Path]:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
         quantize_dynamic(path, out, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=keep)
+                         weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                         # onnx's shape inference cannot type the outputs of onnxruntime's
+                         # fused ops (`onnx_simplify`); every activation here is float32
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
         written = []
@@ -184,7 +200,6 @@ def float_weight_matmuls(path: Path) -> list[str]:
     weight: the `float_layers` kept out of int8, and a tied lm_head, whose weight is a
     Transpose of the embedding table rather than an initializer (quantize_dynamic only
     quantizes constant initializers)."""
-    import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}

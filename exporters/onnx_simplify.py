@@ -1,0 +1,296 @@
+"""Clean-up of an exported graph for onnxruntime: fewer nodes, same numbers.
+
+Decoding one token of a small LM on a CPU is dominated by node dispatch, not arithmetic.
+TorchScript export of a transformers decoder computes the target of every Reshape and
+Expand from Shape → Gather → Unsqueeze → Concat chains over the live tensors: SmolLM2's
+decoder graph has ~100 nodes per block around its 7 weight MatMuls, ~2.5 µs each on
+onnxruntime's CPU provider, which was 40 % of a dense decode step and more of a factored
+one. `simplify` removes them:
+
+1. onnxruntime's transformer fusions (`onnxruntime.transformers.optimizer`): RMSNorm with
+   its residual add → SkipSimplifiedLayerNormalization, the rotary embedding →
+   RotaryEmbedding. Attention fusion stays off: its fused op has its own KV-cache layout,
+   and the graph keeps Hugging Face's `past_key_values.*` / `present.*`.
+2. Static shapes, from onnxruntime's symbolic shape inference: a Reshape whose output shape
+   can be written with constants, 0 (copy the input's dimension) and a single -1 gets that
+   constant target; an Expand gets a constant target of 1s and the broadcast sizes; a
+   Slice that returns its input unchanged (start 0, step 1, same shape) is dropped.
+3. Common subexpressions merged, equal constants included (the per-block conversion of
+   the shared causal mask becomes one node).
+4. Nodes whose outputs nothing reads are removed, with unread initializers.
+
+Every exported budget is still validated against PyTorch afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+# Fusions that keep the graph's inputs and outputs as they are.
+_FUSIONS_OFF = ("enable_attention", "enable_embed_layer_norm", "enable_qordered_matmul",
+                "enable_gemm_fast_gelu", "enable_nhwc_conv", "enable_group_norm")
+
+
+def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
+             fuse: bool = True) -> onnx.ModelProto:
+    """The simplified graph (a new ModelProto when `fuse`, else `model` edited in place).
+
+    `num_heads` / `hidden_size` (0: detected) are passed to onnxruntime's fusions."""
+    before = len(model.graph.node)
+    if fuse:
+        model = ort_fusions(model, num_heads, hidden_size)
+    fused = len(model.graph.node)
+    static = static_shapes(model)
+    merged = merge_common(model.graph)
+    removed = remove_unused(model.graph)
+    logger.info("graph simplified: %d -> %d nodes (fusions -%d, static shapes %s, merged %d, "
+                "dead %d)", before, len(model.graph.node), before - fused, dict(static), merged,
+                removed)
+    return model
+
+
+def ort_fusions(model: onnx.ModelProto, num_heads: int, hidden_size: int) -> onnx.ModelProto:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("gpt2")
+    for flag in _FUSIONS_OFF:
+        setattr(options, flag, False)
+    # its modules log every fusion at INFO under their bare module names
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        # opt_level 0: the Python fusions only; onnxruntime's own optimizer runs at load time
+        optimized = optimize_model(model, model_type="gpt2", num_heads=num_heads,
+                                   hidden_size=hidden_size, optimization_options=options,
+                                   opt_level=0, use_gpu=False)
+    finally:
+        logging.disable(previous)
+    fused = optimized.model
+    domains = {node.domain for node in fused.graph.node} - {"", "ai.onnx"}
+    imported = {opset.domain for opset in fused.opset_import}
+    for domain in sorted(domains - imported):  # the fusions leave com.microsoft undeclared
+        fused.opset_import.append(helper.make_opsetid(domain, 1))
+    return fused
+
+
+# --- static shapes -------------------------------------------------------------------------
+
+Dim = int | str | None  # a size, a symbolic size, or unknown
+
+
+def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[Dim]]:
+    """{tensor name: dims} by onnxruntime's symbolic shape inference ({} if it fails)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as error:  # noqa: BLE001 - an unsupported op: keep the graph as it is
+        logger.warning("symbolic shape inference failed (%s): shapes left dynamic", error)
+        return {}
+    if inferred is None:
+        return {}
+    graph = inferred.graph
+    shapes = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        kind = info.type.WhichOneof("value")
+        if kind != "tensor_type" or not info.type.tensor_type.HasField("shape"):
+            continue
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value")
+                             else (d.dim_param or None) for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def reshape_target(dims_in: list[Dim], dims_out: list[Dim]) -> list[int] | None:
+    """A constant Reshape target giving `dims_out` from `dims_in`, or None."""
+    target, inferred = [], 0
+    for j, dim in enumerate(dims_out):
+        if isinstance(dim, int) and dim > 0:
+            target.append(dim)
+        elif dim is not None and j < len(dims_in) and dims_in[j] == dim:
+            target.append(0)
+        else:
+            target.append(-1)
+            inferred += 1
+    return target if inferred <= 1 else None
+
+
+def expand_target(dims_in: list[Dim], dims_out: list[Dim]) -> list[int] | None:
+    """A constant Expand target broadcasting `dims_in` to `dims_out`, or None."""
+    offset = len(dims_out) - len(dims_in)
+    if offset < 0:
+        return None
+    target = []
+    for j, dim in enumerate(dims_out):
+        source = dims_in[j - offset] if j >= offset else 1
+        if dim is not None and source == dim:
+            target.append(1)
+        elif source == 1 and isinstance(dim, int) and dim > 0:
+            target.append(dim)
+        else:
+            return None
+    return target
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {init.name: init for init in graph.initializer}
+    out = {}
+    for name, init in values.items():
+        if np.prod(init.dims) <= 16:
+            out[name] = numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def _known(dims: list[Dim] | None) -> bool:
+    return dims is not None and all(d is not None for d in dims)
+
+
+def _is_identity_slice(node, shapes, constants) -> bool:
+    dims_in, dims_out = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if not (_known(dims_in) and dims_in == dims_out):
+        return False
+    starts = constants.get(node.input[1])
+    steps = constants.get(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if starts is None or np.any(starts != 0):
+        return False
+    return not (len(node.input) > 4 and node.input[4] and (steps is None or np.any(steps != 1)))
+
+
+def static_shapes(model: onnx.ModelProto) -> Counter:
+    """Constant Reshape/Expand targets and identity Slices dropped; returns counts."""
+    graph = model.graph
+    shapes = symbolic_shapes(model)
+    if not shapes:
+        return Counter()
+    constants = constant_values(graph)
+    outputs = {o.name for o in graph.output}
+    done: Counter = Counter()
+    new_inits, renames, dropped = [], {}, []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        dims_in, dims_out = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if node.op_type == "Slice":
+            if node.output[0] not in outputs and _is_identity_slice(node, shapes, constants):
+                renames[node.output[0]] = node.input[0]
+                dropped.append(node)
+                done["Slice"] += 1
+            continue
+        if node.op_type not in ("Reshape", "Expand") or node.input[1] in constants:
+            continue
+        if not (_known(dims_in) and _known(dims_out)):
+            continue
+        if node.op_type == "Reshape":
+            if any(a.name == "allowzero" and a.i for a in node.attribute):
+                continue
+            target = reshape_target(dims_in, dims_out)
+        else:
+            target = expand_target(dims_in, dims_out)
+        if target is None:
+            continue
+        name = f"{node.output[0]}_static_shape"
+        new_inits.append(numpy_helper.from_array(np.array(target, np.int64), name))
+        node.input[1] = name
+        done[node.op_type] += 1
+    graph.initializer.extend(new_inits)
+    for node in dropped:
+        graph.node.remove(node)
+    _rename_inputs(graph, renames)
+    return done
+
+
+# --- common subexpressions and dead nodes ---------------------------------------------------
+
+def _has_subgraph(node) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)
+
+
+def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    if not renames:
+        return
+
+    def resolve(name):
+        while name in renames:
+            name = renames[name]
+        return name
+
+    def visit(g):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = resolve(name)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for sub in attr.graphs:
+                    visit(sub)
+
+    visit(graph)
+
+
+def merge_common(graph: onnx.GraphProto) -> int:
+    """Nodes with the same op, attributes and inputs as an earlier one read its outputs
+    instead (deterministic ops only; graph outputs kept). Returns how many were merged."""
+    outputs = {o.name for o in graph.output}
+    seen, renames, dropped = {}, {}, []
+    for node in graph.node:
+        inputs = tuple(renames.get(name, name) for name in node.input)
+        if (_has_subgraph(node) or node.op_type.startswith("Random")
+                or any(o in outputs for o in node.output)):
+            continue
+        key = (node.domain, node.op_type, inputs, len(node.output),
+               tuple(a.SerializeToString() for a in node.attribute))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            renames.update((o, f) for o, f in zip(node.output, first.output, strict=True) if o)
+            dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+    _rename_inputs(graph, renames)
+    return len(dropped)
+
+
+def _subgraph_reads(node) -> set[str]:
+    names = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                names.update(inner.input)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def remove_unused(graph: onnx.GraphProto) -> int:
+    """Drop nodes none of whose outputs is read, and unread initializers."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(node.input)
+            needed |= _subgraph_reads(node)
+    removed = len(graph.node) - len(keep)
+    if removed:
+        kept = list(reversed(keep))
+        del graph.node[:]
+        graph.node.extend(kept)
+    unread = [init for init in graph.initializer if init.name not in needed]
+    for init in unread:
+        graph.initializer.remove(init)
+    return removed
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(node.op_type for node in model.graph.node)
+
