@@ -121,7 +121,7 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
         folder = out_dir / budget_name(beta)
         shutil.rmtree(folder, ignore_errors=True)
         path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, graph_config)
-        finish_graph(path, kind, getattr(elastic.model, "config", None), config)
+        finish_graph(path, kind, elastic.model, config)
         extra = {}
         if quantize == "int8":
             with at_budget(elastic, beta) as model:
@@ -145,7 +145,7 @@ def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path):
         folder = scratch / budget_name(beta)
         path, records[beta], factors = export_budget_graph(elastic, beta, kind, folder, sample,
                                                            config, factors_only=True)
-        model = tidy_graph(load_model(path), kind, getattr(elastic.model, "config", None), config)
+        model = tidy_graph(load_model(path), kind, elastic.model, config)
         factor_names |= canonical_factor_names(model, factors)
         graphs[beta] = model
         support_files = [f for f in folder.iterdir() if f.is_file() and ".onnx" not in f.name]

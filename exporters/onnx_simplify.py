@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_attention import fuse_attention
+
 logger = logging.getLogger(__name__)
 
 # Fusions that keep the graph's inputs and outputs as they are.
@@ -39,20 +41,24 @@ _FUSIONS_OFF = ("enable_attention", "enable_embed_layer_norm", "enable_qordered_
 
 
 def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
-             fuse: bool = True) -> onnx.ModelProto:
+             kv_heads: int = 0, fuse: bool = True) -> onnx.ModelProto:
     """The simplified graph (a new ModelProto when `fuse`, else `model` edited in place).
 
-    `num_heads` / `hidden_size` (0: detected) are passed to onnxruntime's fusions."""
+    `num_heads` / `hidden_size` (0: detected) are passed to onnxruntime's fusions; with
+    `num_heads` and `kv_heads` given, a decoder's attention becomes GroupQueryAttention
+    (`onnx_attention.fuse_attention`)."""
     before = len(model.graph.node)
     if fuse:
         model = ort_fusions(model, num_heads, hidden_size)
     fused = len(model.graph.node)
     static = static_shapes(model)
     merged = merge_common(model.graph)
-    removed = remove_unused(model.graph)
+    removed = remove_unused(model.graph)  # the shape chains' readers go before matching
+    attention = fuse_attention(model, num_heads, kv_heads) if fuse and kv_heads else 0
+    removed += remove_unused(model.graph)
     logger.info("graph simplified: %d -> %d nodes (fusions -%d, static shapes %s, merged %d, "
-                "dead %d)", before, len(model.graph.node), before - fused, dict(static), merged,
-                removed)
+                "attention blocks fused %d, dead %d)", before, len(model.graph.node),
+                before - fused, dict(static), merged, attention, removed)
     return model
 
 

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 # its ordinary entries to the outliers' scale, so such layers stay in float.
 INT8_OUTLIER_RATIO = 32.0
 SAMPLE_TEXT = "To be, or not to be, that is the question:"
+# Fewest positions the rotary tables of a simplified decoder graph cover.
+MIN_ROTARY_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -104,28 +106,57 @@ def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
     return path
 
 
-def tidy_graph(model: onnx.ModelProto, kind: str, hf_config, config: OnnxExportConfig,
+def tidy_graph(graph: onnx.ModelProto, kind: str, model: nn.Module, config: OnnxExportConfig,
                ) -> onnx.ModelProto:
     """Tied weights stored once; with `config.simplify`, the graph simplified
-    (`onnx_simplify.simplify`: onnxruntime's fusions for transformers models, static shapes)."""
-    removed = store_tied_once(model)
+    (`onnx_simplify.simplify`: onnxruntime's fusions for transformers models, static shapes,
+    GroupQueryAttention for decoders) and the fused rotary tables recomputed by `model`."""
+    removed = store_tied_once(graph)
     if removed:
         logger.info("%d duplicate (tied) initializers stored once", removed)
     if not config.simplify:
-        return model
-    return simplify(model, num_heads=getattr(hf_config, "num_attention_heads", 0) or 0,
-                    hidden_size=getattr(hf_config, "hidden_size", 0) or 0,
-                    fuse=kind in ("decoder", "encoder"))
+        return graph
+    hf_config = getattr(model, "config", None)
+    heads = getattr(hf_config, "num_attention_heads", 0) or 0
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if kind != "decoder":
+        kv_heads = 0  # no attention fusion outside decoders
+    graph = simplify(graph, num_heads=heads, hidden_size=getattr(hf_config, "hidden_size", 0) or 0,
+                     kv_heads=kv_heads, fuse=kind in ("decoder", "encoder"))
+    rotary_tables(graph, model)
+    return graph
 
 
-def finish_graph(path: Path, kind: str, hf_config, config: OnnxExportConfig) -> list[Path]:
+def rotary_tables(graph: onnx.ModelProto, model: nn.Module) -> None:
+    """Replace the `cos_cache` / `sin_cache` of onnxruntime's rotary fusion (131,072 rows
+    from NumPy's cos, 34 MB for SmolLM2) by the model's own rotary module's values: equal to
+    what PyTorch computes (gauge-fixed layers amplify float32 differences by up to their
+    condition number), for positions below max_position_embeddings, or
+    `MIN_ROTARY_POSITIONS` if more (tiny test models declare 128)."""
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in graph.graph.initializer}
+    rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    rows = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if "cos_cache" not in inits or "sin_cache" not in inits or rotary is None or not rows:
+        return
+    half = inits["cos_cache"].dims[1]
+    positions = torch.arange(min(max(rows, MIN_ROTARY_POSITIONS), inits["cos_cache"].dims[0]))
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions[None])
+    if cos.shape[-1] != 2 * half:
+        return  # partial rotary or another layout: keep onnxruntime's tables
+    for name, table in (("cos_cache", cos), ("sin_cache", sin)):
+        inits[name].CopyFrom(numpy_helper.from_array(table[0, :, :half].float().numpy(), name))
+
+
+def finish_graph(path: Path, kind: str, model: nn.Module, config: OnnxExportConfig,
+                 ) -> list[Path]:
     """`tidy_graph`, then save (external data when asked or above 2 GB)."""
-    model = tidy_graph(load_model(path), kind, hf_config, config)
+    graph = tidy_graph(load_model(path), kind, model, config)
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
-    return save_model(model, path, config.external_data)
-
-
+    return save_model(graph, path, config.external_data)
 
 
 @torch.no_grad()

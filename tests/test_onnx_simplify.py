@@ -27,7 +27,7 @@ from flexrank.exporters.onnx_simplify import (
     reshape_target,
     simplify,
 )
-from flexrank.exporters.torch_to_onnx import OnnxExportConfig
+from flexrank.exporters.torch_to_onnx import MIN_ROTARY_POSITIONS, OnnxExportConfig
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 
@@ -149,6 +149,14 @@ def test_simplified_decoder_matches_pytorch_on_a_left_padded_batch(llama, tmp_pa
     model = onnx.load(str(graph))
     in_blocks = [n for n in model.graph.node if n.name.startswith("/model/layers.")]
     assert not [n for n in in_blocks if n.op_type == "Shape"]  # no shape chain left
+    layers = llama.model.config.num_hidden_layers
+    assert op_counts(model)["GroupQueryAttention"] == layers  # one fused node per block
+    tables = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+              if i.name in ("cos_cache", "sin_cache")}
+    rows = max(llama.model.config.max_position_embeddings, MIN_ROTARY_POSITIONS)
+    cos, _ = llama.model.model.rotary_emb(torch.zeros(1), torch.arange(rows)[None])
+    half = cos.shape[-1] // 2
+    np.testing.assert_array_equal(tables["cos_cache"], cos[0, :, :half].numpy())  # PyTorch's
     plain = export(llama, tmp_path / "plain", budgets=[0.5],
                    config=OnnxExportConfig(simplify=False))["budgets"][0]
     unsimplified = onnx.load(str(tmp_path / "plain" / plain["graph"]), load_external_data=False)
