@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from flexrank.gauge import LayerForm
 from flexrank.targets import nested_layers
 
 from . import register_exporter
-from .deploy import LayerExport, quantized_policy
+from .deploy import FormPolicy, LayerExport, quantized_policy
 from .onnx_graph import (
     canonical_factor_names,
     load_model,
@@ -45,7 +46,13 @@ from .torch_to_onnx import (
     tidy_graph,
     torch_outputs,
 )
-from .validate import make_session, validate_decoder, validate_named
+from .validate import (
+    GenerationMismatchError,
+    OutputMismatchError,
+    make_session,
+    validate_decoder,
+    validate_named,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,27 +118,69 @@ def budget_entry(elastic, beta, records, files, out_dir: Path, validation, **ext
     }
 
 
+# A budget whose gauge-fixed graph misses the validation tolerance is exported again with
+# gauge blocks limited to this condition number, then without gauge fixing.
+FALLBACK_CONDITION = 1e3
+
+
+def fallback_policies(policy: FormPolicy) -> list[FormPolicy]:
+    """The form policies to retry a budget with, in order, when its graph with `policy`
+    fails validation by value: float32 rounding in a gauge-fixed layer reaches its output
+    multiplied by up to the block's condition number (`deploy.quantized_policy`)."""
+    if not policy.gauge_fixing or policy.force_form is not None:
+        return []
+    policies = []
+    if policy.max_condition > FALLBACK_CONDITION:
+        policies.append(replace(policy, max_condition=FALLBACK_CONDITION))
+    return policies + [replace(policy, gauge_fixing=False)]
+
+
+def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
+    """One budget's graph in `folder`: (layer records, graph path, manifest extras)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
+    finish_graph(path, kind, elastic.model, config)
+    extra = {}
+    if quantize == "int8":
+        with at_budget(elastic, beta) as model:
+            float_layers = outlier_layers(model, kind, sample, config.int8_outlier_ratio)
+        quantize_int8(path, float_layers)
+        extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
+        extra["int8_float_matmuls"] = float_weight_matmuls(path)
+    graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
+    return records, graph, extra
+
+
 def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
     # int8: plain factors or dense, never gauge-fixed (`quantized_policy` says why); the
     # manifest's `forms` and `layers` record what each layer became
-    graph_config = config if quantize is None else replace(
-        config, forms=quantized_policy(config.forms))
+    first = config.forms if quantize is None else quantized_policy(config.forms)
     entries = []
     for beta in budgets:
         folder = out_dir / budget_name(beta)
-        shutil.rmtree(folder, ignore_errors=True)
-        path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, graph_config)
-        finish_graph(path, kind, elastic.model, config)
-        extra = {}
-        if quantize == "int8":
-            with at_budget(elastic, beta) as model:
-                float_layers = outlier_layers(model, kind, sample, config.int8_outlier_ratio)
-            quantize_int8(path, float_layers)
-            extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
-            extra["int8_float_matmuls"] = float_weight_matmuls(path)
-        graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
-        validation = (validate_graph(elastic, beta, kind, graph, sample, config,
-                                     strict=quantize is None) if config.validate else None)
+        policies, failed = [first, *fallback_policies(first)], []
+        for policy in policies:
+            records, graph, extra = _export_budget(elastic, beta, kind, folder, sample,
+                                                   replace(config, forms=policy), quantize, ort)
+            if not config.validate:
+                validation = None
+                break
+            try:
+                validation = validate_graph(elastic, beta, kind, graph, sample, config,
+                                            strict=quantize is None)
+                break
+            except (OutputMismatchError, GenerationMismatchError) as error:
+                gauge = sum(r.form == LayerForm.GAUGE.value for r in records)
+                if policy is policies[-1] or not gauge:
+                    raise
+                failed.append({"max_condition": policy.max_condition,
+                               "gauge_fixing": policy.gauge_fixing, "gauge_layers": gauge,
+                               "error": str(error)})
+                logger.warning("β=%g: the graph with %d gauge-fixed layers (condition ≤ %g) "
+                               "failed validation (%s); exporting it again with fewer", beta,
+                               gauge, policy.max_condition, error)
+        if failed:
+            extra["form_fallbacks"] = failed
         files = [f for f in folder.rglob("*") if f.is_file()]
         entries.append(budget_entry(elastic, beta, records, files, out_dir, validation,
                                     graph=graph.relative_to(out_dir).as_posix(), **extra))

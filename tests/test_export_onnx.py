@@ -269,3 +269,46 @@ def test_bad_arguments_are_refused(llama, tmp_path):
         export(llama, tmp_path, format="tflite")
     with pytest.raises(ValueError, match="per-budget layout only"):
         export(llama, tmp_path, layout="shared", quantize="int8")
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3])
+def test_gauge_fixed_budget_failing_validation_is_exported_again(llama, tmp_path, monkeypatch,
+                                                                  failures):
+    """A budget whose gauge-fixed graph misses the tolerance is re-exported with gauge
+    blocks of condition ≤ 1e3, then without gauge fixing; after that the error stands."""
+    import flexrank.exporters.onnx as onnx_exporter
+
+    real, calls = onnx_exporter.validate_graph, []
+
+    def flaky(elastic_model, beta, kind, graph, *args, **kwargs):
+        calls.append(graph)
+        if len(calls) <= failures:
+            raise OutputMismatchError(f"max |Δ| too large (simulated failure {len(calls)})")
+        return real(elastic_model, beta, kind, graph, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_exporter, "validate_graph", flaky)
+    if failures == 3:
+        with pytest.raises(OutputMismatchError, match="simulated failure 3"):
+            export(llama, tmp_path, budgets=[0.5])
+        assert len(calls) == 3
+        return
+    entry = export(llama, tmp_path, budgets=[0.5])["budgets"][0]
+    fallbacks = entry["form_fallbacks"]
+    assert [f["max_condition"] for f in fallbacks] == [1e4, 1e3][:failures]
+    assert all(f["gauge_layers"] > 0 and "simulated" in f["error"] for f in fallbacks)
+    assert entry["validation"]["generation_match"]
+    if failures == 2:  # the last attempt has no gauge-fixed layer, and the bundle shows it
+        assert "gauge" not in entry["forms"]
+        assert entry["forms"].get("plain", 0) + entry["forms"].get("dense", 0) == len(
+            entry["layers"])
+
+
+def test_dense_budget_failing_validation_is_not_retried(llama, tmp_path, monkeypatch):
+    import flexrank.exporters.onnx as onnx_exporter
+
+    def failing(*args, **kwargs):
+        raise OutputMismatchError("simulated")
+
+    monkeypatch.setattr(onnx_exporter, "validate_graph", failing)
+    with pytest.raises(OutputMismatchError):
+        export(llama, tmp_path, budgets=[1.0])  # every layer dense: nothing to fall back to
