@@ -5,19 +5,22 @@ TorchScript export of a transformers decoder computes the target of every Reshap
 Expand from Shape → Gather → Unsqueeze → Concat chains over the live tensors: SmolLM2's
 decoder graph has ~100 nodes per block around its 7 weight MatMuls, ~2.5 µs each on
 onnxruntime's CPU provider, which was 40 % of a dense decode step and more of a factored
-one. `simplify` removes them:
+one. `simplify` removes them, in this order:
 
-1. onnxruntime's transformer fusions (`onnxruntime.transformers.optimizer`): RMSNorm with
-   its residual add → SkipSimplifiedLayerNormalization, the rotary embedding →
-   RotaryEmbedding. Attention fusion stays off: its fused op has its own KV-cache layout,
-   and the graph keeps Hugging Face's `past_key_values.*` / `present.*`.
-2. Static shapes, from onnxruntime's symbolic shape inference: a Reshape whose output shape
+1. Static shapes, from onnxruntime's symbolic shape inference: a Reshape whose output shape
    can be written with constants, 0 (copy the input's dimension) and a single -1 gets that
    constant target; an Expand gets a constant target of 1s and the broadcast sizes; a
    Slice that returns its input unchanged (start 0, step 1, same shape) is dropped.
-3. Common subexpressions merged, equal constants included (the per-block conversion of
-   the shared causal mask becomes one node).
-4. Nodes whose outputs nothing reads are removed, with unread initializers.
+   Then common subexpressions are merged, equal constants included (the per-block
+   conversion of the shared causal mask becomes one node), and nodes whose outputs
+   nothing reads are removed with unread initializers. SmolLM2: 7,426 -> 2,532 nodes.
+2. Transformers models: onnxruntime's fusions (`onnxruntime.transformers.optimizer`,
+   whose pattern search is quadratic in the node count, hence after 1): RMSNorm with its
+   residual add → SkipSimplifiedLayerNormalization, the rotary embedding →
+   RotaryEmbedding. Its attention fusion stays off (its fused op has its own KV-cache
+   layout); step 1 again on what the fusions leave. SmolLM2: 1,224 nodes.
+3. Decoders: attention → GroupQueryAttention (`onnx_attention`), with Hugging Face's
+   `past_key_values.*` / `present.*` kept. SmolLM2: 511 nodes, 211 of them MatMul.
 
 Every exported budget is still validated against PyTorch afterwards.
 """
@@ -48,18 +51,26 @@ def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
     `num_heads` and `kv_heads` given, a decoder's attention becomes GroupQueryAttention
     (`onnx_attention.fuse_attention`)."""
     before = len(model.graph.node)
+    done = _clean(model)  # first: onnxruntime's fusions are quadratic in the node count
     if fuse:
+        fused = len(model.graph.node)
         model = ort_fusions(model, num_heads, hidden_size)
-    fused = len(model.graph.node)
-    static = static_shapes(model)
-    merged = merge_common(model.graph)
-    removed = remove_unused(model.graph)  # the shape chains' readers go before matching
-    attention = fuse_attention(model, num_heads, kv_heads) if fuse and kv_heads else 0
-    removed += remove_unused(model.graph)
-    logger.info("graph simplified: %d -> %d nodes (fusions -%d, static shapes %s, merged %d, "
-                "attention blocks fused %d, dead %d)", before, len(model.graph.node),
-                before - fused, dict(static), merged, attention, removed)
+        done["fusions"] = fused - len(model.graph.node)
+        done += _clean(model)  # the fused nodes' shape chains
+        if kv_heads:
+            done["attention blocks"] = fuse_attention(model, num_heads, kv_heads)
+            done["dead"] += remove_unused(model.graph)
+    logger.info("graph simplified: %d -> %d nodes (%s)", before, len(model.graph.node),
+                ", ".join(f"{k} {v}" for k, v in done.items()))
     return model
+
+
+def _clean(model: onnx.ModelProto) -> Counter:
+    """Static shapes, merged subexpressions, dead nodes: how many of each."""
+    done = Counter({f"static {op}": n for op, n in static_shapes(model).items()})
+    done["merged"] = merge_common(model.graph)
+    done["dead"] = remove_unused(model.graph)
+    return done
 
 
 def ort_fusions(model: onnx.ModelProto, num_heads: int, hidden_size: int) -> onnx.ModelProto:
