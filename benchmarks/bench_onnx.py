@@ -13,7 +13,9 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
   rounds, best median kept, decode ratio = median of the per-round ratios;
   `--profile` adds onnxruntime's kernel time per op type for dense and the lowest β;
 - the same ranks with plain factors (what gauge fixing buys);
-- the shared and elastic layouts (same budgets), and int8 dynamic quantization.
+- the shared and elastic layouts (same budgets), and int8 dynamic quantization;
+- the same budgets unsimplified (`OnnxExportConfig(simplify=False)`): what
+  `exporters/onnx_simplify.py` buys.
 
 Target (issue): decode-time ratio to dense within 15 % of the bytes-read ratio.
 """
@@ -43,7 +45,7 @@ from flexrank.exporters.validate import decoder_feed
 from flexrank.targets import nested_layers
 
 PROMPT = 64
-VARIANTS = ("conditions", "plain", "shared", "elastic", "int8")
+VARIANTS = ("conditions", "plain", "shared", "elastic", "int8", "unsimplified")
 
 
 class TablePlan:
@@ -243,6 +245,10 @@ def main() -> None:
     if "int8" in variants:
         manifest, folder = run("int8", budgets=budgets, quantize="int8")
         measure("int8", manifest, folder)
+    if "unsimplified" in variants:  # the graphs as torch.onnx/optimum write them
+        raw = OnnxExportConfig(simplify=False, generate=False)
+        manifest, folder = run("unsimplified", budgets=budgets, config=raw)
+        measure("unsimplified", manifest, folder)
 
     # Every graph is timed back to back with the dense one (`time_in_turn`), in
     # `--rounds` rounds: best median ms kept, and the decode ratio to dense is the median of
