@@ -115,6 +115,9 @@ def _match(g: _Graph, index: int) -> _Block | None:
             break
         if node.op_type not in _CHAIN_TO_SCORES:
             return None
+        perm = _perm(node)
+        if node.op_type == "Transpose" and perm[-2:] != [len(perm) - 1, len(perm) - 2]:
+            return None  # only Kᵀ (the last two axes swapped) belongs on this path
         if node.op_type == "Mul":
             factor = g.scalar(node.input[1])
             if factor is None:
@@ -136,12 +139,15 @@ def _match(g: _Graph, index: int) -> _Block | None:
     q = None if rotary_q is None else g.head_split_source(rotary_q.input[0])
     if q is None or list(rotary_q.input[1:]) != list(rotary_k.input[1:]):
         return None
+    if {a.name for a in rotary_k.attribute} - {"interleaved", "scale"}:
+        return None  # partial rotary (rotary_embedding_dim): not rewritten
     # scores -> Add(mask) -> Softmax -> [IsNaN/Where guard] -> MatMul(·, V) -> merge heads
     add = g.only_consumer(scores.output[0])
     if add is None or add.op_type != "Add" or add.input[0] != scores.output[0]:
         return None
     softmax = g.only_consumer(add.output[0])
-    if softmax is None or softmax.op_type != "Softmax":
+    if softmax is None or softmax.op_type != "Softmax" or \
+            next((a.i for a in softmax.attribute if a.name == "axis"), -1) not in (-1, 3):
         return None
     probs = softmax.output[0]
     users = g.consumers.get(probs, [])

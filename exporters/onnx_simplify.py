@@ -45,7 +45,8 @@ _FUSIONS_OFF = ("enable_attention", "enable_embed_layer_norm", "enable_qordered_
 
 def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
              kv_heads: int = 0, fuse: bool = True) -> onnx.ModelProto:
-    """The simplified graph (a new ModelProto when `fuse`, else `model` edited in place).
+    """The simplified graph: `model` edited in place, or with `fuse` a new ModelProto
+    (onnxruntime's fusions copy it; `model` is still edited by the first step).
 
     `num_heads` / `hidden_size` (0: detected) are passed to onnxruntime's fusions; with
     `num_heads` and `kv_heads` given, a decoder's attention becomes GroupQueryAttention
