@@ -35,6 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_attention import fuse_attention
+from .onnx_graph import PROTOBUF_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,18 @@ _FUSIONS_OFF = ("enable_attention", "enable_embed_layer_norm", "enable_qordered_
 
 def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
              kv_heads: int = 0, fuse: bool = True) -> onnx.ModelProto:
-    """The simplified graph: `model` edited in place, or with `fuse` a new ModelProto
-    (onnxruntime's fusions copy it; `model` is still edited by the first step).
+    """`model` simplified in place, and returned (use the returned graph: with `fuse` it
+    may be another ModelProto).
 
     `num_heads` / `hidden_size` (0: detected) are passed to onnxruntime's fusions; with
     `num_heads` and `kv_heads` given, a decoder's attention becomes GroupQueryAttention
     (`onnx_attention.fuse_attention`)."""
     before = len(model.graph.node)
     done = _clean(model)  # first: onnxruntime's fusions are quadratic in the node count
+    if fuse and model.ByteSize() >= PROTOBUF_LIMIT:
+        logger.warning("graph of %.1f GB: onnxruntime's fusions need it in one protobuf "
+                       "(< 2 GB), skipped", model.ByteSize() / 1e9)
+        fuse = False
     if fuse:
         fused = len(model.graph.node)
         model = ort_fusions(model, num_heads, hidden_size)
