@@ -31,7 +31,7 @@ from .onnx_graph import (
     load_model,
     save_model,
 )
-from .onnx_layouts import RANK_LEVEL, make_elastic, write_shared
+from .onnx_layouts import RANK_LEVEL, make_elastic, make_elastic_branches, write_shared
 from .torch_to_onnx import (
     OnnxExportConfig,
     convert_to_ort,
@@ -239,7 +239,8 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
         layer = name.rsplit(".", 1)[0]
         factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
     graph = folder / "model.onnx"
-    save_model(make_elastic(graphs[top], factor_ranks), graph, config.external_data)
+    build = make_elastic if config.elastic_slices else make_elastic_branches
+    save_model(build(graphs[top], factor_ranks), graph, config.external_data)
     if ort:
         graph = convert_to_ort(folder)[0]
     entries = []

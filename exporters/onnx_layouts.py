@@ -5,8 +5,12 @@ initializers carry canonical rank-major names (`<layer>.Vt` (r, n), `<layer>.Ut`
   the first r rows of the same factor at the largest rank, i.e. a byte prefix, so each
   budget's graph references (offset, r·k·4 bytes) of one block; the other weights
   (embeddings, norms) are stored once by content.
-- elastic: one graph at the largest ranks plus an int64 input `rank_level` (shape [1]); per
-  factor, Gather(ranks table, rank_level) gives r and Slice takes the first r rows.
+- elastic: one graph at the largest ranks plus an int64 input `rank_level` (shape [1]).
+  Default (`make_elastic_branches`): one `If` branch per level with constant-rank Slices,
+  which onnxruntime folds at session creation: per-budget speed, each lower level's
+  factors held in memory once more. `make_elastic`: per factor, Gather(ranks table,
+  rank_level) gives r and Slice takes the first r rows on every call: one copy of the
+  factors in memory, but every call copies them.
 """
 
 from __future__ import annotations
@@ -94,5 +98,84 @@ def make_elastic(model: onnx.ModelProto, factor_ranks: dict[str, list[int]]) -> 
                   helper.make_node("Slice", [name, zero, rank, zero], [prefix])]
     for node in reversed(nodes):
         graph.node.insert(0, node)
+    model.ir_version = min(model.ir_version, ONNX_IR_VERSION)
+    return model
+
+
+def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[int]],
+                          ) -> onnx.ModelProto:
+    """Like `make_elastic`, but each level is an `If` branch holding the whole graph with
+    constant-rank Slices of the shared factors. onnxruntime folds those Slices once, when
+    the session is created, so each level runs at its own per-budget speed instead of
+    copying every factor on every call; the price is memory: the session holds each lower
+    level's sliced factors besides the file's (the top level reads them directly). In place.
+
+    A `rank_level` above the last level runs the last (largest) one.
+    """
+    graph = model.graph
+    if any(i.name == RANK_LEVEL for i in graph.input):
+        raise ValueError(f"the graph already has an input named {RANK_LEVEL!r}")
+    levels = len(next(iter(factor_ranks.values())))
+    outer = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    body = list(graph.node)
+    outputs = [o.name for o in graph.output]
+    zero = "flexrank.zero"
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), zero))
+
+    def branch(level: int) -> onnx.GraphProto:
+        prefix = f"level{level}/"
+        tops = {name: ranks[level] for name, ranks in factor_ranks.items()
+                if ranks[level] < max(ranks)}
+        local = {name: prefix + name for name in tops}
+        nodes, inits = [], []
+        for name, rank in tops.items():
+            end = numpy_helper.from_array(np.array([rank], np.int64), f"{prefix}{name}.rank")
+            inits.append(end)
+            nodes.append(helper.make_node("Slice", [name, zero, end.name, zero], [local[name]]))
+        for node in body:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            for i, name in enumerate(copy.input):
+                if name in local:
+                    copy.input[i] = local[name]
+                elif name and name not in outer:
+                    copy.input[i] = prefix + name
+            for i, name in enumerate(copy.output):
+                if name:
+                    copy.output[i] = prefix + name
+            if copy.name:
+                copy.name = prefix + copy.name
+            nodes.append(copy)
+        outs = [helper.make_tensor_value_info(prefix + name, TensorProto.UNDEFINED, None)
+                for name in outputs]
+        for out, original in zip(outs, graph.output, strict=True):
+            out.type.CopyFrom(original.type)
+        return helper.make_graph(nodes, f"level{level}", [], outs, inits)
+
+    def chain(level: int) -> onnx.GraphProto:
+        """Level `level` if rank_level == level, else the chain of the levels above."""
+        if level == levels - 1:
+            return branch(level)
+        k = f"flexrank.level{level}"
+        graph.initializer.append(numpy_helper.from_array(np.array([level], np.int64), k))
+        cond = f"{k}.is_chosen"
+        rest = chain(level + 1)
+        node = helper.make_node("If", [cond], [f"{k}/out{i}" for i in range(len(outputs))],
+                                then_branch=branch(level), else_branch=rest)
+        outs = [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)
+                for name in node.output]
+        for out, original in zip(outs, graph.output, strict=True):
+            out.type.CopyFrom(original.type)
+        return helper.make_graph([helper.make_node("Equal", [RANK_LEVEL, k], [cond]), node],
+                                 f"from_level{level}", [], outs)
+
+    top = chain(0)
+    del graph.value_info[:]  # of the names now inside the branches
+    del graph.node[:]
+    graph.node.extend(top.node)
+    graph.initializer.extend(top.initializer)
+    for out, inner in zip(graph.output, top.output, strict=True):  # outputs keep their names
+        graph.node.append(helper.make_node("Identity", [inner.name], [out.name]))
+    graph.input.append(helper.make_tensor_value_info(RANK_LEVEL, TensorProto.INT64, [1]))
     model.ir_version = min(model.ir_version, ONNX_IR_VERSION)
     return model

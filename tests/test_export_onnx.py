@@ -29,6 +29,7 @@ from flexrank.exporters import (
 )
 from flexrank.exporters.manifest import MANIFEST_FILE
 from flexrank.exporters.onnx_layouts import RANK_LEVEL
+from flexrank.exporters.torch_to_onnx import OnnxExportConfig
 from flexrank.exporters.validate import make_session, onnx_greedy, torch_greedy, validate_named
 from flexrank.surgery import FactorizeConfig, factorize_
 
@@ -123,16 +124,26 @@ def test_shared_layout_stores_each_byte_once(llama, tmp_path):
     assert int(small_ext["length"]) * 2 == int(where[name]["length"])  # rank 16 of 32
 
 
-def test_elastic_graph_gives_each_budget(llama, tmp_path):
-    manifest = export(llama, tmp_path, layout="elastic")
+@pytest.mark.parametrize("slices", [False, True], ids=["branches", "slices"])
+def test_elastic_graph_gives_each_budget(llama, tmp_path, slices):
+    manifest = export(llama, tmp_path, layout="elastic",
+                      config=OnnxExportConfig(elastic_slices=slices))
     graph = tmp_path / manifest["budgets"][0]["graph"]
+    model = onnx.load(str(graph), load_external_data=False)
+    assert sum(n.op_type == "If" for n in model.graph.node) == (0 if slices else 1)
     session = make_session(graph)
     assert RANK_LEVEL in [i.name for i in session.get_inputs()]
     prompt = llama.tokenizer("Now is the winter", return_tensors="pt")["input_ids"]
+    ids = prompt.numpy()
     for level, beta in enumerate(FRACTIONS):
         llama.set_budget(beta)
-        ours = onnx_greedy(session, prompt.numpy(), 8, {RANK_LEVEL: np.array([level])})
+        ours = onnx_greedy(session, ids, 8, {RANK_LEVEL: np.array([level])})
         assert np.array_equal(ours, torch_greedy(llama.model, prompt, 8))
+        with torch.no_grad():
+            reference = llama.model(input_ids=prompt).logits.numpy()
+        feed = _feed(session, prompt) | {RANK_LEVEL: np.array([level])}
+        logits = session.run(["logits"], feed)[0]
+        np.testing.assert_allclose(logits, reference, atol=1e-3 * max(1, np.abs(reference).max()))
     assert {b["rank_level"] for b in manifest["budgets"]} == {0, 1, 2}
 
 
