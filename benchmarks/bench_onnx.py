@@ -13,7 +13,8 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
   rounds, best median kept, decode ratio = median of the per-round ratios;
   `--profile` adds onnxruntime's kernel time per op type for dense and the lowest β;
 - the same ranks with plain factors (what gauge fixing buys);
-- the shared and elastic layouts (same budgets), and int8 dynamic quantization;
+- the shared and elastic layouts (same budgets; the elastic one also with one If branch
+  per level, `elastic-branches`), and int8 dynamic quantization;
 - the same budgets unsimplified (`OnnxExportConfig(simplify=False)`): what
   `exporters/onnx_simplify.py` buys.
 
@@ -45,7 +46,8 @@ from flexrank.exporters.validate import decoder_feed
 from flexrank.targets import nested_layers
 
 PROMPT = 64
-VARIANTS = ("conditions", "plain", "shared", "elastic", "int8", "unsimplified")
+VARIANTS = ("conditions", "plain", "shared", "elastic", "elastic-branches", "int8",
+            "unsimplified")
 
 
 class TablePlan:
@@ -241,6 +243,12 @@ def main() -> None:
     if "elastic" in variants:
         manifest, folder = run("elastic", layout="elastic", budgets=budgets, config=quick)
         measure("elastic", manifest, folder,
+                lambda e: {RANK_LEVEL: np.array([e["rank_level"]], np.int64)})
+    if "elastic-branches" in variants:  # one If branch per level, folded at load
+        branches = OnnxExportConfig(generate=False, elastic_branches=True)
+        manifest, folder = run("elastic-branches", layout="elastic", budgets=budgets,
+                               config=branches)
+        measure("elastic-branches", manifest, folder,
                 lambda e: {RANK_LEVEL: np.array([e["rank_level"]], np.int64)})
     if "int8" in variants:
         manifest, folder = run("int8", budgets=budgets, quantize="int8")

@@ -239,7 +239,7 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
         layer = name.rsplit(".", 1)[0]
         factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
     graph = folder / "model.onnx"
-    build = make_elastic if config.elastic_slices else make_elastic_branches
+    build = make_elastic_branches if config.elastic_branches else make_elastic
     save_model(build(graphs[top], factor_ranks), graph, config.external_data)
     if ort:
         graph = convert_to_ort(folder)[0]

@@ -6,11 +6,11 @@ initializers carry canonical rank-major names (`<layer>.Vt` (r, n), `<layer>.Ut`
   budget's graph references (offset, r·k·4 bytes) of one block; the other weights
   (embeddings, norms) are stored once by content.
 - elastic: one graph at the largest ranks plus an int64 input `rank_level` (shape [1]).
-  Default (`make_elastic_branches`): one `If` branch per level with constant-rank Slices,
-  which onnxruntime folds at session creation: per-budget speed, each lower level's
-  factors held in memory once more. `make_elastic`: per factor, Gather(ranks table,
-  rank_level) gives r and Slice takes the first r rows on every call: one copy of the
-  factors in memory, but every call copies them.
+  Default (`make_elastic`): per factor, Gather(ranks table, rank_level) gives r and Slice
+  takes the first r rows, on every call: one copy of the factors in memory, but each call
+  copies the chosen prefixes. `make_elastic_branches` (OnnxExportConfig(elastic_branches=
+  True)): one `If` branch per level with constant-rank Slices, which onnxruntime folds
+  at session creation: near per-budget speed, every level's factors held in memory.
 """
 
 from __future__ import annotations

@@ -124,13 +124,13 @@ def test_shared_layout_stores_each_byte_once(llama, tmp_path):
     assert int(small_ext["length"]) * 2 == int(where[name]["length"])  # rank 16 of 32
 
 
-@pytest.mark.parametrize("slices", [False, True], ids=["branches", "slices"])
-def test_elastic_graph_gives_each_budget(llama, tmp_path, slices):
+@pytest.mark.parametrize("branches", [False, True], ids=["slices", "branches"])
+def test_elastic_graph_gives_each_budget(llama, tmp_path, branches):
     manifest = export(llama, tmp_path, layout="elastic",
-                      config=OnnxExportConfig(elastic_slices=slices))
+                      config=OnnxExportConfig(elastic_branches=branches))
     graph = tmp_path / manifest["budgets"][0]["graph"]
     model = onnx.load(str(graph), load_external_data=False)
-    assert sum(n.op_type == "If" for n in model.graph.node) == (0 if slices else 1)
+    assert sum(n.op_type == "If" for n in model.graph.node) == (1 if branches else 0)
     session = make_session(graph)
     assert RANK_LEVEL in [i.name for i in session.get_inputs()]
     prompt = llama.tokenizer("Now is the winter", return_tensors="pt")["input_ids"]
