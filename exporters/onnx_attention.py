@@ -23,13 +23,14 @@ whose subgraph differs from the expected shape is left as it is.
 
 from __future__ import annotations
 
-import heapq
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .onnx_graph import constant_values, topological_sort
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,7 @@ class _Graph:
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer
-                          if np.prod(i.dims) <= 16}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.constants = constant_values(graph)
 
     def op(self, name: str, op_type: str):
         node = self.producer.get(name)
@@ -252,42 +249,3 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int) -> int
     if "com.microsoft" not in {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(blocks)
-
-
-def topological_sort(graph: onnx.GraphProto) -> None:
-    """Reorder `graph.node` so every node follows the producers of its inputs (Kahn's
-    algorithm, ties broken by the current order)."""
-    nodes = list(graph.node)
-    producer = {o: i for i, node in enumerate(nodes) for o in node.output if o}
-    waiting = [0] * len(nodes)
-    users: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        deps = {producer[name] for name in _outer_inputs(node) if name in producer} - {i}
-        waiting[i] = len(deps)
-        for j in deps:
-            users.setdefault(j, []).append(i)
-    ready = [i for i, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        i = heapq.heappop(ready)
-        ordered.append(nodes[i])
-        for j in users.get(i, []):
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    if len(ordered) != len(nodes):
-        raise ValueError("the graph has a cycle: it cannot be sorted")
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def _outer_inputs(node) -> list[str]:
-    """The inputs of `node`, and the outer-scope names its subgraphs read."""
-    names = list(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | \
-                {i.name for i in sub.initializer}
-            names += [name for n in sub.node for name in _outer_inputs(n) if name not in inner]
-    return names

@@ -1,5 +1,6 @@
 """Edits on exported ONNX graphs: tied weights stored once, factor initializers found by
-value and renamed, saving with external data.
+value and renamed, saving with external data; and the graph plumbing the other passes
+share (renaming inputs, subgraphs, topological order, small constants).
 
 Exporters name and fold initializers as they like (`onnx::MatMul_830` is `lm_head.weight`
 transposed), so factors are recognised by content, not by name.
@@ -8,6 +9,7 @@ transposed), so factors are recognised by content, not by name.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +30,86 @@ def _digest(array: np.ndarray) -> str:
 
 def rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Point every node input (also in subgraphs) that reads `old` at `new`."""
+    rename_inputs(graph, {old: new})
+
+
+def rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Point every node input (also in subgraphs) named in `renames` at its new name,
+    following chains (a -> b -> c reads c)."""
+    renames = {old: new for old, new in renames.items() if old != new}
+    if not renames:
+        return
+
+    def resolve(name):
+        while name in renames:
+            name = renames[name]
+        return name
+
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                rename_input(attr.g, old, new)
+            if name in renames:
+                node.input[i] = resolve(name)
+        for sub in subgraphs(node):
+            rename_inputs(sub, renames)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in `node`'s attributes (If branches, Loop bodies)."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        found.extend(attr.graphs)
+    return found
+
+
+def outer_inputs(node: onnx.NodeProto) -> list[str]:
+    """The inputs of `node`, and the outer-scope names its subgraphs read."""
+    names = list(node.input)
+    for sub in subgraphs(node):
+        inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | \
+            {i.name for i in sub.initializer}
+        names += [name for n in sub.node for name in outer_inputs(n) if name not in inner]
+    return names
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder `graph.node` so every node follows the producers of its inputs (Kahn's
+    algorithm, ties broken by the current order)."""
+    nodes = list(graph.node)
+    producer = {o: i for i, node in enumerate(nodes) for o in node.output if o}
+    waiting = [0] * len(nodes)
+    users: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        deps = {producer[name] for name in outer_inputs(node) if name in producer} - {i}
+        waiting[i] = len(deps)
+        for j in deps:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(nodes[i])
+        for j in users.get(i, []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(ordered) != len(nodes):
+        raise ValueError("the graph has a cycle: it cannot be sorted")
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def constant_values(graph: onnx.GraphProto, max_size: int = 16) -> dict[str, np.ndarray]:
+    """{name: value} of the graph's small constants: initializers of at most `max_size`
+    elements and Constant nodes."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer
+              if np.prod(init.dims) <= max_size}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
 
 
 def _replace_with_transpose(graph, init, source: str) -> None:

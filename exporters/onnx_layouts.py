@@ -122,13 +122,22 @@ def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[i
     zero = "flexrank.zero"
     graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), zero))
 
+    def typed_like(names: list[str]) -> list[onnx.ValueInfoProto]:
+        """Branch outputs named `names`, typed as the graph's outputs."""
+        infos = []
+        for name, original in zip(names, graph.output, strict=True):
+            info = onnx.ValueInfoProto(name=name)
+            info.type.CopyFrom(original.type)
+            infos.append(info)
+        return infos
+
     def branch(level: int) -> onnx.GraphProto:
         prefix = f"level{level}/"
-        tops = {name: ranks[level] for name, ranks in factor_ranks.items()
-                if ranks[level] < max(ranks)}
-        local = {name: prefix + name for name in tops}
+        sliced = {name: ranks[level] for name, ranks in factor_ranks.items()
+                  if ranks[level] < max(ranks)}  # the top level reads the factors as stored
+        local = {name: prefix + name for name in sliced}
         nodes, inits = [], []
-        for name, rank in tops.items():
+        for name, rank in sliced.items():
             end = numpy_helper.from_array(np.array([rank], np.int64), f"{prefix}{name}.rank")
             inits.append(end)
             nodes.append(helper.make_node("Slice", [name, zero, end.name, zero], [local[name]]))
@@ -146,11 +155,8 @@ def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[i
             if copy.name:
                 copy.name = prefix + copy.name
             nodes.append(copy)
-        outs = [helper.make_tensor_value_info(prefix + name, TensorProto.UNDEFINED, None)
-                for name in outputs]
-        for out, original in zip(outs, graph.output, strict=True):
-            out.type.CopyFrom(original.type)
-        return helper.make_graph(nodes, f"level{level}", [], outs, inits)
+        return helper.make_graph(nodes, f"level{level}", [],
+                                 typed_like([prefix + name for name in outputs]), inits)
 
     def chain(level: int) -> onnx.GraphProto:
         """Level `level` if rank_level == level, else the chain of the levels above."""
@@ -162,12 +168,8 @@ def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[i
         rest = chain(level + 1)
         node = helper.make_node("If", [cond], [f"{k}/out{i}" for i in range(len(outputs))],
                                 then_branch=branch(level), else_branch=rest)
-        outs = [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)
-                for name in node.output]
-        for out, original in zip(outs, graph.output, strict=True):
-            out.type.CopyFrom(original.type)
         return helper.make_graph([helper.make_node("Equal", [RANK_LEVEL, k], [cond]), node],
-                                 f"from_level{level}", [], outs)
+                                 f"from_level{level}", [], typed_like(list(node.output)))
 
     top = chain(0)
     del graph.value_info[:]  # of the names now inside the branches

@@ -35,7 +35,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_attention import fuse_attention
-from .onnx_graph import PROTOBUF_LIMIT
+from .onnx_graph import (
+    PROTOBUF_LIMIT,
+    constant_values,
+    outer_inputs,
+    rename_inputs,
+    subgraphs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,18 +168,6 @@ def expand_target(dims_in: list[Dim], dims_out: list[Dim]) -> list[int] | None:
     return target
 
 
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {init.name: init for init in graph.initializer}
-    out = {}
-    for name, init in values.items():
-        if np.prod(init.dims) <= 16:
-            out[name] = numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return out
-
-
 def _known(dims: list[Dim] | None) -> bool:
     return dims is not None and all(d is not None for d in dims)
 
@@ -183,10 +177,12 @@ def _is_identity_slice(node, shapes, constants) -> bool:
     if not (_known(dims_in) and dims_in == dims_out):
         return False
     starts = constants.get(node.input[1])
-    steps = constants.get(node.input[4]) if len(node.input) > 4 and node.input[4] else None
     if starts is None or np.any(starts != 0):
         return False
-    return not (len(node.input) > 4 and node.input[4] and (steps is None or np.any(steps != 1)))
+    if len(node.input) < 5 or not node.input[4]:
+        return True  # steps default to 1
+    steps = constants.get(node.input[4])
+    return steps is not None and not np.any(steps != 1)
 
 
 def static_shapes(model: onnx.ModelProto) -> Counter:
@@ -228,38 +224,14 @@ def static_shapes(model: onnx.ModelProto) -> Counter:
     graph.initializer.extend(new_inits)
     for node in dropped:
         graph.node.remove(node)
-    _rename_inputs(graph, renames)
+    rename_inputs(graph, renames)
     return done
 
 
 # --- common subexpressions and dead nodes ---------------------------------------------------
 
 def _has_subgraph(node) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in node.attribute)
-
-
-def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    if not renames:
-        return
-
-    def resolve(name):
-        while name in renames:
-            name = renames[name]
-        return name
-
-    def visit(g):
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in renames:
-                    node.input[i] = resolve(name)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                for sub in attr.graphs:
-                    visit(sub)
-
-    visit(graph)
+    return bool(subgraphs(node))
 
 
 def merge_common(graph: onnx.GraphProto) -> int:
@@ -280,18 +252,8 @@ def merge_common(graph: onnx.GraphProto) -> int:
             dropped.append(node)
     for node in dropped:
         graph.node.remove(node)
-    _rename_inputs(graph, renames)
+    rename_inputs(graph, renames)
     return len(dropped)
-
-
-def _subgraph_reads(node) -> set[str]:
-    names = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in sub.node:
-                names.update(inner.input)
-                names |= _subgraph_reads(inner)
-    return names
 
 
 def remove_unused(graph: onnx.GraphProto) -> int:
@@ -301,8 +263,7 @@ def remove_unused(graph: onnx.GraphProto) -> int:
     for node in reversed(graph.node):
         if any(o in needed for o in node.output if o):
             keep.append(node)
-            needed.update(node.input)
-            needed |= _subgraph_reads(node)
+            needed.update(outer_inputs(node))
     removed = len(graph.node) - len(keep)
     if removed:
         kept = list(reversed(keep))

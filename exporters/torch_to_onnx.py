@@ -137,8 +137,6 @@ def rotary_tables(graph: onnx.ModelProto, model: nn.Module) -> None:
     what PyTorch computes (gauge-fixed layers amplify float32 differences by up to their
     condition number), for positions below max_position_embeddings, or
     `MIN_ROTARY_POSITIONS` if more (tiny test models declare 128)."""
-    from onnx import numpy_helper
-
     inits = {init.name: init for init in graph.graph.initializer}
     rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
     rows = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -151,7 +149,7 @@ def rotary_tables(graph: onnx.ModelProto, model: nn.Module) -> None:
     if cos.shape[-1] != 2 * half:
         return  # partial rotary or another layout: keep onnxruntime's tables
     for name, table in (("cos_cache", cos), ("sin_cache", sin)):
-        inits[name].CopyFrom(numpy_helper.from_array(table[0, :, :half].float().numpy(), name))
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(table[0, :, :half].float().numpy(), name))
 
 
 def finish_graph(path: Path, kind: str, model: nn.Module, config: OnnxExportConfig,
@@ -235,7 +233,6 @@ def float_weight_matmuls(path: Path) -> list[str]:
     weight: the `float_layers` kept out of int8, and a tied lm_head, whose weight is a
     Transpose of the embedding table rather than an initializer (quantize_dynamic only
     quantizes constant initializers)."""
-
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
     weights |= {node.output[0] for node in graph.node
