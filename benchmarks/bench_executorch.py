@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_onnx import time_in_turn, uniform_smollm2
+from bench_onnx import time_alone, uniform_smollm2
 
 from flexrank.exporters import EXPORTERS, export
 from flexrank.exporters.executorch import ExecutorchExportConfig
@@ -127,8 +127,7 @@ def main() -> None:
             if runtime == "executorch":
                 prefill, decode = time_pte(path, args.decode_tokens)
             else:
-                [(prefill, decode)] = time_in_turn([(path, None)], args.threads,
-                                                   args.decode_tokens)
+                prefill, decode = time_alone(path, args.threads, args.decode_tokens)
             result["prefill_ms"] = min(result["prefill_ms"], 1e3 * prefill)
             result["decode_ms"] = min(result["decode_ms"], 1e3 * decode)
         print(f"timing round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)

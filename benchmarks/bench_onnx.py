@@ -9,8 +9,8 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
 - per-budget gauge-fixed export: prefill time (prompt 64), decode ms/token (median of
   `--decode-tokens` ≥ 30 steps through the KV cache), file size, bytes read per decoded token
   (every weight once, the tied embedding/lm_head dense) — against the dense export (β = 1);
-  every graph is timed back to back with the dense one (`time_in_turn`) in `--rounds`
-  rounds, best median kept, decode ratio = median of the per-round ratios;
+  every graph is timed against the dense one with their steps interleaved (`time_in_pair`)
+  in `--rounds` rounds, best median kept, decode ratio = median of the per-round ratios;
   `--profile` adds onnxruntime's kernel time per op type for dense and the lowest β;
 - the same ranks with plain factors (what gauge fixing buys);
 - the shared and elastic layouts (same budgets; the elastic one also with one If branch
@@ -94,10 +94,14 @@ def uniform_rank(m: int, n: int, beta: float) -> int:
 
 
 class Decoder:
-    """One graph's session and KV cache, decoded one greedy token per `step()`."""
+    """One graph's session and KV cache, decoded one greedy token per `step()`.
+
+    `shared_pool`: the session runs on onnxruntime's global thread pool
+    (`use_global_threads`) instead of its own, so that two live sessions do not spin
+    against each other."""
 
     def __init__(self, path: Path, threads: int, extra: dict | None = None,
-                 profile: bool = False):
+                 profile: bool = False, shared_pool: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -106,6 +110,8 @@ class Decoder:
         options.log_severity_level = 3
         options.enable_profiling = profile
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "flexrank-ort-profile")
+        if shared_pool:
+            options.use_per_session_threads = False
         self.sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.extra = extra or {}
         self.out_names = [o.name for o in self.sess.get_outputs()]
@@ -131,24 +137,47 @@ class Decoder:
         return seconds
 
 
-def time_in_turn(graphs: list[tuple[Path, dict | None]], threads: int, decode_tokens: int):
-    """[(median prefill s, median decode s/token)] per (graph, extra feed), timed one after
-    the other, each in its own session, released before the next is opened.
+def use_global_threads(threads: int) -> None:
+    """Give onnxruntime one global intra-op pool of `threads` (call before any session)."""
+    import onnxruntime as ort
 
-    Callers time a graph back to back with the dense one and take the ratio, so both see
-    nearly the same load. Only one session lives at a time: two live onnxruntime sessions
-    (as when steps were interleaved) spin each other's thread pools on a 2-core host and
-    added the same overhead to both graphs (dense 32.7 ms/token there against 20.0 alone),
-    pulling every ratio towards 1.
-    """
-    results = []
-    for path, extra in graphs:
-        decoder = Decoder(path, threads, extra)
-        prefill = [decoder.prefill() for _ in range(5)]
-        steps = [decoder.step() for _ in range(decode_tokens + 3)][3:]  # 3 warm-up steps
-        results.append((statistics.median(prefill), statistics.median(steps)))
-        del decoder
-    return results
+    ort.set_global_thread_pool_sizes(threads, 1)
+
+
+def time_alone(path: Path, threads: int, decode_tokens: int) -> tuple[float, float]:
+    """(median prefill s, median decode s/token) of one graph in its own session and pool."""
+    decoder = Decoder(path, threads)
+    prefill = [decoder.prefill() for _ in range(5)]
+    steps = [decoder.step() for _ in range(decode_tokens + 3)][3:]  # 3 warm-up steps
+    return statistics.median(prefill), statistics.median(steps)
+
+
+def time_in_pair(graphs: list[tuple[Path, dict | None]], decode_tokens: int):
+    """[(median prefill s, median decode s/token)] per (graph, extra feed), all sessions
+    alive at once on onnxruntime's global thread pool (`use_global_threads`), their
+    prefills and then their decode steps interleaved one by one.
+
+    The host's memory speed drifts by up to 1.5x within minutes on a shared 2-core VM, and
+    a factored graph, with more and smaller MatMuls, gains less from a fast phase than the
+    dense one: graphs timed one after the other (each in its own session, as before)
+    gave β = 0.5 / dense ratios of 0.58-0.80 for the same two files within one run;
+    interleaved steps see the same phases, and rounds agree within ±0.01. One pool: two
+    sessions with their own pools spin each other's threads on 2 cores (dense 32.7 ms/token
+    against 20.0 alone)."""
+    # threads 0: the global pool's size applies
+    decoders = [Decoder(path, 0, extra, shared_pool=True) for path, extra in graphs]
+    prefills = [[] for _ in decoders]
+    steps = [[] for _ in decoders]
+    for _ in range(5):
+        for times, decoder in zip(prefills, decoders, strict=True):
+            times.append(decoder.prefill())
+    for index in range(decode_tokens + 3):  # 3 warm-up steps
+        for times, decoder in zip(steps, decoders, strict=True):
+            seconds = decoder.step()
+            if index >= 3:
+                times.append(seconds)
+    return [(statistics.median(p), statistics.median(s))
+            for p, s in zip(prefills, steps, strict=True)]
 
 
 def op_profile(path: Path, threads: int, decode_tokens: int) -> dict[str, float]:
@@ -195,6 +224,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     # PyTorch's OpenMP threads busy-wait: on a loaded 2-core host two of them crawl
     torch.set_num_threads(args.torch_threads)
+    use_global_threads(args.threads)  # before the exporter's validation opens a session
     budgets = [float(b) for b in args.budgets.split(",")]
     out = Path(args.out or tempfile.mkdtemp(prefix="flexrank-bench-onnx-"))
 
@@ -258,7 +288,7 @@ def main() -> None:
         manifest, folder = run("unsimplified", budgets=budgets, config=raw)
         measure("unsimplified", manifest, folder)
 
-    # Every graph is timed back to back with the dense one (`time_in_turn`), in
+    # Every graph is timed with the dense one, steps interleaved (`time_in_pair`), in
     # `--rounds` rounds: best median ms kept, and the decode ratio to dense is the median of
     # the per-round ratios, each taken under the same load.
     dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
@@ -267,8 +297,7 @@ def main() -> None:
         for result, path, extra in graphs:
             if result is dense:
                 continue
-            timed = time_in_turn([(dense_path, None), (path, extra)], args.threads,
-                                 args.decode_tokens)
+            timed = time_in_pair([(dense_path, None), (path, extra)], args.decode_tokens)
             for r, (prefill, decode) in zip((dense, result), timed, strict=True):
                 r["prefill_ms"] = min(r["prefill_ms"], 1e3 * prefill)
                 r["decode_ms"] = min(r["decode_ms"], 1e3 * decode)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_onnx import TablePlan, time_in_turn
+from bench_onnx import TablePlan, time_in_pair, use_global_threads
 
 from flexrank.baselines import uniform_ranks
 from flexrank.elastic import ElasticModel
@@ -68,7 +68,7 @@ def uniform_plan(elastic: ElasticModel, budgets: list[float]) -> TablePlan:
                       for beta in budgets})
 
 
-def measure_latency(elastic: ElasticModel, folder: Path, threads: int, rounds: int,
+def measure_latency(elastic: ElasticModel, folder: Path, rounds: int,
                     decode_tokens: int) -> dict[str, dict[float, float]]:
     """Decode ms/token of the plan's and the uniform ranks at every budget (best of
     `rounds` round-robin medians)."""
@@ -91,10 +91,9 @@ def measure_latency(elastic: ElasticModel, folder: Path, threads: int, rounds: i
         print(f"export {label}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
         graphs += [(label, entry["beta"], folder / label / entry["graph"])
                    for entry in manifest["budgets"]]
-    # Each graph is timed back to back with the dense one (bench_onnx.time_in_turn: one
-    # session alive at a time; live sessions spin each other's thread pools on 2 cores),
-    # so the ratio is taken under one load. A graph's figure is the dense median x its
-    # median ratio to dense.
+    # Each graph is timed with the dense one, their decode steps interleaved over one
+    # thread pool (bench_onnx.time_in_pair), so the ratio is taken under one load. A
+    # graph's figure is the dense median x its median ratio to dense.
     dense_path = next(path for label, beta, path in graphs if label == "plan" and beta == 1.0)
     ratios: dict[tuple[str, float], list[float]] = {}
     dense_ms: list[float] = []
@@ -102,8 +101,8 @@ def measure_latency(elastic: ElasticModel, folder: Path, threads: int, rounds: i
         for label, beta, path in graphs:
             if path == dense_path:
                 continue
-            (_, dense), (_, decode) = time_in_turn([(dense_path, None), (path, None)],
-                                                   threads, decode_tokens)
+            (_, dense), (_, decode) = time_in_pair([(dense_path, None), (path, None)],
+                                                   decode_tokens)
             ratios.setdefault((label, beta), []).append(decode / dense)
             dense_ms.append(1e3 * dense)
         print(f"timing round {round_index + 1}/{rounds}", file=sys.stderr)
@@ -231,7 +230,7 @@ def markdown(ppl: dict, latency: dict, base: dict, trained: dict, unseen: set[fl
         "(planned, nested between trained levels, sampler weight 0). Training budget: "
         f"{training}. Latency: onnxruntime CPU, 2 threads, median decode step of the "
         "per-budget export: the dense median x the graph's median ratio to dense, each "
-        "graph timed back to back with the dense one, one session alive at a time.",
+        "graph's decode steps interleaved with the dense graph's over one thread pool.",
         "",
         *lines,
         "",
@@ -270,6 +269,7 @@ def main() -> None:
     parser.add_argument("--figures", default="figures", help="PNG folder, relative to it")
     args = parser.parse_args()
     torch.set_num_threads(1)  # PyTorch only exports here; onnxruntime gets the threads
+    use_global_threads(args.threads)  # the timing's pool, before any session is opened
     out = Path(args.out)
     base, trained = load_quality(out)
     ppl = merged_ppl(base, trained)
@@ -283,8 +283,7 @@ def main() -> None:
         latency = {k: {float(b): v for b, v in per.items()}
                    for k, per in json.loads(saved.read_text()).items()}
     else:
-        latency = measure_latency(elastic, report / "onnx", args.threads, args.rounds,
-                                  args.decode_tokens)
+        latency = measure_latency(elastic, report / "onnx", args.rounds, args.decode_tokens)
         saved.write_text(json.dumps(
             {k: {str(b): v for b, v in per.items()} for k, per in latency.items()}, indent=1))
     plot_ppl_vs_budget(ppl, unseen, report / "ppl-vs-budget.png")

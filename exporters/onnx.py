@@ -160,8 +160,11 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
         folder = out_dir / budget_name(beta)
         policies, failed = [first, *fallback_policies(first)], []
         for policy in policies:
+            # int8 keeps the float layers by node scope, which a fused sibling MatMul hides
+            budget_config = replace(config, forms=policy,
+                                    fuse_siblings=config.fuse_siblings and quantize is None)
             records, graph, extra = _export_budget(elastic, beta, kind, folder, sample,
-                                                   replace(config, forms=policy), quantize, ort)
+                                                   budget_config, quantize, ort)
             if not config.validate:
                 validation = None
                 break
@@ -194,7 +197,9 @@ def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path):
         folder = scratch / budget_name(beta)
         path, records[beta], factors = export_budget_graph(elastic, beta, kind, folder, sample,
                                                            config, factors_only=True)
-        model = tidy_graph(load_model(path), kind, elastic.model, config)
+        # unfused: the layouts find and address every factor by its values
+        model = tidy_graph(load_model(path), kind, elastic.model,
+                           replace(config, fuse_siblings=False))
         factor_names |= canonical_factor_names(model, factors)
         graphs[beta] = model
         support_files = [f for f in folder.iterdir() if f.is_file() and ".onnx" not in f.name]

@@ -62,6 +62,10 @@ class OnnxExportConfig:
     # (SmolLM2: 3-4x faster per call, but 2.5x the memory: every level's factors are held),
     # instead of Slicing every factor on each call (one copy of the factors in memory)
     elastic_branches: bool = False
+    # with `simplify`: MatMuls that read the same input (q/k/v, gate/up, or their first
+    # factors) as one MatMul + Split (`onnx_simplify.fuse_sibling_matmuls`); the shared and
+    # elastic layouts and int8 exports never fuse (they address each layer's own weights)
+    fuse_siblings: bool = True
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
@@ -114,7 +118,8 @@ def tidy_graph(graph: onnx.ModelProto, kind: str, model: nn.Module, config: Onnx
                ) -> onnx.ModelProto:
     """Tied weights stored once; with `config.simplify`, the graph simplified
     (`onnx_simplify.simplify`: onnxruntime's fusions for transformers models, static shapes,
-    GroupQueryAttention for decoders) and the fused rotary tables recomputed by `model`."""
+    GroupQueryAttention for decoders, sibling MatMuls with `config.fuse_siblings`) and the
+    fused rotary tables recomputed by `model`."""
     removed = store_tied_once(graph)
     if removed:
         logger.info("%d duplicate (tied) initializers stored once", removed)
@@ -126,7 +131,8 @@ def tidy_graph(graph: onnx.ModelProto, kind: str, model: nn.Module, config: Onnx
     if kind != "decoder":
         kv_heads = 0  # no attention fusion outside decoders
     graph = simplify(graph, num_heads=heads, hidden_size=getattr(hf_config, "hidden_size", 0) or 0,
-                     kv_heads=kv_heads, fuse=kind in ("decoder", "encoder"))
+                     kv_heads=kv_heads, fuse=kind in ("decoder", "encoder"),
+                     siblings=config.fuse_siblings)
     rotary_tables(graph, model)
     return graph
 

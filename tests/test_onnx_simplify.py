@@ -21,6 +21,7 @@ from flexrank.exporters import export
 from flexrank.exporters.onnx import at_budget
 from flexrank.exporters.onnx_simplify import (
     expand_target,
+    fuse_sibling_matmuls,
     merge_common,
     op_counts,
     remove_unused,
@@ -143,6 +144,45 @@ def _padded_feed(session, ids: np.ndarray, mask: np.ndarray, past=None):
     return feed, positions
 
 
+def sibling_graph(opset: int) -> onnx.ModelProto:
+    """x (B, S, 6) read by three MatMuls with their own weights and by one whose weight a
+    second MatMul also reads (tied: must stay as it is)."""
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal((6, n)).astype(np.float32)
+               for name, n in (("wq", 4), ("wk", 2), ("wv", 3), ("tied", 5))}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="/attn/q_proj/MatMul"),
+             helper.make_node("Relu", ["x"], ["rx"]),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="/attn/k_proj/MatMul"),
+             helper.make_node("Add", ["k", "k"], ["k2"]),  # a consumer between the siblings
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="/attn/v_proj/MatMul"),
+             helper.make_node("MatMul", ["x", "tied"], ["t1"], name="/head/MatMul"),
+             helper.make_node("MatMul", ["rx", "tied"], ["t2"], name="/head/MatMul_1")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "S", n])
+               for name, n in (("q", 4), ("k2", 2), ("v", 3), ("t1", 5), ("t2", 5))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 6])
+    graph = helper.make_graph(nodes, "siblings", [x], outputs,
+                              [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("opset", [11, 18])  # Split's sizes: an attribute before 13, an input
+def test_sibling_matmuls_become_one_with_the_same_numbers(opset):
+    model = sibling_graph(opset)
+    x = np.random.default_rng(1).standard_normal((2, 3, 6)).astype(np.float32)
+    before = run(model, {"x": x})
+    assert fuse_sibling_matmuls(model) == 2  # q, k, v -> one; the tied pair untouched
+    counts = op_counts(model)
+    assert counts["MatMul"] == 3 and counts["Split"] == 1
+    fused = next(n for n in model.graph.node if n.op_type == "MatMul" and "tied" not in n.input)
+    assert fused.name == "/attn/SiblingMatMul"
+    assert {i.name for i in model.graph.initializer} == {"tied", "/attn/SiblingMatMul/weight"} | (
+        {"/attn/SiblingMatMul/split"} if opset >= 13 else set())
+    onnx.checker.check_model(model)
+    for got, want in zip(run(model, {"x": x}), before, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert fuse_sibling_matmuls(model) == 0  # nothing left to fuse
+
+
 def test_simplified_decoder_matches_pytorch_on_a_left_padded_batch(llama, tmp_path):
     manifest = export(llama, tmp_path, budgets=[0.5])
     graph = tmp_path / manifest["budgets"][0]["graph"]
@@ -161,6 +201,12 @@ def test_simplified_decoder_matches_pytorch_on_a_left_padded_batch(llama, tmp_pa
                    config=OnnxExportConfig(simplify=False))["budgets"][0]
     unsimplified = onnx.load(str(tmp_path / "plain" / plain["graph"]), load_external_data=False)
     assert len(model.graph.node) < len(unsimplified.graph.node) / 2
+    unfused = export(llama, tmp_path / "unfused", budgets=[0.5],
+                     config=OnnxExportConfig(fuse_siblings=False))["budgets"][0]
+    unfused = onnx.load(str(tmp_path / "unfused" / unfused["graph"]), load_external_data=False)
+    # per block the first MatMuls of q/k/v and of gate/up read one input: 5 -> 2
+    assert op_counts(unfused)["MatMul"] - op_counts(model)["MatMul"] == 3 * layers
+    assert op_counts(model)["Split"] == 2 * layers
 
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
