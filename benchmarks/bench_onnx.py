@@ -16,7 +16,8 @@ parameters; β = 1 is the dense model, exported dense), then per budget:
 - the shared and elastic layouts (same budgets; the elastic one also with one If branch
   per level, `elastic-branches`), and int8 dynamic quantization;
 - the same budgets unsimplified (`OnnxExportConfig(simplify=False)`): what
-  `exporters/onnx_simplify.py` buys.
+  `exporters/onnx_simplify.py` buys; `unfused` (`fuse_siblings=False`): what fusing the
+  MatMuls that read one input buys.
 
 Target (issue): decode-time ratio to dense within 15 % of the bytes-read ratio.
 """
@@ -26,10 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +50,7 @@ from flexrank.targets import nested_layers
 
 PROMPT = 64
 VARIANTS = ("conditions", "plain", "shared", "elastic", "elastic-branches", "int8",
-            "unsimplified")
+            "unsimplified", "unfused")
 
 
 class TablePlan:
@@ -105,13 +108,14 @@ class Decoder:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        if shared_pool:
+            options.use_per_session_threads = False
+        else:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         options.log_severity_level = 3
         options.enable_profiling = profile
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "flexrank-ort-profile")
-        if shared_pool:
-            options.use_per_session_threads = False
         self.sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.extra = extra or {}
         self.out_names = [o.name for o in self.sess.get_outputs()]
@@ -138,10 +142,19 @@ class Decoder:
 
 
 def use_global_threads(threads: int) -> None:
-    """Give onnxruntime one global intra-op pool of `threads` (call before any session)."""
+    """Give onnxruntime one global intra-op pool of `threads`. Call it before any session
+    is opened: from then on every session of the process must use it."""
     import onnxruntime as ort
 
     ort.set_global_thread_pool_sizes(threads, 1)
+
+
+def timing_process(threads: int) -> ProcessPoolExecutor:
+    """A fresh process whose onnxruntime sessions share one global pool of `threads`:
+    submit `time_in_pair` to it. (The exporter's validation has already opened sessions
+    with their own pools in this process, and the two cannot be mixed.)"""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=use_global_threads, initargs=(threads,))
 
 
 def time_alone(path: Path, threads: int, decode_tokens: int) -> tuple[float, float]:
@@ -154,7 +167,7 @@ def time_alone(path: Path, threads: int, decode_tokens: int) -> tuple[float, flo
 
 def time_in_pair(graphs: list[tuple[Path, dict | None]], decode_tokens: int):
     """[(median prefill s, median decode s/token)] per (graph, extra feed), all sessions
-    alive at once on onnxruntime's global thread pool (`use_global_threads`), their
+    alive at once on onnxruntime's global thread pool (run it in a `timing_process`), their
     prefills and then their decode steps interleaved one by one.
 
     The host's memory speed drifts by up to 1.5x within minutes on a shared 2-core VM, and
@@ -164,7 +177,6 @@ def time_in_pair(graphs: list[tuple[Path, dict | None]], decode_tokens: int):
     interleaved steps see the same phases, and rounds agree within ±0.01. One pool: two
     sessions with their own pools spin each other's threads on 2 cores (dense 32.7 ms/token
     against 20.0 alone)."""
-    # threads 0: the global pool's size applies
     decoders = [Decoder(path, 0, extra, shared_pool=True) for path, extra in graphs]
     prefills = [[] for _ in decoders]
     steps = [[] for _ in decoders]
@@ -224,7 +236,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     # PyTorch's OpenMP threads busy-wait: on a loaded 2-core host two of them crawl
     torch.set_num_threads(args.torch_threads)
-    use_global_threads(args.threads)  # before the exporter's validation opens a session
     budgets = [float(b) for b in args.budgets.split(",")]
     out = Path(args.out or tempfile.mkdtemp(prefix="flexrank-bench-onnx-"))
 
@@ -283,6 +294,10 @@ def main() -> None:
     if "int8" in variants:
         manifest, folder = run("int8", budgets=budgets, quantize="int8")
         measure("int8", manifest, folder)
+    if "unfused" in variants:  # sibling MatMuls left apart
+        unfused = OnnxExportConfig(fuse_siblings=False, generate=False)
+        manifest, folder = run("unfused", budgets=budgets, config=unfused)
+        measure("unfused", manifest, folder)
     if "unsimplified" in variants:  # the graphs as torch.onnx/optimum write them
         raw = OnnxExportConfig(simplify=False, generate=False)
         manifest, folder = run("unsimplified", budgets=budgets, config=raw)
@@ -293,16 +308,19 @@ def main() -> None:
     # the per-round ratios, each taken under the same load.
     dense = next(r for r in results["gauge"] if r["beta"] == 1.0)
     dense_path = next(path for result, path, _ in graphs if result is dense)
+    timer = timing_process(args.threads)
     for round_index in range(args.rounds):
         for result, path, extra in graphs:
             if result is dense:
                 continue
-            timed = time_in_pair([(dense_path, None), (path, extra)], args.decode_tokens)
+            timed = timer.submit(time_in_pair, [(dense_path, None), (path, extra)],
+                                 args.decode_tokens).result()
             for r, (prefill, decode) in zip((dense, result), timed, strict=True):
                 r["prefill_ms"] = min(r["prefill_ms"], 1e3 * prefill)
                 r["decode_ms"] = min(r["decode_ms"], 1e3 * decode)
             result.setdefault("decode_ratios", []).append(timed[1][1] / timed[0][1])
         print(f"timing round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    timer.shutdown()
     if args.profile:
         low = min(results["gauge"], key=lambda r: r["beta"])
         for r in (dense, low):

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_onnx import TablePlan, time_in_pair, use_global_threads
+from bench_onnx import TablePlan, time_in_pair, timing_process
 
 from flexrank.baselines import uniform_ranks
 from flexrank.elastic import ElasticModel
@@ -68,7 +68,7 @@ def uniform_plan(elastic: ElasticModel, budgets: list[float]) -> TablePlan:
                       for beta in budgets})
 
 
-def measure_latency(elastic: ElasticModel, folder: Path, rounds: int,
+def measure_latency(elastic: ElasticModel, folder: Path, threads: int, rounds: int,
                     decode_tokens: int) -> dict[str, dict[float, float]]:
     """Decode ms/token of the plan's and the uniform ranks at every budget (best of
     `rounds` round-robin medians)."""
@@ -97,15 +97,17 @@ def measure_latency(elastic: ElasticModel, folder: Path, rounds: int,
     dense_path = next(path for label, beta, path in graphs if label == "plan" and beta == 1.0)
     ratios: dict[tuple[str, float], list[float]] = {}
     dense_ms: list[float] = []
+    timer = timing_process(threads)
     for round_index in range(rounds):
         for label, beta, path in graphs:
             if path == dense_path:
                 continue
-            (_, dense), (_, decode) = time_in_pair([(dense_path, None), (path, None)],
-                                                   decode_tokens)
+            (_, dense), (_, decode) = timer.submit(
+                time_in_pair, [(dense_path, None), (path, None)], decode_tokens).result()
             ratios.setdefault((label, beta), []).append(decode / dense)
             dense_ms.append(1e3 * dense)
         print(f"timing round {round_index + 1}/{rounds}", file=sys.stderr)
+    timer.shutdown()
     dense_median = statistics.median(dense_ms)
     best: dict[str, dict[float, float]] = {"plan": {1.0: dense_median}, "uniform": {}}
     for (label, beta), values in ratios.items():
@@ -269,7 +271,6 @@ def main() -> None:
     parser.add_argument("--figures", default="figures", help="PNG folder, relative to it")
     args = parser.parse_args()
     torch.set_num_threads(1)  # PyTorch only exports here; onnxruntime gets the threads
-    use_global_threads(args.threads)  # the timing's pool, before any session is opened
     out = Path(args.out)
     base, trained = load_quality(out)
     ppl = merged_ppl(base, trained)
@@ -283,7 +284,8 @@ def main() -> None:
         latency = {k: {float(b): v for b, v in per.items()}
                    for k, per in json.loads(saved.read_text()).items()}
     else:
-        latency = measure_latency(elastic, report / "onnx", args.rounds, args.decode_tokens)
+        latency = measure_latency(elastic, report / "onnx", args.threads, args.rounds,
+                                  args.decode_tokens)
         saved.write_text(json.dumps(
             {k: {str(b): v for b, v in per.items()} for k, per in latency.items()}, indent=1))
     plot_ppl_vs_budget(ppl, unseen, report / "ppl-vs-budget.png")

@@ -24,10 +24,11 @@ one. `simplify` removes them, in this order:
 4. Sibling MatMuls (`fuse_sibling_matmuls`, any graph): the MatMuls that read the same
    activation with their own constant weight (q/k/v, gate/up; with factors, their first
    stages) become one MatMul over the weights side by side and a Split. Decoding one token
-   is a stream of weight reads, and onnxruntime reads a small weight matrix well below the
+   is a stream of weight reads, and onnxruntime reads a small weight matrix below the
    memory bandwidth it reaches on a large one (a fixed latency per MatMul): SmolLM2 dense
-   211 -> 151 MatMuls, β = 0.5 421 -> 331 (decode 0.95x and 0.91x). Off for the shared and
-   elastic layouts, whose graphs must read the nested factors as they are stored.
+   211 -> 151 MatMuls, β = 0.5 421 -> 331; decode 0.986x and 0.976x (BENCHMARKS.md). Off
+   for the shared and elastic layouts, whose graphs must read the nested factors as they
+   are stored, and for int8 exports.
 
 Every exported budget is still validated against PyTorch afterwards.
 """
