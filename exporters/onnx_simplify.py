@@ -26,7 +26,7 @@ one. `simplify` removes them, in this order:
    stages) become one MatMul over the weights side by side and a Split. Decoding one token
    is a stream of weight reads, and onnxruntime reads a small weight matrix below the
    memory bandwidth it reaches on a large one (a fixed latency per MatMul): SmolLM2 dense
-   211 -> 151 MatMuls, β = 0.5 421 -> 331; decode 0.986x and 0.976x (BENCHMARKS.md). Off
+   211 -> 121 MatMuls, β = 0.5 421 -> 331; decode 0.986x and 0.976x (BENCHMARKS.md). Off
    for the shared and elastic layouts, whose graphs must read the nested factors as they
    are stored, and for int8 exports.
 

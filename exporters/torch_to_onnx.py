@@ -59,7 +59,7 @@ class OnnxExportConfig:
     int8_outlier_ratio: float = INT8_OUTLIER_RATIO  # int8: layers above stay float
     simplify: bool = True  # fuse and drop shape plumbing (`onnx_simplify`); False: as exported
     # elastic layout: one If branch per level, whose factor Slices onnxruntime folds at load
-    # (SmolLM2: 3-4x faster per call, but 2.5x the memory: every level's factors are held),
+    # (SmolLM2: 1.6-3.8x faster per call, but 2.5x the memory: every level's factors held),
     # instead of Slicing every factor on each call (one copy of the factors in memory)
     elastic_branches: bool = False
     # with `simplify`: MatMuls that read the same input (q/k/v, gate/up, or their first
