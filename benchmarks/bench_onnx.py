@@ -43,9 +43,10 @@ import flexrank
 from flexrank.elastic import ElasticModel
 from flexrank.exporters import export
 from flexrank.exporters.deploy import FormPolicy
+from flexrank.exporters.onnx_attention import kv_cache_in_place
 from flexrank.exporters.onnx_layouts import RANK_LEVEL
 from flexrank.exporters.torch_to_onnx import OnnxExportConfig
-from flexrank.exporters.validate import decoder_feed
+from flexrank.exporters.validate import CacheDecoder
 from flexrank.targets import nested_layers
 
 PROMPT = 64
@@ -97,14 +98,19 @@ def uniform_rank(m: int, n: int, beta: float) -> int:
 
 
 class Decoder:
-    """One graph's session and KV cache, decoded one greedy token per `step()`.
+    """One graph's session and KV cache, decoded one greedy token per `step()` through
+    `CacheDecoder`, as `ElasticSession.generate` runs it: the cache updated in place when the
+    graph allows it (`kv_cache_in_place`), fed back as arrays otherwise or with `in_place`
+    False.
 
     `shared_pool`: the session runs on onnxruntime's global thread pool
     (`use_global_threads`) instead of its own, so that two live sessions do not spin
     against each other."""
 
     def __init__(self, path: Path, threads: int, extra: dict | None = None,
-                 profile: bool = False, shared_pool: bool = False):
+                 profile: bool = False, shared_pool: bool = False,
+                 in_place: bool | None = None):
+        import onnx
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -117,28 +123,26 @@ class Decoder:
         options.enable_profiling = profile
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "flexrank-ort-profile")
         self.sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if in_place is None:
+            in_place = kv_cache_in_place(onnx.load(str(path), load_external_data=False).graph)
+        self.in_place = in_place
         self.extra = extra or {}
-        self.out_names = [o.name for o in self.sess.get_outputs()]
         self.prompt = np.random.default_rng(0).integers(100, 40000, (1, PROMPT))
 
-    def _run(self, ids, past, past_len) -> float:
-        feed = decoder_feed(self.sess, ids, past, past_len)
-        feed.update(self.extra)
+    def _run(self, ids) -> float:
         start = time.perf_counter()
-        outputs = dict(zip(self.out_names, self.sess.run(None, feed), strict=True))
+        logits = self.cache(ids)
         seconds = time.perf_counter() - start
-        self.past = {k: v for k, v in outputs.items() if k.startswith("present.")}
-        self.ids = outputs["logits"][:, -1].argmax(-1)[:, None]
+        self.ids = logits[:, -1].argmax(-1)[:, None]
         return seconds
 
     def prefill(self) -> float:
-        self.position = PROMPT
-        return self._run(self.prompt, None, 0)
+        self.cache = CacheDecoder(self.sess, self.in_place, capacity=PROMPT + 256,
+                                  extra=self.extra)
+        return self._run(self.prompt)
 
     def step(self) -> float:
-        seconds = self._run(self.ids, self.past, self.position)
-        self.position += 1
-        return seconds
+        return self._run(self.ids)
 
 
 def use_global_threads(threads: int) -> None:

@@ -20,12 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from flexrank.gauge import LayerForm
 from flexrank.targets import nested_layers
 
 from . import register_exporter
 from .deploy import FormPolicy, LayerExport, quantized_policy
+from .onnx_attention import kv_cache_in_place
 from .onnx_graph import (
     canonical_factor_names,
     load_model,
@@ -135,6 +137,12 @@ def fallback_policies(policy: FormPolicy) -> list[FormPolicy]:
     return policies + [replace(policy, gauge_fixing=False)]
 
 
+def cache_flag(kind: str, model: onnx.ModelProto) -> dict:
+    """Decoders: {"kv_cache_in_place": bool}, whether a runtime may bind each cache input
+    and output to one buffer that GroupQueryAttention updates (`CacheDecoder`)."""
+    return {"kv_cache_in_place": kv_cache_in_place(model.graph)} if kind == "decoder" else {}
+
+
 def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
     """One budget's graph in `folder`: (layer records, graph path, manifest extras)."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -147,6 +155,7 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
         quantize_int8(path, float_layers)
         extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
         extra["int8_float_matmuls"] = float_weight_matmuls(path)
+    extra.update(cache_flag(kind, onnx.load(str(path), load_external_data=False)))
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     return records, graph, extra
 
@@ -216,6 +225,7 @@ def _shared(elastic, out_dir, budgets, kind, sample, config):
         for f in support:
             shutil.copy(f, folder / f.name)
         names = {f"model-{budget_name(beta)}.onnx": model for beta, model in graphs.items()}
+        flags = {beta: cache_flag(kind, model) for beta, model in graphs.items()}
         write_shared(names, factor_names, folder)
     entries = []
     for beta in budgets:
@@ -224,7 +234,7 @@ def _shared(elastic, out_dir, budgets, kind, sample, config):
                       if config.validate else None)
         files = [graph, folder / "weights.bin", *(folder / f.name for f in support)]
         entries.append(budget_entry(elastic, beta, records[beta], files, out_dir, validation,
-                                    graph=graph.relative_to(out_dir).as_posix()))
+                                    graph=graph.relative_to(out_dir).as_posix(), **flags[beta]))
     return entries
 
 
@@ -245,7 +255,9 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
         factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
     graph = folder / "model.onnx"
     build = make_elastic_branches if config.elastic_branches else make_elastic
-    save_model(build(graphs[top], factor_ranks), graph, config.external_data)
+    model = build(graphs[top], factor_ranks)
+    flag = cache_flag(kind, model)
+    save_model(model, graph, config.external_data)
     if ort:
         graph = convert_to_ort(folder)[0]
     entries = []
@@ -257,7 +269,7 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
     files = [f for f in folder.iterdir() if f.is_file()]
     return [budget_entry(elastic, beta, list(all_records[beta].values()), files, out_dir,
                          validation, graph=graph.relative_to(out_dir).as_posix(),
-                         rank_level=level)
+                         rank_level=level, **flag)
             for beta, level, validation in entries]
 
 

@@ -19,6 +19,14 @@ ORTModelForCausalLM runs the graph.
 
 Each block is matched structurally from its `present.<i>.key` / `.value` Concats; a block
 whose subgraph differs from the expected shape is left as it is.
+
+The exported graph reads the cached length from a cache tensor's shape to build positions
+and the causal mask; `past_length_from_mask` reads it from the inputs instead (mask length
+minus new tokens, equal under Hugging Face's cache convention). Then, when every block is
+fused, the cache inputs are read by GroupQueryAttention alone (`kv_cache_in_place`) and a
+runtime may bind past_key_values.i.* and present.i.* to one preallocated buffer that the
+op updates in place (`exporters/validate.CacheDecoder`) instead of copying the whole cache
+into `present` on every token.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_graph import constant_values, topological_sort
+from .onnx_graph import constant_values, outer_inputs, rename_inputs, subgraphs, topological_sort
 
 logger = logging.getLogger(__name__)
 
@@ -249,3 +257,57 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int) -> int
     if "com.microsoft" not in {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(blocks)
+
+
+CACHE_INPUT = "past_key_values."
+
+
+def past_length_from_mask(graph: onnx.GraphProto) -> int:
+    """Every Gather(Shape(past_key_values.*), 2) (the cached length, a scalar) computed
+    instead as attention_mask's length minus input_ids': the same number whenever the cache
+    holds exactly the past tokens, and still right when it is a larger buffer. Returns how
+    many reads were rewritten."""
+    names = {i.name for i in graph.input}
+    if not {"attention_mask", "input_ids"} <= names:
+        return 0
+    shapes = {n.output[0] for n in graph.node if n.op_type == "Shape"
+              and n.input[0].startswith(CACHE_INPUT) and not n.attribute}
+    constants = constant_values(graph)
+    reads = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in shapes
+             and all(a.i == 0 for a in n.attribute if a.name == "axis")
+             and n.input[1] in constants and constants[n.input[1]].shape == ()
+             and int(constants[n.input[1]]) == 2]
+    if not reads:
+        return 0
+    p = "/flexrank/cache/"
+    graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), p + "seq_axis"))
+    graph.node.extend([
+        helper.make_node("Shape", ["attention_mask"], [p + "mask_shape"], name=p + "Shape_mask"),
+        helper.make_node("Gather", [p + "mask_shape", p + "seq_axis"], [p + "total"], axis=0,
+                         name=p + "Gather_total"),
+        helper.make_node("Shape", ["input_ids"], [p + "ids_shape"], name=p + "Shape_ids"),
+        helper.make_node("Gather", [p + "ids_shape", p + "seq_axis"], [p + "new"], axis=0,
+                         name=p + "Gather_new"),
+        helper.make_node("Sub", [p + "total", p + "new"], [p + "past_length"], name=p + "Sub"),
+    ])
+    rename_inputs(graph, {n.output[0]: p + "past_length" for n in reads})
+    topological_sort(graph)
+    return len(reads)
+
+
+def kv_cache_in_place(graph: onnx.GraphProto) -> bool:
+    """True when the graph has cache inputs and each is read only by GroupQueryAttention as
+    its past key or value: then present.i.* may live in past_key_values.i.*'s buffer."""
+    cache = [i.name for i in graph.input if i.name.startswith(CACHE_INPUT)]
+    if not cache:
+        return False
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {name: [] for name in cache}
+    for node in graph.node:
+        if subgraphs(node) and any(name in readers for name in outer_inputs(node)):
+            return False  # read inside an If/Loop body
+        for position, name in enumerate(node.input):
+            if name in readers:
+                readers[name].append((node, position))
+    return all(found and all(node.op_type == "GroupQueryAttention" and position in (3, 4)
+                             for node, position in found)
+               for found in readers.values())

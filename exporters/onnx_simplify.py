@@ -20,7 +20,8 @@ one. `simplify` removes them, in this order:
    RotaryEmbedding. Its attention fusion stays off (its fused op has its own KV-cache
    layout); step 1 again on what the fusions leave. SmolLM2: 1,224 nodes.
 3. Decoders: attention → GroupQueryAttention (`onnx_attention`), with Hugging Face's
-   `past_key_values.*` / `present.*` kept. SmolLM2: 511 nodes, 211 of them MatMul.
+   `past_key_values.*` / `present.*` kept, and the cached length read from the mask so
+   that the cache can be updated in place. SmolLM2: 511 nodes, 211 of them MatMul.
 4. Sibling MatMuls (`fuse_sibling_matmuls`, any graph): the MatMuls that read the same
    activation with their own constant weight (q/k/v, gate/up; with factors, their first
    stages) become one MatMul over the weights side by side and a Split. Decoding one token
@@ -42,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_attention import fuse_attention
+from .onnx_attention import fuse_attention, past_length_from_mask
 from .onnx_graph import (
     PROTOBUF_LIMIT,
     constant_values,
@@ -80,6 +81,7 @@ def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
         done += _clean(model)  # the fused nodes' shape chains
         if kv_heads:
             done["attention blocks"] = fuse_attention(model, num_heads, kv_heads)
+            done["cache length from the mask"] = past_length_from_mask(model.graph)
             done["dead"] += remove_unused(model.graph)
     if siblings:
         done["sibling MatMuls"] = fuse_sibling_matmuls(model)

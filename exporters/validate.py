@@ -51,15 +51,19 @@ class ValidationReport:
         return asdict(self)
 
 
-def make_session(path, threads: int = 2, extra_inputs: dict | None = None):
+def make_session(path, threads: int = 2, extra_inputs: dict | None = None,
+                 spinning: bool = False):
+    """A CPU session. Validation alternates onnxruntime with PyTorch, whose cores spinning
+    onnxruntime threads would steal, so spinning is off unless asked for (deployment:
+    spinning threads pick up each MatMul sooner; SmolLM2 decodes ~10 % faster with it)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # spinning ORT threads would steal the cores from PyTorch between alternating calls
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -105,6 +109,77 @@ def decoder_feed(session, input_ids: np.ndarray, past: dict | None, past_len: in
             else:
                 feed[name] = past[name.replace("past_key_values.", "present.")]
     return feed  # inputs beyond these (the elastic `rank_level`) come from the caller
+
+
+class CacheDecoder:
+    """Calls of a KV-cache decoder graph that keep the cache from one call to the next:
+    `logits = decoder(ids)` for the prompt, then for each new token.
+
+    `in_place` (graphs whose manifest entry says `kv_cache_in_place`): each
+    past_key_values.i.* and its present.i.* are bound (IOBinding) to one preallocated buffer
+    of `capacity` positions that GroupQueryAttention updates in place, doubled when full,
+    instead of the op copying the whole cache into a new `present` on every call (SmolLM2 at
+    1,000 cached positions: a decode step 16 % faster). Otherwise each call's present.*
+    arrays are fed back as the next call's past. `attention_mask` / `position_ids` default
+    to all ones / consecutive positions; `extra` is fed on every call (`rank_level`)."""
+
+    def __init__(self, session, in_place: bool = False, capacity: int = 256,
+                 extra: dict | None = None):
+        self.session, self.in_place, self.extra = session, in_place, extra or {}
+        self.capacity = max(1, capacity)
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.cache_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.past_len = 0
+        self.past: dict | None = None  # present.* arrays (not in place)
+        self.buffers: dict[str, np.ndarray] = {}  # past_key_values.* buffers (in place)
+
+    def _grow(self, batch: int, total: int) -> None:
+        if self.buffers and total <= next(iter(self.buffers.values())).shape[2]:
+            return
+        while self.capacity < total:
+            self.capacity *= 2
+        for name in self.cache_names:
+            info = self.inputs[name]
+            buffer = np.zeros((batch, info.shape[1], self.capacity, info.shape[3]), np.float32)
+            if name in self.buffers:
+                buffer[:, :, :self.past_len] = self.buffers[name][:, :, :self.past_len]
+            self.buffers[name] = buffer
+
+    def __call__(self, ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 position_ids: np.ndarray | None = None) -> np.ndarray:
+        batch, length = ids.shape
+        total = self.past_len + length
+        feed = decoder_feed(self.session, ids, None if self.in_place else self.past,
+                            self.past_len)
+        if attention_mask is not None:
+            feed["attention_mask"] = attention_mask
+        if position_ids is not None and "position_ids" in self.inputs:
+            feed["position_ids"] = position_ids
+        feed.update(self.extra)
+        if not self.in_place:
+            outputs = dict(zip(self.outputs, self.session.run(None, feed), strict=True))
+            self.past = {k: v for k, v in outputs.items() if k.startswith("present.")}
+            self.past_len = total
+            return outputs["logits"]
+        import onnxruntime as ort
+
+        self._grow(batch, total)
+        self.past_len = total
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if name not in self.buffers:
+                binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
+        for name in self.cache_names:
+            value = ort.OrtValue.ortvalue_from_numpy(self.buffers[name])  # no copy
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        for name in self.outputs:
+            if name != "logits" and not name.startswith("present."):
+                binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
 
 def onnx_greedy(session, prompt: np.ndarray, steps: int, feed_extra: dict | None = None,

@@ -103,7 +103,8 @@ class ElasticSession:
             from flexrank.exporters.validate import make_session
 
             logger.info("loading %s (%d threads)", graph, self.threads)
-            self._sessions[graph] = make_session(self.bundle_dir / graph, self.threads)
+            self._sessions[graph] = make_session(self.bundle_dir / graph, self.threads,
+                                                 spinning=True)
         self.session = self._sessions[graph]
         self.entry = entry
         self.beta = entry["beta"]
@@ -140,8 +141,10 @@ class ElasticSession:
 
     def generate(self, prompt, max_new_tokens: int = 32, stop_at_eos: bool = True,
                  ) -> Generation:
-        """Greedy generation through the KV cache: one prefill, then one token per step."""
-        from flexrank.exporters.validate import decoder_feed
+        """Greedy generation through the KV cache: one prefill, then one token per step;
+        the cache is updated in place where the bundle's graph allows it
+        (`kv_cache_in_place` in the manifest; `exporters/validate.CacheDecoder`)."""
+        from flexrank.exporters.validate import CacheDecoder
 
         if self.kind != "decoder":
             raise ValueError(f"generate() needs a decoder bundle; this one is {self.kind!r}: "
@@ -150,15 +153,13 @@ class ElasticSession:
             raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 1")
         prompt_ids = self._ids(prompt)
         eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
-        ids, past, past_len, tokens, times = prompt_ids, None, 0, [], []
+        decoder = CacheDecoder(self.session, in_place=self.entry.get("kv_cache_in_place", False),
+                               capacity=prompt_ids.shape[1] + max_new_tokens,
+                               extra=self._extra_feed())
+        ids, tokens, times = prompt_ids, [], []
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            feed = decoder_feed(self.session, ids, past, past_len)
-            feed.update(self._extra_feed())
-            outputs = dict(zip(self._outputs, self.session.run(None, feed), strict=True))
-            past_len += ids.shape[1]
-            past = {k: v for k, v in outputs.items() if k.startswith("present.")}
-            ids = outputs["logits"][:, -1].argmax(-1)[:, None]
+            ids = decoder(ids)[:, -1].argmax(-1)[:, None]
             times.append(time.perf_counter() - start)
             tokens.append(int(ids[0, 0]))
             if eos is not None and tokens[-1] == eos:

@@ -19,6 +19,7 @@ from test_export_onnx import elastic
 
 from flexrank.exporters import export
 from flexrank.exporters.onnx import at_budget
+from flexrank.exporters.onnx_attention import kv_cache_in_place
 from flexrank.exporters.onnx_simplify import (
     expand_target,
     fuse_sibling_matmuls,
@@ -29,6 +30,7 @@ from flexrank.exporters.onnx_simplify import (
     simplify,
 )
 from flexrank.exporters.torch_to_onnx import MIN_ROTARY_POSITIONS, OnnxExportConfig
+from flexrank.exporters.validate import CacheDecoder
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 
@@ -207,6 +209,11 @@ def test_simplified_decoder_matches_pytorch_on_a_left_padded_batch(llama, tmp_pa
     # per block the first MatMuls of q/k/v and of gate/up read one input: 5 -> 2
     assert op_counts(unfused)["MatMul"] - op_counts(model)["MatMul"] == 3 * layers
     assert op_counts(model)["Split"] == 2 * layers
+    # the cached length comes from the mask: the cache is read by GroupQueryAttention alone
+    assert not [n for n in model.graph.node
+                if n.op_type == "Shape" and n.input[0].startswith("past_key_values.")]
+    assert kv_cache_in_place(model.graph) and manifest["budgets"][0]["kv_cache_in_place"]
+    assert not kv_cache_in_place(unsimplified.graph)  # its Concats read the cache
 
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
@@ -232,3 +239,12 @@ def test_simplified_decoder_matches_pytorch_on_a_left_padded_batch(llama, tmp_pa
     np.testing.assert_allclose(out["logits"][real], ref.logits.numpy()[real], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(step["logits"], ref_step.logits.numpy(), atol=1e-4, rtol=1e-4)
     assert step["present.0.key"].shape[2] == 8
+    # the same two calls with the cache in one preallocated buffer, updated in place
+    in_place = CacheDecoder(session, in_place=True, capacity=16)
+    np.testing.assert_allclose(in_place(ids, mask, positions)[real], out["logits"][real],
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(in_place(step_ids, step_mask, step_positions), step["logits"],
+                               atol=1e-5, rtol=1e-5)
+    key = in_place.buffers["past_key_values.0.key"]
+    assert key.shape[2] == 16
+    np.testing.assert_allclose(key[:, :, :8], step["present.0.key"], atol=1e-6, rtol=1e-6)

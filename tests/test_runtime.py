@@ -16,7 +16,7 @@ from flexrank.covariance import collect_covariances
 from flexrank.deploy import budget_cost, layer_cost
 from flexrank.elastic import ElasticModel
 from flexrank.exporters import BundleError, CorruptFileError, export
-from flexrank.exporters.validate import torch_greedy
+from flexrank.exporters.validate import CacheDecoder, torch_greedy
 from flexrank.runtime import ElasticSession
 from flexrank.surgery import factorize_
 from flexrank.targets import nested_layers
@@ -66,6 +66,8 @@ def test_elastic_session_generates_like_pytorch_and_switches_without_reloading(
     em, _ = llama
     session = ElasticSession(elastic_bundle, budget=1.0, threads=1)
     assert session.load_s > 0 and session.budgets == [0.6, 0.8, 1.0]
+    # the rank Slices do not touch the cache: it is updated in place at every level
+    assert all(e["kv_cache_in_place"] for e in session.manifest["budgets"])
     for beta in (1.0, 0.6, 0.8):
         session.set_budget(beta)
         em.set_budget(beta)
@@ -82,9 +84,36 @@ def test_elastic_session_generates_like_pytorch_and_switches_without_reloading(
     assert figures["peak_rss_mb"] > 0 and figures["prompt_tokens"] == 12
 
 
+def test_per_budget_bundle_updates_the_cache_in_place_like_pytorch(llama, tmp_path):
+    em, _ = llama
+    manifest = export(em, tmp_path, budgets=[0.6, 1.0])
+    assert [e["kv_cache_in_place"] for e in manifest["budgets"]] == [True, True]
+    session = ElasticSession(tmp_path, threads=1)
+    for beta in (0.6, 1.0):
+        session.set_budget(beta)
+        em.set_budget(beta)
+        got = session.generate(PROMPT, max_new_tokens=12, stop_at_eos=False).token_ids
+        assert got == torch_greedy(em.model, torch.from_numpy(PROMPT), 12)[0].tolist(), beta
+    # buffers too small from the start double as they fill, and hold what the cache fed
+    # back as arrays holds
+    in_place = CacheDecoder(session.session, in_place=True, capacity=2)
+    copied = CacheDecoder(session.session, in_place=False)
+    ids = PROMPT
+    for _ in range(5):
+        logits = in_place(ids)
+        np.testing.assert_allclose(logits, copied(ids), rtol=1e-5, atol=1e-5)
+        ids = logits[:, -1].argmax(-1)[:, None]
+    assert in_place.capacity == 16 and in_place.past_len == copied.past_len == 10
+    for name, buffer in in_place.buffers.items():
+        present = copied.past[name.replace("past_key_values.", "present.")]
+        np.testing.assert_allclose(buffer[:, :, :10], present, rtol=1e-6, atol=1e-6)
+        assert not buffer[:, :, 10:].any()
+
+
 def test_shared_layout_switches_budgets(llama, tmp_path):
     em, _ = llama
-    export(em, tmp_path, layout="shared", budgets=[0.6, 1.0])
+    manifest = export(em, tmp_path, layout="shared", budgets=[0.6, 1.0])
+    assert [e["kv_cache_in_place"] for e in manifest["budgets"]] == [True, True]
     session = ElasticSession(tmp_path, threads=1)
     assert session.beta == 1.0  # no decision in the manifest: the largest budget
     for beta in (0.6, 1.0):
