@@ -119,9 +119,11 @@ class CacheDecoder:
     past_key_values.i.* and its present.i.* are bound (IOBinding) to one preallocated buffer
     of `capacity` positions that GroupQueryAttention updates in place, doubled when full,
     instead of the op copying the whole cache into a new `present` on every call (SmolLM2 at
-    1,000 cached positions: a decode step 13-15 % faster; benchmarks/bench_kv_cache.py). Otherwise each call's present.*
-    arrays are fed back as the next call's past. `attention_mask` / `position_ids` default
-    to all ones / consecutive positions; `extra` is fed on every call (`rank_level`)."""
+    1,000 cached positions: a decode step 13-15 % faster; benchmarks/bench_kv_cache.py).
+    Only for such graphs: elsewhere the buffer's size would be read as the cached length.
+    Otherwise each call's present.* arrays are fed back as the next call's past.
+    `attention_mask` / `position_ids` default to all ones / consecutive positions; `extra`
+    is fed on every call (`rank_level`). One decoder per sequence batch."""
 
     def __init__(self, session, in_place: bool = False, capacity: int = 256,
                  extra: dict | None = None):
@@ -146,8 +148,13 @@ class CacheDecoder:
         IOBinding: past_key_values.i.* and present.i.* to the same buffer."""
         import onnxruntime as ort
 
-        if self.buffers and total <= next(iter(self.buffers.values())).shape[2]:
-            return
+        if self.buffers:
+            held = next(iter(self.buffers.values())).shape
+            if held[0] != batch:
+                raise ValueError(f"this cache holds a batch of {held[0]}, not {batch}: use "
+                                 "a new CacheDecoder for another batch")
+            if total <= held[2]:
+                return
         while self.capacity < total:
             self.capacity *= 2
         self.binding = self.session.io_binding()

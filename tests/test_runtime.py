@@ -108,6 +108,8 @@ def test_per_budget_bundle_updates_the_cache_in_place_like_pytorch(llama, tmp_pa
         present = copied.past[name.replace("past_key_values.", "present.")]
         np.testing.assert_allclose(buffer[:, :, :10], present, rtol=1e-6, atol=1e-6)
         assert not buffer[:, :, 10:].any()
+    with pytest.raises(ValueError, match="batch of 1, not 2"):
+        in_place(np.concatenate([ids, ids]))
 
 
 def test_shared_layout_switches_budgets(llama, tmp_path):
