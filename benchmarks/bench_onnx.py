@@ -25,6 +25,7 @@ Target (issue): decode-time ratio to dense within 15 % of the bytes-read ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -97,6 +98,15 @@ def uniform_rank(m: int, n: int, beta: float) -> int:
     return max(r for r in range(1, full + 1) if r * (m + n - r) <= beta * m * n)
 
 
+@functools.cache
+def graph_in_place(path: Path) -> bool:
+    """`kv_cache_in_place` of the graph file (read once per process: timing rounds reopen
+    the same files)."""
+    import onnx
+
+    return kv_cache_in_place(onnx.load(str(path), load_external_data=False).graph)
+
+
 class Decoder:
     """One graph's session and KV cache, decoded one greedy token per `step()` through
     `CacheDecoder`, as `ElasticSession.generate` runs it: the cache updated in place when the
@@ -110,7 +120,6 @@ class Decoder:
     def __init__(self, path: Path, threads: int, extra: dict | None = None,
                  profile: bool = False, shared_pool: bool = False,
                  in_place: bool | None = None):
-        import onnx
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -123,9 +132,7 @@ class Decoder:
         options.enable_profiling = profile
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "flexrank-ort-profile")
         self.sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        if in_place is None:
-            in_place = kv_cache_in_place(onnx.load(str(path), load_external_data=False).graph)
-        self.in_place = in_place
+        self.in_place = graph_in_place(Path(path)) if in_place is None else in_place
         self.extra = extra or {}
         self.prompt = np.random.default_rng(0).integers(100, 40000, (1, PROMPT))
 

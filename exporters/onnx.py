@@ -38,12 +38,12 @@ from .torch_to_onnx import (
     OnnxExportConfig,
     convert_to_ort,
     export_budget_graph,
-    finish_graph,
     float_weight_matmuls,
     model_kind,
     named_inputs,
     outlier_layers,
     quantize_int8,
+    replace_graph,
     sample_for,
     tidy_graph,
     torch_outputs,
@@ -147,15 +147,16 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
     """One budget's graph in `folder`: (layer records, graph path, manifest extras)."""
     shutil.rmtree(folder, ignore_errors=True)
     path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
-    finish_graph(path, kind, elastic.model, config)
-    extra = {}
+    model = tidy_graph(load_model(path), kind, elastic.model, config)
+    extra = cache_flag(kind, model)  # int8 keeps the attention nodes: still true after it
+    replace_graph(model, path, config.external_data)
+    del model
     if quantize == "int8":
         with at_budget(elastic, beta) as model:
             float_layers = outlier_layers(model, kind, sample, config.int8_outlier_ratio)
         quantize_int8(path, float_layers)
         extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
         extra["int8_float_matmuls"] = float_weight_matmuls(path)
-    extra.update(cache_flag(kind, onnx.load(str(path), load_external_data=False)))
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     return records, graph, extra
 

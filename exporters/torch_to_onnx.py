@@ -31,7 +31,7 @@ from flexrank.io import save_tokenizer
 from flexrank.targets import nested_layers
 
 from .deploy import FormPolicy, deployable_model
-from .onnx_graph import load_model, save_model, store_tied_once
+from .onnx_graph import save_model, store_tied_once
 from .onnx_simplify import simplify
 from .validate import DEFAULT_TOLERANCE
 
@@ -158,13 +158,12 @@ def rotary_tables(graph: onnx.ModelProto, model: nn.Module) -> None:
         inits[name].CopyFrom(onnx.numpy_helper.from_array(table[0, :, :half].float().numpy(), name))
 
 
-def finish_graph(path: Path, kind: str, model: nn.Module, config: OnnxExportConfig,
-                 ) -> list[Path]:
-    """`tidy_graph`, then save (external data when asked or above 2 GB)."""
-    graph = tidy_graph(load_model(path), kind, model, config)
+def replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> list[Path]:
+    """Save `graph` over the file at `path` and its external data (external data when asked
+    or above 2 GB)."""
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
-    return save_model(graph, path, config.external_data)
+    return save_model(graph, path, external_data)
 
 
 @torch.no_grad()

@@ -94,7 +94,10 @@ def _numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def decoder_feed(session, input_ids: np.ndarray, past: dict | None, past_len: int) -> dict:
+def decoder_feed(session, input_ids: np.ndarray, past: dict | None, past_len: int,
+                 cache: bool = True) -> dict:
+    """input_ids, an all-ones attention_mask, consecutive position_ids and (with `cache`)
+    past_key_values.* from `past`'s present.* arrays (empty ones when `past` is None)."""
     batch, length = input_ids.shape
     feed = {"input_ids": input_ids.astype(np.int64),
             "attention_mask": np.ones((batch, past_len + length), np.int64)}
@@ -102,7 +105,7 @@ def decoder_feed(session, input_ids: np.ndarray, past: dict | None, past_len: in
     if "position_ids" in names:
         feed["position_ids"] = np.tile(np.arange(past_len, past_len + length), (batch, 1))
     for name, info in names.items():
-        if name.startswith("past_key_values."):
+        if cache and name.startswith("past_key_values."):
             if past is None:
                 heads, head_dim = info.shape[1], info.shape[3]
                 feed[name] = np.zeros((batch, heads, 0, head_dim), np.float32)
@@ -176,8 +179,8 @@ class CacheDecoder:
                  position_ids: np.ndarray | None = None) -> np.ndarray:
         batch, length = ids.shape
         total = self.past_len + length
-        feed = decoder_feed(self.session, ids, None if self.in_place else self.past,
-                            self.past_len)
+        feed = decoder_feed(self.session, ids, self.past, self.past_len,
+                            cache=not self.in_place)  # in place: the buffers are bound
         if attention_mask is not None:
             feed["attention_mask"] = attention_mask
         if position_ids is not None and "position_ids" in self.inputs:
@@ -193,8 +196,7 @@ class CacheDecoder:
         self._grow(batch, total)
         self.past_len = total
         for name, value in feed.items():
-            if name not in self.buffers:
-                self.binding.bind_cpu_input(name, value)
+            self.binding.bind_cpu_input(name, value)
         shape = (batch, length, self.vocab)
         if self.logits is None or self.logits.shape != shape:  # a prefill, or the first step
             self.logits = np.empty(shape, np.float32)
