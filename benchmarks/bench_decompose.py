@@ -17,10 +17,10 @@ import torch
 from common import CALIBRATION_SPAN, SHAKESPEARE, stage
 
 import flexrank
-from flexrank.decompose import output_error, plain_svd
-from flexrank.layers import linear_weight
-from flexrank.report import format_table
-from flexrank.targets import find_targets
+from flexrank.compress.decompose import output_error, plain_svd
+from flexrank.compress.layers import linear_weight
+from flexrank.compress.select import find_targets
+from flexrank.table import format_table
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ import torch
 from bench_onnx import time_alone, uniform_smollm2
 
 from flexrank.exporters import EXPORTERS, export
-from flexrank.exporters.executorch import ExecutorchExportConfig
-from flexrank.exporters.executorch_validate import load_method
-from flexrank.exporters.manifest import load_manifest, write_manifest
+from flexrank.exporters.executorch.export import ExecutorchExportConfig
+from flexrank.exporters.executorch.validate import load_method
+from flexrank.manifest import load_manifest, write_manifest
 
 PROMPT = 64
 WARMUP = 3

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flexrank.exporters.onnx_attention import kv_cache_in_place
-from flexrank.exporters.validate import CacheDecoder
+from flexrank.exporters.onnx.attention import kv_cache_in_place
+from flexrank.runtime.kv_cache import CacheDecoder
 
 
 def time_both(session, positions: int, tokens: int) -> tuple[float, float]:

@@ -41,14 +41,14 @@ import torch
 from common import CALIBRATION_SPAN, SHAKESPEARE
 
 import flexrank
-from flexrank.elastic import ElasticModel
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.select import nested_layers
 from flexrank.exporters import export
-from flexrank.exporters.deploy import FormPolicy
-from flexrank.exporters.onnx_attention import kv_cache_in_place
-from flexrank.exporters.onnx_layouts import RANK_LEVEL
-from flexrank.exporters.torch_to_onnx import OnnxExportConfig
-from flexrank.exporters.validate import CacheDecoder
-from flexrank.targets import nested_layers
+from flexrank.exporters.common.forms import FormPolicy
+from flexrank.exporters.onnx.attention import kv_cache_in_place
+from flexrank.exporters.onnx.convert import OnnxExportConfig
+from flexrank.exporters.onnx.layouts import RANK_LEVEL
+from flexrank.runtime.kv_cache import CacheDecoder
 
 PROMPT = 64
 VARIANTS = ("conditions", "plain", "shared", "elastic", "elastic-branches", "int8",

@@ -19,17 +19,16 @@ import time
 
 import numpy as np
 
-from flexrank.costs import ParamsCost, cost_matrix
-from flexrank.planner import (
-    BUDGET_RTOL,
+from flexrank.planning.costs import ParamsCost, cost_matrix
+from flexrank.planning.knapsack import (
     MAX_FRONTIER_STATES,
     nested_dp_chain,
     nested_greedy,
     optimal_levels,
     pareto_frontier,
-    plan,
 )
-from flexrank.sensitivity import Sensitivity
+from flexrank.planning.planner import BUDGET_RTOL, plan
+from flexrank.planning.sensitivity import Sensitivity
 
 BLOCK = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
          "self_attn.v_proj": (192, 576), "self_attn.o_proj": (576, 576),

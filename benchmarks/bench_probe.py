@@ -22,11 +22,12 @@ from common import CALIBRATION_SPAN, SHAKESPEARE
 from safetensors.torch import load_model as load_st
 
 import flexrank
-from flexrank.elastic import restructure_
-from flexrank.pipeline import _safetensors_meta
-from flexrank.probe import ProbeConfig, probe
-from flexrank.report import format_table
-from flexrank.targets import nested_layers
+from flexrank.compress.config import ProbeConfig
+from flexrank.compress.elastic import restructure_
+from flexrank.compress.pipeline import _safetensors_meta
+from flexrank.compress.probe import probe
+from flexrank.compress.select import nested_layers
+from flexrank.table import format_table
 
 
 def main() -> None:

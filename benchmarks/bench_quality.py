@@ -28,16 +28,15 @@ import torch
 from common import HELDOUT_SPAN, SHAKESPEARE, PeakRSS
 
 import flexrank
-from flexrank.baselines import uniform_ranks
-from flexrank.distill import DistillConfig
-from flexrank.elastic import ElasticModel
-from flexrank.evaluate import perplexity, teacher_agreement, tokenize_text
-from flexrank.pipeline import STATE_FILE, CompressConfig, compress
-from flexrank.planner import NestedPlan
-from flexrank.probe import ProbeConfig
-from flexrank.report import format_table
-from flexrank.surgery import FactorizeConfig, factorize_
-from flexrank.targets import nested_layers
+from flexrank.compress.config import CompressConfig, DistillConfig, FactorizeConfig, ProbeConfig
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.evaluate import perplexity, teacher_agreement, tokenize_text
+from flexrank.compress.pipeline import STATE_FILE, compress
+from flexrank.compress.select import nested_layers
+from flexrank.compress.surgery import factorize_
+from flexrank.planning.baselines import uniform_ranks
+from flexrank.planning.planner import NestedPlan
+from flexrank.table import format_table
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 TRAINED_BUDGETS = (1.0, 0.8, 0.6, 0.4)  # the others are planned but never trained
@@ -99,8 +98,8 @@ def main() -> None:
     # DataSVD factors before distillation: the decompose stage's cache
     from safetensors.torch import load_model as load_st
 
-    from flexrank.elastic import restructure_
-    from flexrank.pipeline import _safetensors_meta
+    from flexrank.compress.elastic import restructure_
+    from flexrank.compress.pipeline import _safetensors_meta
 
     decomposed = copy.deepcopy(teacher)
     path = out / "stages" / "decomposed.safetensors"

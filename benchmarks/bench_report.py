@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 from bench_onnx import TablePlan, time_in_pair, timing_process
 
-from flexrank.baselines import uniform_ranks
-from flexrank.elastic import ElasticModel
-from flexrank.exporters import MANIFEST_FILE, export, load_manifest
-from flexrank.exporters.torch_to_onnx import OnnxExportConfig
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.select import nested_layers
+from flexrank.exporters import export
+from flexrank.exporters.onnx.convert import OnnxExportConfig
 from flexrank.io import atomic_path
-from flexrank.targets import nested_layers
+from flexrank.manifest import MANIFEST_FILE, load_manifest
+from flexrank.planning.baselines import uniform_ranks
 
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 DISTILLED = "FlexRank distilled"

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from flexrank.exporters.onnx_layouts import RANK_LEVEL
-from flexrank.exporters.validate import decoder_feed
+from flexrank.exporters.onnx.layouts import RANK_LEVEL
+from flexrank.runtime.kv_cache import decoder_feed
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """flexrank.device_profiles: one YAML file per device, shipped as package data.
 
-The schema is documented and enforced in `flexrank.profiles`.
+The schema is documented and enforced in `flexrank.device.profiles`.
 """
 
 from pathlib import Path

@@ -15,11 +15,19 @@ a bundle without a manifest is not finished.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .manifest import (
+from flexrank.exporters.common.errors import (
+    ExportValidationError,
+    GenerationMismatchError,
+    OutputMismatchError,
+    OutputNamesError,
+    ShapeError,
+)
+from flexrank.manifest import (
     MANIFEST_FILE,
     BundleError,
     CorruptFileError,
@@ -27,15 +35,12 @@ from .manifest import (
     load_manifest,
     write_manifest,
 )
-from .validate import (
-    ExportValidationError,
-    GenerationMismatchError,
-    OutputMismatchError,
-    OutputNamesError,
-    ShapeError,
-)
 
-EXPORTERS: dict[str, Callable[..., dict]] = {}
+_EXPORTERS: dict[str, Callable[..., dict]] = {}
+# The built-in formats register themselves when their module is imported; that module
+# imports torch, so it is imported on first use, not with this package (the runtime reads
+# manifests through flexrank.manifest without torch).
+_BUILTIN_MODULES = ("flexrank.exporters.onnx.export", "flexrank.exporters.executorch.export")
 LAYOUTS = ("per-budget", "shared", "elastic")
 # Weight quantization each format offers (onnxruntime dynamic int8; XNNPACK 8-bit dynamic
 # activations with 4-bit grouped weights).
@@ -46,12 +51,25 @@ def register_exporter(name: str):
     """Decorator: make `fn` the exporter for format `name`."""
 
     def wrap(fn):
-        if name in EXPORTERS:
+        if name in _EXPORTERS:
             raise ValueError(f"an exporter for format {name!r} is already registered")
-        EXPORTERS[name] = fn
+        _EXPORTERS[name] = fn
         return fn
 
     return wrap
+
+
+def exporters() -> dict[str, Callable[..., dict]]:
+    """{format name: exporter function}, the built-in formats loaded."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return _EXPORTERS
+
+
+def __getattr__(name: str):
+    if name == "EXPORTERS":  # the registry, loaded on first access
+        return exporters()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_budgets(elastic, budgets) -> list[float]:
@@ -77,8 +95,9 @@ def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",
     `options` go to the format's exporter (ONNX: `sample_inputs` for a plain nn.Module,
     `config=OnnxExportConfig(...)`). Returns the manifest as a dict.
     """
-    if format not in EXPORTERS:
-        raise ValueError(f"unknown export format {format!r}; available: {sorted(EXPORTERS)}")
+    registry = exporters()
+    if format not in registry:
+        raise ValueError(f"unknown export format {format!r}; available: {sorted(registry)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     quantize = None if quantize in (None, "none") else quantize
@@ -89,15 +108,12 @@ def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until written again
-    body = EXPORTERS[format](elastic_model, out_dir, layout=layout,
+    body = registry[format](elastic_model, out_dir, layout=layout,
                              budgets=resolve_budgets(elastic_model, budgets),
                              quantize=quantize, **options)
     write_manifest(out_dir, body)
     return load_manifest(out_dir)
 
-
-from . import executorch as _executorch  # noqa: E402,F401  (registers "executorch")
-from . import onnx as _onnx  # noqa: E402,F401  (registers "onnx", "ort")
 
 __all__ = [
     "EXPORTERS",
@@ -110,6 +126,7 @@ __all__ = [
     "OutputNamesError",
     "ShapeError",
     "export",
+    "exporters",
     "load_manifest",
     "register_exporter",
 ]

@@ -5,39 +5,56 @@
     batches = flexrank.calibration_data(tokenizer, source="teacher", model=model)
     stats = flexrank.collect_covariances(model, batches)
     flexrank.factorize_(model, stats)
+
+The package is laid out by concern (README "Layout"): `flexrank.compress` (calibration,
+DataSVD, nested layers, probing, distillation, the elastic checkpoint), `flexrank.planning`
+(sensitivity, costs, knapsack, nested plans; numpy only), `flexrank.device` (profiles,
+the latency model, `--budget auto`; no torch), `flexrank.exporters` (ONNX, ExecuTorch),
+`flexrank.runtime` (onnxruntime sessions; no torch) and `flexrank.cli`.
+
+The names below are imported on first use, so that `import flexrank` (and the command
+line's `--help`) does not pay for torch and transformers.
 """
 
-from flexrank.calibration import CalibrationError, calibration_data
-from flexrank.covariance import CovarianceStats, collect_covariances
-from flexrank.distill import DistillConfig, distill
-from flexrank.elastic import ElasticModel
-from flexrank.layers import NestedConv1d, NestedConv2d, NestedLinear
-from flexrank.models import ModelLoadError, load_model
-from flexrank.planner import NestedPlan, plan
-from flexrank.probe import ProbeConfig, probe
-from flexrank.sensitivity import Sensitivity
-from flexrank.surgery import FactorizeConfig, factorize_
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CalibrationError",
-    "CovarianceStats",
-    "DistillConfig",
-    "ElasticModel",
-    "FactorizeConfig",
-    "ModelLoadError",
-    "NestedConv1d",
-    "NestedConv2d",
-    "NestedLinear",
-    "NestedPlan",
-    "ProbeConfig",
-    "Sensitivity",
-    "calibration_data",
-    "collect_covariances",
-    "distill",
-    "factorize_",
-    "load_model",
-    "plan",
-    "probe",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "CalibrationError": "flexrank.compress.calibration",
+    "calibration_data": "flexrank.compress.calibration",
+    "CovarianceStats": "flexrank.compress.covariance",
+    "collect_covariances": "flexrank.compress.covariance",
+    "DistillConfig": "flexrank.compress.config",
+    "distill": "flexrank.compress.distill",
+    "ElasticModel": "flexrank.compress.elastic",
+    "NestedConv1d": "flexrank.compress.layers",
+    "NestedConv2d": "flexrank.compress.layers",
+    "NestedLinear": "flexrank.compress.layers",
+    "ModelLoadError": "flexrank.compress.models",
+    "load_model": "flexrank.compress.models",
+    "ProbeConfig": "flexrank.compress.config",
+    "probe": "flexrank.compress.probe",
+    "FactorizeConfig": "flexrank.compress.config",
+    "factorize_": "flexrank.compress.surgery",
+    "NestedPlan": "flexrank.planning.planner",
+    "plan": "flexrank.planning.planner",
+    "Sensitivity": "flexrank.planning.sensitivity",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'flexrank' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -5,6 +5,6 @@
     print(session.generate("Hello", max_new_tokens=16).text)
 """
 
-from .session import ElasticSession, Generation, peak_rss_bytes
+from flexrank.runtime.session import ElasticSession, Generation, peak_rss_bytes
 
 __all__ = ["ElasticSession", "Generation", "peak_rss_bytes"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexrank.exporters.manifest import budget_entry, load_manifest
+from flexrank.manifest import budget_entry, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ElasticSession:
         entry = budget_entry(self.manifest, beta)  # BundleError listing the budgets
         graph = entry["graph"]
         if graph not in self._sessions:
-            from flexrank.exporters.validate import make_session
+            from flexrank.runtime.kv_cache import make_session
 
             logger.info("loading %s (%d threads)", graph, self.threads)
             self._sessions[graph] = make_session(self.bundle_dir / graph, self.threads,
@@ -144,7 +144,7 @@ class ElasticSession:
         """Greedy generation through the KV cache: one prefill, then one token per step;
         the cache is updated in place where the bundle's graph allows it
         (`kv_cache_in_place` in the manifest; `exporters/validate.CacheDecoder`)."""
-        from flexrank.exporters.validate import CacheDecoder
+        from flexrank.runtime.kv_cache import CacheDecoder
 
         if self.kind != "decoder":
             raise ValueError(f"generate() needs a decoder bundle; this one is {self.kind!r}: "

@@ -10,8 +10,9 @@ from accelerate import Accelerator
 from elastic_fixtures import tiny_elastic
 from safetensors.torch import save_file
 
-from flexrank.covariance import collect_covariances
-from flexrank.distill import DistillConfig, distill
+from flexrank.compress.config import DistillConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.distill import distill
 
 STEPS = 4
 

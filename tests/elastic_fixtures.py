@@ -6,11 +6,12 @@ import copy
 
 from conftest import tiny_llama, token_batches
 
-from flexrank.covariance import collect_covariances
-from flexrank.planner import plan as make_plan
-from flexrank.probe import ProbeConfig, probe
-from flexrank.surgery import factorize_
-from flexrank.targets import nested_layers
+from flexrank.compress.config import ProbeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.probe import probe
+from flexrank.compress.select import nested_layers
+from flexrank.compress.surgery import factorize_
+from flexrank.planning.planner import plan as make_plan
 
 BUDGETS = [0.6, 0.8, 1.0]
 

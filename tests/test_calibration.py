@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHAKESPEARE, tiny_llama
 
-from flexrank.calibration import CalibrationError, calibration_data, pack
+from flexrank.compress.calibration import CalibrationError, calibration_data, pack
 
 
 def test_text_file_packs_deterministically(tmp_path, tokenizer):

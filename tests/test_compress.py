@@ -7,10 +7,9 @@ import torch
 from conftest import char_tokenizer, tiny_llama
 
 from flexrank.cli import main
-from flexrank.distill import DistillConfig
-from flexrank.elastic import ElasticModel
-from flexrank.pipeline import STATE_FILE, CompressConfig, CompressError, compress
-from flexrank.probe import ProbeConfig
+from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.pipeline import STATE_FILE, CompressError, compress
 
 
 @pytest.fixture

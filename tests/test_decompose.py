@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexrank.costs import gauge_fixed_params as deployed_params
-from flexrank.decompose import (
+from flexrank.compress.decompose import (
     DegenerateCovarianceError,
     output_error,
     plain_svd,
@@ -15,6 +14,7 @@ from flexrank.decompose import (
     tail_energy,
     whitened_svd,
 )
+from flexrank.planning.costs import gauge_fixed_params as deployed_params
 
 
 def correlated_inputs(n: int, tokens: int, seed: int) -> torch.Tensor:

@@ -13,11 +13,11 @@ from conftest import char_tokenizer, tiny_llama
 from elastic_fixtures import tiny_elastic
 
 from flexrank.cli import export_main, main
-from flexrank.elastic import ElasticModel
-from flexrank.exporters import load_manifest
-from flexrank.pipeline import STATE_FILE
-from flexrank.profiles import PROFILE_DIR
-from flexrank.runtime import ElasticSession
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.pipeline import STATE_FILE
+from flexrank.device_profiles import PROFILE_DIR
+from flexrank.manifest import load_manifest
+from flexrank.runtime.session import ElasticSession
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from elastic_fixtures import BUDGETS, tiny_elastic
 
-from flexrank.distill import (
-    DistillConfig,
+from flexrank.compress.config import DistillConfig
+from flexrank.compress.distill import (
     batch_indices,
     budgets_for_step,
     distill,
@@ -16,7 +16,7 @@ from flexrank.distill import (
     evaluate_budgets,
     lr_factor,
 )
-from flexrank.elastic import BudgetError, ElasticModel
+from flexrank.compress.elastic import BudgetError, ElasticModel
 
 
 def test_distill_loss_is_token_mean_kl():
@@ -87,7 +87,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
     reference = copy.deepcopy(student)
     distill(reference, teacher, plan, train, config, progress=False)
 
-    module = importlib.import_module("flexrank.distill")
+    module = importlib.import_module("flexrank.compress.distill")
     real = module.save_checkpoint
     calls = {"n": 0}
 

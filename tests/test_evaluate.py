@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_llama
 
-from flexrank.baselines import uniform_ranks
-from flexrank.costs import gauge_fixed_params
-from flexrank.evaluate import (
+from flexrank.compress.evaluate import (
     EvaluationError,
     cosine_similarity,
     perplexity,
     teacher_agreement,
     windows,
 )
+from flexrank.planning.baselines import uniform_ranks
+from flexrank.planning.costs import gauge_fixed_params
 
 
 def direct_nll(model, ids):
@@ -88,9 +88,10 @@ def test_uniform_ranks_meet_budget_and_are_maximal():
 def test_bundle_eval_equals_pytorch_eval(tmp_path):
     from elastic_fixtures import tiny_elastic
 
-    from flexrank.elastic import ElasticModel
-    from flexrank.evaluate import bundle_decoders, evaluate_elastic, evaluate_models
+    from flexrank.compress.elastic import ElasticModel
+    from flexrank.compress.evaluate import evaluate_elastic, evaluate_models
     from flexrank.exporters import export
+    from flexrank.exporters.onnx.bundle import bundle_decoders
 
     student, teacher, plan, _, _ = tiny_elastic(seed=11)
     em = ElasticModel(student, plan, model_id="tiny")
@@ -111,7 +112,7 @@ def test_cli_eval_elastic_and_bundle(tmp_path, capsys):
     from elastic_fixtures import tiny_elastic
 
     from flexrank.cli import main
-    from flexrank.elastic import ElasticModel
+    from flexrank.compress.elastic import ElasticModel
     from flexrank.exporters import export
 
     student, teacher, plan, _, _ = tiny_elastic(seed=12)

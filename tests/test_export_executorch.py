@@ -13,21 +13,18 @@ from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_llama, token_batc
 from elastic_fixtures import nested_plan
 from torch import nn
 
-import flexrank.exporters.executorch  # noqa: F401  (registers "executorch")
-from flexrank.covariance import collect_covariances
-from flexrank.elastic import ElasticModel
-from flexrank.exporters import EXPORTERS, export, load_manifest
-from flexrank.exporters.executorch import ExecutorchExportConfig
-from flexrank.exporters.executorch_program import ExecutorchTraceError, segment_layout
-from flexrank.exporters.executorch_quant import (
-    QuantizationShapeError,
-    aligned_rank,
-    aligned_ranks,
-)
-from flexrank.exporters.executorch_validate import constant_methods, load_method, pte_greedy
-from flexrank.exporters.manifest import write_manifest
-from flexrank.exporters.validate import GENERATION_TOKENS, torch_greedy
-from flexrank.surgery import FactorizeConfig, factorize_
+import flexrank.exporters.executorch.export  # noqa: F401  (registers "executorch")
+from flexrank.compress.config import FactorizeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.surgery import factorize_
+from flexrank.exporters import EXPORTERS, export
+from flexrank.exporters.common.validate import GENERATION_TOKENS, torch_greedy
+from flexrank.exporters.executorch.export import ExecutorchExportConfig
+from flexrank.exporters.executorch.program import ExecutorchTraceError, segment_layout
+from flexrank.exporters.executorch.quant import QuantizationShapeError, aligned_rank, aligned_ranks
+from flexrank.exporters.executorch.validate import constant_methods, load_method, pte_greedy
+from flexrank.manifest import load_manifest, write_manifest
 
 FRACTIONS = (0.5, 0.75, 1.0)
 LLAMA_FRACTIONS = (0.5, 1.0)  # each decoder budget costs ~15 s of XNNPACK lowering
@@ -42,7 +39,7 @@ def cnn():
 
 
 def test_executorch_is_registered():
-    assert EXPORTERS["executorch"] is flexrank.exporters.executorch.export_executorch
+    assert EXPORTERS["executorch"] is flexrank.exporters.executorch.export.export_executorch
 
 
 def test_generic_module_every_budget_runs_in_executorch(cnn, tmp_path):

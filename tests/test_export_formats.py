@@ -8,13 +8,14 @@ import pytest
 from conftest import char_tokenizer, tiny_llama, token_batches
 from elastic_fixtures import StandInPlan
 
-from flexrank.covariance import collect_covariances
-from flexrank.elastic import ElasticModel
-from flexrank.exporters import export, load_manifest
-from flexrank.exporters.deploy import FormPolicy
-from flexrank.exporters.torch_to_onnx import OnnxExportConfig
-from flexrank.surgery import factorize_
-from flexrank.targets import nested_layers
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.select import nested_layers
+from flexrank.compress.surgery import factorize_
+from flexrank.exporters import export
+from flexrank.exporters.common.forms import FormPolicy
+from flexrank.exporters.onnx.convert import OnnxExportConfig
+from flexrank.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +91,14 @@ def test_forced_plain_factors_match_and_cost_more(llama, tmp_path):
 
 
 def test_onnx_scope_names():
-    from flexrank.exporters.torch_to_onnx import onnx_scope
+    from flexrank.exporters.onnx.convert import onnx_scope
 
     assert onnx_scope("model.layers.0.mlp.down_proj") == "/model/layers.0/mlp/down_proj/"
     assert onnx_scope("transformer.h.11.attn.c_attn") == "/transformer/h.11/attn/c_attn/"
 
 
 def test_int8_keeps_layers_with_outlier_inputs_in_float(tmp_path):
-    from flexrank.exporters.torch_to_onnx import onnx_scope
+    from flexrank.exporters.onnx.convert import onnx_scope
 
     model = tiny_llama()
     factorize_(model, collect_covariances(model, token_batches(100), progress=False),

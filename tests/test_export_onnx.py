@@ -15,23 +15,22 @@ import torch
 from conftest import char_tokenizer, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama, token_batches
 from elastic_fixtures import nested_plan
 
-from flexrank.covariance import collect_covariances
-from flexrank.elastic import ElasticModel
-from flexrank.exporters import (
-    EXPORTERS,
+from flexrank.compress.config import FactorizeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.surgery import factorize_
+from flexrank.exporters import EXPORTERS, export
+from flexrank.exporters.common.errors import OutputMismatchError, OutputNamesError, ShapeError
+from flexrank.exporters.common.validate import torch_greedy, validate_named
+from flexrank.exporters.onnx.convert import OnnxExportConfig
+from flexrank.exporters.onnx.layouts import RANK_LEVEL
+from flexrank.manifest import (
+    MANIFEST_FILE,
     CorruptFileError,
     MissingFileError,
-    OutputMismatchError,
-    OutputNamesError,
-    ShapeError,
-    export,
     load_manifest,
 )
-from flexrank.exporters.manifest import MANIFEST_FILE
-from flexrank.exporters.onnx_layouts import RANK_LEVEL
-from flexrank.exporters.torch_to_onnx import OnnxExportConfig
-from flexrank.exporters.validate import make_session, onnx_greedy, torch_greedy, validate_named
-from flexrank.surgery import FactorizeConfig, factorize_
+from flexrank.runtime.kv_cache import make_session, onnx_greedy
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 FRACTIONS = (0.5, 0.75, 1.0)
@@ -212,7 +211,7 @@ def test_validation_errors_are_typed(llama, tmp_path):
 
 
 def _feed(session, ids):
-    from flexrank.exporters.validate import decoder_feed
+    from flexrank.runtime.kv_cache import decoder_feed
 
     return decoder_feed(session, ids.numpy(), None, 0)
 
@@ -287,7 +286,7 @@ def test_gauge_fixed_budget_failing_validation_is_exported_again(llama, tmp_path
                                                                   failures):
     """A budget whose gauge-fixed graph misses the tolerance is re-exported with gauge
     blocks of condition ≤ 1e3, then without gauge fixing; after that the error stands."""
-    import flexrank.exporters.onnx as onnx_exporter
+    import flexrank.exporters.onnx.export as onnx_exporter
 
     real, calls = onnx_exporter.validate_graph, []
 
@@ -315,7 +314,7 @@ def test_gauge_fixed_budget_failing_validation_is_exported_again(llama, tmp_path
 
 
 def test_dense_budget_failing_validation_is_not_retried(llama, tmp_path, monkeypatch):
-    import flexrank.exporters.onnx as onnx_exporter
+    import flexrank.exporters.onnx.export as onnx_exporter
 
     def failing(*args, **kwargs):
         raise OutputMismatchError("simulated")

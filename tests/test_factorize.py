@@ -6,11 +6,12 @@ import torch
 from conftest import tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama, tiny_vit, token_batches
 from torch import nn
 
-from flexrank.covariance import collect_covariances, layer_inputs
-from flexrank.decompose import output_error, plain_svd, tail_energy
-from flexrank.layers import NestedConv1d, NestedConv2d, NestedLinear, linear_weight
-from flexrank.surgery import FactorizeConfig, factorize_
-from flexrank.targets import find_targets, nested_layers
+from flexrank.compress.config import FactorizeConfig
+from flexrank.compress.covariance import collect_covariances, layer_inputs
+from flexrank.compress.decompose import output_error, plain_svd, tail_energy
+from flexrank.compress.layers import NestedConv1d, NestedConv2d, NestedLinear, linear_weight
+from flexrank.compress.select import find_targets, nested_layers
+from flexrank.compress.surgery import factorize_
 
 
 def image_batches(num=3, batch=4, size=16, seed=0):

@@ -4,7 +4,7 @@ on the pivot rows and (m + n − r)·r stored numbers; the deployment rule picks
 import pytest
 import torch
 
-from flexrank.gauge import (
+from flexrank.exporters.common.gauge import (
     LayerForm,
     choose_form,
     gauge_fix,
@@ -92,7 +92,7 @@ def test_choose_form_rule():
 
 
 def test_choose_form_by_measured_latency():
-    from flexrank.costs import LatencyTable
+    from flexrank.planning.latency_table import LatencyTable
 
     table = LatencyTable(((576, 576, 576, 10e-6), (576, 576, 540, 9e-6),
                           (576, 576, 432, 14e-6)), threads=2, batch=1, repeats=5)

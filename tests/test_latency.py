@@ -8,27 +8,25 @@ import json
 import pytest
 import yaml
 
-from flexrank import latency
-from flexrank.latency import (
+from flexrank.device import host as host_module
+from flexrank.device.decide import choose_budget
+from flexrank.device.host import measure_host, resolve_measured
+from flexrank.device.predict import Efficiency, calibrate_efficiency, predict
+from flexrank.device.profiles import load_profile, parse_profile
+from flexrank.device.published import (
     LLAMA_3_2_1B,
     SMOLLM2_135M,
-    BudgetCost,
-    Efficiency,
-    calibrate_efficiency,
     check_published,
-    choose_budget,
     decoder_cost,
-    measure_host,
-    predict,
     published_table,
-    resolve_measured,
 )
-from flexrank.profiles import PROFILE_DIR, load_profile, parse_profile
+from flexrank.device_profiles import PROFILE_DIR
+from flexrank.planning.costs import BudgetCost
 
 # Round numbers so every prediction below can be checked by hand.
 EFF = Efficiency(bandwidth=0.5, compute=0.5, overhead_per_layer_s=1e-4, source="test")
 NO_OVERHEAD = Efficiency(bandwidth=0.5, compute=0.5, overhead_per_layer_s=0.0, source="test")
-REAL_MATMUL, REAL_COPY = latency.measure_matmul_gflops, latency.measure_copy_gbps
+REAL_MATMUL, REAL_COPY = host_module.measure_matmul_gflops, host_module.measure_copy_gbps
 
 
 def make_profile(compute=100.0, bandwidth=10.0, model_memory=2.5, context=2048, prompt=64,
@@ -55,8 +53,8 @@ def cost(beta=1.0, flops=1e9, read=1e9, total=1e9, kv=1000.0, layers=10, **kw):
 def fake_host(tmp_path, monkeypatch):
     """Keep the user's cache untouched and the host's numbers fixed, unless a test measures."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(latency, "measure_matmul_gflops", lambda: 80.0)
-    monkeypatch.setattr(latency, "measure_copy_gbps", lambda: 20.0)
+    monkeypatch.setattr(host_module, "measure_matmul_gflops", lambda: 80.0)
+    monkeypatch.setattr(host_module, "measure_copy_gbps", lambda: 20.0)
 
 
 # --- the model on fixed inputs -----------------------------------------------------------
@@ -272,9 +270,9 @@ def test_host_profile_is_resolved_from_a_cached_measurement(tmp_path, monkeypatc
     assert host.compute_gflops.value == 80.0 and host.memory_bandwidth_gbps.value == 20.0
     assert host.compute_gflops.source.startswith("measured")
     cache = json.loads((tmp_path / "cache" / "flexrank" / "host.json").read_text())
-    assert cache[latency.host_key()]["memory_bandwidth_gbps"] == 20.0
+    assert cache[host_module.host_key()]["memory_bandwidth_gbps"] == 20.0
     # a second resolution reads the cache instead of measuring again
-    monkeypatch.setattr(latency, "measure_copy_gbps", lambda: pytest.fail("measured twice"))
+    monkeypatch.setattr(host_module, "measure_copy_gbps", lambda: pytest.fail("measured twice"))
     assert measure_host().memory_bandwidth_gbps == 20.0
     assert choose_budget([decoder_cost(SMOLLM2_135M)], "host").profile.is_resolved
 

@@ -6,8 +6,8 @@ from conftest import tiny_bert, tiny_llama
 from transformers import AutoTokenizer
 
 import flexrank
+from flexrank.compress.models import ModelLoadError
 from flexrank.io import save_tokenizer
-from flexrank.models import ModelLoadError
 
 
 def test_module_passthrough():

@@ -18,9 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from test_export_onnx import elastic
 
 from flexrank.exporters import export
-from flexrank.exporters.onnx import at_budget
-from flexrank.exporters.onnx_attention import kv_cache_in_place
-from flexrank.exporters.onnx_simplify import (
+from flexrank.exporters.common.entry import at_budget
+from flexrank.exporters.onnx.attention import kv_cache_in_place
+from flexrank.exporters.onnx.convert import MIN_ROTARY_POSITIONS, OnnxExportConfig
+from flexrank.exporters.onnx.simplify import (
     expand_target,
     fuse_sibling_matmuls,
     merge_common,
@@ -29,8 +30,7 @@ from flexrank.exporters.onnx_simplify import (
     reshape_target,
     simplify,
 )
-from flexrank.exporters.torch_to_onnx import MIN_ROTARY_POSITIONS, OnnxExportConfig
-from flexrank.exporters.validate import CacheDecoder
+from flexrank.runtime.kv_cache import CacheDecoder
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 

@@ -8,28 +8,24 @@ import math
 import numpy as np
 import pytest
 
-from flexrank.costs import (
+from flexrank.planning.costs import (
     BytesCost,
     FlopsCost,
-    LatencyTable,
     ParamsCost,
     cost_matrix,
     gauge_fixed_params,
-    layer_graph,
-    measure_latency_table,
 )
-from flexrank.heatmap import block_and_type, heatmap_figure, rank_grid
-from flexrank.planner import (
-    BUDGET_RTOL,
-    NestedPlan,
+from flexrank.planning.heatmap import block_and_type, heatmap_figure, rank_grid
+from flexrank.planning.knapsack import (
     hull_steps,
     nested_dp_chain,
     nested_greedy,
     optimal_levels,
     pareto_frontier,
-    plan,
 )
-from flexrank.sensitivity import Sensitivity
+from flexrank.planning.latency_table import LatencyTable, layer_graph, measure_latency_table
+from flexrank.planning.planner import BUDGET_RTOL, NestedPlan, plan
+from flexrank.planning.sensitivity import Sensitivity
 
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
          "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama, token_batches
 
-from flexrank.covariance import collect_covariances
-from flexrank.probe import ProbeConfig, candidate_ranks, find_blocks, probe
-from flexrank.surgery import factorize_
+from flexrank.compress.config import ProbeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.probe import candidate_ranks, find_blocks, probe
+from flexrank.compress.surgery import factorize_
 
 
 def factorised(build=tiny_llama, seed=0):
@@ -87,7 +88,7 @@ def test_interrupted_probe_resumes(tmp_path, monkeypatch):
     reference = probe(model, teacher, data, config, progress=False)
     path = tmp_path / "probe.json"
 
-    probe_module = importlib.import_module("flexrank.probe")
+    probe_module = importlib.import_module("flexrank.compress.probe")
     calls = {"n": 0}
     real = probe_module.write_json_atomic
 
@@ -114,7 +115,7 @@ def test_interrupted_probe_resumes(tmp_path, monkeypatch):
 
 
 def test_monotone_forces_non_increasing_curves():
-    from flexrank.sensitivity import Sensitivity
+    from flexrank.planning.sensitivity import Sensitivity
 
     sens = Sensitivity(["a", "b"], [(4, 4), (4, 4)], [[1, 2, 3, 4]] * 2,
                        [[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 1.0, 0.0]])

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexrank.profiles import (
-    PROFILE_DIR,
+from flexrank.device.profiles import (
     TIERS,
     ProfileError,
     list_profiles,
@@ -18,6 +17,7 @@ from flexrank.profiles import (
     profile_names,
     profiles_table,
 )
+from flexrank.device_profiles import PROFILE_DIR
 
 SHIPPED = ["pixel8", "pixel6a", "galaxy-s22", "galaxy-s24", "oneplus12", "iphone15",
            "iphone15pro", "raspberry-pi5", "laptop-x86", "macbook-m2", "server-x86", "host"]

@@ -12,14 +12,16 @@ import torch
 from conftest import char_tokenizer, tiny_bert, token_batches
 from elastic_fixtures import tiny_elastic
 
-from flexrank.covariance import collect_covariances
-from flexrank.deploy import budget_cost, layer_cost
-from flexrank.elastic import ElasticModel
-from flexrank.exporters import BundleError, CorruptFileError, export
-from flexrank.exporters.validate import CacheDecoder, torch_greedy
-from flexrank.runtime import ElasticSession
-from flexrank.surgery import factorize_
-from flexrank.targets import nested_layers
+from flexrank.compress.budget_cost import budget_cost, layer_cost
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.select import nested_layers
+from flexrank.compress.surgery import factorize_
+from flexrank.exporters import export
+from flexrank.exporters.common.validate import torch_greedy
+from flexrank.manifest import BundleError, CorruptFileError
+from flexrank.runtime.kv_cache import CacheDecoder
+from flexrank.runtime.session import ElasticSession
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
 PROMPT = np.array([[5, 9, 14, 3, 22, 7]])

@@ -1,0 +1,55 @@
+"""One budget of an export: its folder name, the PyTorch model at that budget, and its
+manifest entry (files, bytes, parameters, layer forms, validation)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from flexrank.compress.select import nested_layers
+
+
+def budget_name(beta: float) -> str:
+    return f"budget-{beta:g}"
+
+
+@contextmanager
+def at_budget(elastic, beta: float):
+    """The PyTorch model at `beta`; the layers' previous ranks are restored afterwards."""
+    layers = nested_layers(elastic.model)
+    previous = {name: layer.rank for name, layer in layers.items()}
+    previous_budget = getattr(elastic, "budget", None)
+    elastic.set_budget(beta)
+    try:
+        yield elastic.model
+    finally:
+        for name, rank in previous.items():
+            layers[name].rank = rank
+        if hasattr(elastic, "budget"):
+            elastic.budget = previous_budget
+
+
+def other_params(model) -> int:
+    """Parameters outside the nested layers (embeddings, norms, a tied head counted once)."""
+    nested = {id(p) for layer in nested_layers(model).values() for p in layer.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in nested)
+
+
+def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation, **extra) -> dict:
+    factorised = sum(r.params for r in records)
+    dense = sum(r.shape[0] * r.shape[1] for r in records)
+    paths = sorted({f.relative_to(out_dir).as_posix() for f in files})
+    return {
+        "beta": beta,
+        "files": paths,
+        "bytes": sum((out_dir / p).stat().st_size for p in paths),
+        "params": {"factorised": factorised, "factorised_dense": dense,
+                   "kept": factorised / dense if dense else 1.0,
+                   "other": other_params(elastic.model)},
+        "forms": {form: sum(r.form == form for r in records)
+                  for form in sorted({r.form for r in records})},
+        "ranks": {r.name: r.rank for r in records},
+        "layers": [r.to_dict() for r in records],
+        "validation": validation,
+        **extra,
+    }

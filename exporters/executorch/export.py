@@ -1,0 +1,243 @@
+"""The `executorch` exporter: one `.pte` program per budget for phones (XNNPACK backend),
+each validated in `executorch.runtime` against PyTorch (DESIGN.md §5).
+
+    from flexrank.exporters import export
+    export(elastic, "dist/", format="executorch",
+           config=ExecutorchExportConfig(max_seq_len=256), quantize=None | "8da4w")
+
+Bundle layout (`out_dir`):
+
+    budget-<β>/model.pte        gauge-fixed factors (the per-layer forms of the ONNX path)
+    budget-<β>/tokenizer files  decoders and encoders with a tokenizer
+    flexrank-manifest.json      written last by `flexrank.exporters.export`
+
+Decoder programs hold a static KV cache of `max_seq_len` positions: forward(input_ids
+(1, T), cache_position (T,)) -> logits (1, T, V), T dynamic; the metadata methods are
+listed in `executorch_program.decoder_metadata`, plus `get_flexrank_budget`,
+`get_flexrank_ranks` (ints in the manifest's layer order) and `get_flexrank_ranks_json`.
+
+`quantize="8da4w"`: int8 dynamic activations, int4 weights in groups of
+`config.group_size` (torchao); ranks are first rounded to multiples of the group size
+(`executorch_quant.aligned_ranks`) so that every factorised layer is quantized; the
+manifest lists the quantized layers and the ranks actually exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexrank.compress.models import model_kind
+from flexrank.compress.select import nested_layers
+from flexrank.exporters import register_exporter
+from flexrank.exporters.common.entry import budget_name, make_budget_entry
+from flexrank.exporters.common.forms import FormPolicy, deployable_model, quantized_policy
+from flexrank.exporters.common.sample import SAMPLE_TEXT, sample_for
+from flexrank.exporters.common.validate import DEFAULT_TOLERANCE, GENERATION_TOKENS
+from flexrank.exporters.executorch.program import (
+    decoder_metadata,
+    decoder_wrapper,
+    dynamic_axes,
+    encoder_wrapper,
+    flexrank_metadata,
+    segment_layout,
+    trace_and_lower,
+)
+from flexrank.exporters.executorch.quant import (
+    GROUP_SIZES,
+    QUANTIZE_8DA4W,
+    aligned_ranks,
+    linear_forms_,
+    quantize_8da4w_,
+)
+from flexrank.exporters.executorch.validate import (
+    at_ranks,
+    validate_decoder_pte,
+    validate_module_pte,
+)
+from flexrank.io import save_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PROGRAM_FILE = "model.pte"
+QUANTIZATIONS = (None, QUANTIZE_8DA4W)
+
+
+@dataclass(frozen=True)
+class ExecutorchExportConfig:
+    max_seq_len: int = 128  # decoders: static KV-cache positions (prompt + generated)
+    max_batch: int = 32  # encoders/modules: upper bound of the dynamic batch axis
+    group_size: int = 32  # 8da4w: int4 weight group along the input axis
+    validate: bool = True
+    tolerance: float = DEFAULT_TOLERANCE  # max |Δ| relative to max(1, max |reference|)
+    generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's (float32)
+    sample_text: str = SAMPLE_TEXT
+    forms: FormPolicy = FormPolicy()  # per-layer dense / gauge-fixed / plain, as for ONNX
+
+    def __post_init__(self):
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len {self.max_seq_len} must be at least 2")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch {self.max_batch} must be >= 1")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size {self.group_size} is not supported by 8da4w; choose "
+                             f"one of {list(GROUP_SIZES)}")
+
+
+def exported_ranks(elastic, beta: float, quantize: str | None, group_size: int) -> dict:
+    ranks = elastic.layer_ranks(beta)
+    if quantize != QUANTIZE_8DA4W:
+        return ranks
+    max_ranks = {name: layer.max_rank for name, layer in nested_layers(elastic.model).items()}
+    aligned = aligned_ranks(ranks, max_ranks, group_size)
+    moved = {n: (ranks[n], aligned[n]) for n in ranks if ranks[n] != aligned[n]}
+    if moved:
+        logger.info("β=%g: %d ranks rounded to multiples of %d for 8da4w (e.g. %s)", beta,
+                    len(moved), group_size, dict(list(moved.items())[:3]))
+    return aligned
+
+
+def _positional(kind: str, sample) -> tuple:
+    """The program's inputs in order (encoders: input_ids, attention_mask[, token_type_ids])."""
+    if kind == "encoder":
+        names = ["input_ids", "attention_mask"] + (["token_type_ids"]
+                                                   if "token_type_ids" in sample else [])
+        return tuple(sample[n] for n in names)
+    return sample if isinstance(sample, tuple) else (sample,)
+
+
+def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
+    """Write `folder/model.pte` for `beta`; returns (records, ranks, extra manifest fields,
+    the deployed PyTorch module that was exported)."""
+    ranks = exported_ranks(elastic, beta, quantize, config.group_size)
+    # 8da4w: plain factors or dense, never gauge-fixed (`quantized_policy` says why; tiny
+    # Llama, hidden 64, β = 0.4: max |Δlogits| to float32 0.87 gauge-fixed vs 0.11 plain,
+    # top-1 0.81 vs 1.0). `forms.force_form` still overrides this (benchmarks).
+    policy = config.forms if quantize is None else quantized_policy(config.forms)
+    deployed, records = deployable_model(elastic.model, ranks, policy=policy)
+    quantization = None
+    if quantize == QUANTIZE_8DA4W:
+        linear_forms_(deployed)
+        quantization = quantize_8da4w_(deployed, list(ranks), config.group_size)
+    metadata = flexrank_metadata(beta, ranks, quantize)
+    if kind == "decoder":
+        metadata.update(decoder_metadata(elastic.model, config.max_seq_len))
+        module, traced_inputs = decoder_wrapper(deployed, config.max_seq_len), sample[:1]
+    elif kind == "encoder":
+        module = encoder_wrapper(deployed, sample)
+        traced_inputs = _positional(kind, sample)
+    else:
+        module, traced_inputs = deployed, _positional(kind, sample)
+    path = folder / PROGRAM_FILE
+    program = trace_and_lower(module, kind, traced_inputs, config.max_seq_len,
+                              config.max_batch, path, metadata)
+    if elastic.tokenizer is not None and kind != "module":
+        save_tokenizer(elastic.tokenizer, folder)
+    extra = {"program": segment_layout(path), "dynamic_axes": dynamic_axes(program),
+             "quantization": None if quantization is None else quantization.to_dict()}
+    if kind == "decoder":
+        extra["max_seq_len"] = config.max_seq_len
+    if quantize is not None:
+        extra["plan_ranks"] = elastic.layer_ranks(beta)  # before alignment to the group size
+    return records, ranks, extra, deployed
+
+
+def _compare(model, kind, sample, path: Path, config, strict: bool, generate: bool,
+             dynamic: dict) -> dict:
+    """Run `path` in the ExecuTorch runtime against the PyTorch `model` on `sample`."""
+    if kind == "decoder":
+        report = validate_decoder_pte(path, model, sample, config.tolerance, strict, generate)
+    else:
+        run = encoder_wrapper(model, sample) if kind == "encoder" else model
+        inputs = _positional(kind, sample)
+        names = getattr(run, "output_names", None)
+        report = validate_module_pte(path, run, inputs, config.tolerance, strict, names)
+        if all(0 in axes for axes in dynamic.values()) and inputs[0].shape[0] > 1:
+            # a second batch size through the dynamic batch axis
+            validate_module_pte(path, run, tuple(t[:1] for t in inputs), config.tolerance,
+                                strict)
+    return report.to_dict()
+
+
+def _validate(elastic, kind, sample, path: Path, ranks, config, twin, quantize,
+              dynamic: dict) -> dict:
+    """Against the nested PyTorch model at the exported ranks (strict in float32); a
+    quantized program also against its quantized eager twin, which checks the lowering
+    apart from the quantization error."""
+    with at_ranks(elastic.model, ranks) as model:
+        report = _compare(model, kind, sample, path, config, quantize is None, config.generate,
+                          dynamic)
+    if quantize is not None:
+        report["quantized_reference"] = _compare(twin, kind, sample, path, config, False,
+                                                 False, dynamic)
+    logger.info("%s: max |Δ| %.3g, top-1 agreement %.4f, generation %s", path,
+                report["max_abs_diff"], report["top1_agreement"], report["generation_match"])
+    return report
+
+
+def _check_arguments(layout, quantize, kind, sample, config):
+    if layout != "per-budget":
+        raise ValueError(f"the executorch format has the per-budget layout only (got "
+                         f"{layout!r}): a .pte embeds its weights")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantize!r} is not available for executorch; choose "
+                         f"None or {QUANTIZE_8DA4W!r} (int8 is the ONNX path's)")
+    if kind == "decoder" and config.generate and config.validate:
+        needed = sample.shape[1] + GENERATION_TOKENS
+        if needed > config.max_seq_len:
+            raise ValueError(f"max_seq_len {config.max_seq_len} is too short to validate: the "
+                             f"sample prompt ({sample.shape[1]} tokens) plus {GENERATION_TOKENS} "
+                             f"generated tokens need {needed}")
+
+
+@register_exporter("executorch")
+def export_executorch(elastic, out_dir, *, layout, budgets, quantize, sample_inputs=None,
+                      config: ExecutorchExportConfig | None = None) -> dict:
+    config = config or ExecutorchExportConfig()
+    out_dir = Path(out_dir)
+    kind = model_kind(elastic.model)
+    sample = sample_for(kind, elastic.model, elastic.tokenizer, sample_inputs, config)
+    _check_arguments(layout, quantize, kind, sample, config)
+    entries = []
+    for beta in budgets:
+        folder = out_dir / budget_name(beta)
+        shutil.rmtree(folder, ignore_errors=True)
+        with torch.no_grad():
+            records, ranks, extra, twin = _export_budget(elastic, beta, kind, sample, folder,
+                                                         config, quantize)
+        path = folder / PROGRAM_FILE
+        validation = (_validate(elastic, kind, sample, path, ranks, config, twin, quantize,
+                                extra["dynamic_axes"]) if config.validate else None)
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        entries.append(make_budget_entry(elastic, beta, records, files, out_dir, validation,
+                                    graph=path.relative_to(out_dir).as_posix(), **extra))
+    return {
+        "model_id": getattr(elastic, "model_id", "custom"),
+        "kind": kind,
+        "export_format": "executorch",
+        "layout": layout,
+        "quantize": quantize,
+        "budgets": entries,
+        "profiles": {},
+        "host_latency": None,
+        "predicted_device_latency": None,
+        "executorch": {"backend": "XnnpackBackend", "versions": _versions()},
+    }
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("executorch", "torchao"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out

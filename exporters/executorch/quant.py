@@ -1,0 +1,157 @@
+"""8-bit dynamic activations with 4-bit grouped weights ("8da4w") for ExecuTorch's XNNPACK
+backend, through torchao.
+
+torchao's `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))` quantizes the weight
+of an `nn.Linear` in groups of g along its *input* axis, so a layer whose input width is
+not a multiple of g cannot be quantized (ExecuTorch's own export then skips it silently,
+DESIGN.md §4.3). In a factorised layer the inner width is the rank, so:
+
+- `aligned_ranks` rounds every nested layer's rank to the nearest multiple of g (at least
+  g, at most the layer's max rank); rounding is monotone, so a nested plan stays nested;
+- `linear_forms_` turns the deployment forms of `deploy.py` into plain `nn.Linear`
+  children (the modules torchao quantizes): dense W, gauge-fixed V̂ᵀ and Û_rest, plain
+  Vᵀ and U;
+- `quantize_8da4w_` quantizes every `nn.Linear` and returns which layers were quantized.
+  A factorised layer that still cannot be quantized is an error naming it; other linears
+  (a head of odd width) stay in float32 with a warning and are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flexrank.exporters.common.forms import DenseLinear, FactorLinear, GaugeLinear
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_8DA4W = "8da4w"
+# torchao's int4 grouping and XNNPACK's blockwise kernels accept these group sizes.
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+class QuantizationShapeError(ValueError):
+    """A layer whose shape the chosen quantization cannot handle."""
+
+
+def aligned_rank(rank: int, max_rank: int, group_size: int) -> int:
+    """`rank` rounded to the nearest multiple of `group_size` (halves up), at least one
+    group and at most `max_rank`. A layer kept at its max rank (or whose max rank is below
+    one group) stays there: at full rank it is exported dense, whose input width is the
+    layer's own."""
+    if rank >= max_rank or max_rank <= group_size:
+        return max_rank
+    rounded = max(group_size, group_size * math.floor(rank / group_size + 0.5))
+    return min(rounded, max_rank - max_rank % group_size)
+
+
+def aligned_ranks(ranks: dict[str, int], max_ranks: dict[str, int],
+                  group_size: int) -> dict[str, int]:
+    return {name: aligned_rank(rank, max_ranks[name], group_size) for name, rank in ranks.items()}
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
+
+class GaugeLinearQ(nn.Module):
+    """`GaugeLinear` over two `nn.Linear`s: y = Concat(z, Û_rest z) + b, z = V̂ᵀ x."""
+
+    def __init__(self, form: GaugeLinear):
+        super().__init__()
+        self.down = _linear(form.V_hat_t)  # (r, n): input width n
+        self.up = _linear(form.U_rest)  # (m - r, r): input width r
+        self.bias = form.bias
+
+    def forward(self, x):
+        z = self.down(x)  # (..., r)
+        y = torch.cat([z, self.up(z)], dim=-1)  # (..., m)
+        return y if self.bias is None else y + self.bias
+
+
+class FactorLinearQ(nn.Module):
+    """`FactorLinear` over two `nn.Linear`s: y = U (Vᵀ x) + b."""
+
+    def __init__(self, form: FactorLinear):
+        super().__init__()
+        self.down = _linear(form.Vt)  # (r, n)
+        self.up = _linear(form.Ut.T, form.bias)  # (m, r)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+def linear_forms_(model: nn.Module) -> nn.Module:
+    """Replace the linear deployment forms of `model` (in place) by `nn.Linear` children."""
+    swaps = {DenseLinear: lambda f: _linear(f.weight, f.bias), GaugeLinear: GaugeLinearQ,
+             FactorLinear: FactorLinearQ}
+    for name, module in list(model.named_modules()):
+        build = swaps.get(type(module))
+        if build is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build(module))
+    return model
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    scheme: str
+    group_size: int
+    quantized: tuple[str, ...]  # module names whose weight is int4
+    skipped: dict  # {module name: why it stayed float32}
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size,
+                "quantized": list(self.quantized), "skipped": dict(self.skipped)}
+
+
+def quantize_8da4w_(model: nn.Module, nested_names, group_size: int = 32) -> QuantizationReport:
+    """Quantize every `nn.Linear` of a deployed model in place (after `linear_forms_`).
+
+    `nested_names`: the factorised layers; each must end up quantized (its sub-linears
+    `<name>.down` / `<name>.up`, or `<name>` when dense), else `QuantizationShapeError`.
+    """
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
+
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group size {group_size} is not supported by 8da4w; choose one of "
+                         f"{list(GROUP_SIZES)}")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    bad = {n: tuple(m.weight.shape) for n, m in linears.items()
+           if m.in_features % group_size}
+    owners = {name: next((layer for layer in nested_names
+                          if name == layer or name.startswith(layer + ".")), None)
+              for name in bad}
+    nested_bad = {name: shape for name, shape in bad.items() if owners[name] is not None}
+    if nested_bad:
+        name, shape = next(iter(nested_bad.items()))
+        raise QuantizationShapeError(
+            f"8da4w cannot quantize {owners[name]} ({name}, weight {shape}): its input width "
+            f"{shape[1]} is not a multiple of the group size {group_size}. Choose a group size "
+            f"that divides every layer's input width, or export with quantize=None "
+            f"({len(nested_bad)} such layer(s))")
+    skipped = {name: f"input width {shape[1]} is not a multiple of {group_size}"
+               for name, shape in bad.items()}
+    for layer in nested_names:
+        if not any(n == layer or n.startswith(layer + ".") for n in linears):
+            skipped[layer] = "a convolution: 8da4w quantizes linear layers only"
+    for name, why in skipped.items():
+        logger.warning("8da4w: %s stays float32 (%s)", name, why)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                   weight_granularity=PerGroup(group_size))
+    quantize_(model, config,
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped)
+    quantized = tuple(n for n in linears if n not in skipped)  # convolutions are not here
+    return QuantizationReport(QUANTIZE_8DA4W, group_size, quantized, skipped)

@@ -1,0 +1,298 @@
+"""From a nested PyTorch model at one budget to an ONNX graph file (and ORT format, int8).
+
+Model kinds:
+- decoder LM (a transformers model that generates): optimum's exporter, task
+  `text-generation-with-past`, so the graph has Hugging Face's KV-cache names and
+  `optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(budget_dir)` runs it;
+- other transformers models (BERT-style encoders, ViT): optimum, feature extraction;
+- any other `nn.Module`: `torch.onnx.export` with dynamic batch/sequence axes over the
+  `sample_inputs` the caller gives.
+
+Each nested layer is first replaced by its deployment form (`deploy.py`), so the graph
+holds MatMuls over dense, gauge-fixed or plain factors; after export tied weights are
+stored once (`onnx_graph.store_tied_once`) and every budget is validated against PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from flexrank.compress.select import nested_layers
+from flexrank.exporters.common.forms import FormPolicy, deployable_model
+from flexrank.exporters.common.sample import SAMPLE_TEXT
+from flexrank.exporters.common.validate import DEFAULT_TOLERANCE
+from flexrank.exporters.onnx.graph import save_model, store_tied_once
+from flexrank.exporters.onnx.simplify import simplify
+from flexrank.io import save_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Dynamic int8 quantizes each activation per tensor: an input whose max |x| is this many
+# times its RMS (SmolLM2's down_proj inputs reach 190; ordinary inputs stay below 30) loses
+# its ordinary entries to the outliers' scale, so such layers stay in float.
+INT8_OUTLIER_RATIO = 32.0
+# Fewest positions the rotary tables of a simplified decoder graph cover.
+MIN_ROTARY_POSITIONS = 4096
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    opset: int | None = None  # None: optimum's default for the architecture (18), else 18
+    external_data: bool = False  # always write weights to `model.onnx_data` (auto above 2 GB)
+    validate: bool = True
+    tolerance: float = DEFAULT_TOLERANCE  # max |Δ| relative to max(1, max |reference|)
+    generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's
+    threads: int = 2  # onnxruntime threads for validation
+    sample_text: str = SAMPLE_TEXT
+    forms: FormPolicy = FormPolicy()  # dense / gauge-fixed / plain choice per layer
+    int8_outlier_ratio: float = INT8_OUTLIER_RATIO  # int8: layers above stay float
+    simplify: bool = True  # fuse and drop shape plumbing (`onnx_simplify`); False: as exported
+    # elastic layout: one If branch per level, whose factor Slices onnxruntime folds at load
+    # (SmolLM2: 1.6-3.8x faster per call, but 2.5x the memory: every level's factors held),
+    # instead of Slicing every factor on each call (one copy of the factors in memory)
+    elastic_branches: bool = False
+    # with `simplify`: MatMuls that read the same input (q/k/v, gate/up, or their first
+    # factors) as one MatMul + Split (`onnx_simplify.fuse_sibling_matmuls`); the shared and
+    # elastic layouts and int8 exports never fuse (they address each layer's own weights)
+    fuse_siblings: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
+        if self.threads < 1:
+            raise ValueError(f"threads {self.threads} must be >= 1")
+
+
+def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
+                 config: OnnxExportConfig) -> Path:
+    """Export `model` (already in deployment form) into `folder/model.onnx`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind in ("decoder", "encoder"):
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        task = "text-generation-with-past" if kind == "decoder" else "feature-extraction"
+        onnx_export_from_model(model, folder, task=task, opset=config.opset,
+                               do_validation=False)
+        return folder / "model.onnx"
+    args = sample_inputs if isinstance(sample_inputs, tuple) else (sample_inputs,)
+    input_names = [f"input_{i}" for i in range(len(args))]
+    with torch.no_grad():
+        out = model(*args)
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    output_names = [f"output_{i}" for i in range(len(outputs))]
+    dynamic = {}
+    for name, tensor in zip(input_names + output_names, (*args, *outputs), strict=True):
+        # batch, and the sequence/spatial axes after the channel axis
+        dynamic[name] = {0: "batch"} | {d: f"{name}_dim{d}" for d in range(2, tensor.dim())}
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            dynamic[name][1] = f"{name}_seq"
+    path = folder / "model.onnx"
+    torch.onnx.export(model, args, str(path), input_names=input_names,
+                      output_names=output_names, dynamic_axes=dynamic,
+                      opset_version=config.opset or 18, dynamo=False)
+    return path
+
+
+def tidy_graph(graph: onnx.ModelProto, kind: str, model: nn.Module, config: OnnxExportConfig,
+               ) -> onnx.ModelProto:
+    """Tied weights stored once; with `config.simplify`, the graph simplified
+    (`onnx_simplify.simplify`: onnxruntime's fusions for transformers models, static shapes,
+    GroupQueryAttention for decoders, sibling MatMuls with `config.fuse_siblings`) and the
+    fused rotary tables recomputed by `model`."""
+    removed = store_tied_once(graph)
+    if removed:
+        logger.info("%d duplicate (tied) initializers stored once", removed)
+    if not config.simplify:
+        return graph
+    hf_config = getattr(model, "config", None)
+    heads = getattr(hf_config, "num_attention_heads", 0) or 0
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if kind != "decoder":
+        kv_heads = 0  # no attention fusion outside decoders
+    graph = simplify(graph, num_heads=heads, hidden_size=getattr(hf_config, "hidden_size", 0) or 0,
+                     kv_heads=kv_heads, fuse=kind in ("decoder", "encoder"),
+                     siblings=config.fuse_siblings)
+    rotary_tables(graph, model)
+    return graph
+
+
+def rotary_tables(graph: onnx.ModelProto, model: nn.Module) -> None:
+    """Replace the `cos_cache` / `sin_cache` of onnxruntime's rotary fusion (131,072 rows
+    from NumPy's cos, 34 MB for SmolLM2) by the model's own rotary module's values: equal to
+    what PyTorch computes (gauge-fixed layers amplify float32 differences by up to their
+    condition number), for positions below max_position_embeddings, or
+    `MIN_ROTARY_POSITIONS` if more (tiny test models declare 128)."""
+    inits = {init.name: init for init in graph.graph.initializer}
+    rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    rows = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if "cos_cache" not in inits or "sin_cache" not in inits or rotary is None or not rows:
+        return
+    half = inits["cos_cache"].dims[1]
+    positions = torch.arange(min(max(rows, MIN_ROTARY_POSITIONS), inits["cos_cache"].dims[0]))
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions[None])
+    if cos.shape[-1] != 2 * half:
+        return  # partial rotary or another layout: keep onnxruntime's tables
+    for name, table in (("cos_cache", cos), ("sin_cache", sin)):
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(table[0, :, :half].float().numpy(), name))
+
+
+def replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> list[Path]:
+    """Save `graph` over the file at `path` and its external data (external data when asked
+    or above 2 GB)."""
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    return save_model(graph, path, external_data)
+
+
+@torch.no_grad()
+def outlier_layers(model: nn.Module, kind: str, sample, ratio: float = INT8_OUTLIER_RATIO,
+                   ) -> dict[str, float]:
+    """{nested layer: max|x| / rms(x) of its input on `sample`} for the layers above `ratio`."""
+    found, handles = {}, []
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].detach().double()
+            found[name] = max(found.get(name, 0.0),
+                              float(x.abs().max() / x.pow(2).mean().sqrt().clamp_min(1e-30)))
+        return record
+
+    for name, layer in nested_layers(model).items():
+        handles.append(layer.register_forward_pre_hook(hook(name)))
+    try:
+        if kind == "decoder":
+            model(input_ids=sample)
+        elif kind == "encoder":
+            model(**sample)
+        else:
+            model(*(sample if isinstance(sample, tuple) else (sample,)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: value for name, value in found.items() if value > ratio}
+
+
+def onnx_scope(name: str) -> str:
+    """torch.onnx's node-name scope of module `name`: model.layers.0.mlp -> /model/layers.0/mlp/"""
+    parts = []
+    for part in name.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + "/"
+
+
+def quantize_int8(path: Path, float_layers=()) -> list[Path]:
+    """onnxruntime dynamic quantization of the weight MatMuls (int8 weights per channel,
+    activations per tensor at run time); the MatMuls of `float_layers` stay float.
+
+    The graph must hold no gauge-fixed layer: int8 error in its z is amplified by
+    ‖U[r:] U[:r]⁻¹‖ (`deploy.quantized_policy`), so export it with plain factors or dense."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scopes = tuple(onnx_scope(name) for name in float_layers)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    keep = [n.name for n in graph.node if n.op_type == "MatMul" and n.name.startswith(scopes)]
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        quantize_dynamic(path, out, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                         # onnx's shape inference cannot type the outputs of onnxruntime's
+                         # fused ops (`onnx_simplify`); every activation here is float32
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        for stale in path.parent.glob(path.name + "*"):
+            stale.unlink()
+        written = []
+        for produced in Path(tmp).iterdir():
+            target = path.parent / produced.name
+            shutil.move(produced, target)
+            written.append(target)
+    return written
+
+
+def float_weight_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes of a quantized graph still multiplying by a float
+    weight: the `float_layers` kept out of int8, and a tied lm_head, whose weight is a
+    Transpose of the embedding table rather than an initializer (quantize_dynamic only
+    quantizes constant initializers)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    weights |= {node.output[0] for node in graph.node
+                if node.op_type == "Transpose" and node.input[0] in weights}
+    return [node.name for node in graph.node
+            if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights]
+
+
+def convert_to_ort(folder: Path) -> list[Path]:
+    """`.onnx` -> `.ort` in `folder` (ORT Mobile), plus `required_operators.config`."""
+    command = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+               str(folder), "--output_dir", str(folder), "--optimization_style", "Fixed"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ORT-format conversion of {folder} failed:\n{result.stderr[-2000:]}")
+    ort_files = sorted(folder.glob("*.ort"))
+    if not ort_files:
+        raise RuntimeError(f"ORT-format conversion of {folder} wrote no .ort file")
+    for onnx_file in folder.glob("*.onnx*"):
+        onnx_file.unlink()
+    return ort_files + sorted(folder.glob("*.config"))
+
+
+def torch_outputs(model: nn.Module, kind: str):
+    """{graph output name: tensor} from a PyTorch forward, matching the export's names."""
+
+    def run(inputs):
+        if kind == "encoder":
+            out = model(**inputs)
+            return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        args = inputs_as_tuple(inputs)
+        out = model(*args)
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        return {f"output_{i}": t for i, t in enumerate(outputs)}
+
+    return run
+
+
+def inputs_as_tuple(inputs) -> tuple:
+    if isinstance(inputs, dict):
+        return tuple(inputs[f"input_{i}"] for i in range(len(inputs)))
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def named_inputs(kind: str, sample) -> dict:
+    if kind == "module":
+        return {f"input_{i}": t for i, t in enumerate(inputs_as_tuple(sample))}
+    return sample
+
+
+def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_inputs,
+                        config: OnnxExportConfig, factors_only: bool = False):
+    """Export one budget into `folder/model.onnx`.
+
+    Returns (graph path, layer records, factors) where factors are the rank-major factor
+    arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
+    """
+    deployed, records = deployable_model(elastic.model, elastic.layer_ranks(beta), factors_only,
+                                         config.forms)
+    factors = {}
+    if factors_only:
+        for record in records:
+            module = deployed.get_submodule(record.name)
+            factors[f"{record.name}.Vt"] = module.Vt.detach().numpy().copy()
+            factors[f"{record.name}.Ut"] = module.Ut.detach().numpy().copy()
+    path = export_graph(deployed, kind, folder, sample_inputs, config)
+    if elastic.tokenizer is not None and kind != "module":
+        save_tokenizer(elastic.tokenizer, folder)
+    return path, records, factors

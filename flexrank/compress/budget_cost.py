@@ -1,0 +1,116 @@
+"""What each budget of an `ElasticModel` costs per token (a `flexrank.planning.costs.BudgetCost`,
+for the device model of `flexrank.device`).
+
+Counting (DESIGN.md §3, §6): a factorised layer at rank r costs r(m+n−r) multiply-adds
+and weights (gauge-fixed), never more than the dense m·n; everything else is counted as
+the dense model has it. Per decoded token every weight is read once, except the input
+embedding, of which one row is read; a tied embedding/lm_head is stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from flexrank.compress.select import nested_layers
+from flexrank.planning.costs import BudgetCost
+
+BITS = {None: 32, "none": 32, "int8": 8}  # bits per stored weight after --quantize
+ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every export
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameter counts of one budget (numbers, not bytes)."""
+
+    factorised: int  # Σ min(r(m+n−r), m·n) over the nested layers
+    other: int  # non-factorised weights read per token: norms, biases, lm_head, position tables
+    embedding: int  # input embedding table (one row read per token)
+    embedding_row: int  # hidden size
+    tied: bool  # the lm_head is the embedding table (stored once)
+
+    @property
+    def resident(self) -> int:
+        return self.factorised + self.other + (0 if self.tied else self.embedding)
+
+
+def layer_cost(m: int, n: int, rank: int) -> int:
+    """Deployed cost of a rank-`rank` m×n layer: gauge-fixed r(m+n−r), at most dense m·n."""
+    return min(rank * (m + n - rank), m * n)
+
+
+def budget_counts(elastic, beta: float) -> ModelCounts:
+    model: nn.Module = elastic.model
+    layers = nested_layers(model)
+    ranks = elastic.layer_ranks(beta)
+    factorised = 0
+    for name, layer in layers.items():
+        m, n = layer.U.shape[0], layer.V.shape[0]
+        factorised += layer_cost(m, n, ranks[name])
+    nested_ids = {id(p) for layer in layers.values() for p in layer.parameters()}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed_weight = getattr(embed, "weight", None)
+    tied = head is not None and embed_weight is not None and head.weight is embed_weight
+    other = 0
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if id(p) in nested_ids or p is embed_weight:
+            continue
+        other += p.numel()
+    if tied:
+        other += embed_weight.numel()  # the head reads the whole table every token
+    embedding = 0 if embed_weight is None else embed_weight.numel()
+    row = 0 if embed_weight is None else embed_weight.shape[-1]
+    return ModelCounts(factorised, other, embedding, row, tied)
+
+
+def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost:
+    """The `BudgetCost` of one budget: FLOPs and bytes from the plan's ranks, the KV cache
+    from the model's config."""
+    if quantize not in BITS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose 'none' or 'int8'")
+    weight_bytes = BITS[quantize] / 8
+    counts = budget_counts(elastic, beta)
+    config = getattr(elastic.model, "config", None)
+    encoder = not _is_decoder(elastic.model)
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or len(nested_layers(elastic.model)))
+    hidden = int(getattr(config, "hidden_size", counts.embedding_row) or 1)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    kv = 0.0
+    if not encoder and config is not None:
+        heads = int(getattr(config, "num_attention_heads", 1))
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        kv = n_layers * 2 * kv_heads * head_dim * ACTIVATION_BYTES
+    # live per prompt token: residual, normed input, q/k/v/attention out, MLP pair, logits
+    activations = (6 * hidden + 2 * intermediate + vocab) * ACTIVATION_BYTES
+    matmul = counts.factorised + counts.other
+    return BudgetCost(
+        beta=float(beta),
+        flops_per_token=2.0 * matmul,
+        weight_bytes_per_token=(matmul + counts.embedding_row) * weight_bytes,
+        weight_bytes_total=counts.resident * weight_bytes,
+        kv_bytes_per_token=kv,
+        n_layers=max(n_layers, 1),
+        activation_bytes_per_token=float(activations),
+        encoder=encoder)
+
+
+def budget_costs(elastic, quantize: str | None = None, budgets=None) -> list[BudgetCost]:
+    return [budget_cost(elastic, beta, quantize) for beta in (budgets or elastic.budgets)]
+
+
+def _is_decoder(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(config is not None and hasattr(model, "can_generate") and model.can_generate()
+                and not getattr(config, "is_encoder_decoder", False))
+
+
+def cost_to_dict(cost: BudgetCost) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cost)
+
+

@@ -1,0 +1,326 @@
+"""Nested elastic distillation: train every budget of one set of nested factors at once.
+
+Each step samples a budget (uniform, user weights, or sandwich: largest + smallest + one
+random, by the user weights when given), sets every layer to the plan's rank and
+minimises KL(teacher ‖ student) on the logits at temperature T over the real tokens.
+Optional learned uncertainty weights per budget (Nested Subspace Networks):
+Σ_k exp(−s_k)·L_k + s_k.
+
+Distribution is Accelerate's (DDP; FSDP through its config): each process takes its slice
+of the global batch. Budget and batch choices come from a counter-based RNG seeded by
+(seed, step), identical on every process and needing no state to resume. Checkpoints
+(trainable weights, optimizer state, step) are safetensors, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexrank.compress.calibration import to_device
+from flexrank.compress.config import DistillConfig
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.select import nested_layers
+from flexrank.io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class DistillResult:
+    steps_done: int
+    tokens_seen: int
+    losses: list[dict] = field(default_factory=list)  # per step: {budget: loss}
+    evals: list[dict] = field(default_factory=list)  # {step, budgets: {β: {kl, ppl}}}
+
+
+# ---- pure pieces ---------------------------------------------------------------------
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 mask: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over real tokens of T² · KL(softmax(t/T) ‖ softmax(s/T))."""
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    per_token = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)  # (B, T)
+    if mask is None:
+        return per_token.mean() * temperature**2
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+
+
+def budgets_for_step(budgets: Sequence[float], config: DistillConfig, step: int) -> list[int]:
+    """Indices of the budgets trained at `step` (deterministic in (seed, step))."""
+    rng = np.random.default_rng([config.seed, step, 0])
+    k = len(budgets)
+    weights = np.ones(k)
+    if config.budget_weights is not None:
+        if len(config.budget_weights) != k:
+            raise ValueError(f"{len(config.budget_weights)} budget_weights for {k} budgets")
+        weights = np.asarray(config.budget_weights, dtype=float)
+    if config.sampler == "sandwich":  # the middle one drawn by weight among the others
+        inner = weights[1:k - 1]
+        middle = [1 + int(rng.choice(k - 2, p=inner / inner.sum()))] if inner.sum() > 0 else []
+        return sorted({0, k - 1, *middle}, reverse=True)
+    if config.sampler == "weighted":
+        return [int(rng.choice(k, p=weights / weights.sum()))]
+    return [int(rng.integers(0, k))]
+
+
+def batch_indices(num_sequences: int, config: DistillConfig, step: int) -> np.ndarray:
+    """Global batch of sequence indices for `step`: an epoch-wise permutation, seeded."""
+    per_epoch = max(1, num_sequences // config.batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([config.seed, epoch, 1]).permutation(num_sequences)
+    start = position * config.batch_size
+    return order[start:start + config.batch_size] if num_sequences >= config.batch_size \
+        else order[np.arange(start, start + config.batch_size) % num_sequences]
+
+
+def lr_factor(step: int, config: DistillConfig) -> float:
+    """Linear warm-up, then cosine from 1 to min_lr_ratio."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+# ---- data ----------------------------------------------------------------------------
+
+
+def stack_sequences(batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate calibration-style batches into one {input_ids, attention_mask} table."""
+    ids = torch.cat([b["input_ids"] for b in batches])
+    masks = torch.cat([b.get("attention_mask", torch.ones_like(b["input_ids"])) for b in batches])
+    return {"input_ids": ids, "attention_mask": masks}
+
+
+# ---- evaluation ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequence[dict],
+                     ) -> dict[float, dict[str, float]]:
+    """Held-out KL(teacher ‖ student) and the student's perplexity at every budget."""
+    model = elastic.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = {}
+    teacher_logits = [teacher(**to_device(b, device)).logits for b in batches]
+    for beta in elastic.budgets:
+        elastic.set_budget(beta)
+        kl_sum = nll_sum = tokens = 0.0
+        for batch, t_logits in zip(batches, teacher_logits, strict=True):
+            batch = to_device(batch, device)
+            logits = model(**batch).logits.float()
+            mask = batch["attention_mask"].float()
+            n = float(mask.sum())
+            kl_sum += float(distill_loss(logits, t_logits, mask)) * n
+            shifted = mask[:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                  batch["input_ids"][:, 1:].reshape(-1), reduction="none")
+            nll_sum += float((nll * shifted.reshape(-1)).sum())
+            tokens += n
+        predicted = sum(float(b["attention_mask"][:, 1:].sum()) for b in batches)
+        results[beta] = {"kl": kl_sum / tokens, "ppl": math.exp(nll_sum / predicted)}
+    model.train(was_training)
+    return results
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module, train_all: bool) -> dict[str, nn.Parameter]:
+    if train_all:
+        return dict(model.named_parameters())
+    names = {}
+    for layer_name, layer in nested_layers(model).items():
+        for pname, param in layer.named_parameters():
+            names[f"{layer_name}.{pname}"] = param
+    return names
+
+
+def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, extra: dict) -> None:
+    """Trainable weights, optimizer state and step, atomically (a crash keeps the last)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, **extra}
+    with atomic_dir(directory) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()},
+                  str(tmp / "weights.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(directory: Path, params: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer) -> dict:
+    meta = json.loads((directory / "state.json").read_text())
+    weights = load_file(str(directory / "weights.safetensors"))
+    if set(weights) != set(params):
+        raise ValueError(f"checkpoint {directory} trains other parameters than this run "
+                         "(different model, plan or train_all); use a new output folder")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# ---- the loop ------------------------------------------------------------------------
+
+
+def _make_accelerator(config: DistillConfig):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=precision)
+
+
+def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
+            config: DistillConfig | None = None, eval_batches: Sequence[dict] | None = None,
+            output_dir: str | os.PathLike | None = None, accelerator=None,
+            progress: bool = True) -> DistillResult:
+    """Train the nested factors of `model` (factorised, DataSVD-initialised) so that every
+    budget of `plan` imitates `teacher`. With `output_dir`, checkpoints go to
+    output_dir/checkpoint and a run there resumes from the last one exactly."""
+    config = config or DistillConfig()
+    accelerator = accelerator or _make_accelerator(config)
+    elastic = ElasticModel(model, plan)
+    budgets = elastic.budgets
+    data = stack_sequences(batches)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
+                         f"{world} processes")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.eval()
+    params = trainable_parameters(model, config.train_all)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    log_vars = nn.Parameter(torch.zeros(len(budgets))) if config.uncertainty_weights else None
+    groups = [{"params": list(params.values()), "weight_decay": config.weight_decay}]
+    if log_vars is not None:
+        groups.append({"params": [log_vars], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+
+    start_step = 0
+    ckpt = Path(output_dir) / CHECKPOINT_DIR if output_dir else None
+    all_params = dict(params) | ({"_log_vars": log_vars} if log_vars is not None else {})
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        meta = load_checkpoint(ckpt, all_params, optimizer)
+        start_step = meta["step"]
+        logger.info("resuming distillation at step %d from %s", start_step, ckpt)
+
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    teacher = teacher.to(accelerator.device)
+    result = DistillResult(steps_done=start_step, tokens_seen=0)
+    if eval_batches and accelerator.is_main_process and start_step == 0:
+        result.evals.append({"step": 0, "budgets": evaluate_budgets(elastic, teacher,
+                                                                    eval_batches)})
+    running: dict[float, float] = {}
+    bar = tqdm(range(start_step, config.steps), desc="distill", unit="step",
+               disable=not progress or not accelerator.is_main_process,
+               initial=start_step, total=config.steps)
+    wrapped.train()
+    for step in bar:
+        for group in optimizer.param_groups:  # the schedule is a pure function of the step
+            group["lr"] = config.lr * lr_factor(step, config)
+        chosen = budgets_for_step(budgets, config, step)
+        step_losses = {}
+        for micro in range(config.grad_accum):
+            idx = batch_indices(len(data["input_ids"]), config, step * config.grad_accum + micro)
+            local = idx[rank::world]
+            batch = {k: v[torch.as_tensor(local)].to(accelerator.device) for k, v in data.items()}
+            with torch.no_grad():
+                t_logits = teacher(**batch).logits
+            for position, k in enumerate(chosen):
+                elastic.set_budget(budgets[k])
+                last = micro == config.grad_accum - 1 and position == len(chosen) - 1
+                with accelerator.autocast():
+                    logits = wrapped(**batch).logits
+                    loss = distill_loss(logits, t_logits, batch["attention_mask"],
+                                        config.temperature)
+                step_losses[budgets[k]] = float(loss.detach())
+                if log_vars is not None:
+                    loss = torch.exp(-log_vars[k]) * loss + log_vars[k]
+                loss = loss / (config.grad_accum * len(chosen))
+                if last:
+                    accelerator.backward(loss)
+                else:
+                    with accelerator.no_sync(wrapped):
+                        accelerator.backward(loss)
+            result.tokens_seen += int(batch["attention_mask"].sum()) * world
+        accelerator.clip_grad_norm_([p for g in groups for p in g["params"]],
+                                    config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(step_losses)
+        for beta, value in step_losses.items():
+            running[beta] = value if beta not in running else 0.9 * running[beta] + 0.1 * value
+        bar.set_postfix({f"β{b:g}": f"{v:.3g}" for b, v in sorted(running.items())})
+        done = step + 1
+        result.steps_done = done
+        if ckpt is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                and done < config.steps:
+            _checkpoint(accelerator, ckpt, done, all_params, optimizer, config)
+        if eval_batches and config.eval_every and done % config.eval_every == 0 \
+                and accelerator.is_main_process:
+            result.evals.append({"step": done, "budgets": evaluate_budgets(elastic, teacher,
+                                                                            eval_batches)})
+    if ckpt is not None and config.steps > start_step:
+        _checkpoint(accelerator, ckpt, config.steps, all_params, optimizer, config)
+    if eval_batches and accelerator.is_main_process and \
+            (not result.evals or result.evals[-1]["step"] != config.steps):
+        result.evals.append({"step": config.steps,
+                             "budgets": evaluate_budgets(elastic, teacher, eval_batches)})
+    elastic.set_budget(budgets[-1])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return result
+
+
+def _checkpoint(accelerator, ckpt: Path, step: int, params, optimizer, config) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        save_checkpoint(ckpt, step, params, inner, {"config": config.to_dict()})
+    accelerator.wait_for_everyone()

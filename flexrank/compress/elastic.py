@@ -1,0 +1,217 @@
+"""`ElasticModel`: one set of nested factors plus the plan that says, per budget, how many
+columns each layer keeps. Saved as a folder every exporter reads:
+
+    config.json, tokenizer files        the base model (Hugging Face models)
+    flexrank-elastic.safetensors        all weights, factors at max rank, tied tensors once
+    flexrank-plan.json                  the NestedPlan
+    flexrank-elastic.json               format version, model id, nested layer structure
+
+`from_pretrained` rebuilds the module from its config alone (no original model needed);
+for a bare `nn.Module` pass a skeleton of the same architecture as `model=`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
+
+from flexrank.compress.layers import NestedConv1d, NestedConv2d, NestedLinear
+from flexrank.compress.select import nested_layers
+from flexrank.io import atomic_dir, save_tokenizer, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "flexrank-elastic.safetensors"
+PLAN_FILE = "flexrank-plan.json"
+META_FILE = "flexrank-elastic.json"
+BUDGET_TOLERANCE = 1e-9
+
+
+class BudgetError(ValueError):
+    """A budget that the plan does not contain."""
+
+
+def _layer_spec(layer: nn.Module) -> dict:
+    spec = {"kind": type(layer).__name__, "max_rank": layer.max_rank,
+            "bias": layer.bias is not None}
+    if isinstance(layer, NestedLinear):
+        spec.update(in_features=layer.in_features, out_features=layer.out_features)
+    else:
+        spec.update(in_channels=layer.in_channels, out_channels=layer.out_channels,
+                    kernel_size=list(layer.kernel_size), stride=list(layer.stride),
+                    padding=list(layer.padding), dilation=list(layer.dilation))
+    return spec
+
+
+def _empty_layer(spec: dict) -> nn.Module:
+    if spec["kind"] == "NestedLinear":
+        return NestedLinear(spec["in_features"], spec["out_features"], spec["max_rank"],
+                            spec["bias"])
+    conv_type = {"NestedConv1d": nn.Conv1d, "NestedConv2d": nn.Conv2d}[spec["kind"]]
+    nested_type = {"NestedConv1d": NestedConv1d, "NestedConv2d": NestedConv2d}[spec["kind"]]
+    conv = conv_type(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                     tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
+                     bias=spec["bias"])
+    return nested_type(conv, spec["max_rank"])
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """{name: structure} of every nested layer: enough to rebuild empty ones."""
+    return {name: _layer_spec(layer) for name, layer in nested_layers(model).items()}
+
+
+def restructure_(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
+    """Swap the named layers of a fresh model for empty nested layers (weights to load)."""
+    for name, spec in specs.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _empty_layer(spec))
+    return model
+
+
+class ElasticModel:
+    def __init__(self, model: nn.Module, plan, tokenizer=None, model_id: str = "custom"):
+        self.model = model
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.layers = nested_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no nested layers: run flexrank.factorize_ first")
+        missing = sorted(set(plan.layer_names) - set(self.layers))
+        if missing:
+            raise ValueError(f"the plan names {len(missing)} layers the model does not have "
+                             f"(e.g. {missing[:3]}): plan and model do not match")
+        for budget in plan.budgets:
+            for name, rank in plan.ranks_for(budget).items():
+                if rank > self.layers[name].max_rank:
+                    raise ValueError(f"plan keeps rank {rank} of {name} at β={budget}, above "
+                                     f"its max rank {self.layers[name].max_rank}")
+        self.budget: float | None = None
+
+    @property
+    def budgets(self) -> list[float]:
+        return list(self.plan.budgets)
+
+    def _match_budget(self, beta: float) -> float:
+        for budget in self.plan.budgets:
+            if abs(budget - float(beta)) <= BUDGET_TOLERANCE:
+                return budget
+        raise BudgetError(f"budget {beta} is not one of the plan's budgets "
+                          f"{[round(b, 6) for b in self.plan.budgets]}")
+
+    def layer_ranks(self, beta: float) -> dict[str, int]:
+        """{layer: rank} at `beta`; layers the plan does not name stay at max rank."""
+        ranks = {name: layer.max_rank for name, layer in self.layers.items()}
+        ranks.update(self.plan.ranks_for(self._match_budget(beta)))
+        return ranks
+
+    def set_budget(self, beta: float) -> ElasticModel:
+        for name, rank in self.layer_ranks(beta).items():
+            self.layers[name].rank = rank
+        self.budget = self._match_budget(beta)
+        return self
+
+    # ---- persistence ------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the folder atomically: a crash leaves the previous folder (or none)."""
+        directory = Path(directory)
+        meta = {
+            "format": "flexrank-elastic",
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "model_class": type(self.model).__name__,
+            "layers": layer_specs(self.model),
+        }
+        with atomic_dir(directory) as tmp:
+            config = getattr(self.model, "config", None)
+            if config is not None and hasattr(config, "save_pretrained"):
+                config.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                save_tokenizer(self.tokenizer, tmp)
+            save_safetensors_model(self.model, str(tmp / WEIGHTS_FILE))
+            self.plan.save(tmp / PLAN_FILE)
+            write_json_atomic(tmp / META_FILE, meta)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
+                        ) -> ElasticModel:
+        from flexrank.planning.planner import NestedPlan
+
+        directory = resolve_elastic_dir(Path(directory))
+        meta = read_meta(directory)
+        for name in (WEIGHTS_FILE, PLAN_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: not a complete "
+                                        "FlexRank elastic checkpoint")
+        tokenizer = None
+        if model is None:
+            model, tokenizer = _skeleton_from_config(directory, meta["model_class"])
+        restructure_(model, meta["layers"])
+        try:
+            missing, unexpected = load_safetensors_model(model, str(directory / WEIGHTS_FILE),
+                                                         strict=False)
+        except Exception as err:
+            raise ValueError(f"could not read {directory / WEIGHTS_FILE}: {err} "
+                             "(truncated or corrupt?)") from err
+        if unexpected or [k for k in missing if not _is_tied(model, k)]:
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not match the model: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}")
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        model.eval()
+        plan = NestedPlan.load(directory / PLAN_FILE)
+        return cls(model, plan, tokenizer, meta.get("model_id", "custom"))
+
+
+def resolve_elastic_dir(directory: Path) -> Path:
+    """A `flexrank compress` output folder keeps its checkpoint in elastic/."""
+    if not (directory / META_FILE).is_file() and (directory / "elastic" / META_FILE).is_file():
+        return directory / "elastic"
+    return directory
+
+
+def read_meta(directory: Path) -> dict:
+    path = directory / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a FlexRank elastic "
+                                "checkpoint (run `flexrank compress` to make one)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "flexrank-elastic" or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')} v{meta.get('format_version')} is "
+                         f"not a FlexRank elastic checkpoint v{FORMAT_VERSION}")
+    return meta
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """safetensors stores a tied tensor once; the other name is reported missing."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "tie_word_embeddings", False)) and "lm_head" in key
+
+
+def _skeleton_from_config(directory: Path, model_class: str):
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} holds a bare nn.Module checkpoint: pass a skeleton "
+                         "of the same architecture as model=")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    model_type = getattr(transformers, model_class, None)
+    if model_type is None:
+        raise ValueError(f"transformers has no class {model_class}; pass model=")
+    model = model_type(config)  # random init, overwritten by the checkpoint
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer

