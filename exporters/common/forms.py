@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexrank.compress.config import _checked_dict
 from flexrank.compress.layers import NestedLinear
 from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.gauge import (
@@ -26,6 +27,7 @@ from flexrank.exporters.common.gauge import (
     gauge_fix,
     leading_condition,
 )
+from flexrank.planning.latency_table import LatencyTable
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class FormPolicy:
     latency: object | None = None  # a plan.latency_table.LatencyTable: decide by measured time
     force_form: str | None = None  # "plain", "dense" or "gauge" below full rank (benchmarks)
     gauge_fixing: bool = True  # False: plain factors or dense only (quantized exports)
+    version: int = 1
 
     def __post_init__(self):
         if self.force_form not in (None, "plain", "dense", "gauge"):
@@ -142,6 +145,30 @@ class FormPolicy:
                              "'gauge'")
         if not self.max_condition >= 1:
             raise ValueError(f"max_condition {self.max_condition} must be >= 1")
+
+    def to_dict(self) -> dict:
+        """JSON-ready, with a type and version tag; `latency` must be a LatencyTable.
+
+        Raises ValueError if `latency` is another kind of object (it cannot be written)."""
+        if self.latency is not None and not isinstance(self.latency, LatencyTable):
+            raise ValueError(f"FormPolicy.latency of type {type(self.latency).__name__} cannot "
+                             "be serialised; only a LatencyTable (measure_latency_table) can")
+        return {"type": "FormPolicy", "max_condition": self.max_condition,
+                "latency": None if self.latency is None else self.latency.to_dict(),
+                "force_form": self.force_form, "gauge_fixing": self.gauge_fixing,
+                "version": self.version}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FormPolicy:
+        """The policy `to_dict` wrote; ValueError on another type tag, version or field."""
+        data = _checked_dict(cls, data)
+        if data.get("latency") is not None:
+            try:
+                data["latency"] = LatencyTable.from_dict(data["latency"])
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"FormPolicy.latency is not a latency table ({err!r}); "
+                                 "write it with LatencyTable.to_dict") from None
+        return cls(**data)
 
 
 def quantized_policy(policy: FormPolicy) -> FormPolicy:

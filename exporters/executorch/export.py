@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from flexrank.compress.config import _checked_dict
 from flexrank.compress.models import model_kind
 from flexrank.compress.select import nested_layers
 from flexrank.exporters import register_exporter
@@ -77,6 +78,7 @@ class ExecutorchExportConfig:
     generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's (float32)
     sample_text: str = SAMPLE_TEXT
     forms: FormPolicy = FormPolicy()  # per-layer dense / gauge-fixed / plain, as for ONNX
+    version: int = 1
 
     def __post_init__(self):
         if self.max_seq_len < 2:
@@ -88,6 +90,19 @@ class ExecutorchExportConfig:
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size {self.group_size} is not supported by 8da4w; choose "
                              f"one of {list(GROUP_SIZES)}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready, with a type and version tag (`forms` nested, see FormPolicy.to_dict)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"type": "ExecutorchExportConfig", **data, "forms": self.forms.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExecutorchExportConfig:
+        """The config `to_dict` wrote; ValueError on another type tag, version or field."""
+        data = _checked_dict(cls, data)
+        if isinstance(data.get("forms"), dict):
+            data["forms"] = FormPolicy.from_dict(data["forms"])
+        return cls(**data)
 
 
 def exported_ranks(elastic, beta: float, quantize: str | None, group_size: int) -> dict:

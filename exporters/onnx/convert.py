@@ -20,13 +20,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
+from flexrank.compress.config import _checked_dict
 from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import FormPolicy, deployable_model
 from flexrank.exporters.common.sample import SAMPLE_TEXT
@@ -65,12 +66,26 @@ class OnnxExportConfig:
     # factors) as one MatMul + Split (`onnx_simplify.fuse_sibling_matmuls`); the shared and
     # elastic layouts and int8 exports never fuse (they address each layer's own weights)
     fuse_siblings: bool = True
+    version: int = 1
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
         if self.threads < 1:
             raise ValueError(f"threads {self.threads} must be >= 1")
+
+    def to_dict(self) -> dict:
+        """JSON-ready, with a type and version tag (`forms` nested, see FormPolicy.to_dict)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"type": "OnnxExportConfig", **data, "forms": self.forms.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OnnxExportConfig:
+        """The config `to_dict` wrote; ValueError on another type tag, version or field."""
+        data = _checked_dict(cls, data)
+        if isinstance(data.get("forms"), dict):
+            data["forms"] = FormPolicy.from_dict(data["forms"])
+        return cls(**data)
 
 
 def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
