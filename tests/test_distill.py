@@ -17,6 +17,7 @@ from flexrank.compress.distill import (
     lr_factor,
 )
 from flexrank.compress.elastic import BudgetError, ElasticModel
+from flexrank.compress.select import nested_layers
 
 
 def test_distill_loss_is_token_mean_kl():
@@ -165,3 +166,27 @@ def test_evaluate_budgets_matches_direct_perplexity():
     assert all(r == layer.max_rank for r, layer in zip(plan.ranks[-1], em.layers.values(),
                                                        strict=True))
     assert results[1.0]["kl"] < 1e-6 < results[0.6]["kl"]
+
+
+def test_distill_leaves_the_student_frozen_in_eval_at_its_largest_budget():
+    """What `distill` documents that it mutates, against the state before the call."""
+    student, teacher, plan, train, _ = tiny_elastic(seed=6, budgets=[0.6, 0.8])
+    layers = nested_layers(student)
+    for layer in layers.values():  # a state that distill must not keep
+        layer.rank = 1
+    student.train().requires_grad_(True)
+    teacher.train().requires_grad_(True)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    distill(student, teacher, plan, train[:4], DistillConfig(steps=2, lr=1e-3, batch_size=4),
+            progress=False)
+    largest = dict(zip(plan.layer_names, plan.ranks[-1], strict=True))  # plan: ascending
+    expected = {name: largest.get(name, layer.U.shape[1]) for name, layer in layers.items()}
+    assert any(expected[name] < layer.U.shape[1] for name, layer in layers.items())
+    assert {name: layer.rank for name, layer in layers.items()} == expected
+    assert not any(m.training for m in student.modules())
+    assert not any(p.requires_grad for p in student.parameters())
+    assert not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    trained = {f"{name}.{p}" for name, layer in layers.items() for p, _ in layer.named_parameters()}
+    for name, p in student.named_parameters():  # only the nested layers' parameters moved
+        assert torch.equal(p, before[name]) == (name not in trained), name

@@ -12,6 +12,7 @@ from conftest import tiny_gpt2, tiny_llama, token_batches
 from flexrank.compress.config import ProbeConfig
 from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.probe import candidate_ranks, find_blocks, probe
+from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import factorize_
 
 
@@ -121,3 +122,28 @@ def test_monotone_forces_non_increasing_curves():
                        [[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 1.0, 0.0]])
     np.testing.assert_array_equal(sens.monotone().errors,
                                   [[3.0, 2.0, 2.0, 0.0], [5.0, 4.0, 1.0, 0.0]])
+
+
+def test_probe_leaves_probed_layers_at_max_rank_and_restores_the_mode():
+    """What `probe` documents that it mutates, against the state before the call."""
+    model, teacher, data = factorised()
+    layers = nested_layers(model)
+    names = list(layers)
+    only, outside = names[:3], names[3:]
+    for layer in layers.values():  # a truncated state that the probe must not keep
+        layer.rank = 1
+    model.train()
+    teacher.train()
+    config = ProbeConfig(mode="fast", num_levels=4, probe_points=1)
+    probe(model, teacher, data, config, only=only, progress=False)
+    full = {name: layer.U.shape[1] for name, layer in layers.items()}  # U: (m, max rank)
+    assert all(full[name] > 1 for name in names)  # so that rank 1 is a real truncation
+    assert [layers[name].rank for name in only] == [full[name] for name in only]
+    assert [layers[name].rank for name in outside] == [1] * len(outside)  # untouched
+    assert all(m.training for m in model.modules())  # the caller's mode, restored
+    assert not any(m.training for m in teacher.modules())  # left in eval mode
+
+    model.eval()
+    probe(model, teacher, data, config, progress=False)
+    assert {name: layer.rank for name, layer in layers.items()} == full
+    assert not any(m.training for m in model.modules())

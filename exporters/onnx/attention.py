@@ -103,6 +103,43 @@ class _Block:
 
 
 def _match(g: _Graph, index: int) -> _Block | None:
+    """Block `index`'s attention when its subgraph has the expected shape, else None:
+
+        present.key -> [repeat_kv, Kᵀ, scale] -> MatMul(Q, ·) -> Add(mask) -> Softmax
+        -> [NaN guard] -> MatMul(·, V) <- [repeat_kv] <- present.value; -> merge heads
+    """
+    concats = _cache_concats(g, index)
+    if concats is None:
+        return None
+    concat_k, concat_v = concats
+    rotary_k = g.op(concat_k.input[1], "RotaryEmbedding")
+    k = None if rotary_k is None else g.head_split_source(rotary_k.input[0])
+    v = g.head_split_source(concat_v.input[1])
+    if k is None or v is None:
+        return None
+    key_path = _scores_from_key(g, concat_k)
+    if key_path is None:
+        return None
+    scores, key_scale = key_path
+    query = _query_source(g, scores.input[0], rotary_k)
+    if query is None:
+        return None
+    q, query_scale = query
+    softmax_path = _softmax_to_mix(g, scores)
+    if softmax_path is None:
+        return None
+    add, mix = softmax_path
+    if _repeat_kv_source(g, mix.input[1]) != concat_v.output[0]:
+        return None
+    merge = _head_merge(g, mix)
+    if merge is None:
+        return None
+    return _Block(index, q, k, v, rotary_k, add.input[1], key_scale * query_scale,
+                  merge.output[0], [concat_k, concat_v, merge])
+
+
+def _cache_concats(g: _Graph, index: int) -> tuple | None:
+    """(Concat(past key, new key), Concat(past value, new value)) producing present.index.*."""
     concat_k = g.producer.get(f"present.{index}.key")
     concat_v = g.producer.get(f"present.{index}.value")
     if concat_k is None or concat_v is None or {concat_k.op_type, concat_v.op_type} != {"Concat"}:
@@ -110,12 +147,13 @@ def _match(g: _Graph, index: int) -> _Block | None:
     if list(concat_k.input)[:1] != [f"past_key_values.{index}.key"] or \
             list(concat_v.input)[:1] != [f"past_key_values.{index}.value"]:
         return None
-    rotary_k = g.op(concat_k.input[1], "RotaryEmbedding")
-    k = None if rotary_k is None else g.head_split_source(rotary_k.input[0])
-    v = g.head_split_source(concat_v.input[1])
-    if k is None or v is None:
-        return None
-    # present.key -> (repeat_kv, transpose, scale) -> QKᵀ MatMul
+    return concat_k, concat_v
+
+
+def _scores_from_key(g: _Graph, concat_k) -> tuple | None:
+    """(the QKᵀ MatMul, the product of the scale factors on the way) reached from
+    present.key through repeat_kv, the Kᵀ Transpose and scalar Muls, each node the only
+    reader of the one before."""
     scale, node, name = 1.0, None, concat_k.output[0]
     for _ in range(len(_CHAIN_TO_SCORES) + 1):
         users = [n for n in g.consumers.get(name, []) if n is not concat_k]
@@ -135,16 +173,21 @@ def _match(g: _Graph, index: int) -> _Block | None:
                 return None
             scale *= factor
         name = node.output[0]
-    scores = node
-    if scores is None or scores.op_type != "MatMul" or scores.input[1] != name:
+    if node is None or node.op_type != "MatMul" or node.input[1] != name:
         return None
-    q_side = scores.input[0]
+    return node, scale
+
+
+def _query_source(g: _Graph, q_side: str, rotary_k) -> tuple[str, float] | None:
+    """(q, the scale factor on it) for the scores' left input = [Mul(scalar)](Rotary(heads(q))),
+    the rotary taking the same cos/sin/positions as the key's and no partial rotation."""
+    scale = 1.0
     q_mul = g.op(q_side, "Mul")
     if q_mul is not None:
         factor = g.scalar(q_mul.input[1])
         if factor is None:
             return None
-        scale *= factor
+        scale = factor
         q_side = q_mul.input[0]
     rotary_q = g.op(q_side, "RotaryEmbedding")
     q = None if rotary_q is None else g.head_split_source(rotary_q.input[0])
@@ -152,7 +195,12 @@ def _match(g: _Graph, index: int) -> _Block | None:
         return None
     if {a.name for a in rotary_k.attribute} - {"interleaved", "scale"}:
         return None  # partial rotary (rotary_embedding_dim): not rewritten
-    # scores -> Add(mask) -> Softmax -> [IsNaN/Where guard] -> MatMul(·, V) -> merge heads
+    return q, scale
+
+
+def _softmax_to_mix(g: _Graph, scores) -> tuple | None:
+    """(Add(scores, mask), MatMul(probabilities, V)) for scores -> Add -> Softmax(last axis)
+    -> [IsNaN/Where guard] -> MatMul, each the only reader of the one before."""
     add = g.only_consumer(scores.output[0])
     if add is None or add.op_type != "Add" or add.input[0] != scores.output[0]:
         return None
@@ -161,30 +209,32 @@ def _match(g: _Graph, index: int) -> _Block | None:
             next((a.i for a in softmax.attribute if a.name == "axis"), -1) not in (-1, 3):
         return None
     probs = softmax.output[0]
-    users = g.consumers.get(probs, [])
-    guard = next((n for n in users if n.op_type == "Where"), None)
+    guard = next((n for n in g.consumers.get(probs, []) if n.op_type == "Where"), None)
     if guard is not None:
         probs = guard.output[0]
     mix = g.only_consumer(probs)
     if mix is None or mix.op_type != "MatMul" or mix.input[0] != probs:
         return None
-    # V side: present.value -> Unsqueeze/Expand/Reshape (repeat_kv)
-    name = mix.input[1]
+    return add, mix
+
+
+def _repeat_kv_source(g: _Graph, name: str) -> str:
+    """The tensor that repeat_kv (Unsqueeze, Expand, Reshape) expands into `name`."""
     for _ in range(3):
         node = g.producer.get(name)
         if node is None or node.op_type not in ("Unsqueeze", "Expand", "Reshape"):
             break
         name = node.input[0]
-    if name != concat_v.output[0]:
-        return None
+    return name
+
+
+def _head_merge(g: _Graph, mix):
+    """The Reshape of Transpose(mix, 0,2,1,3): (B, H, S, D) -> (B, S, H·D), or None."""
     merge_t = g.only_consumer(mix.output[0])
     if merge_t is None or merge_t.op_type != "Transpose" or _perm(merge_t) != [0, 2, 1, 3]:
         return None
     merge = g.only_consumer(merge_t.output[0])
-    if merge is None or merge.op_type != "Reshape":
-        return None
-    return _Block(index, q, k, v, rotary_k, add.input[1], scale, merge.output[0],
-                  [concat_k, concat_v, merge])
+    return merge if merge is not None and merge.op_type == "Reshape" else None
 
 
 def _sequence_inputs(graph: onnx.GraphProto) -> tuple[list, str, str]:

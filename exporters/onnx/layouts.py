@@ -16,6 +16,7 @@ initializers carry canonical rank-major names (`<layer>.Vt` (r, n), `<layer>.Ut`
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,63 +116,11 @@ def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[i
     graph = model.graph
     if any(i.name == RANK_LEVEL for i in graph.input):
         raise ValueError(f"the graph already has an input named {RANK_LEVEL!r}")
-    levels = len(next(iter(factor_ranks.values())))
-    outer = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    body = list(graph.node)
-    outputs = [o.name for o in graph.output]
-    zero = "flexrank.zero"
-    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), zero))
-
-    def typed_like(names: list[str]) -> list[onnx.ValueInfoProto]:
-        """Branch outputs named `names`, typed as the graph's outputs."""
-        infos = []
-        for name, original in zip(names, graph.output, strict=True):
-            info = onnx.ValueInfoProto(name=name)
-            info.type.CopyFrom(original.type)
-            infos.append(info)
-        return infos
-
-    def branch(level: int) -> onnx.GraphProto:
-        prefix = f"level{level}/"
-        sliced = {name: ranks[level] for name, ranks in factor_ranks.items()
-                  if ranks[level] < max(ranks)}  # the top level reads the factors as stored
-        local = {name: prefix + name for name in sliced}
-        nodes, inits = [], []
-        for name, rank in sliced.items():
-            end = numpy_helper.from_array(np.array([rank], np.int64), f"{prefix}{name}.rank")
-            inits.append(end)
-            nodes.append(helper.make_node("Slice", [name, zero, end.name, zero], [local[name]]))
-        for node in body:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            for i, name in enumerate(copy.input):
-                if name in local:
-                    copy.input[i] = local[name]
-                elif name and name not in outer:
-                    copy.input[i] = prefix + name
-            for i, name in enumerate(copy.output):
-                if name:
-                    copy.output[i] = prefix + name
-            if copy.name:
-                copy.name = prefix + copy.name
-            nodes.append(copy)
-        return helper.make_graph(nodes, f"level{level}", [],
-                                 typed_like([prefix + name for name in outputs]), inits)
-
-    def chain(level: int) -> onnx.GraphProto:
-        """Level `level` if rank_level == level, else the chain of the levels above."""
-        if level == levels - 1:
-            return branch(level)
-        k = f"flexrank.level{level}"
-        graph.initializer.append(numpy_helper.from_array(np.array([level], np.int64), k))
-        cond = f"{k}.is_chosen"
-        rest = chain(level + 1)
-        node = helper.make_node("If", [cond], [f"{k}/out{i}" for i in range(len(outputs))],
-                                then_branch=branch(level), else_branch=rest)
-        return helper.make_graph([helper.make_node("Equal", [RANK_LEVEL, k], [cond]), node],
-                                 f"from_level{level}", [], typed_like(list(node.output)))
-
-    top = chain(0)
+    source = _Levels(body=list(graph.node), outputs=list(graph.output),
+                     outer={i.name for i in graph.input} | {i.name for i in graph.initializer},
+                     factor_ranks=factor_ranks)
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), _ZERO))
+    top = _level_chain(source, graph, 0)
     del graph.value_info[:]  # of the names now inside the branches
     del graph.node[:]
     graph.node.extend(top.node)
@@ -181,3 +130,82 @@ def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[i
     graph.input.append(helper.make_tensor_value_info(RANK_LEVEL, TensorProto.INT64, [1]))
     model.ir_version = min(model.ir_version, ONNX_IR_VERSION)
     return model
+
+
+_ZERO = "flexrank.zero"  # int64 [0]: the Slices' start and axis
+
+
+@dataclass
+class _Levels:
+    """The original graph that every level's branch copies."""
+
+    body: list[onnx.NodeProto]  # its nodes
+    outputs: list[onnx.ValueInfoProto]  # its outputs (names and types)
+    outer: set[str]  # graph inputs and initializers: read from the branches as they are
+    factor_ranks: dict[str, list[int]]  # factor -> its rank at each level
+
+    @property
+    def count(self) -> int:
+        return len(next(iter(self.factor_ranks.values())))
+
+
+def _typed_like(names: list[str], outputs: list[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+    """Branch outputs named `names`, typed as the graph's `outputs`."""
+    infos = []
+    for name, original in zip(names, outputs, strict=True):
+        info = onnx.ValueInfoProto(name=name)
+        info.type.CopyFrom(original.type)
+        infos.append(info)
+    return infos
+
+
+def _level_chain(source: _Levels, graph: onnx.GraphProto, level: int) -> onnx.GraphProto:
+    """Level `level` if rank_level == level, else the chain of the levels above; each
+    level's index constant goes into `graph`'s initializers."""
+    if level == source.count - 1:
+        return _level_branch(source, level)
+    k = f"flexrank.level{level}"
+    graph.initializer.append(numpy_helper.from_array(np.array([level], np.int64), k))
+    cond = f"{k}.is_chosen"
+    rest = _level_chain(source, graph, level + 1)
+    node = helper.make_node("If", [cond], [f"{k}/out{i}" for i in range(len(source.outputs))],
+                            then_branch=_level_branch(source, level), else_branch=rest)
+    return helper.make_graph([helper.make_node("Equal", [RANK_LEVEL, k], [cond]), node],
+                             f"from_level{level}", [],
+                             _typed_like(list(node.output), source.outputs))
+
+
+def _level_branch(source: _Levels, level: int) -> onnx.GraphProto:
+    """The whole graph at `level`: the factors sliced to the level's ranks, every other
+    name inside the branch prefixed with `level<k>/`."""
+    prefix = f"level{level}/"
+    sliced = {name: ranks[level] for name, ranks in source.factor_ranks.items()
+              if ranks[level] < max(ranks)}  # the top level reads the factors as stored
+    local = {name: prefix + name for name in sliced}
+    nodes, inits = [], []
+    for name, rank in sliced.items():
+        end = numpy_helper.from_array(np.array([rank], np.int64), f"{prefix}{name}.rank")
+        inits.append(end)
+        nodes.append(helper.make_node("Slice", [name, _ZERO, end.name, _ZERO], [local[name]]))
+    nodes += [_renamed_copy(node, local, source.outer, prefix) for node in source.body]
+    outputs = _typed_like([prefix + o.name for o in source.outputs], source.outputs)
+    return helper.make_graph(nodes, f"level{level}", [], outputs, inits)
+
+
+def _renamed_copy(node: onnx.NodeProto, local: dict[str, str], outer: set[str],
+                  prefix: str) -> onnx.NodeProto:
+    """`node` reading the sliced factors (`local`) and, for names computed inside the
+    graph, their `prefix`ed copies; its outputs and name prefixed."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for i, name in enumerate(copy.input):
+        if name in local:
+            copy.input[i] = local[name]
+        elif name and name not in outer:
+            copy.input[i] = prefix + name
+    for i, name in enumerate(copy.output):
+        if name:
+            copy.output[i] = prefix + name
+    if copy.name:
+        copy.name = prefix + copy.name
+    return copy

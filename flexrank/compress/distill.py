@@ -211,111 +211,191 @@ def _make_accelerator(config: DistillConfig):
     return Accelerator(cpu=not cuda, mixed_precision=precision)
 
 
+@dataclass
+class _Run:
+    """What one distillation run carries from step to step."""
+
+    elastic: ElasticModel  # the student and its plan; set_budget switches every layer
+    wrapped: nn.Module  # the student as Accelerate prepared it (DDP-wrapped under DDP)
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    trained: list[torch.Tensor]  # every tensor the optimizer updates, clipped together
+    log_vars: nn.Parameter | None  # one uncertainty weight per budget, or None
+    data: dict[str, torch.Tensor]  # {input_ids, attention_mask}: (N, T) each
+    accelerator: object
+    config: DistillConfig
+
+
 def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
             config: DistillConfig | None = None, eval_batches: Sequence[dict] | None = None,
             output_dir: str | os.PathLike | None = None, accelerator=None,
             progress: bool = True) -> DistillResult:
     """Train the nested factors of `model` (factorised, DataSVD-initialised) so that every
     budget of `plan` imitates `teacher`. With `output_dir`, checkpoints go to
-    output_dir/checkpoint and a run there resumes from the last one exactly."""
+    output_dir/checkpoint and a run there resumes from the last one exactly.
+
+    Mutates, in place, and leaves on return:
+    - `model`: the trained parameters (the nested layers' factors and biases; every
+      parameter with `train_all`) hold their trained values; every parameter has
+      requires_grad=False; the model is in eval mode, with every nested layer at its rank
+      for the plan's largest budget (layers the plan does not name at their max rank), as
+      `ElasticModel(model, plan).set_budget(max(plan.budgets))` sets them.
+    - `teacher`: every parameter requires_grad=False, eval mode, on Accelerate's device.
+    - output_dir/checkpoint: the last checkpoint (step `config.steps`).
+
+    Raises ValueError when `config.batch_size` is not divisible by the number of
+    processes, or when the plan does not fit the model (see ElasticModel).
+    """
     config = config or DistillConfig()
     accelerator = accelerator or _make_accelerator(config)
     elastic = ElasticModel(model, plan)
-    budgets = elastic.budgets
     data = stack_sequences(batches)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if config.batch_size % world:
+    if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
-                         f"{world} processes")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+                         f"{accelerator.num_processes} processes")
+    _freeze_(teacher)
     teacher.eval()
-    params = trainable_parameters(model, config.train_all)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    log_vars = nn.Parameter(torch.zeros(len(budgets))) if config.uncertainty_weights else None
-    groups = [{"params": list(params.values()), "weight_decay": config.weight_decay}]
-    if log_vars is not None:
-        groups.append({"params": [log_vars], "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-
-    start_step = 0
+    params = _train_only_(model, config.train_all)
+    log_vars = nn.Parameter(torch.zeros(len(elastic.budgets))) \
+        if config.uncertainty_weights else None
+    optimizer = _optimizer(params, log_vars, config)
+    saved = dict(params) | ({"_log_vars": log_vars} if log_vars is not None else {})
     ckpt = Path(output_dir) / CHECKPOINT_DIR if output_dir else None
-    all_params = dict(params) | ({"_log_vars": log_vars} if log_vars is not None else {})
-    if ckpt is not None and (ckpt / "state.json").is_file():
-        meta = load_checkpoint(ckpt, all_params, optimizer)
-        start_step = meta["step"]
-        logger.info("resuming distillation at step %d from %s", start_step, ckpt)
+    start_step = _resume(ckpt, saved, optimizer)
 
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    teacher = teacher.to(accelerator.device)
+    run = _Run(elastic, wrapped, teacher.to(accelerator.device), optimizer, trained, log_vars,
+               data, accelerator, config)
     result = DistillResult(steps_done=start_step, tokens_seen=0)
     if eval_batches and accelerator.is_main_process and start_step == 0:
-        result.evals.append({"step": 0, "budgets": evaluate_budgets(elastic, teacher,
+        _evaluate(run, eval_batches, 0, result)
+    _train(run, start_step, result, ckpt, saved, eval_batches, progress)
+    if ckpt is not None and config.steps > start_step:
+        _checkpoint(accelerator, ckpt, config.steps, saved, optimizer, config)
+    if eval_batches and accelerator.is_main_process and \
+            (not result.evals or result.evals[-1]["step"] != config.steps):
+        _evaluate(run, eval_batches, config.steps, result)
+    elastic.set_budget(elastic.budgets[-1])  # ascending: the largest
+    model.eval()
+    _freeze_(model)
+    return result
+
+
+def _freeze_(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def _train_only_(model: nn.Module, train_all: bool) -> dict[str, nn.Parameter]:
+    """Freeze `model` except the parameters distillation trains; returns those, by name."""
+    params = trainable_parameters(model, train_all)
+    _freeze_(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def _optimizer(params: dict[str, nn.Parameter], log_vars: nn.Parameter | None,
+               config: DistillConfig) -> torch.optim.Optimizer:
+    groups = [{"params": list(params.values()), "weight_decay": config.weight_decay}]
+    if log_vars is not None:  # no decay: it would pull every budget's weight to 1
+        groups.append({"params": [log_vars], "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _resume(ckpt: Path | None, saved: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer) -> int:
+    """The step to start from: the checkpoint's (its weights and optimizer state loaded
+    into `saved` and `optimizer`), or 0 when there is none."""
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        return 0
+    step = load_checkpoint(ckpt, saved, optimizer)["step"]
+    logger.info("resuming distillation at step %d from %s", step, ckpt)
+    return step
+
+
+def _evaluate(run: _Run, eval_batches: Sequence[dict], step: int, result: DistillResult):
+    result.evals.append({"step": step, "budgets": evaluate_budgets(run.elastic, run.teacher,
                                                                     eval_batches)})
-    running: dict[float, float] = {}
+
+
+def _train(run: _Run, start_step: int, result: DistillResult, ckpt: Path | None,
+           saved: dict[str, torch.Tensor], eval_batches, progress: bool) -> None:
+    """Steps start_step … config.steps − 1, with periodic checkpoints and evaluations."""
+    config, accelerator = run.config, run.accelerator
+    running: dict[float, float] = {}  # exponential moving average of each budget's loss
     bar = tqdm(range(start_step, config.steps), desc="distill", unit="step",
                disable=not progress or not accelerator.is_main_process,
                initial=start_step, total=config.steps)
-    wrapped.train()
+    run.wrapped.train()
     for step in bar:
-        for group in optimizer.param_groups:  # the schedule is a pure function of the step
-            group["lr"] = config.lr * lr_factor(step, config)
-        chosen = budgets_for_step(budgets, config, step)
-        step_losses = {}
-        for micro in range(config.grad_accum):
-            idx = batch_indices(len(data["input_ids"]), config, step * config.grad_accum + micro)
-            local = idx[rank::world]
-            batch = {k: v[torch.as_tensor(local)].to(accelerator.device) for k, v in data.items()}
-            with torch.no_grad():
-                t_logits = teacher(**batch).logits
-            for position, k in enumerate(chosen):
-                elastic.set_budget(budgets[k])
-                last = micro == config.grad_accum - 1 and position == len(chosen) - 1
-                with accelerator.autocast():
-                    logits = wrapped(**batch).logits
-                    loss = distill_loss(logits, t_logits, batch["attention_mask"],
-                                        config.temperature)
-                step_losses[budgets[k]] = float(loss.detach())
-                if log_vars is not None:
-                    loss = torch.exp(-log_vars[k]) * loss + log_vars[k]
-                loss = loss / (config.grad_accum * len(chosen))
-                if last:
-                    accelerator.backward(loss)
-                else:
-                    with accelerator.no_sync(wrapped):
-                        accelerator.backward(loss)
-            result.tokens_seen += int(batch["attention_mask"].sum()) * world
-        accelerator.clip_grad_norm_([p for g in groups for p in g["params"]],
-                                    config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_losses, tokens = _step(run, step)
+        result.tokens_seen += tokens
         result.losses.append(step_losses)
         for beta, value in step_losses.items():
             running[beta] = value if beta not in running else 0.9 * running[beta] + 0.1 * value
         bar.set_postfix({f"β{b:g}": f"{v:.3g}" for b, v in sorted(running.items())})
-        done = step + 1
-        result.steps_done = done
+        done = result.steps_done = step + 1
         if ckpt is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
-            _checkpoint(accelerator, ckpt, done, all_params, optimizer, config)
+            _checkpoint(accelerator, ckpt, done, saved, run.optimizer, config)
         if eval_batches and config.eval_every and done % config.eval_every == 0 \
                 and accelerator.is_main_process:
-            result.evals.append({"step": done, "budgets": evaluate_budgets(elastic, teacher,
-                                                                            eval_batches)})
-    if ckpt is not None and config.steps > start_step:
-        _checkpoint(accelerator, ckpt, config.steps, all_params, optimizer, config)
-    if eval_batches and accelerator.is_main_process and \
-            (not result.evals or result.evals[-1]["step"] != config.steps):
-        result.evals.append({"step": config.steps,
-                             "budgets": evaluate_budgets(elastic, teacher, eval_batches)})
-    elastic.set_budget(budgets[-1])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return result
+            _evaluate(run, eval_batches, done, result)
+
+
+def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
+    """One optimizer step over config.grad_accum micro-batches and the step's budgets.
+    Returns ({budget: loss of its last micro-batch}, tokens seen by all processes)."""
+    config, accelerator = run.config, run.accelerator
+    for group in run.optimizer.param_groups:  # the schedule is a pure function of the step
+        group["lr"] = config.lr * lr_factor(step, config)
+    chosen = budgets_for_step(run.elastic.budgets, config, step)
+    step_losses: dict[float, float] = {}
+    tokens = 0
+    for micro in range(config.grad_accum):
+        batch = _local_batch(run, step * config.grad_accum + micro)
+        with torch.no_grad():
+            teacher_logits = run.teacher(**batch).logits
+        for position, k in enumerate(chosen):
+            last = micro == config.grad_accum - 1 and position == len(chosen) - 1
+            step_losses[run.elastic.budgets[k]] = _backward(run, batch, teacher_logits, k,
+                                                            len(chosen), sync=last)
+        tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+    accelerator.clip_grad_norm_(run.trained, config.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_losses, tokens
+
+
+def _local_batch(run: _Run, draw: int) -> dict[str, torch.Tensor]:
+    """This process's slice of global batch number `draw`, on its device."""
+    accelerator = run.accelerator
+    idx = batch_indices(len(run.data["input_ids"]), run.config, draw)
+    local = torch.as_tensor(idx[accelerator.process_index::accelerator.num_processes])
+    return {k: v[local].to(accelerator.device) for k, v in run.data.items()}
+
+
+def _backward(run: _Run, batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
+              k: int, num_chosen: int, sync: bool) -> float:
+    """Accumulate the gradient of budget k's loss on `batch`; gradients are synchronised
+    across processes only on the step's last backward (`sync`). Returns the raw loss."""
+    config, accelerator = run.config, run.accelerator
+    run.elastic.set_budget(run.elastic.budgets[k])
+    with accelerator.autocast():
+        logits = run.wrapped(**batch).logits
+        loss = distill_loss(logits, teacher_logits, batch["attention_mask"], config.temperature)
+    raw = float(loss.detach())
+    if run.log_vars is not None:  # Σ_k exp(−s_k)·L_k + s_k
+        loss = torch.exp(-run.log_vars[k]) * loss + run.log_vars[k]
+    loss = loss / (config.grad_accum * num_chosen)
+    if sync:
+        accelerator.backward(loss)
+    else:
+        with accelerator.no_sync(run.wrapped):
+            accelerator.backward(loss)
+    return raw
 
 
 def _checkpoint(accelerator, ckpt: Path, step: int, params, optimizer, config) -> None:

@@ -210,30 +210,26 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
           config: ProbeConfig | None = None, cache_path: str | os.PathLike | None = None,
           use_block_cache: bool = True, progress: bool = True,
           only: Sequence[str] | None = None) -> Sensitivity:
-    """Sensitivity matrix of every nested layer of `model` (factorised, at full rank)
-    against `teacher` (the original model) on `batches`.
+    """Sensitivity matrix of every nested layer of `model` (factorised) against `teacher`
+    (the original model) on `batches`.
 
     With `cache_path`, finished rows are saved after every layer and reused on restart.
-    `only` restricts probing to the named layers (the others stay at full rank).
-    Under torch.distributed the layers are split across processes and the rows gathered.
+    `only` restricts probing to the named layers. Under torch.distributed the layers are
+    split across processes and the rows gathered.
+
+    Mutates, and leaves on return: every probed layer (every nested layer, or those named
+    in `only`) at its max rank, whatever rank it had before; nested layers outside `only`
+    keep their rank, and the probe measures with them at that rank (set them to max rank
+    first to probe against the full model); `model` back in the train/eval mode it had
+    (it runs in eval mode); `teacher` in eval mode. Raises ValueError for a model without
+    nested layers, an unknown name in `only`, no batches, or a `cache_path` holding a
+    probe of another model or configuration.
     """
     config = config or ProbeConfig()
-    layers = nested_layers(model)
-    if not layers:
-        raise ValueError("the model has no nested layers: run flexrank.factorize_ first")
-    if only is not None:
-        unknown = sorted(set(only) - set(layers))
-        if unknown:
-            raise ValueError(f"cannot probe {unknown[:3]}: not nested layers of the model")
-        layers = {name: layers[name] for name in only}
+    layers = _layers_to_probe(model, only)
     if not batches:
         raise ValueError("probing needs at least one batch")
-    levels = min(config.num_levels, min(layer.max_rank for layer in layers.values()))
-    if levels < config.num_levels:
-        logger.warning("smallest layer has rank %d: using %d levels instead of %d",
-                       levels, levels, config.num_levels)
-    ranks = {n: candidate_ranks(layer.max_rank, levels, config.rank_multiple)
-             for n, layer in layers.items()}
+    levels, ranks = _candidate_table(layers, config)
     device = next(model.parameters()).device
     batches = [to_device(b, device) for b in batches]
     masks = [b.get("attention_mask").float() if isinstance(b, Mapping)
@@ -243,42 +239,23 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     teacher.eval()
     for layer in layers.values():
         layer.rank = layer.max_rank
-    raw = [_forward(teacher, b) for b in batches]
-    is_lm = getattr(raw[0], "logits", None) is not None
-    damage = Damage([_output(r).float() for r in raw], is_lm, masks)
-    del raw
-
+    damage = _teacher_damage(teacher, batches, masks)
     blocks = find_blocks(model) if use_block_cache else []
     cache = BlockCache(blocks)
     if blocks:
         cache.fill(model, batches)
     block_of = _block_of(layers, blocks)
 
-    signature = {"layers": list(layers), "ranks": [ranks[n] for n in layers],
-                 "config": config.to_dict(), "tokens": int(sum(m.sum() if m is not None
-                                                               else 0 for m in masks))}
+    signature = _signature(layers, ranks, config, masks)
     path = Path(cache_path) if cache_path else None
     rows = _load_partial(path, signature) if path else {}
     rank_id, world = _dist_info()
     todo = [n for i, n in enumerate(layers) if n not in rows and i % world == rank_id]
     probe_levels = _probe_levels(levels, config)
     for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress, unit="layer"):
-        layer = layers[name]
-        measured = {}
-        for k in probe_levels:
-            layer.rank = ranks[name][k]
-            total = 0.0
-            for i, batch in enumerate(batches):
-                with cache.skip_before(i, block_of[name]):
-                    total += damage(i, _run(model, batch))
-            measured[k] = total / len(batches)
-        layer.rank = layer.max_rank
-        measured[levels - 1] = 0.0
-        if config.mode == "exact":
-            rows[name] = [measured[k] for k in range(levels)]
-        else:
-            sigma = layer.U.detach().double().square().sum(0)  # U = P√σ: ‖U_j‖² = σ_j
-            rows[name] = _fill_from_tail(sigma, ranks[name], measured)
+        measured = {k: _mean_damage(model, layers[name], ranks[name][k], batches, damage,
+                                    cache, block_of[name]) for k in probe_levels}
+        rows[name] = _row(layers[name], ranks[name], measured, config)
         if path:
             write_json_atomic(path, {"signature": signature, "rows": rows})
     rows = _gather_rows(rows, list(layers))
@@ -286,8 +263,71 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     shapes = [tuple(layer.U.shape[:1]) + tuple(layer.V.shape[:1]) for layer in layers.values()]
     return Sensitivity(list(layers), shapes, np.array([ranks[n] for n in layers]),
                        np.array([rows[n] for n in layers]),
-                       meta={"mode": config.mode, "metric": "kl" if is_lm else "rel_mse",
+                       meta={"mode": config.mode, "metric": "kl" if damage.is_lm else "rel_mse",
                              "probe_levels": probe_levels, **signature["config"]})
+
+
+def _layers_to_probe(model: nn.Module, only: Sequence[str] | None) -> dict[str, nn.Module]:
+    """{name: nested layer} to probe: all of them, or those named in `only`, in its order."""
+    layers = nested_layers(model)
+    if not layers:
+        raise ValueError("the model has no nested layers: run flexrank.factorize_ first")
+    if only is None:
+        return layers
+    unknown = sorted(set(only) - set(layers))
+    if unknown:
+        raise ValueError(f"cannot probe {unknown[:3]}: not nested layers of the model")
+    return {name: layers[name] for name in only}
+
+
+def _candidate_table(layers: Mapping[str, nn.Module], config: ProbeConfig,
+                     ) -> tuple[int, dict[str, list[int]]]:
+    """(levels, {layer: its candidate ranks}): config.num_levels levels, fewer when the
+    smallest layer has fewer ranks than that."""
+    levels = min(config.num_levels, min(layer.max_rank for layer in layers.values()))
+    if levels < config.num_levels:
+        logger.warning("smallest layer has rank %d: using %d levels instead of %d",
+                       levels, levels, config.num_levels)
+    return levels, {name: candidate_ranks(layer.max_rank, levels, config.rank_multiple)
+                    for name, layer in layers.items()}
+
+
+def _teacher_damage(teacher: nn.Module, batches: Sequence,
+                    masks: list[torch.Tensor | None]) -> Damage:
+    raw = [_forward(teacher, b) for b in batches]
+    is_lm = getattr(raw[0], "logits", None) is not None
+    return Damage([_output(r).float() for r in raw], is_lm, masks)
+
+
+def _signature(layers: Mapping[str, nn.Module], ranks: dict[str, list[int]],
+               config: ProbeConfig, masks: list[torch.Tensor | None]) -> dict:
+    """What a saved partial probe must match to be reused (see `_load_partial`)."""
+    tokens = int(sum(m.sum() if m is not None else 0 for m in masks))
+    return {"layers": list(layers), "ranks": [ranks[n] for n in layers],
+            "config": config.to_dict(), "tokens": tokens}
+
+
+def _mean_damage(model: nn.Module, layer: nn.Module, rank: int, batches: Sequence,
+                 damage: Damage, cache: BlockCache, first_block: int) -> float:
+    """Mean damage over `batches` with `layer` alone cut to `rank` (restored to max rank
+    afterwards); the blocks before `first_block` replay their cached outputs."""
+    layer.rank = rank
+    total = 0.0
+    for i, batch in enumerate(batches):
+        with cache.skip_before(i, first_block):
+            total += damage(i, _run(model, batch))
+    layer.rank = layer.max_rank
+    return total / len(batches)
+
+
+def _row(layer: nn.Module, ranks: list[int], measured: dict[int, float],
+         config: ProbeConfig) -> list[float]:
+    """The layer's damage at every level from its measured ones (full rank: 0)."""
+    measured = {**measured, len(ranks) - 1: 0.0}
+    if config.mode == "exact":
+        return [measured[k] for k in range(len(ranks))]
+    sigma = layer.U.detach().double().square().sum(0)  # U = P√σ: ‖U_j‖² = σ_j
+    return _fill_from_tail(sigma, ranks, measured)
 
 
 def _dist_info() -> tuple[int, int]:
