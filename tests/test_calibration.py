@@ -89,7 +89,38 @@ def test_teacher_samples_are_seeded_model_text(tokenizer):
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="shared data not beside the checkout")
-def test_real_text_split(tokenizer):
+def test_real_text_split(tokenizer, monkeypatch):
+    from flexrank.compress import calibration
+
+    real_token_stream = calibration.token_stream
+    streams = {}  # the file is tokenised once (2 s), however often it is packed below
+
+    def token_stream_once(tok, texts):
+        key = tuple(texts)
+        if key not in streams:
+            streams[key] = real_token_stream(tok, texts)
+        return streams[key]
+
+    monkeypatch.setattr(calibration, "token_stream", token_stream_once)
     batches = calibration_data(tokenizer, SHAKESPEARE, num_samples=16, seq_len=64,
                                span=(0.0, 0.8))
     assert sum(b["input_ids"].shape[0] for b in batches) == 16
+    # The split computed from the file alone: the char tokenizer gives one token per
+    # character (id ord(c) - 29 for printable ASCII, 98 for a newline) and EOS (2) closes
+    # the document; calibration keeps the first round(0.8 · tokens), held out the rest.
+    text = SHAKESPEARE.read_text()
+    ids = torch.tensor([98 if c == "\n" else ord(c) - 29 for c in text] + [2])
+    cut = round(0.8 * len(ids))
+    for span, first, last in [((0.0, 0.8), 0, cut), ((0.8, 1.0), cut, len(ids))]:
+        windows = (last - first) // 64
+        # asking for every window returns them all, in order: exactly the span's tokens
+        every = calibration_data(tokenizer, SHAKESPEARE, num_samples=windows, seq_len=64,
+                                 span=span, batch_size=windows)
+        assert torch.equal(every[0]["input_ids"].flatten(), ids[first:first + windows * 64])
+        with pytest.raises(CalibrationError, match=f"has {last - first} tokens in span"):
+            calibration_data(tokenizer, SHAKESPEARE, num_samples=windows + 1, seq_len=64,
+                             span=span)
+    # the 16 drawn sequences are windows of the calibration part
+    calibration_windows = {tuple(ids[s:s + 64].tolist()) for s in range(0, cut - 63, 64)}
+    for row in torch.cat([b["input_ids"] for b in batches]).tolist():
+        assert tuple(row) in calibration_windows

@@ -393,10 +393,70 @@ def test_latency_cost_that_falls_with_rank():
         plan(sens, budgets=[0.45], cost=table)
 
 
-def test_latency_by_name_measures_a_table():
+def dense_matmul_seconds(m: int, n: int, threads: int, repeats: int = 50) -> float:
+    """Median onnxruntime seconds of y = x @ W, x: (1, n), W: (n, m), built here by hand."""
+    import time
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((n, m), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": np.ones((1, n), np.float32)}
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def test_latency_by_name_measures_a_table(monkeypatch):
+    import flexrank.planning.latency_table as latency_module
+
+    measured = []
+
+    def recording(*args, **kwargs):
+        measured.append(measure_latency_table(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(latency_module, "measure_latency_table", recording)
     sens = random_sensitivity(0, 2, 3)
     result = plan(sens, budgets=[1.0], cost="latency")
     assert result.cost_model == "latency" and result.dense_cost > 0
+    # the table holds exactly every (m, n, r) the plan asked for, full rank included
+    (table,) = measured
+    wanted = {(m, n, int(r)) for (m, n), row in zip(sens.shapes, sens.ranks, strict=True)
+              for r in row} | {(m, n, min(m, n)) for m, n in sens.shapes}
+    assert {row[:3] for row in table.entries} == wanted
+    dense = sum(table(m, n, min(m, n)) for m, n in sens.shapes)
+    assert result.dense_cost == pytest.approx(dense, rel=1e-12)
+    # every error is 0 at full rank only, so β = 1 keeps every layer whole, at dense cost
+    assert result.ranks == (tuple(min(s) for s in sens.shapes),)
+    assert result.cost[0] == pytest.approx(dense, rel=1e-12)
+    # the same table passed as an object plans the same
+    assert plan(sens, budgets=[1.0], cost=table) == result
+    # a measured entry against this test's own onnxruntime session of the same matmul,
+    # measured back to back (this shared host's speed jumps between phases; up to five
+    # pairs): within 10x catches a wrong unit, not a slow host
+    m, n = max(sens.shapes, key=lambda s: s[0] * s[1])
+    ratios = []
+    while len(ratios) < 5 and not any(0.1 <= r <= 10 for r in ratios):
+        again = measure_latency_table([(m, n)], [[min(m, n)]], threads=table.threads,
+                                      batch=table.batch)
+        ratios.append(again(m, n, min(m, n)) / dense_matmul_seconds(m, n, table.threads))
+    assert any(0.1 <= r <= 10 for r in ratios), ratios
 
 
 # ---- heat-map -------------------------------------------------------------------------
