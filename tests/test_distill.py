@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+import math
 
 import pytest
 import torch
@@ -72,14 +73,68 @@ def test_distillation_lowers_heldout_kl_at_every_budget():
     assert all(p.requires_grad is False for p in student.parameters())
 
 
+def recording_accelerator():
+    """Accelerate's CPU accelerator, also recording each loss handed to `backward` with
+    the uncertainty weights (`log_vars`, the optimizer's last group) at that moment."""
+    from accelerate import Accelerator
+
+    class Recording(Accelerator):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.calls: list[tuple[float, torch.Tensor]] = []
+
+        def prepare(self, *args):
+            prepared = super().prepare(*args)
+            self.log_vars = prepared[1].param_groups[-1]["params"][0]
+            return prepared
+
+        def backward(self, loss, **kwargs):
+            self.calls.append((float(loss.detach()), self.log_vars.detach().clone()))
+            super().backward(loss, **kwargs)
+
+    return Recording(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
 def test_uncertainty_weights_run_and_train():
+    """The weighted loss is Kendall et al. 2018's homoscedastic-uncertainty weighting in the
+    form distill.py documents (and Nested Subspace Networks use): Σ_k exp(−s_k)·L_k + s_k,
+    s_k = log σ_k² learned per budget, each step's sum divided by its number of budgets."""
     student, teacher, plan, train, held_out = tiny_elastic(seed=1)
-    result = distill(student, teacher, plan, train,
-                     DistillConfig(steps=100, lr=3e-4, warmup_steps=10, batch_size=8,
-                                   sampler="sandwich", uncertainty_weights=True),
-                     eval_batches=held_out, progress=False)
+    config = DistillConfig(steps=100, lr=3e-4, warmup_steps=10, batch_size=8,
+                           sampler="sandwich", uncertainty_weights=True)
+    accelerator = recording_accelerator()
+    result = distill(student, teacher, plan, train, config, eval_batches=held_out,
+                     accelerator=accelerator, progress=False)
     before, after = result.evals[0]["budgets"], result.evals[-1]["budgets"]
     assert after[0.6]["kl"] < before[0.6]["kl"]
+
+    # every loss backpropagated, against the formula from the step's raw budget losses
+    calls = iter(accelerator.calls)
+    s_at_step, grads = [], []  # s before each step; ∂(step loss)/∂s_k by hand
+    for step, raw in enumerate(result.losses):
+        chosen = budgets_for_step(plan.budgets, config, step)
+        grad = torch.zeros(len(plan.budgets), dtype=torch.float64)
+        for k in chosen:
+            value, s = next(calls)
+            L, s_k = raw[plan.budgets[k]], float(s[k])
+            assert value == pytest.approx((math.exp(-s_k) * L + s_k) / len(chosen), rel=1e-5)
+            grad[k] += (1 - math.exp(-s_k) * L) / len(chosen)
+        s_at_step.append(s.double())
+        grads.append(grad)
+    assert next(calls, None) is None
+    s_at_step.append(accelerator.log_vars.detach().double())  # after the last step
+    assert len(s_at_step) == config.steps + 1 and torch.all(s_at_step[0] == 0)
+
+    # Adam's first step moves each s_k by lr·lr_factor(0) against the sign of its gradient
+    first_lr = config.lr * lr_factor(0, config)
+    torch.testing.assert_close(s_at_step[1] - s_at_step[0], -first_lr * grads[0].sign(),
+                               rtol=1e-4, atol=1e-9)
+    # and, for a budget whose gradient kept one sign throughout, every later step as well
+    signs = torch.stack(grads).sign()  # (steps, budgets)
+    moves = torch.diff(torch.stack(s_at_step), dim=0)  # (steps, budgets)
+    steady = (signs == signs[0]).all(0) & (signs[0] != 0)
+    assert steady.any(), signs
+    assert torch.all(moves[:, steady].sign() == -signs[0, steady])
 
 
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
