@@ -114,3 +114,83 @@ def test_int8_keeps_layers_with_outlier_inputs_in_float(tmp_path):
     quantized = {node.name.rsplit("/", 1)[0] for node in graph.node
                  if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")}
     assert quantized and not quantized & {onnx_scope(n).rstrip("/") for n in kept}, quantized
+
+
+# ---- every registered format has a fixture that exports and checks a tiny model -------
+# (optimum's exporter tests: a format registered without a fixture fails here)
+
+
+def tiny_mlp_elastic() -> ElasticModel:
+    """A generic two-layer module, plain-factorised, with one budget below full rank."""
+    import torch
+    from torch import nn
+
+    from flexrank.compress.config import FactorizeConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    factorize_(model, None, FactorizeConfig(method="plain"), progress=False)
+    layers = nested_layers(model)
+    plan = StandInPlan({0.5: {n: max(1, l.max_rank // 2) for n, l in layers.items()}})
+    return ElasticModel(model, plan, model_id="tiny-mlp")
+
+
+def _check_onnx_file(format: str, suffix: str, tmp_path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    elastic = tiny_mlp_elastic()
+    sample = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    export(elastic, tmp_path, format=format, sample_inputs=sample)
+    session = ort.InferenceSession(str(tmp_path / "budget-0.5" / f"model{suffix}"),
+                                   providers=["CPUExecutionProvider"])
+    other = torch.randn(3, 12, generator=torch.Generator().manual_seed(2))  # another batch
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    elastic.set_budget(0.5)
+    with torch.no_grad():
+        expected = elastic.model(other).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def check_onnx(tmp_path) -> None:
+    _check_onnx_file("onnx", ".onnx", tmp_path)
+
+
+def check_ort(tmp_path) -> None:
+    _check_onnx_file("ort", ".ort", tmp_path)
+
+
+def check_executorch(tmp_path) -> None:
+    import torch
+
+    runtime = pytest.importorskip("executorch.runtime")
+    elastic = tiny_mlp_elastic()
+    sample = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    export(elastic, tmp_path, format="executorch", sample_inputs=sample)
+    program = runtime.Runtime.get().load_program(tmp_path / "budget-0.5" / "model.pte")
+    other = torch.randn(3, 12, generator=torch.Generator().manual_seed(2))  # another batch
+    (got,) = program.load_method("forward").execute([other])
+    elastic.set_budget(0.5)
+    with torch.no_grad():
+        expected = elastic.model(other)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+FIXTURES = {"onnx": check_onnx, "ort": check_ort, "executorch": check_executorch}
+
+
+def registered_formats() -> list[str]:
+    from flexrank.exporters import exporters
+
+    return sorted(exporters())
+
+
+def test_every_registered_format_has_a_fixture():
+    assert set(FIXTURES) == set(registered_formats())
+
+
+@pytest.mark.parametrize("format", registered_formats())
+def test_format_fixture_exports_and_matches_pytorch(format, tmp_path):
+    assert format in FIXTURES, f"format {format!r} is registered but has no fixture in FIXTURES"
+    FIXTURES[format](tmp_path)
