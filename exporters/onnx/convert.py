@@ -88,6 +88,37 @@ class OnnxExportConfig:
         return cls(**data)
 
 
+ONNX_TASKS = {"decoder": "text-generation-with-past", "encoder": "feature-extraction"}
+
+
+def check_supported(model: nn.Module, kind: str) -> None:
+    """Refuse, before any work, a transformers model that optimum's ONNX exporter has no
+    config for (its model type is not registered for the task this kind needs).
+
+    Raises ValueError naming the model type and the task; plain modules (kind "module")
+    are exported by torch.onnx and always pass.
+    """
+    if kind not in ONNX_TASKS:
+        return
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's configs)
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    task = ONNX_TASKS[kind]
+    tasks = {}
+    for name in {str(model_type), str(model_type).replace("_", "-")}:  # optimum keeps both
+        try:
+            tasks = TasksManager.get_supported_tasks_for_model_type(
+                name, exporter="onnx", library_name="transformers")
+            break
+        except KeyError:
+            continue
+    if task not in tasks:
+        raise ValueError(f"model type {model_type!r} is not supported by the ONNX exporter "
+                         f"(optimum-onnx has no {task!r} config for it); export a family it "
+                         "supports (README: Architectures), or use --format executorch")
+
+
 def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
                  config: OnnxExportConfig) -> Path:
     """Export `model` (already in deployment form) into `folder/model.onnx`."""
@@ -95,8 +126,7 @@ def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
     if kind in ("decoder", "encoder"):
         from optimum.exporters.onnx import onnx_export_from_model
 
-        task = "text-generation-with-past" if kind == "decoder" else "feature-extraction"
-        onnx_export_from_model(model, folder, task=task, opset=config.opset,
+        onnx_export_from_model(model, folder, task=ONNX_TASKS[kind], opset=config.opset,
                                do_validation=False)
         return folder / "model.onnx"
     args = sample_inputs if isinstance(sample_inputs, tuple) else (sample_inputs,)

@@ -79,6 +79,7 @@ def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
         model = ort_fusions(model, num_heads, hidden_size)
         done["fusions"] = fused - len(model.graph.node)
         done += _clean(model)  # the fused nodes' shape chains
+        done["rotary positions per row"] = rotary_positions_per_row(model.graph)
         if kv_heads:
             done["attention blocks"] = fuse_attention(model, num_heads, kv_heads)
             done["cache length from the mask"] = past_length_from_mask(model.graph)
@@ -88,6 +89,40 @@ def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
     logger.info("graph simplified: %d -> %d nodes (%s)", before, len(model.graph.node),
                 ", ".join(f"{k} {v}" for k, v in done.items()))
     return model
+
+
+def rotary_positions_per_row(graph: onnx.GraphProto) -> int:
+    """Give every fused RotaryEmbedding positions of shape (batch, sequence).
+
+    The op takes position_ids of shape (B, S) (or a scalar offset), but a graph without a
+    `position_ids` input (optimum's Gemma export, for one) computes positions once for all
+    rows, (1, S) or (S,): fused as they are, the graph runs at batch 1 only ("position_ids
+    dimension 0 should be of size batch_size"). Such positions are broadcast to the shape
+    of `input_ids` with one Expand, shared by the nodes that read them. Returns the number
+    of Expands added.
+    """
+    inputs = {i.name for i in graph.input}
+    if "input_ids" not in inputs:
+        return 0
+    expanded: dict[str, str] = {}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "RotaryEmbedding" and node.domain == "com.microsoft" \
+                and len(node.input) > 1 and node.input[1] not in inputs:
+            source = node.input[1]
+            if source not in expanded:
+                shape, out = f"{source}/ids_shape", f"{source}/per_row"
+                nodes.append(helper.make_node("Shape", ["input_ids"], [shape],
+                                              name=f"{source}/IdsShape"))
+                nodes.append(helper.make_node("Expand", [source, shape], [out],
+                                              name=f"{source}/PerRow"))  # (B, S)
+                expanded[source] = out
+            node.input[1] = expanded[source]
+        nodes.append(node)
+    if expanded:
+        del graph.node[:]
+        graph.node.extend(nodes)  # each Expand sits right before its first reader
+    return len(expanded)
 
 
 def _clean(model: onnx.ModelProto) -> Counter:
