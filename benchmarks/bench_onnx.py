@@ -48,6 +48,7 @@ from flexrank.exporters.common.forms import FormPolicy
 from flexrank.exporters.onnx.attention import kv_cache_in_place
 from flexrank.exporters.onnx.convert import OnnxExportConfig
 from flexrank.exporters.onnx.layouts import RANK_LEVEL
+from flexrank.planning.costs import gauge_fixed_params
 from flexrank.runtime.kv_cache import CacheDecoder
 
 PROMPT = 64
@@ -95,7 +96,7 @@ def uniform_rank(m: int, n: int, beta: float) -> int:
     full = min(m, n)
     if beta >= 1:
         return full
-    return max(r for r in range(1, full + 1) if r * (m + n - r) <= beta * m * n)
+    return max(r for r in range(1, full + 1) if gauge_fixed_params(m, n, r) <= beta * m * n)
 
 
 @functools.cache

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from flexrank.budget import match_budget
 from flexrank.exporters.common.errors import (
     ExportValidationError,
     GenerationMismatchError,
@@ -77,14 +78,7 @@ def resolve_budgets(elastic, budgets) -> list[float]:
         return sorted(elastic.budgets)
     if isinstance(budgets, (int, float)):
         budgets = [budgets]
-    known = list(elastic.budgets)
-    chosen = []
-    for beta in budgets:
-        match = [b for b in known if abs(b - float(beta)) <= 1e-9]
-        if not match:
-            raise ValueError(f"budget {beta} is not one of the plan's budgets {known}")
-        chosen.append(match[0])
-    return sorted(set(chosen))
+    return sorted({match_budget(beta, elastic.budgets) for beta in budgets})
 
 
 def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",

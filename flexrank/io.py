@@ -1,4 +1,5 @@
-"""Small file helpers shared by every stage: atomic writes, hashing, tokenizer files."""
+"""Small file helpers shared by every stage: the cache folder, atomic writes, hashing,
+tokenizer files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    """FlexRank's cache folder, or `parts` joined under it (not created): $FLEXRANK_CACHE,
+    else $XDG_CACHE_HOME/flexrank, else ~/.cache/flexrank. Every cache (converted models,
+    the host measurement, `flexrank-export`'s compress work folders) lives under it, so one
+    variable moves them all."""
+    if os.environ.get("FLEXRANK_CACHE"):
+        root = Path(os.environ["FLEXRANK_CACHE"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexrank"
+    return root.joinpath(*parts)
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:

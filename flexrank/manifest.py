@@ -13,6 +13,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from flexrank.budget import match_budget
 from flexrank.io import sha256_file, write_json_atomic
 
 MANIFEST_FILE = "flexrank-manifest.json"
@@ -95,8 +96,8 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict:
 
 
 def budget_entry(manifest: dict, beta: float) -> dict:
-    for entry in manifest["budgets"]:
-        if abs(entry["beta"] - float(beta)) <= 1e-9:
-            return entry
-    raise BundleError(f"budget {beta} is not in this bundle; it has "
-                      f"{[e['beta'] for e in manifest['budgets']]}")
+    """The entry of budget `beta` (`flexrank.budget.same_budget`); BundleError listing the
+    bundle's budgets when it has none."""
+    betas = [entry["beta"] for entry in manifest["budgets"]]
+    beta = match_budget(beta, betas, "in this bundle; it has", BundleError)
+    return manifest["budgets"][betas.index(beta)]

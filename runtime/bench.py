@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from flexrank.budget import same_budget
 from flexrank.device.decide import check_targets
 from flexrank.device.host import resolve_measured
 from flexrank.device.predict import predict
@@ -44,7 +45,8 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
         for cost in sorted(costs, key=lambda c: c.beta, reverse=True):
             prediction = predict(cost, resolved)
             checks = check_targets(prediction, resolved, cost.encoder)
-            row = {"beta": cost.beta, "exported": cost.beta in session.budgets,
+            exported = any(same_budget(cost.beta, b) for b in session.budgets)
+            row = {"beta": cost.beta, "exported": exported,
                    "predicted": {"label": "predicted", "ttft_s": prediction.ttft_s,
                                  "decode_tokens_per_s": prediction.decode_tokens_per_s,
                                  "memory_gb": prediction.memory_bytes / 1e9,

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flexrank.budget import same_budget
+from flexrank.formats import RANK_LEVEL
 from flexrank.manifest import budget_entry, load_manifest
 
 logger = logging.getLogger(__name__)
 
-RANK_LEVEL = "rank_level"  # the elastic graph's budget input (exporters/onnx_layouts.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -91,7 +92,8 @@ class ElasticSession:
 
     def default_budget(self) -> float:
         chosen = (self.manifest.get("deployment") or {}).get("chosen_beta")
-        return chosen if chosen in self.budgets else max(self.budgets)
+        same = [b for b in self.budgets if chosen is not None and same_budget(b, chosen)]
+        return same[0] if same else max(self.budgets)
 
     def _manifest_threads(self) -> int:
         return int((self.manifest.get("deployment") or {}).get("threads") or 2)

@@ -8,11 +8,11 @@ from flexrank.exporters.common.gauge import (
     LayerForm,
     choose_form,
     gauge_fix,
-    gauge_fixed_cost,
     gauge_fixed_forward,
     leading_condition,
     pivot_rows,
 )
+from flexrank.planning.costs import gauge_fixed_params as gauge_fixed_cost
 
 SHAPES = [(8, 6, 3), (6, 8, 6), (32, 16, 5), (16, 40, 12), (64, 64, 1), (24, 24, 23)]
 

@@ -22,7 +22,7 @@ PACKAGE_DIRS = {"flexrank": ROOT / "flexrank", "flexrank.exporters": ROOT / "exp
                 "flexrank.runtime": ROOT / "runtime",
                 "flexrank.device_profiles": ROOT / "device_profiles"}
 BASE = {"flexrank.io", "flexrank.table", "flexrank.formats", "flexrank.manifest",
-        "flexrank.device_profiles"}
+        "flexrank.budget", "flexrank.device_profiles"}
 # layer -> the layers it may import (besides itself and the base modules)
 MAY_IMPORT = {
     "base": set(),

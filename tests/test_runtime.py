@@ -12,7 +12,7 @@ import torch
 from conftest import char_tokenizer, tiny_bert, token_batches
 from elastic_fixtures import tiny_elastic
 
-from flexrank.compress.budget_cost import budget_cost, layer_cost
+from flexrank.compress.budget_cost import budget_cost
 from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.select import nested_layers
@@ -20,6 +20,7 @@ from flexrank.compress.surgery import factorize_
 from flexrank.exporters import export
 from flexrank.exporters.common.validate import torch_greedy
 from flexrank.manifest import BundleError, CorruptFileError
+from flexrank.planning.costs import gauge_fixed_params as layer_cost
 from flexrank.runtime.kv_cache import CacheDecoder
 from flexrank.runtime.session import ElasticSession
 

@@ -20,6 +20,7 @@ from torch import nn
 from flexrank.compress.config import _checked_dict
 from flexrank.compress.layers import NestedLinear
 from flexrank.compress.select import nested_layers
+from flexrank.compress.surgery import swap_modules_
 from flexrank.exporters.common.gauge import (
     MAX_CONDITION,
     LayerForm,
@@ -27,6 +28,7 @@ from flexrank.exporters.common.gauge import (
     gauge_fix,
     leading_condition,
 )
+from flexrank.planning.costs import gauge_fixed_params, plain_params
 from flexrank.planning.latency_table import LatencyTable
 
 
@@ -205,7 +207,8 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
             raise NotImplementedError(f"layer {name}: the shared and elastic layouts support "
                                       "linear layers only; export convolutions per budget")
         module = FactorLinear(U[:, :rank], V[:, :rank], bias, dtype)
-        return module, LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
+        return module, LayerExport(name, (m, n), rank, "factors", None,
+                                   plain_params(m, n, rank))
     condition = leading_condition(U, rank) if rank < min(m, n) else None
     # an unknown condition rules gauge fixing out (`choose_form`)
     form = choose_form(m, n, rank, condition if policy.gauge_fixing else None,
@@ -213,8 +216,8 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
     if policy.force_form is not None and rank < min(m, n):
         form = LayerForm(policy.force_form)
     fixed = gauge_fix(U, V, rank) if form == LayerForm.GAUGE else None
-    params = {LayerForm.DENSE: m * n, LayerForm.GAUGE: (m + n - rank) * rank,
-              LayerForm.PLAIN: (m + n) * rank}[form]
+    params = {LayerForm.DENSE: m * n, LayerForm.GAUGE: gauge_fixed_params(m, n, rank),
+              LayerForm.PLAIN: plain_params(m, n, rank)}[form]
     record = LayerExport(name, (m, n), rank, form.value, condition, params)
     if not isinstance(layer, NestedLinear):
         return _conv_module(layer, form, rank, U, V, fixed, bias, dtype), record
@@ -233,12 +236,16 @@ def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool
     The caller's model is not modified.
     """
     copied = copy.deepcopy(model)
+    layers = nested_layers(copied)
     records = []
-    for name, layer in nested_layers(copied).items():
+
+    def deployed(name: str, layer: nn.Module) -> nn.Module | None:
+        if name not in layers:
+            return None
         module, record = deploy_layer(name, layer, ranks.get(name, layer.max_rank),
                                       factors_only, policy)
-        parent_name, _, child = name.rpartition(".")
-        parent = copied.get_submodule(parent_name) if parent_name else copied
-        setattr(parent, child, module)
         records.append(record)
+        return module
+
+    swap_modules_(copied, deployed)
     return copied.eval(), records

@@ -34,6 +34,8 @@ So:
   and the layer ends up slower than plain factors (table above, batch 64), so the
   exporter never emits it; `gauge_fix(..., pivots="lu")` stays available for analysis.
 
+The costs themselves live in `flexrank.planning.costs` (`gauge_fixed_params`, `plain_params`).
+
 References: DESIGN.md §3 (budget counts r(m+n−r)), §4.6 (gauge fixing and its timings).
 """
 
@@ -44,6 +46,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from flexrank.planning.costs import gauge_fixed_params, plain_params
 
 # Factors are gauge-fixed in float64: G = U[P,:]⁻¹ amplifies rounding by cond(U[P,:]).
 COMPUTE_DTYPE = torch.float64
@@ -59,7 +63,6 @@ MAX_CONDITION = 1e4
 # Above this fraction of the dense m·n multiply-adds a dense matmul is faster than the
 # gauge-fixed pair (measured: at r = 0.9·min(m, n) the pair is no faster than dense).
 DENSE_FRACTION = 0.9
-
 
 
 class LayerForm(enum.StrEnum):
@@ -94,17 +97,6 @@ class GaugeFixed:
         out[self.pivots] = torch.eye(self.rank, dtype=self.U_rest.dtype)
         out[self.rest] = self.U_rest
         return out
-
-
-def gauge_fixed_cost(m: int, n: int, r: int) -> int:
-    """Multiply-adds (= stored parameters) of a gauge-fixed rank-r m×n layer: (m + n − r)·r."""
-    if not 0 <= r <= min(m, n):
-        raise ValueError(f"rank {r} is out of range [0, {min(m, n)}] for a {m}x{n} layer")
-    return (m + n - r) * r
-
-
-def plain_cost(m: int, n: int, r: int) -> int:
-    return (m + n) * r
 
 
 def pivot_rows(U: torch.Tensor) -> torch.Tensor:
@@ -198,10 +190,10 @@ def choose_form(m: int, n: int, rank: int, condition: float | None = None,
             pass
         else:
             return LayerForm.DENSE if faster_dense else LayerForm.GAUGE
-    if gauge_fixed_cost(m, n, rank) > dense_fraction * m * n:
+    if gauge_fixed_params(m, n, rank) > dense_fraction * m * n:
         return LayerForm.DENSE
     if well_conditioned:
         return LayerForm.GAUGE
-    if plain_cost(m, n, rank) > dense_fraction * m * n:
+    if plain_params(m, n, rank) > dense_fraction * m * n:
         return LayerForm.DENSE
     return LayerForm.PLAIN

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flexrank.compress.surgery import swap_modules_
 from flexrank.exporters.common.forms import DenseLinear, FactorLinear, GaugeLinear
 
 logger = logging.getLogger(__name__)
@@ -94,14 +95,12 @@ def linear_forms_(model: nn.Module) -> nn.Module:
     """Replace the linear deployment forms of `model` (in place) by `nn.Linear` children."""
     swaps = {DenseLinear: lambda f: _linear(f.weight, f.bias), GaugeLinear: GaugeLinearQ,
              FactorLinear: FactorLinearQ}
-    for name, module in list(model.named_modules()):
+
+    def linear(_name: str, module: nn.Module) -> nn.Module | None:
         build = swaps.get(type(module))
-        if build is None:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, build(module))
-    return model
+        return None if build is None else build(module)
+
+    return swap_modules_(model, linear)
 
 
 @dataclass(frozen=True)

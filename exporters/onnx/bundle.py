@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from flexrank.budget import same_budget
 from flexrank.compress.evaluate import EvaluationError
 
 
@@ -28,10 +29,9 @@ def bundle_decoders(bundle_dir, budgets: Sequence[float] | None = None) -> dict[
         raise EvaluationError(f"{bundle_dir} is a {manifest.get('layout')} "
                               f"{manifest.get('export_format')} bundle; `flexrank eval` scores "
                               "per-budget ONNX bundles (export with --layout per-budget)")
-    wanted = None if budgets is None else {round(float(b), 9) for b in budgets}
     models = {}
     for entry in manifest["budgets"]:
-        if wanted is not None and round(entry["beta"], 9) not in wanted:
+        if budgets is not None and not any(same_budget(entry["beta"], b) for b in budgets):
             continue
         folder = (bundle_dir / entry["graph"]).parent
         models[entry["beta"]] = ORTModelForCausalLM.from_pretrained(

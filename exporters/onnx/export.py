@@ -50,6 +50,7 @@ from flexrank.exporters.onnx.layouts import (
     make_elastic_branches,
     write_shared,
 )
+from flexrank.planning.costs import plain_params
 from flexrank.runtime.kv_cache import make_session
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ def export_records(elastic, beta):
     for name, rank in elastic.layer_ranks(beta).items():
         layer = nested_layers(elastic.model)[name]
         m, n = layer.U.shape[0], layer.V.shape[0]
-        records[name] = LayerExport(name, (m, n), rank, "factors", None, (m + n) * rank)
+        records[name] = LayerExport(name, (m, n), rank, "factors", None,
+                                    plain_params(m, n, rank))
     return records
 
 

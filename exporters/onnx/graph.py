@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# onnx 1.23 writes IR 14 for hand-edited graphs; onnxruntime 1.32 reads up to 11 here.
-ONNX_IR_VERSION = 10
+from flexrank.formats import ONNX_IR_VERSION
+
 # Above this a protobuf cannot hold the model: weights go to an external data file.
 PROTOBUF_LIMIT = 2 * 1024**3
 # Initializers smaller than this stay inside the graph (shape constants, norms).

@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from flexrank.exporters.onnx.graph import ONNX_IR_VERSION, SMALL_INITIALIZER_BYTES, rename_input
+from flexrank.exporters.onnx.graph import SMALL_INITIALIZER_BYTES, rename_input
+from flexrank.formats import ONNX_IR_VERSION, RANK_LEVEL
 
 ALIGNMENT = 64  # bytes between blocks in the shared weight file
-RANK_LEVEL = "rank_level"
 
 
 def _set_external(init: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from flexrank.compress.aliases import DEFAULT_MODEL
 from flexrank.device.host import host_threads
+from flexrank.io import cache_dir
 
 FORMATS = ("onnx", "ort", "executorch")
 LAYOUTS = ("per-budget", "shared", "elastic")
@@ -58,7 +58,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
     p.add_argument("--work-dir", help="where a plain model's compress run is cached "
-                                      "(default: ~/.cache/flexrank/compress/<model>)")
+                                      "(default: compress/<model> in $FLEXRANK_CACHE, "
+                                      "else ~/.cache/flexrank)")
     p.add_argument("--budgets", default="1,0.8,0.6,0.4",
                    help="budgets of the plan when compressing a plain model")
     p.add_argument("--steps", type=int, default=None,
@@ -100,9 +101,8 @@ def _check_output(out: Path) -> None:
 
 
 def _default_work_dir(source: str) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(source)).strip("_") or "model"
-    return root / "flexrank" / "compress" / f"{slug}-fast"
+    return cache_dir("compress", f"{slug}-fast")
 
 
 def load_or_compress(args):

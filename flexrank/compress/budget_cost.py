@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flexrank.compress.models import model_kind
 from flexrank.compress.select import nested_layers
-from flexrank.planning.costs import BudgetCost
+from flexrank.planning.costs import BudgetCost, gauge_fixed_params
 
 BITS = {None: 32, "none": 32, "int8": 8}  # bits per stored weight after --quantize
 ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every export
@@ -24,7 +25,7 @@ ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every expor
 class ModelCounts:
     """Parameter counts of one budget (numbers, not bytes)."""
 
-    factorised: int  # Σ min(r(m+n−r), m·n) over the nested layers
+    factorised: int  # Σ r(m+n−r) (`gauge_fixed_params`) over the nested layers
     other: int  # non-factorised weights read per token: norms, biases, lm_head, position tables
     embedding: int  # input embedding table (one row read per token)
     embedding_row: int  # hidden size
@@ -35,11 +36,6 @@ class ModelCounts:
         return self.factorised + self.other + (0 if self.tied else self.embedding)
 
 
-def layer_cost(m: int, n: int, rank: int) -> int:
-    """Deployed cost of a rank-`rank` m×n layer: gauge-fixed r(m+n−r), at most dense m·n."""
-    return min(rank * (m + n - rank), m * n)
-
-
 def budget_counts(elastic, beta: float) -> ModelCounts:
     model: nn.Module = elastic.model
     layers = nested_layers(model)
@@ -47,7 +43,7 @@ def budget_counts(elastic, beta: float) -> ModelCounts:
     factorised = 0
     for name, layer in layers.items():
         m, n = layer.U.shape[0], layer.V.shape[0]
-        factorised += layer_cost(m, n, ranks[name])
+        factorised += gauge_fixed_params(m, n, ranks[name])
     nested_ids = {id(p) for layer in layers.values() for p in layer.parameters()}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -73,7 +69,7 @@ def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost
     weight_bytes = BITS[quantize] / 8
     counts = budget_counts(elastic, beta)
     config = getattr(elastic.model, "config", None)
-    encoder = not _is_decoder(elastic.model)
+    encoder = model_kind(elastic.model) != "decoder"  # a plain module: one forward, no cache
     n_layers = int(getattr(config, "num_hidden_layers", 0) or len(nested_layers(elastic.model)))
     hidden = int(getattr(config, "hidden_size", counts.embedding_row) or 1)
     intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
@@ -100,12 +96,6 @@ def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost
 
 def budget_costs(elastic, quantize: str | None = None, budgets=None) -> list[BudgetCost]:
     return [budget_cost(elastic, beta, quantize) for beta in (budgets or elastic.budgets)]
-
-
-def _is_decoder(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return bool(config is not None and hasattr(model, "can_generate") and model.can_generate()
-                and not getattr(config, "is_encoder_decoder", False))
 
 
 def cost_to_dict(cost: BudgetCost) -> dict:

@@ -21,8 +21,10 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
+from flexrank.budget import match_budget
 from flexrank.compress.layers import NestedConv1d, NestedConv2d, NestedLinear
 from flexrank.compress.select import nested_layers
+from flexrank.compress.surgery import swap_modules_
 from flexrank.io import atomic_dir, save_tokenizer, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "flexrank-elastic.safetensors"
 PLAN_FILE = "flexrank-plan.json"
 META_FILE = "flexrank-elastic.json"
-BUDGET_TOLERANCE = 1e-9
 
 
 class BudgetError(ValueError):
@@ -68,11 +69,24 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
 
 
 def restructure_(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
-    """Swap the named layers of a fresh model for empty nested layers (weights to load)."""
-    for name, spec in specs.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _empty_layer(spec))
+    """Swap the named layers of a fresh model for empty nested layers (weights to load).
+
+    Raises ValueError naming the layers `specs` lists that `model` does not have.
+    """
+    swapped = set()
+
+    def replace(name: str, _module: nn.Module) -> nn.Module | None:
+        if name not in specs:
+            return None
+        swapped.add(name)
+        return _empty_layer(specs[name])
+
+    swap_modules_(model, replace)
+    missing = sorted(set(specs) - swapped)
+    if missing:
+        raise ValueError(f"the checkpoint names {len(missing)} layers that a fresh "
+                         f"{type(model).__name__} does not have (e.g. {missing[:3]}): the "
+                         "checkpoint was made from another architecture")
     return model
 
 
@@ -101,11 +115,7 @@ class ElasticModel:
         return list(self.plan.budgets)
 
     def _match_budget(self, beta: float) -> float:
-        for budget in self.plan.budgets:
-            if abs(budget - float(beta)) <= BUDGET_TOLERANCE:
-                return budget
-        raise BudgetError(f"budget {beta} is not one of the plan's budgets "
-                          f"{[round(b, 6) for b in self.plan.budgets]}")
+        return match_budget(beta, self.plan.budgets, error=BudgetError)
 
     def layer_ranks(self, beta: float) -> dict[str, int]:
         """{layer: rank} at `beta`; layers the plan does not name stay at max rank."""

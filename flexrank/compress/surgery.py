@@ -1,8 +1,11 @@
-"""`factorize_`: swap every target layer of a model for its nested low-rank version, in place."""
+"""`factorize_`: swap every target layer of a model for its nested low-rank version, in place;
+and `swap_modules_`, the one module-swap walk every in-place swap uses (factorising, loading
+a checkpoint, building deployment forms, preparing ExecuTorch quantization)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +73,41 @@ def decompose_layer(name: str, module: nn.Module, stats: CovarianceStats | None,
     return plain_svd(weight)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+# replace(qualified name, module) -> the module to put in its place, or None to keep it
+ReplaceFn = Callable[[str, nn.Module], nn.Module | None]
+
+
+def swap_modules_(model: nn.Module, replace: ReplaceFn, prefix: str = "") -> nn.Module:
+    """Swap submodules of `model` in place: torchao's module-swap walk.
+
+    `replace(name, module)` is asked once per submodule, a parent before its children, in
+    the order of `model.named_modules()`; `name` is qualified from `model`
+    ("model.layers.0.mlp.up_proj"). A module it returns is `setattr` on the parent in place
+    of the old one, and neither is walked into (so a replacement is never replaced again);
+    on None the walk goes on into the module's children. `model` itself is never offered
+    (an in-place call cannot replace the caller's object). Returns `model`.
+    """
+    for child_name, child in list(model.named_children()):
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        new = replace(name, child)
+        if new is None:
+            swap_modules_(child, replace, name)
+        else:
+            setattr(model, child_name, new)
+    return model
+
+
+def factorize_layer(name: str, module: nn.Module, stats: CovarianceStats | None,
+                    config: FactorizeConfig, cache: WhiteningCache | None = None,
+                    ) -> tuple[nn.Module, LayerReport]:
+    """The nested version of one target layer, at full rank, and its report."""
+    factors = decompose_layer(name, module, stats, config, cache)
+    dtype = module.weight.dtype
+    new = nested_from_module(module, factors.U.to(dtype), factors.V.to(dtype))
+    new.train(module.training)
+    shape = tuple(linear_weight(module)[0].shape)
+    return new, LayerReport(name, type(module).__name__, shape, factors.max_rank,
+                            factors.whitened, factors.sigma)
 
 
 @torch.no_grad()
@@ -84,23 +118,30 @@ def factorize_(model: nn.Module, stats: CovarianceStats | None = None,
     `config.include_lm_head`) by a nested layer at full rank, in place.
 
     With `stats` from `collect_covariances` the factors are DataSVD's; without, plain SVD.
-    Returns one report per replaced layer (singular values, for tables and planning).
+    Returns one report per replaced layer (singular values, for tables and planning), in
+    the order of `model.named_modules()`. Raises ValueError when `model` is itself a single
+    target layer (it cannot be replaced in place).
     """
     config = config or FactorizeConfig()
     if config.method == "data" and stats is None:
         raise ValueError("method 'data' needs covariance stats from collect_covariances(); "
                          "pass stats, or FactorizeConfig(method='plain')")
     targets = find_targets(model, filter_fn, config.include_lm_head)
+    if "" in targets:
+        raise ValueError(f"the model is itself a {type(model).__name__}: factorize_ replaces "
+                         "layers inside a model, in place; wrap it, e.g. nn.Sequential(layer)")
     cache = WhiteningCache(stats, config.eigen_floor) if stats is not None else None
     reports = []
-    for name, module in tqdm(targets.items(), desc="decompose", disable=not progress,
-                             unit="layer"):
-        factors = decompose_layer(name, module, stats, config, cache)
-        dtype = module.weight.dtype
-        new = nested_from_module(module, factors.U.to(dtype), factors.V.to(dtype))
-        new.train(module.training)
-        _set_submodule(model, name, new)
-        shape = tuple(linear_weight(module)[0].shape)
-        reports.append(LayerReport(name, type(module).__name__, shape, factors.max_rank,
-                                   factors.whitened, factors.sigma))
+    bar = tqdm(total=len(targets), desc="decompose", disable=not progress, unit="layer")
+
+    def replace(name: str, module: nn.Module) -> nn.Module | None:
+        if name not in targets:
+            return None
+        new, report = factorize_layer(name, module, stats, config, cache)
+        reports.append(report)
+        bar.update()
+        return new
+
+    with bar:
+        swap_modules_(model, replace)
     return reports

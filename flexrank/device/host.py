@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flexrank.device.profiles import DeviceProfile, Quantity
-from flexrank.io import write_json_atomic
+from flexrank.io import cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ class HostMeasurement:
 
 
 def host_cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "flexrank" / "host.json"
+    """The measurements of every host this cache has seen, {host_key: HostMeasurement}."""
+    return cache_dir("host.json")
 
 
 def host_key() -> str:

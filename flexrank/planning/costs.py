@@ -79,9 +79,21 @@ def check_rank(m: int, n: int, r: int) -> None:
 
 
 def gauge_fixed_params(m: int, n: int, r: int) -> int:
-    """Parameters of a gauge-fixed rank-r layer, r(m + n - r); never more than dense m*n."""
+    """Deployed parameters (= multiply-adds per token) of a gauge-fixed rank-r m x n layer,
+    r(m + n - r): the one home of the budget's cost (DESIGN.md section 3).
+
+    Never more than dense: m*n - r(m + n - r) = (m - r)(n - r) >= 0, equal at full rank.
+    Raises ValueError for r outside [0, min(m, n)].
+    """
     check_rank(m, n, r)
-    return min(r * (m + n - r), m * n)
+    return r * (m + n - r)
+
+
+def plain_params(m: int, n: int, r: int) -> int:
+    """Parameters (= multiply-adds per token) of plain factors U_r (m x r), V_r (n x r):
+    (m + n) r, what the shared/elastic layouts and non-gauge-fixed layers store."""
+    check_rank(m, n, r)
+    return (m + n) * r
 
 
 @dataclass(frozen=True)

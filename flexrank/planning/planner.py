@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flexrank.budget import match_budget, same_budget
 from flexrank.io import write_json_atomic
 from flexrank.planning.costs import (
     BytesCost,
@@ -41,7 +42,9 @@ from flexrank.planning.sensitivity import Sensitivity
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BUDGET_RTOL = 1e-9  # float slack on beta * C_dense, and on matching a plan's budgets
+# Relative float slack on a budget's cost cap beta * C_dense (whether two budgets are the same
+# one is `flexrank.budget.same_budget`'s rule).
+BUDGET_RTOL = 1e-9
 BUDGET_GRID = 0.05  # num_budgets starts at the smallest reachable beta rounded up to this
 
 
@@ -123,11 +126,9 @@ class NestedPlan:
         return tuple(e - d for e, d in zip(self.predicted_error, self.dp_error, strict=True))
 
     def budget_index(self, beta: float) -> int:
-        for index, budget in enumerate(self.budgets):
-            if abs(budget - beta) <= BUDGET_RTOL:
-                return index
-        raise ValueError(f"budget {beta} is not in this plan; its budgets are "
-                         f"{list(self.budgets)}: pick one of them or re-plan with this budget")
+        """Index of `beta` in `budgets`; ValueError listing them when it is not one."""
+        return self.budgets.index(match_budget(beta, self.budgets,
+                                               "in this plan; its budgets are"))
 
     def ranks_for(self, beta: float) -> dict[str, int]:
         row = self.ranks[self.budget_index(beta)]
@@ -204,7 +205,7 @@ def resolve_budgets(budgets, num_budgets, min_beta: float) -> list[float]:
                              "raise it or probe smaller ranks")
     ordered = sorted(budgets)
     for a, b in zip(ordered[:-1], ordered[1:], strict=True):
-        if b - a <= BUDGET_RTOL:
+        if same_budget(a, b):
             raise ValueError(f"budget {b} is given twice in {budgets}: budgets must be distinct")
     return ordered
 
