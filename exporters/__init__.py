@@ -6,18 +6,24 @@
 An exporter is one function registered by name; adding a format is one decorated function:
 
     @register_exporter("myformat")
-    def export_myformat(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
-        ...  # write the files, return the manifest body (see manifest.py)
+    def export_myformat(elastic, out_dir, *, layout, budgets, quantize, **options) -> Manifest:
+        ...  # write the files into out_dir, then return Manifest.build(out_dir, ...)
 
-`export` then writes `flexrank-manifest.json` last and atomically (file sha256s included):
-a bundle without a manifest is not finished.
+A bundle is finished or absent. `export` checks every argument before it touches the disk,
+takes a lock on `out_dir` (a second writer is refused), has the exporter write into a new
+folder beside it, writes the manifest there last (each file hashed once, when the
+exporter builds the manifest), and only then renames the folder into place, replacing an
+older bundle as a whole. `out_dir` must be new, an empty folder or a FlexRank bundle:
+nothing an export did not write is ever deleted.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from flexrank.budget import match_budget
@@ -28,24 +34,40 @@ from flexrank.exporters.common.errors import (
     OutputNamesError,
     ShapeError,
 )
+from flexrank.io import atomic_dir
 from flexrank.manifest import (
     MANIFEST_FILE,
     BundleError,
     CorruptFileError,
+    Deployment,
+    Format,
+    Layout,
+    Manifest,
     MissingFileError,
+    Quantization,
     load_manifest,
     write_manifest,
 )
 
-_EXPORTERS: dict[str, Callable[..., dict]] = {}
+_EXPORTERS: dict[str, Callable[..., Manifest]] = {}
 # The built-in formats register themselves when their module is imported; that module
 # imports torch, so it is imported on first use, not with this package (the runtime reads
 # manifests through flexrank.manifest without torch).
 _BUILTIN_MODULES = ("flexrank.exporters.onnx.export", "flexrank.exporters.executorch.export")
-LAYOUTS = ("per-budget", "shared", "elastic")
 # Weight quantization each format offers (onnxruntime dynamic int8; XNNPACK 8-bit dynamic
 # activations with 4-bit grouped weights).
-QUANTIZATIONS = {"onnx": ("int8",), "ort": ("int8",), "executorch": ("8da4w",)}
+QUANTIZATIONS = {Format.ONNX: (Quantization.INT8,), Format.ORT: (Quantization.INT8,),
+                 Format.EXECUTORCH: (Quantization.DA8W4,)}
+# Formats limited to some layouts, and why (the exporters check it again for direct calls).
+FORMAT_LAYOUTS = {
+    Format.ORT: ((Layout.PER_BUDGET, Layout.ELASTIC),
+                 "the ORT format embeds the weights in each file, so budgets cannot share them"),
+    Format.EXECUTORCH: ((Layout.PER_BUDGET,), "a .pte program embeds its weights"),
+}
+
+
+class BundleLockedError(BundleError):
+    """Another export is writing the same bundle folder."""
 
 
 def register_exporter(name: str):
@@ -60,7 +82,7 @@ def register_exporter(name: str):
     return wrap
 
 
-def exporters() -> dict[str, Callable[..., dict]]:
+def exporters() -> dict[str, Callable[..., Manifest]]:
     """{format name: exporter function}, the built-in formats loaded."""
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
@@ -81,46 +103,168 @@ def resolve_budgets(elastic, budgets) -> list[float]:
     return sorted({match_budget(beta, elastic.budgets) for beta in budgets})
 
 
-def export(elastic_model, out_dir: str | os.PathLike, format: str = "onnx",
-           layout: str = "per-budget", budgets=None, quantize: str | None = None,
-           **options) -> dict:
-    """Export `budgets` (None: all of the plan's) of `elastic_model` into `out_dir`.
+def checked_options(format: str, layout: str, quantize: str | None = None,
+                    ) -> tuple[str, Layout, Quantization | None]:
+    """(format, layout, quantization) typed, if the format offers them together.
 
-    `options` go to the format's exporter (ONNX: `sample_inputs` for a plain nn.Module,
-    `config=OnnxExportConfig(...)`). Returns the manifest as a dict.
-    """
+    `format` comes back a Format for the built-in exporters, the registered name for
+    others; quantize None or "none" is None. Raises ValueError naming the bad value and the
+    choices."""
     registry = exporters()
     if format not in registry:
         raise ValueError(f"unknown export format {format!r}; available: {sorted(registry)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    if format in Format._value2member_map_:
+        format = Format(format)
+    if layout not in Layout._value2member_map_:
+        raise ValueError(f"unknown layout {layout!r}; choose one of "
+                         f"{[str(choice) for choice in Layout]}")
+    layout = Layout(layout)
     quantize = None if quantize in (None, "none") else quantize
     offered = QUANTIZATIONS.get(format, ())
     if quantize is not None and quantize not in offered:
-        raise ValueError(f"quantization {quantize!r} is not available for format {format!r}; "
-                         f"choose one of {['none', *offered]}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # unfinished until written again
-    body = registry[format](elastic_model, out_dir, layout=layout,
-                             budgets=resolve_budgets(elastic_model, budgets),
-                             quantize=quantize, **options)
-    write_manifest(out_dir, body)
-    return load_manifest(out_dir)
+        raise ValueError(f"quantization {quantize!r} is not available for format "
+                         f"{str(format)!r}; choose one of {['none', *map(str, offered)]}")
+    allowed, why = FORMAT_LAYOUTS.get(format, (tuple(Layout), ""))
+    if layout not in allowed:
+        raise ValueError(f"the {format} format has the {' and '.join(allowed)} layout"
+                         f"{'s' * (len(allowed) > 1)} only (got {str(layout)!r}): {why}")
+    if quantize is not None and layout != Layout.PER_BUDGET:
+        raise ValueError(f"--quantize {quantize} works with the per-budget layout only: "
+                         f"the {layout} layout shares float factor prefixes across budgets")
+    return format, layout, None if quantize is None else Quantization(quantize)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export, checked against the registry and the plan (nothing on disk)."""
+
+    format: str  # a registered exporter; a Format for the built-in ones
+    layout: Layout
+    budgets: tuple[float, ...]  # as the plan holds them, ascending
+    quantize: Quantization | None
+
+    @classmethod
+    def checked(cls, elastic, format: str, layout: str, budgets=None,
+                quantize: str | None = None) -> ExportRequest:
+        """Raises ValueError naming the bad value and the choices (`checked_options`, and
+        a budget that is not one of the plan's)."""
+        format, layout, quantize = checked_options(format, layout, quantize)
+        return cls(format, layout, tuple(resolve_budgets(elastic, budgets)), quantize)
+
+
+def check_bundle_target(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as an absolute path, if an export may write it: a new folder, an empty
+    one, or a FlexRank bundle (replaced as a whole). ValueError for anything else."""
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if not out.name:
+        raise ValueError(f"{out_dir} cannot be replaced by a bundle: choose a folder inside it")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a bundle folder: choose another output folder")
+    if not any(out.iterdir()):
+        return out
+    try:
+        load_manifest(out, verify=False)  # a bundle, finished or since damaged: replaceable
+    except BundleError as err:
+        raise ValueError(f"{out} is not empty and is not a FlexRank bundle ({err}); export "
+                         "into a new or empty folder: an export replaces only a bundle") from None
+    return out
+
+
+def lock_file(out_dir: Path) -> Path:
+    """The lock of bundle folder `out_dir`: a file beside it, since the folder itself is
+    replaced by a rename."""
+    return out_dir.with_name(f".{out_dir.name}.lock")
+
+
+@contextmanager
+def bundle_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of `out_dir` (re-entrant in one thread); BundleLockedError if another
+    process or thread holds it."""
+    from filelock import FileLock, Timeout
+
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    path = lock_file(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BundleLockedError(f"another export is writing {out} (it holds {path}): wait for "
+                                "it to finish, or choose another output folder") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def staged_bundle(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Lock `out_dir` and yield a new empty folder beside it to build the bundle in; on
+    success it replaces `out_dir` as a whole, on an exception it is removed and `out_dir`
+    is left as it was. ValueError if `out_dir` holds something other than a bundle."""
+    out = check_bundle_target(out_dir)
+    with bundle_lock(out):
+        out = check_bundle_target(out)  # again, now that no other export can write it
+        with atomic_dir(out) as folder:
+            yield folder
+
+
+def export_files(elastic_model, folder: Path, request: ExportRequest, **options) -> Manifest:
+    """Run the exporter of `request.format` into `folder`; its manifest, not yet written."""
+    exporter = exporters()[request.format]
+    manifest = exporter(elastic_model, folder, layout=str(request.layout),
+                        budgets=list(request.budgets),
+                        quantize=None if request.quantize is None else str(request.quantize),
+                        **options)
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"the {request.format} exporter returned a {type(manifest).__name__}, "
+                        "not a flexrank.manifest.Manifest (build it with Manifest.build)")
+    return manifest
+
+
+def export(elastic_model, out_dir: str | os.PathLike, format: str = Format.ONNX,
+           layout: str = Layout.PER_BUDGET, budgets=None, quantize: str | None = None,
+           deployment: Deployment | None = None, **options) -> Manifest:
+    """Export `budgets` (None: all of the plan's) of `elastic_model` into `out_dir`.
+
+    `options` go to the format's exporter (ONNX: `sample_inputs` for a plain nn.Module,
+    `config=OnnxExportConfig(...)`); `deployment` (a budget decision and its figures) goes
+    into the manifest. Returns the manifest as written. ValueError for a bad argument or
+    an `out_dir` that holds something other than a bundle; BundleLockedError while another
+    export writes `out_dir`.
+    """
+    request = ExportRequest.checked(elastic_model, format, layout, budgets, quantize)
+    with staged_bundle(out_dir) as folder:
+        manifest = export_files(elastic_model, folder, request, **options)
+        manifest = manifest.with_deployment(deployment)
+        write_manifest(folder, manifest)
+    return manifest
 
 
 __all__ = [
     "EXPORTERS",
+    "MANIFEST_FILE",
     "BundleError",
+    "BundleLockedError",
     "CorruptFileError",
+    "Deployment",
+    "ExportRequest",
     "ExportValidationError",
+    "Format",
     "GenerationMismatchError",
+    "Layout",
+    "Manifest",
     "MissingFileError",
     "OutputMismatchError",
     "OutputNamesError",
+    "Quantization",
     "ShapeError",
+    "checked_options",
     "export",
     "exporters",
     "load_manifest",
     "register_exporter",
+    "staged_bundle",
 ]

@@ -31,7 +31,8 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
     profiles = [load_profile(name) for name in profile_names]  # fail early on a bad name
     session = ElasticSession(dist, threads=host_threads(profiles[0]) if profiles else None)
     manifest = session.manifest
-    costs = [BudgetCost(**c) for c in manifest.get("budget_costs") or []]
+    deployment = manifest.deployment
+    costs = [BudgetCost(**c) for c in (deployment.budget_costs if deployment else [])]
     if not costs:
         raise ValueError(f"{dist} has no budget costs in its manifest: export it with "
                          "flexrank-export (a bundle from exporters.export alone has none)")
@@ -69,6 +70,6 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
                       "targets": {"decode_tokens_per_s": t.decode_tokens_per_s,
                                   "ttft_s": t.ttft_s, "encoder_latency_ms": t.encoder_latency_ms},
                       "rows": rows})
-    return {"bundle": str(dist), "host": host_key(), "kind": manifest["kind"], "tiers": tiers}
+    return {"bundle": str(dist), "host": host_key(), "kind": manifest.kind, "tiers": tiers}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from flexrank.budget import same_budget
 from flexrank.formats import RANK_LEVEL
-from flexrank.manifest import budget_entry, load_manifest
+from flexrank.manifest import Format, Manifest, budget_entry, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +66,26 @@ class Generation:
 
 
 class ElasticSession:
-    """A bundle in onnxruntime at one budget at a time (sha256s checked on load)."""
+    """A bundle in onnxruntime at one budget at a time (sha256s checked on load).
+
+    `manifest`: the in-memory manifest of the files in `bundle_dir`, for an export that
+    has not written it yet (`flexrank-export` measures the files before the manifest, which
+    holds the figures, is written): then nothing is read or verified.
+    """
 
     def __init__(self, bundle_dir, budget: float | None = None, threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, manifest: Manifest | None = None):
         started = time.perf_counter()
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = load_manifest(self.bundle_dir, verify=verify)
-        if self.manifest.get("export_format") not in ("onnx", "ort"):
-            raise ValueError(f"{self.bundle_dir} is a {self.manifest.get('export_format')} "
+        self.manifest = (manifest if manifest is not None
+                         else load_manifest(self.bundle_dir, verify=verify))
+        if self.manifest.export_format not in (Format.ONNX, Format.ORT):
+            raise ValueError(f"{self.bundle_dir} is a {self.manifest.export_format} "
                              "bundle; ElasticSession runs onnx and ort bundles (run .pte "
                              "programs with executorch.runtime)")
-        self.kind = self.manifest["kind"]
-        self.layout = self.manifest["layout"]
-        self.budgets = sorted(e["beta"] for e in self.manifest["budgets"])
+        self.kind = self.manifest.kind
+        self.layout = self.manifest.layout
+        self.budgets = sorted(self.manifest.betas)
         self.threads = threads or self._manifest_threads()
         self._sessions: dict[str, object] = {}
         self.tokenizer = None
@@ -91,16 +97,18 @@ class ElasticSession:
     # ---- budgets ------------------------------------------------------------------------
 
     def default_budget(self) -> float:
-        chosen = (self.manifest.get("deployment") or {}).get("chosen_beta")
+        deployment = self.manifest.deployment
+        chosen = deployment.chosen_beta if deployment else None
         same = [b for b in self.budgets if chosen is not None and same_budget(b, chosen)]
         return same[0] if same else max(self.budgets)
 
     def _manifest_threads(self) -> int:
-        return int((self.manifest.get("deployment") or {}).get("threads") or 2)
+        deployment = self.manifest.deployment
+        return int(deployment.threads if deployment and deployment.threads else 2)
 
     def set_budget(self, beta: float) -> ElasticSession:
         entry = budget_entry(self.manifest, beta)  # BundleError listing the budgets
-        graph = entry["graph"]
+        graph = entry.graph
         if graph not in self._sessions:
             from flexrank.runtime.kv_cache import make_session
 
@@ -109,7 +117,7 @@ class ElasticSession:
                                                  spinning=True)
         self.session = self._sessions[graph]
         self.entry = entry
-        self.beta = entry["beta"]
+        self.beta = entry.beta
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
         return self
@@ -120,11 +128,11 @@ class ElasticSession:
 
     def _extra_feed(self) -> dict:
         if RANK_LEVEL in self._inputs:
-            return {RANK_LEVEL: np.array([self.entry["rank_level"]], np.int64)}
+            return {RANK_LEVEL: np.array([self.entry.rank_level], np.int64)}
         return {}
 
     def _load_tokenizer(self):
-        folder = (self.bundle_dir / self.entry["graph"]).parent
+        folder = (self.bundle_dir / self.entry.graph).parent
         if not any((folder / f).is_file() for f in TOKENIZER_FILES):
             return None
         from transformers import AutoTokenizer
@@ -155,7 +163,7 @@ class ElasticSession:
             raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 1")
         prompt_ids = self._ids(prompt)
         eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
-        decoder = CacheDecoder(self.session, in_place=self.entry.get("kv_cache_in_place", False),
+        decoder = CacheDecoder(self.session, in_place=bool(self.entry.kv_cache_in_place),
                                capacity=prompt_ids.shape[1] + max_new_tokens,
                                extra=self._extra_feed())
         ids, tokens, times = prompt_ids, [], []

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flexrank.compress.select import nested_layers
+from flexrank.manifest import BudgetEntry, json_ready
 
 
 def budget_name(beta: float) -> str:
@@ -35,11 +36,16 @@ def other_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in nested)
 
 
-def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation, **extra) -> dict:
+def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation,
+                      **extra) -> BudgetEntry:
+    """The manifest entry of budget `beta`: `files` (paths under `out_dir`) with their
+    total size, parameter counts and forms from the layer `records`, the `validation`
+    report, and `extra` fields of the format (`graph`, `kv_cache_in_place`, ...; see
+    `flexrank.manifest.BudgetEntry`)."""
     factorised = sum(r.params for r in records)
     dense = sum(r.shape[0] * r.shape[1] for r in records)
     paths = sorted({f.relative_to(out_dir).as_posix() for f in files})
-    return {
+    return BudgetEntry(**json_ready({
         "beta": beta,
         "files": paths,
         "bytes": sum((out_dir / p).stat().st_size for p in paths),
@@ -52,4 +58,4 @@ def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation, 
         "layers": [r.to_dict() for r in records],
         "validation": validation,
         **extra,
-    }
+    }))

@@ -37,6 +37,7 @@ from flexrank.compress.select import nested_layers
 from flexrank.exporters import register_exporter
 from flexrank.exporters.common.entry import budget_name, make_budget_entry
 from flexrank.exporters.common.forms import FormPolicy, deployable_model, quantized_policy
+from flexrank.exporters.common.precision import in_export_precision
 from flexrank.exporters.common.sample import SAMPLE_TEXT, sample_for
 from flexrank.exporters.common.validate import DEFAULT_TOLERANCE, GENERATION_TOKENS
 from flexrank.exporters.executorch.program import (
@@ -61,6 +62,7 @@ from flexrank.exporters.executorch.validate import (
     validate_module_pte,
 )
 from flexrank.io import save_tokenizer
+from flexrank.manifest import Format, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +215,10 @@ def _check_arguments(layout, quantize, kind, sample, config):
 
 @register_exporter("executorch")
 def export_executorch(elastic, out_dir, *, layout, budgets, quantize, sample_inputs=None,
-                      config: ExecutorchExportConfig | None = None) -> dict:
+                      config: ExecutorchExportConfig | None = None) -> Manifest:
     config = config or ExecutorchExportConfig()
     out_dir = Path(out_dir)
+    elastic, _ = in_export_precision(elastic)
     kind = model_kind(elastic.model)
     sample = sample_for(kind, elastic.model, elastic.tokenizer, sample_inputs, config)
     _check_arguments(layout, quantize, kind, sample, config)
@@ -232,18 +235,10 @@ def export_executorch(elastic, out_dir, *, layout, budgets, quantize, sample_inp
         files = [f for f in folder.rglob("*") if f.is_file()]
         entries.append(make_budget_entry(elastic, beta, records, files, out_dir, validation,
                                     graph=path.relative_to(out_dir).as_posix(), **extra))
-    return {
-        "model_id": getattr(elastic, "model_id", "custom"),
-        "kind": kind,
-        "export_format": "executorch",
-        "layout": layout,
-        "quantize": quantize,
-        "budgets": entries,
-        "profiles": {},
-        "host_latency": None,
-        "predicted_device_latency": None,
-        "executorch": {"backend": "XnnpackBackend", "versions": _versions()},
-    }
+    return Manifest.build(out_dir, model_id=getattr(elastic, "model_id", "custom"), kind=kind,
+                          export_format=Format.EXECUTORCH, layout=layout, quantize=quantize,
+                          budgets=entries,
+                          executorch={"backend": "XnnpackBackend", "versions": _versions()})
 
 
 def _versions() -> dict:

@@ -18,23 +18,23 @@ def bundle_decoders(bundle_dir, budgets: Sequence[float] | None = None) -> dict[
 
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from flexrank.manifest import load_manifest
+    from flexrank.manifest import Format, Layout, load_manifest
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
-    if manifest.get("kind") != "decoder":
-        raise EvaluationError(f"{bundle_dir} holds a {manifest.get('kind')} export, not a "
+    if manifest.kind != "decoder":
+        raise EvaluationError(f"{bundle_dir} holds a {manifest.kind} export, not a "
                               "decoder: perplexity needs a language model bundle")
-    if manifest.get("layout") != "per-budget" or manifest.get("export_format") != "onnx":
-        raise EvaluationError(f"{bundle_dir} is a {manifest.get('layout')} "
-                              f"{manifest.get('export_format')} bundle; `flexrank eval` scores "
+    if manifest.layout != Layout.PER_BUDGET or manifest.export_format != Format.ONNX:
+        raise EvaluationError(f"{bundle_dir} is a {manifest.layout} "
+                              f"{manifest.export_format} bundle; `flexrank eval` scores "
                               "per-budget ONNX bundles (export with --layout per-budget)")
     models = {}
-    for entry in manifest["budgets"]:
-        if budgets is not None and not any(same_budget(entry["beta"], b) for b in budgets):
+    for entry in manifest.budgets:
+        if budgets is not None and not any(same_budget(entry.beta, b) for b in budgets):
             continue
-        folder = (bundle_dir / entry["graph"]).parent
-        models[entry["beta"]] = ORTModelForCausalLM.from_pretrained(
+        folder = (bundle_dir / entry.graph).parent
+        models[entry.beta] = ORTModelForCausalLM.from_pretrained(
             folder, local_files_only=True, use_cache=False, use_io_binding=False)
     if not models:
         raise EvaluationError(f"none of the budgets {budgets} is in {bundle_dir}")

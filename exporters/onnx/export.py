@@ -28,11 +28,13 @@ from flexrank.exporters.common.entry import at_budget, budget_name, make_budget_
 from flexrank.exporters.common.errors import GenerationMismatchError, OutputMismatchError
 from flexrank.exporters.common.forms import FormPolicy, LayerExport, quantized_policy
 from flexrank.exporters.common.gauge import LayerForm
+from flexrank.exporters.common.precision import in_export_precision
 from flexrank.exporters.common.sample import sample_for
 from flexrank.exporters.common.validate import validate_decoder, validate_named
 from flexrank.exporters.onnx.attention import kv_cache_in_place
 from flexrank.exporters.onnx.convert import (
     OnnxExportConfig,
+    check_supported,
     convert_to_ort,
     export_budget_graph,
     float_weight_matmuls,
@@ -50,6 +52,7 @@ from flexrank.exporters.onnx.layouts import (
     make_elastic_branches,
     write_shared,
 )
+from flexrank.manifest import Format, Manifest
 from flexrank.planning.costs import plain_params
 from flexrank.runtime.kv_cache import make_session
 
@@ -237,7 +240,7 @@ def export_records(elastic, beta):
 
 
 def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
-            sample_inputs=None, config: OnnxExportConfig | None = None) -> dict:
+            sample_inputs=None, config: OnnxExportConfig | None = None) -> Manifest:
     config = config or OnnxExportConfig()
     if quantize is not None and layout != "per-budget":
         raise ValueError(f"--quantize {quantize} works with the per-budget layout only: the "
@@ -245,7 +248,9 @@ def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
     if ort and layout == "shared":
         raise ValueError("the ORT format embeds weights in each file: use --layout per-budget "
                          "or elastic with --format ort")
+    elastic, _ = in_export_precision(elastic)
     kind = model_kind(elastic.model)
+    check_supported(elastic.model, kind)
     sample = sample_for(kind, elastic.model, elastic.tokenizer, sample_inputs, config)
     if layout == "per-budget":
         entries = _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort)
@@ -253,26 +258,19 @@ def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
         entries = _shared(elastic, out_dir, budgets, kind, sample, config)
     else:
         entries = _elastic(elastic, out_dir, budgets, kind, sample, config, ort)
-    return {
-        "model_id": getattr(elastic, "model_id", "custom"),
-        "kind": kind,
-        "export_format": "ort" if ort else "onnx",
-        "layout": layout,
-        "quantize": quantize,
-        "budgets": entries,
-        "profiles": {},  # profile -> budget table, filled by the CLI that knows the profiles
-        "host_latency": None,  # measured by benchmarks / `flexrank bench`
-        "predicted_device_latency": None,
-    }
+    # every file hashed once, here; `flexrank.exporters.export` adds the deployment
+    return Manifest.build(out_dir, model_id=getattr(elastic, "model_id", "custom"), kind=kind,
+                          export_format=Format.ORT if ort else Format.ONNX, layout=layout,
+                          quantize=quantize, budgets=entries)
 
 
 @register_exporter("onnx")
-def export_onnx(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+def export_onnx(elastic, out_dir, *, layout, budgets, quantize, **options) -> Manifest:
     return _export(elastic, Path(out_dir), layout=layout, budgets=budgets, quantize=quantize,
                    ort=False, **options)
 
 
 @register_exporter("ort")
-def export_ort(elastic, out_dir, *, layout, budgets, quantize, **options) -> dict:
+def export_ort(elastic, out_dir, *, layout, budgets, quantize, **options) -> Manifest:
     return _export(elastic, Path(out_dir), layout=layout, budgets=budgets, quantize=quantize,
                    ort=True, **options)

@@ -21,11 +21,11 @@ def cmd_eval(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
     if (path / MANIFEST_FILE).is_file():
         manifest = load_manifest(path)
-        model_id = manifest.get("model_id")
+        model_id = manifest.model_id
         teacher, tokenizer = _teacher(model_id, args.no_teacher)
         if tokenizer is None:
             from transformers import AutoTokenizer
-            folder = path / manifest["budgets"][0]["graph"]
+            folder = path / manifest.budgets[0].graph
             tokenizer = AutoTokenizer.from_pretrained(folder.parent, local_files_only=True)
         ids = tokenize_text(tokenizer, text, args.max_tokens)
         results = evaluate_models(bundle_decoders(path), teacher, ids, args.seq_len, args.stride)

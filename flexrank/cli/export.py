@@ -5,6 +5,10 @@ or built by `compress` with fast defaults and cached), [2] the budget decision f
 profile, [3] the export with validation against PyTorch, [4] host measurement of the
 exported budget in onnxruntime, [5] the manifest with the decision, the measured host
 figures and the predicted device figures.
+
+The bundle is finished or absent: the output folder is locked for the whole run, stages
+3-5 write into a folder beside it, the manifest is written once, last (each file hashed
+once, in stage 3), and the folder is renamed into place only then.
 """
 
 from __future__ import annotations
@@ -14,14 +18,25 @@ import importlib
 import re
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
+from flexrank.cli.compress import budget_list, whole_number
 from flexrank.compress.aliases import DEFAULT_MODEL
 from flexrank.device.host import host_threads
+from flexrank.exporters import (
+    Deployment,
+    Format,
+    Layout,
+    Quantization,
+    bundle_lock,
+    checked_options,
+    staged_bundle,
+)
 from flexrank.io import cache_dir
+from flexrank.manifest import write_manifest
 
-FORMATS = ("onnx", "ort", "executorch")
-LAYOUTS = ("per-budget", "shared", "elastic")
 MEASURE_NEW_TOKENS = 16  # decoded tokens timed on the host (median and p90 over them)
 
 
@@ -51,18 +66,20 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="auto",
                    help="auto (largest budget meeting the profile's targets), all, or a β of "
                         "the plan (default: auto)")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--layout", choices=LAYOUTS, default="per-budget")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none")
+    p.add_argument("--format", choices=[str(f) for f in Format], default=str(Format.ONNX))
+    p.add_argument("--layout", choices=[str(layout) for layout in Layout],
+                   default=str(Layout.PER_BUDGET))
+    # int8 only: the budget costs of the decision model int8 weights, not 8da4w
+    p.add_argument("--quantize", choices=("none", str(Quantization.INT8)), default="none")
     p.add_argument("-o", "--output", default="dist", help="bundle folder (must be empty)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
     p.add_argument("--work-dir", help="where a plain model's compress run is cached "
                                       "(default: compress/<model> in $FLEXRANK_CACHE, "
                                       "else ~/.cache/flexrank)")
-    p.add_argument("--budgets", default="1,0.8,0.6,0.4",
+    p.add_argument("--budgets", type=budget_list, default="1,0.8,0.6,0.4",
                    help="budgets of the plan when compressing a plain model")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=whole_number(0), default=None,
                    help="distillation steps when compressing a plain model (default: fast "
                         "defaults, see flexrank.compress.pipeline.fast_compress_config)")
 
@@ -116,8 +133,7 @@ def load_or_compress(args):
         return ElasticModel.from_pretrained(source)
     from flexrank.compress.pipeline import compress
 
-    budgets = tuple(float(b) for b in args.budgets.split(","))
-    config = fast_compress_config(budgets)
+    config = fast_compress_config(args.budgets)
     if args.steps is not None:
         from dataclasses import replace
 
@@ -135,13 +151,66 @@ def _budgets_to_export(elastic, request, decision, layout: str) -> list[float]:
         return list(elastic.budgets)
     if request == "auto":
         # shared/elastic bundles exist to switch budgets: ship them all, default to the choice
-        return [decision.beta] if layout == "per-budget" else list(elastic.budgets)
+        return [decision.beta] if layout == Layout.PER_BUDGET else list(elastic.budgets)
     return [elastic._match_budget(request)]  # BudgetError lists the plan's budgets
 
 
+@dataclass(frozen=True)
+class ExportJob:
+    """The command's options, checked before anything is loaded or written."""
+
+    request: str | float  # "auto", "all" or a β
+    profile: object | None  # flexrank.device.profiles.DeviceProfile
+    format: Format
+    layout: Layout
+    quantize: Quantization | None
+    out: Path
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Stage 2's outcome: the plan's costs, the profile's decision (None without a
+    profile), the budget request matched to the plan, the budgets to export and the
+    bundle's default budget."""
+
+    costs: list
+    decision: object | None  # flexrank.device.decide.Decision
+    request: str | float
+    budgets: list[float]
+    chosen: float
+
+
 def cmd_export(args) -> int:
-    from flexrank.compress.budget_cost import budget_costs
-    from flexrank.device.decide import choose_budget
+    job = _checked_job(args)
+    with ExitStack() as writing:
+        if not job.dry_run:  # a second writer is refused before any work
+            writing.enter_context(bundle_lock(job.out))
+            _check_output(job.out)
+        stages = Stages(3 if job.dry_run else 5)
+        elastic = _checkpoint_stage(stages, args)
+        costs, decision, request = _decision_stage(stages, elastic, job)
+        if request == "auto" and decision.beta is None:
+            print(f"error: no budget fits {job.profile.name}. {decision.explanation}",
+                  file=sys.stderr)
+            return 1
+        if job.dry_run:
+            print("dry run: nothing written")
+            return 0
+        choice = _choose(elastic, job, costs, decision, request)
+        # a bundle is finished or absent: built beside `out`, renamed into place at the end
+        with staged_bundle(job.out) as folder:
+            manifest = _export_stage(stages, elastic, folder, job, choice)
+            host = _measure_stage(stages, folder, manifest, job, choice)
+            _manifest_stage(stages, folder, manifest.with_deployment(
+                deployment_of(choice, job.profile, host)))
+    profile = job.profile
+    print(f"bundle: {job.out} (β {choice.chosen:g}"
+          + (f" for {profile.name})" if profile else ")"))
+    return 0
+
+
+def _checked_job(args) -> ExportJob:
     from flexrank.device.profiles import load_profile
 
     request = _parse_budget(args.budget)
@@ -149,73 +218,95 @@ def cmd_export(args) -> int:
         raise ValueError("--budget auto needs --profile NAME|FILE (see `flexrank profiles`)")
     profile = load_profile(args.profile) if args.profile else None
     _exporter_available(args.format)
-    out = Path(args.output)
-    if not args.dry_run:
-        _check_output(out)
-    quantize = None if args.quantize == "none" else args.quantize
-    stages = Stages(3 if args.dry_run else 5)
+    fmt, layout, quantize = checked_options(args.format, args.layout, args.quantize)
+    return ExportJob(request, profile, fmt, layout, quantize, Path(args.output), args.dry_run)
 
+
+def _checkpoint_stage(stages: Stages, args):
     stages.start("elastic checkpoint")
     elastic = load_or_compress(args)
     stages.done(f" (budgets {elastic.budgets})")
+    return elastic
 
+
+def _decision_stage(stages: Stages, elastic, job: ExportJob):
+    """(the plan's costs, the profile's decision or None, the budget request matched to
+    the plan)."""
+    from flexrank.compress.budget_cost import budget_costs
+    from flexrank.device.decide import choose_budget
+
+    profile = job.profile
     stages.start("budget decision" + (f" for {profile.name}" if profile else ""))
-    costs = budget_costs(elastic, quantize)
+    costs = budget_costs(elastic, None if job.quantize is None else str(job.quantize))
     decision = choose_budget(costs, profile) if profile else None
+    request = job.request
     if isinstance(request, float):
         request = elastic._match_budget(request)
     stages.done()
     if decision is not None:
         print(decision.table())
-    if request == "auto" and decision.beta is None:
-        print(f"error: no budget fits {profile.name}. {decision.explanation}", file=sys.stderr)
-        return 1
-    if args.dry_run:
-        print("dry run: nothing written")
-        return 0
-    budgets = _budgets_to_export(elastic, request, decision, args.layout)
+    return costs, decision, request
+
+
+def _choose(elastic, job: ExportJob, costs, decision, request) -> Choice:
+    """The budgets to export and the default one; a note when the requested budget does
+    not meet the profile's targets."""
+    budgets = _budgets_to_export(elastic, request, decision, job.layout)
     fits = decision is not None and decision.beta is not None
     chosen = decision.beta if fits and decision.beta in budgets else max(budgets)
     if decision is not None and request != "auto":
         row = next(r for r in decision.rows if r.beta == chosen)
         if not row.fits:
-            print(f"note: β {chosen:g} does not meet {profile.name}'s targets (predicted): "
+            print(f"note: β {chosen:g} does not meet {job.profile.name}'s targets (predicted): "
                   + "; ".join(c.describe() for c in row.failures))
+    return Choice(costs, decision, request, budgets, chosen)
 
-    from flexrank.exporters import export
 
-    stages.start(f"export {args.format}/{args.layout} of β {budgets} with validation")
-    manifest = export(elastic, out, format=args.format, layout=args.layout, budgets=budgets,
-                      quantize=quantize)
+def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice: Choice):
+    """The exporter's files in `folder`, validated; their manifest (not yet written)."""
+    from flexrank.exporters import ExportRequest, export_files
+
+    stages.start(f"export {job.format}/{job.layout} of β {choice.budgets} with validation")
+    request = ExportRequest(job.format, job.layout, tuple(choice.budgets), job.quantize)
+    manifest = export_files(elastic, folder, request)
     stages.done()
-    for entry in manifest["budgets"]:
-        v = entry.get("validation") or {}
-        print(f"    β {entry['beta']:g}: {entry['bytes'] / 2**20:.1f} MiB, validation max "
+    for entry in manifest.budgets:
+        v = entry.validation or {}
+        print(f"    β {entry.beta:g}: {entry.bytes / 2**20:.1f} MiB, validation max "
               f"|Δ| {v.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
               f"{v.get('top1_agreement', float('nan')):.4f}")
+    return manifest
 
-    stages.start(f"host measurement of β {chosen:g} in onnxruntime")
-    host = measure_bundle(out, chosen, profile, args.format)
+
+def _measure_stage(stages: Stages, folder: Path, manifest, job: ExportJob,
+                   choice: Choice) -> dict | None:
+    stages.start(f"host measurement of β {choice.chosen:g} in onnxruntime")
+    host = measure_bundle(folder, manifest, choice.chosen, job.profile, job.format)
     stages.done()
     if host:
         print("    " + describe_host(host))
+    return host
 
+
+def _manifest_stage(stages: Stages, folder: Path, manifest) -> None:
+    """The manifest, written once, last: the bundle is finished."""
     stages.start("manifest")
-    write_deployment(out, elastic, costs, decision, chosen, request, host, profile)
+    write_manifest(folder, manifest)
     stages.done()
-    print(f"bundle: {out} (β {chosen:g}" + (f" for {profile.name})" if profile else ")"))
-    return 0
 
 
-def measure_bundle(out: Path, beta: float, profile, fmt: str) -> dict | None:
-    if fmt == "executorch":
+def measure_bundle(folder: Path, manifest, beta: float, profile, fmt: str) -> dict | None:
+    """Host figures of budget `beta` of the exported files in `folder`, run from the
+    in-memory `manifest` (the bundle's is not written yet); None for ExecuTorch."""
+    if fmt == Format.EXECUTORCH:
         print("    (ExecuTorch programs are validated by the exporter; host timing here is "
               "for onnxruntime bundles only)")
         return None
     from flexrank.device.host import host_key
     from flexrank.runtime.session import ElasticSession
 
-    session = ElasticSession(out, budget=beta, threads=host_threads(profile))
+    session = ElasticSession(folder, budget=beta, threads=host_threads(profile),
+                             manifest=manifest)
     prompt = profile.targets.prompt_tokens if profile else 64
     figures = session.measure(prompt_tokens=prompt, new_tokens=MEASURE_NEW_TOKENS)
     figures["host"] = host_key()
@@ -232,19 +323,12 @@ def describe_host(h: dict) -> str:
             f"{h['load_s']:.2f} s, peak RSS {h['peak_rss_mb']:.0f} MiB")
 
 
-def write_deployment(out: Path, elastic, costs, decision, chosen, request, host, profile):
-    """Add the decision, host and device figures to the manifest (re-hashed, atomic)."""
-    from flexrank.manifest import load_manifest, write_manifest
-
-    manifest = load_manifest(out)
-    manifest["extra_files"] = list(manifest.pop("files"))
-    manifest["budget_costs"] = [cost_dict(c) for c in costs]
-    manifest["deployment"] = {
-        "profile": profile.name if profile else None, "budget_request": str(request),
-        "chosen_beta": chosen, "threads": profile.threads if profile else None}
+def deployment_of(choice: Choice, profile, host: dict | None) -> Deployment:
+    """The manifest's deployment: the decision, the host figures and the predicted ones."""
+    decision = choice.decision
+    predicted = None
     if decision is not None:
-        manifest["profiles"] = {profile.name: decision.to_dict()}
-        manifest["predicted_device_latency"] = {
+        predicted = {
             "label": f"predicted for {profile.name} by flexrank.device.predict (not measured)",
             "profile": profile.name,
             "budgets": [{"beta": b["beta"], "ttft_s": b["ttft_s"],
@@ -252,9 +336,15 @@ def write_deployment(out: Path, elastic, costs, decision, chosen, request, host,
                          "memory_gb": b["memory_gb"], "fits": b["fits"]}
                         for b in decision.to_dict()["budgets"]]}
     if host is not None:
-        manifest["host_latency"] = {**host, "label": f"measured on host {host['host']} in "
-                                                     f"onnxruntime ({host['threads']} threads)"}
-    write_manifest(out, manifest)
+        host = {**host, "label": f"measured on host {host['host']} in onnxruntime "
+                                 f"({host['threads']} threads)"}
+    return Deployment(
+        chosen_beta=choice.chosen, budget_request=str(choice.request),
+        profile=profile.name if profile else None,
+        threads=profile.threads if profile else None,
+        budget_costs=[cost_dict(c) for c in choice.costs],
+        profiles={profile.name: decision.to_dict()} if decision is not None else {},
+        predicted_device_latency=predicted, host_latency=host)
 
 
 def cost_dict(cost) -> dict:
