@@ -54,6 +54,7 @@ def cost(beta=1.0, flops=1e9, read=1e9, total=1e9, kv=1000.0, layers=10, **kw):
 @pytest.fixture(autouse=True)
 def fake_host(tmp_path, monkeypatch):
     """Keep the user's cache untouched and the host's numbers fixed, unless a test measures."""
+    monkeypatch.delenv("FLEXRANK_CACHE", raising=False)  # the XDG fallback is what is tested
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(host_module, "measure_matmul_gflops", lambda: 80.0)
     monkeypatch.setattr(host_module, "measure_copy_gbps", lambda: 20.0)
