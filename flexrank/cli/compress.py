@@ -6,20 +6,57 @@ from __future__ import annotations
 import argparse
 
 from flexrank.compress.aliases import DEFAULT_MODEL
-from flexrank.compress.config import CompressConfig, DistillConfig
+from flexrank.compress.config import CompressConfig, DistillConfig, check_budgets
 
 
-def _budgets(text: str) -> tuple[float, ...]:
+def budget_list(text: str) -> tuple[float, ...]:
+    """argparse type for `--budgets 1,0.8,0.6`: distinct numbers in (0, 1], in any order
+    (argparse names the option in front of the error)."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} in {text!r} is not a number: give budgets like "
+                "1,0.8,0.6") from None
     try:
-        return tuple(float(b) for b in text.split(","))
+        check_budgets(tuple(values))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return tuple(values)
+
+
+def whole_number(low: int):
+    """argparse type: a whole number >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {low}")
+        return value
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"budgets {text!r}: give numbers like 1,0.8,0.6") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be > 0")
+    return value
 
 
 def compress_config(args) -> CompressConfig:
     from flexrank.compress.config import ProbeConfig
 
+    if args.probe_samples > args.samples:
+        raise ValueError(f"--probe-samples {args.probe_samples} is more than --samples "
+                         f"{args.samples}: the probe runs on some of the calibration sequences")
     return CompressConfig(
         calib=args.calib, num_samples=args.samples, seq_len=args.seq_len,
         eval_samples=args.eval_samples, batch_size=args.batch_size, budgets=args.budgets,
@@ -34,20 +71,20 @@ def compress_config(args) -> CompressConfig:
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
     add_calibration_args(p)
-    p.add_argument("--eval-samples", type=int, default=16,
+    p.add_argument("--eval-samples", type=whole_number(0), default=16,
                    help="held-out sequences for the summary table")
-    p.add_argument("--budgets", type=_budgets, default=(1.0, 0.8, 0.6, 0.4),
+    p.add_argument("--budgets", type=budget_list, default=(1.0, 0.8, 0.6, 0.4),
                    help="comma-separated budgets in (0, 1] (default 1,0.8,0.6,0.4)")
     p.add_argument("--probe-mode", choices=("fast", "exact"), default="fast")
-    p.add_argument("--levels", type=int, default=16, help="candidate ranks per layer")
-    p.add_argument("--rank-multiple", type=int, default=8)
-    p.add_argument("--probe-samples", type=int, default=4)
-    p.add_argument("--steps", type=int, default=200,
+    p.add_argument("--levels", type=whole_number(2), default=16, help="candidate ranks per layer")
+    p.add_argument("--rank-multiple", type=whole_number(1), default=8)
+    p.add_argument("--probe-samples", type=whole_number(1), default=4)
+    p.add_argument("--steps", type=whole_number(0), default=200,
                    help="distillation steps (sandwich: the largest, the smallest and one other "
                         "budget each step)")
-    p.add_argument("--train-batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=DistillConfig.lr)
+    p.add_argument("--train-batch", type=whole_number(1), default=4, help="sequences per step")
+    p.add_argument("--grad-accum", type=whole_number(1), default=1)
+    p.add_argument("--lr", type=positive_number, default=DistillConfig.lr)
     p.add_argument("--sampler", choices=("uniform", "sandwich"), default=DistillConfig.sampler)
 
 
@@ -64,10 +101,10 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="teacher",
                    help="calibration source: 'teacher' (text sampled from the model), a text or "
                         ".jsonl file, or a datasets folder (default: teacher)")
-    p.add_argument("--samples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=whole_number(1), default=128, help="calibration sequences")
+    p.add_argument("--seq-len", type=whole_number(2), default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=whole_number(1), default=8)
+    p.add_argument("--seed", type=whole_number(0), default=0)
 
 
 def add_parser(sub) -> None:

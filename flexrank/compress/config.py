@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
+
+from flexrank.budget import same_budget
 
 # Eigenvalues of Σ below EIGEN_FLOOR · λ_max are clamped to it: directions the data never
 # visits get a tiny, but invertible, weight instead of an infinite inverse.
@@ -49,6 +53,33 @@ def _enum(kind: type[enum.StrEnum], value, what: str):
     except ValueError:
         raise ValueError(f"{what} {value!r} is not one of "
                          f"{', '.join(repr(m.value) for m in kind)}") from None
+
+
+def _at_least(config, minimums: dict[str, int]) -> None:
+    """Each named whole-number field of `config` at or above its minimum, or a ValueError
+    naming the field, its value and the allowed range."""
+    kind = type(config).__name__
+    for name, low in minimums.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{kind}.{name} {value!r} must be a whole number >= {low}")
+        if value < low:
+            raise ValueError(f"{kind}.{name} {value} is out of range: must be >= {low}")
+
+
+def check_budgets(budgets: tuple[float, ...]) -> None:
+    """Budgets as a plan takes them: at least one, each in (0, 1], no two the same (in any
+    order: the plan sorts them). ValueError naming the offending budget otherwise."""
+    if not budgets:
+        raise ValueError("budgets is empty: give at least one budget in (0, 1]")
+    for beta in budgets:
+        if not 0 < beta <= 1:
+            raise ValueError(f"budget {beta} is out of range (0, 1]")
+    ordered = sorted(budgets)
+    for low, high in zip(ordered[:-1], ordered[1:], strict=True):
+        if same_budget(low, high):
+            raise ValueError(f"budget {high} is given twice in {list(budgets)}: budgets must "
+                             "be distinct")
 
 
 def _checked_dict(cls, data: dict) -> dict:
@@ -97,10 +128,7 @@ class ProbeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "mode", _enum(ProbeMode, self.mode, "probe mode"))
-        if self.num_levels < 2:
-            raise ValueError(f"num_levels {self.num_levels} must be at least 2")
-        if self.rank_multiple < 1 or self.probe_points < 1:
-            raise ValueError("rank_multiple and probe_points must be positive")
+        _at_least(self, {"num_levels": 2, "rank_multiple": 1, "probe_points": 1})
 
     def to_dict(self) -> dict:
         return {"type": "ProbeConfig", **json.loads(json.dumps(asdict(self)))}
@@ -137,9 +165,9 @@ class DistillConfig:
     version: int = 1
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"steps ({self.steps}) must be >= 0, batch_size "
-                             f"({self.batch_size}) and grad_accum ({self.grad_accum}) >= 1")
+        # seed >= 0: numpy's seeded generators refuse a negative one, mid-run
+        _at_least(self, {"steps": 0, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0,
+                         "eval_every": 0, "checkpoint_every": 0, "seed": 0})
         object.__setattr__(self, "sampler", _enum(Sampler, self.sampler, "sampler"))
         object.__setattr__(self, "mixed_precision",
                            _enum(MixedPrecision, self.mixed_precision, "mixed_precision"))
@@ -149,8 +177,15 @@ class DistillConfig:
             raise ValueError("sampler 'weighted' needs budget_weights (one per budget)")
         if self.budget_weights and (min(self.budget_weights) < 0 or sum(self.budget_weights) <= 0):
             raise ValueError(f"budget_weights {self.budget_weights} must be >= 0, not all 0")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"lr ({self.lr}) and temperature ({self.temperature}) must be > 0")
+        for name, value, valid, allowed in (
+                ("lr", self.lr, self.lr > 0, "> 0"),
+                ("temperature", self.temperature, self.temperature > 0, "> 0"),
+                ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0")):
+            if not (valid and math.isfinite(value)):
+                raise ValueError(f"DistillConfig.{name} {value} is out of range: must be "
+                                 f"{allowed}")
 
     def to_dict(self) -> dict:
         return {"type": "DistillConfig", **json.loads(json.dumps(asdict(self)))}
@@ -177,12 +212,21 @@ class CompressConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
-        for beta in self.budgets:
-            if not 0 < beta <= 1:
-                raise ValueError(f"budget {beta} is out of range (0, 1]")
+        check_budgets(self.budgets)
+        # seq_len >= 2: the held-out perplexity predicts each next token of a sequence
+        _at_least(self, {"num_samples": 1, "seq_len": 2, "eval_samples": 0, "batch_size": 1,
+                         "probe_samples": 1, "seed": 0})
         if self.probe_samples < 1 or self.probe_samples > self.num_samples:
             raise ValueError(f"probe_samples {self.probe_samples} must be in [1, "
                              f"num_samples={self.num_samples}]")
+        if not isinstance(self.calib, str) or not self.calib.strip():
+            raise ValueError(f"calib {self.calib!r} must be 'teacher' or the path of a text "
+                             "file, .jsonl file or datasets folder")
+        weights = self.distill.budget_weights
+        if weights is not None and len(weights) != len(self.budgets):
+            raise ValueError(f"distill.budget_weights has {len(weights)} weights for "
+                             f"{len(self.budgets)} budgets {list(self.budgets)}: give one "
+                             "per budget, in ascending budget order")
 
     def to_dict(self) -> dict:
         return {"type": "CompressConfig", **json.loads(json.dumps(asdict(self)))}

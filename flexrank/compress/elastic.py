@@ -155,14 +155,13 @@ class ElasticModel:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
                         ) -> ElasticModel:
-        from flexrank.planning.planner import NestedPlan
-
         directory = resolve_elastic_dir(Path(directory))
         meta = read_meta(directory)
         for name in (WEIGHTS_FILE, PLAN_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} is missing: not a complete "
                                         "FlexRank elastic checkpoint")
+        plan = _load_plan(directory / PLAN_FILE)  # before the weights: a damaged plan fails fast
         tokenizer = None
         if model is None:
             model, tokenizer = _skeleton_from_config(directory, meta["model_class"])
@@ -179,8 +178,38 @@ class ElasticModel:
         if hasattr(model, "tie_weights"):
             model.tie_weights()
         model.eval()
-        plan = NestedPlan.load(directory / PLAN_FILE)
-        return cls(model, plan, tokenizer, meta.get("model_id", "custom"))
+        try:
+            return cls(model, plan, tokenizer, meta.get("model_id", "custom"))
+        except ValueError as err:  # a plan edited by hand or taken from another checkpoint
+            raise ValueError(f"{directory / PLAN_FILE} does not fit the checkpoint's layers "
+                             f"({err}); {REMAKE}") from None
+
+
+# What to do about a damaged or incomplete checkpoint folder.
+REMAKE = ("restore the file from a copy, or re-create the checkpoint with `flexrank compress` "
+          "(run again with the same -o, it resumes and rewrites the checkpoint)")
+
+
+def _load_plan(path: Path):
+    from flexrank.planning.planner import NestedPlan
+
+    try:
+        return NestedPlan.load(path)
+    except (ValueError, KeyError, TypeError) as err:  # JSON syntax, a missing field, a bad value
+        raise ValueError(f"{path} is damaged or was edited by hand ({type(err).__name__}: "
+                         f"{err}); {REMAKE}") from None
+
+
+def missing_meta_message(directory: Path) -> str | None:
+    """The error for a folder (or its elastic/) that holds an elastic checkpoint's weights or
+    plan but not its metadata file, which a model loader would take for a plain model with
+    no weights; None when that is not the case."""
+    for folder in (directory, directory / "elastic"):
+        present = [name for name in (WEIGHTS_FILE, PLAN_FILE) if (folder / name).is_file()]
+        if present and not (folder / META_FILE).is_file():
+            return (f"{folder / META_FILE} is missing: {folder} holds a FlexRank elastic "
+                    f"checkpoint ({', '.join(present)}) without its metadata; {REMAKE}")
+    return None
 
 
 def resolve_elastic_dir(directory: Path) -> Path:
@@ -193,9 +222,16 @@ def resolve_elastic_dir(directory: Path) -> Path:
 def read_meta(directory: Path) -> dict:
     path = directory / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {directory} is not a FlexRank elastic "
+        raise FileNotFoundError(missing_meta_message(directory) or
+                                f"{path} is missing: {directory} is not a FlexRank elastic "
                                 "checkpoint (run `flexrank compress` to make one)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is damaged, not valid JSON ({err}); {REMAKE}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds JSON but not a FlexRank elastic checkpoint's "
+                         f"metadata (an object); {REMAKE}")
     if meta.get("format") != "flexrank-elastic" or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {meta.get('format')} v{meta.get('format_version')} is "
                          f"not a FlexRank elastic checkpoint v{FORMAT_VERSION}")

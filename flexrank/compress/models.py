@@ -69,6 +69,11 @@ def load_model(spec: str | os.PathLike | nn.Module = DEFAULT_MODEL, dtype=None):
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass {ACCEPTED}")
         return _load_gguf_cached(path, dtype)
+    from flexrank.compress.elastic import missing_meta_message
+
+    damaged = missing_meta_message(path)  # not a plain model "with a config but no weights"
+    if damaged:
+        raise ModelLoadError(damaged)
     return _load_folder(path, dtype)
 
 

@@ -2,7 +2,9 @@
 distill → save, each stage's result cached in the output folder so that a re-run after
 a crash (or with more distillation steps) resumes from the last finished stage.
 
-    OUT/flexrank-compress.json   what was asked (the resume signature) and finished stages
+    OUT/flexrank-compress.json   what was asked (the resume signature) and finished stages;
+                                 written before any work, so that a run that fails or is
+                                 killed early leaves a folder the next run can use
     OUT/stages/                  calibration tokens, covariances, decomposed factors,
                                  probe rows, plan, distillation checkpoint
     OUT/elastic/                 the ElasticModel checkpoint (written last, atomically)
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from flexrank.compress.calibration import calibration_data, to_batches
+from flexrank.compress.calibration import CalibrationError, calibration_data, to_batches
 from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
 from flexrank.compress.covariance import CovarianceStats, collect_covariances
 from flexrank.compress.distill import distill, evaluate_budgets
@@ -41,24 +44,87 @@ STATE_FILE = "flexrank-compress.json"
 STAGES = ("calibration", "covariance", "decompose", "probe", "plan", "distill", "save")
 
 
+# The first stage that reads each of CompressConfig.signature's settings: a setting may
+# change between runs while that stage and the later ones are unfinished, since no finished
+# stage read it. (batch_size: teacher-sampled calibration text is generated in batches.)
+FIRST_READER = {"model": "calibration", "calib": "calibration", "num_samples": "calibration",
+                "seq_len": "calibration", "eval_samples": "calibration", "seed": "calibration",
+                "batch_size": "calibration", "factorize": "decompose", "probe": "probe",
+                "probe_samples": "probe", "budgets": "plan", "distill": "distill"}
+# What an unfinished stage may have left in stages/ that a later run would pick up.
+LEFTOVERS = {"probe": ("probe-partial.json",), "distill": ("checkpoint",)}
+
+
 class CompressError(ValueError):
     """An output folder that cannot be used for this run."""
 
 
+def _canonical(signature: dict) -> dict:
+    """The signature with its budgets in one order (the plan sorts them anyway), so that
+    `1,0.6,0.8` resumes a run started with `0.8,1,0.6`."""
+    return {**signature, "budgets": sorted(float(b) for b in signature.get("budgets", ()))}
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state.get("signature"), dict) or not isinstance(state.get("done"), dict):
+            raise ValueError("no 'signature' and 'done' objects")
+    except (ValueError, AttributeError) as err:  # JSONDecodeError is a ValueError
+        raise CompressError(f"{path} is damaged ({err}); delete {path.parent} to start "
+                            "over") from None
+    return state
+
+
 def _check_output(out: Path, signature: dict) -> dict:
+    """The state to run with in `out`: its own when the settings match, or when they differ
+    only in settings that no finished stage read; a fresh one for a new or empty folder.
+    Raises CompressError for a foreign folder or one whose finished stages read other
+    settings."""
+    signature = _canonical(signature)
     state_path = out / STATE_FILE
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["signature"] != signature:
-            changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+    if not state_path.is_file():
+        if out.exists() and not out.is_dir():
+            raise CompressError(f"{out} is a file; give a new or empty folder as the output")
+        if out.exists() and _foreign_entries(out):
             raise CompressError(
-                f"{out} holds a compression with other settings (differs in: "
-                f"{', '.join(changed)}); use another -o folder, or delete it to start over")
-        return state
-    if out.exists() and any(out.iterdir()):
-        raise CompressError(f"{out} is not empty and is not a FlexRank compress folder; "
-                            "choose a new or empty folder for -o")
-    return {"signature": signature, "done": {}}
+                f"{out} is not empty and is not a FlexRank compress folder (no {STATE_FILE}); "
+                "choose a new or empty output folder (flexrank compress -o, flexrank-export "
+                "--work-dir)")
+        return {"signature": signature, "done": {}}
+    state = _read_state(state_path)
+    stored = _canonical(state["signature"])
+    changed = sorted(k for k in signature.keys() | stored.keys()
+                     if stored.get(k) != signature.get(k))
+    if not changed:
+        return {**state, "signature": signature}
+    first = min(STAGES.index(FIRST_READER.get(k, STAGES[0])) for k in changed)
+    finished = [stage for stage in STAGES[first:] if stage in state["done"]]
+    if finished:
+        raise CompressError(
+            f"{out} holds a compression with other settings (differs in: {', '.join(changed)}) "
+            f"that its finished stages ({', '.join(finished)}) used; delete that folder to "
+            "start over, or choose another output folder")
+    logger.info("%s: settings changed (%s) before any stage that reads them finished; "
+                "continuing with the new settings", out, ", ".join(changed))
+    for stage in STAGES[first:]:
+        for name in LEFTOVERS.get(stage, ()):
+            _remove(out / "stages" / name)
+    return {"signature": signature, "done": state["done"]}
+
+
+def _foreign_entries(out: Path) -> list[Path]:
+    """What in `out` a compress run did not write. An empty stages/ is left by a run of an
+    earlier version that failed before it wrote its state file (it wrote it later)."""
+    return [p for p in out.iterdir()
+            if not (p.name == "stages" and p.is_dir() and not any(p.iterdir()))]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 class Stages:
@@ -69,6 +135,16 @@ class Stages:
         self.dir = out / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.times: dict[str, float] = {}
+
+    @classmethod
+    def claim(cls, out: Path, signature: dict) -> Stages:
+        """Check `out` (see `_check_output`) and write its state file before any work, so
+        that a run failing or killed at any later point leaves a folder that the next run
+        resumes (same settings) or continues with new ones (no finished stage read them)."""
+        state = _check_output(out, signature)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / STATE_FILE, state)
+        return cls(out, state)
 
     def done(self, name: str) -> bool:
         return name in self.state["done"]
@@ -177,13 +253,20 @@ def whole_model_params(teacher, nested: NestedPlan) -> list[int]:
 
 def compress(model_spec, out_dir, config: CompressConfig | None = None,
              ) -> tuple[ElasticModel, str]:
-    """Run (or resume) the whole pipeline; return the elastic model and a summary table."""
+    """Run (or resume) the whole pipeline; return the elastic model and a summary table.
+
+    Every setting is checked (by CompressConfig, and the calibration source exists) and the
+    output folder claimed (`Stages.claim`) before the model is loaded. Raises
+    CompressError for an output folder this run cannot use, CalibrationError for a missing
+    calibration source, ModelLoadError for a model that cannot be loaded.
+    """
     config = config or CompressConfig()
     out = Path(out_dir)
     model_id = str(model_spec)
-    state = _check_output(out, config.signature(model_id))
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, state)
+    if config.calib != "teacher" and not Path(config.calib).exists():
+        raise CalibrationError(f"calibration source {config.calib!r} does not exist; pass a "
+                               "text or .jsonl file, a datasets folder, or 'teacher'")
+    stages = Stages.claim(out, config.signature(model_id))
     started = time.perf_counter()
     teacher, tokenizer = load_model(model_spec)
     stages.times["load"] = time.perf_counter() - started
