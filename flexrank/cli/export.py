@@ -14,6 +14,7 @@ once, in stage 3), and the folder is renamed into place only then.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import re
 import sys
@@ -118,8 +119,37 @@ def _check_output(out: Path) -> None:
 
 
 def _default_work_dir(source: str) -> Path:
+    """The compress cache of `source`, keyed on the model it names, not on how it was
+    typed (`model_identity`): `m` in two working folders is two models, two entries."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(source)).strip("_") or "model"
-    return cache_dir("compress", f"{slug}-fast")
+    return cache_dir("compress", f"{slug[-40:]}-{model_identity(source)[:16]}-fast")
+
+
+def model_identity(source: str) -> str:
+    """A hash of what `source` resolves to: an alias with the version of the package that
+    ships its weights, or a path made absolute with the name, size and mtime of each file
+    (a .gguf, or a model folder's files). A changed file changes it; no weight is read."""
+    from importlib import metadata
+
+    from flexrank.compress.aliases import ALIASES
+
+    text = str(source)
+    if text in ALIASES:
+        package, filename = ALIASES[text]
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = None  # compress says which package to install
+        parts = ["alias", text, package, str(version), filename]
+    else:
+        path = Path(text).expanduser().resolve()
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        parts = ["path", str(path)]
+        for file in files:
+            if file.exists():
+                stat = file.stat()
+                parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def load_or_compress(args):
