@@ -54,9 +54,10 @@ _EXPORTERS: dict[str, Callable[..., Manifest]] = {}
 # imports torch, so it is imported on first use, not with this package (the runtime reads
 # manifests through flexrank.manifest without torch).
 _BUILTIN_MODULES = ("flexrank.exporters.onnx.export", "flexrank.exporters.executorch.export")
-# Weight quantization each format offers (onnxruntime dynamic int8; XNNPACK 8-bit dynamic
-# activations with 4-bit grouped weights).
-QUANTIZATIONS = {Format.ONNX: (Quantization.INT8,), Format.ORT: (Quantization.INT8,),
+# Weight quantization each format offers (onnxruntime dynamic int8 and weight-only int4;
+# XNNPACK 8-bit dynamic activations with 4-bit grouped weights).
+QUANTIZATIONS = {Format.ONNX: (Quantization.INT8, Quantization.INT4),
+                 Format.ORT: (Quantization.INT8, Quantization.INT4),
                  Format.EXECUTORCH: (Quantization.DA8W4,)}
 # Formats limited to some layouts, and why (the exporters check it again for direct calls).
 FORMAT_LAYOUTS = {

@@ -56,10 +56,11 @@ class Layout(StrEnum):
 
 
 class Quantization(StrEnum):
-    """Weight quantization: onnxruntime dynamic int8; XNNPACK 8-bit dynamic activations
-    with 4-bit grouped weights."""
+    """Weight quantization: onnxruntime dynamic int8; onnxruntime weight-only block-wise
+    4-bit (MatMulNBits); XNNPACK 8-bit dynamic activations with 4-bit grouped weights."""
 
     INT8 = "int8"
+    INT4 = "int4"
     DA8W4 = "8da4w"
 
 

@@ -1,4 +1,5 @@
-"""From a nested PyTorch model at one budget to an ONNX graph file (and ORT format, int8).
+"""From a nested PyTorch model at one budget to an ONNX graph file (and ORT format, int8,
+int4).
 
 Model kinds:
 - decoder LM (a transformers model that generates): optimum's exporter, task
@@ -32,7 +33,7 @@ from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import FormPolicy, deployable_model
 from flexrank.exporters.common.sample import SAMPLE_TEXT
 from flexrank.exporters.common.validate import DEFAULT_TOLERANCE
-from flexrank.exporters.onnx.graph import save_model, store_tied_once
+from flexrank.exporters.onnx.graph import load_model, save_model, store_tied_once
 from flexrank.exporters.onnx.simplify import simplify
 from flexrank.io import save_tokenizer
 
@@ -44,6 +45,16 @@ logger = logging.getLogger(__name__)
 INT8_OUTLIER_RATIO = 32.0
 # Fewest positions the rotary tables of a simplified decoder graph cover.
 MIN_ROTARY_POSITIONS = 4096
+# int4 (MatMulNBits): weights per scale along K, the MatMul's inner width; onnxruntime's
+# CPU kernels take these powers of two (onnxruntime-genai's builder uses 32).
+INT4_BLOCK_SIZES = (16, 32, 64, 128)
+# int4 weight quantizers of `onnxruntime.quantization.matmul_nbits_quantizer`: "rtn" is its
+# default block-wise round-to-nearest (scale, optional 4-bit zero point per block), "hqq"
+# its Half-Quadratic Quantization (float zero points, no calibration data).
+INT4_ALGORITHMS = ("rtn", "hqq")
+# MatMulNBits `accuracy_level`: 0 computes in the activations' float type; 4 quantizes
+# each activation block to int8 for integer kernels (the builder's CPU default).
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,15 @@ class OnnxExportConfig:
     # factors) as one MatMul + Split (`onnx_simplify.fuse_sibling_matmuls`); the shared and
     # elastic layouts and int8 exports never fuse (they address each layer's own weights)
     fuse_siblings: bool = True
+    # quantize="int4": block-wise 4-bit weights (`quantize_int4`); ranks are rounded to
+    # multiples of the block size, the inner width of a factor pair's second MatMul
+    int4_block_size: int = 32
+    int4_algorithm: str = "rtn"
+    # zero point 8 implied, as the builder does (4 + 32/32 = 5 bits per weight at block
+    # 32); False stores a 4-bit zero point per block (5.125 bits). HQQ always stores float
+    # zero points.
+    int4_symmetric: bool = True
+    int4_accuracy_level: int = 4
     version: int = 1
 
     def __post_init__(self):
@@ -73,6 +93,15 @@ class OnnxExportConfig:
             raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
         if self.threads < 1:
             raise ValueError(f"threads {self.threads} must be >= 1")
+        if self.int4_block_size not in INT4_BLOCK_SIZES:
+            raise ValueError(f"int4_block_size {self.int4_block_size} is not supported by "
+                             f"MatMulNBits; choose one of {list(INT4_BLOCK_SIZES)}")
+        if self.int4_algorithm not in INT4_ALGORITHMS:
+            raise ValueError(f"int4_algorithm {self.int4_algorithm!r} is not one of "
+                             f"{list(INT4_ALGORITHMS)}")
+        if self.int4_accuracy_level not in INT4_ACCURACY_LEVELS:
+            raise ValueError(f"int4_accuracy_level {self.int4_accuracy_level} must be one of "
+                             f"{list(INT4_ACCURACY_LEVELS)} (MatMulNBits accuracy_level)")
 
     def to_dict(self) -> dict:
         """JSON-ready, with a type and version tag (`forms` nested, see FormPolicy.to_dict)."""
@@ -267,6 +296,83 @@ def quantize_int8(path: Path, float_layers=()) -> list[Path]:
     return written
 
 
+def quantize_int4(path: Path, config: OnnxExportConfig) -> dict[str, list[int]]:
+    """Weight-only block-wise 4-bit quantization of the graph at `path`, in place, through
+    onnxruntime's `MatMulNBitsQuantizer`: every MatMul with a constant 2-D weight B (K, N)
+    becomes a `com.microsoft.MatMulNBits` holding B as 4-bit codes packed two per byte
+    (N, ⌈K/b⌉, b/2), a float32 scale per block of b = `config.int4_block_size` weights
+    along K, and zero points unless symmetric; it computes A · ((code − zero) · scale).
+    Activations stay float (`config.int4_accuracy_level` 4 lets the kernel quantize them
+    to int8 blocks on the fly).
+
+    Left in float: a MatMul whose weight is not a constant initializer, i.e. the tied
+    lm_head (a Transpose of the embedding table, which stays float and is stored once);
+    `float_weight_matmuls` lists them. K need not be a multiple of b (the quantizer pads
+    the last block), but then the padding is stored and computed: `_per_budget` rounds
+    ranks to multiples of b first.
+
+    Returns {MatMulNBits node name: [K, N]}."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    block = config.int4_block_size
+    if config.int4_algorithm == "hqq":
+        algorithm = HQQWeightOnlyQuantConfig(block_size=block, bits=4)
+    else:
+        algorithm = DefaultWeightOnlyQuantConfig(block_size=block, bits=4,
+                                                 is_symmetric=config.int4_symmetric)
+    quantizer = MatMulNBitsQuantizer(load_model(path), bits=4, block_size=block,
+                                     algo_config=algorithm)
+    quantizer.process()
+    graph = quantizer.model.model
+    matmuls = {}
+    for node in graph.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        # one accuracy level for every algorithm (HQQ's nodes are written without one)
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if config.int4_accuracy_level:
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level",
+                                                             config.int4_accuracy_level))
+        attrs = {a.name: a.i for a in node.attribute}
+        matmuls[node.name] = [attrs["K"], attrs["N"]]
+    replace_graph(graph, path, config.external_data)
+    return matmuls
+
+
+def int4_report(path: Path, layers, matmuls: dict[str, list[int]],
+                config: OnnxExportConfig) -> dict:
+    """The manifest's `quantization` of an int4 graph: the scheme, and per nested layer
+    (`layers`: names) what its MatMuls became, {"bits": 4, "block_size", "algorithm"} or
+    {"bits": 32} when a float weight MatMul is left in its scope (node-name scope, or the
+    scope of a fused sibling MatMul that holds it)."""
+    float_matmuls = float_weight_matmuls(path)
+    quantized = {"bits": 4, "block_size": config.int4_block_size,
+                 "algorithm": config.int4_algorithm}
+
+    def in_layer(node: str, scope: str) -> bool:
+        if node.startswith(scope):
+            return True
+        # a fused sibling MatMul is named after its siblings' common scope
+        return "SiblingMatMul" in node and scope.startswith(node.rpartition("/")[0] + "/")
+
+    per_layer = {}
+    for name in layers:
+        scope = onnx_scope(name)
+        floats = any(in_layer(node, scope) for node in float_matmuls)
+        per_layer[name] = {"bits": 32} if floats else quantized
+    return {"scheme": "int4", "block_size": config.int4_block_size,
+            "algorithm": config.int4_algorithm,
+            "symmetric": config.int4_symmetric and config.int4_algorithm == "rtn",
+            "accuracy_level": config.int4_accuracy_level, "layers": per_layer,
+            "matmuls": matmuls, "float_matmuls": float_matmuls}
+
+
 def float_weight_matmuls(path: Path) -> list[str]:
     """Names of the MatMul/Gemm nodes of a quantized graph still multiplying by a float
     weight: the `float_layers` kept out of int8, and a tied lm_head, whose weight is a
@@ -323,14 +429,16 @@ def named_inputs(kind: str, sample) -> dict:
 
 
 def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_inputs,
-                        config: OnnxExportConfig, factors_only: bool = False):
-    """Export one budget into `folder/model.onnx`.
+                        config: OnnxExportConfig, factors_only: bool = False,
+                        ranks: dict[str, int] | None = None):
+    """Export one budget into `folder/model.onnx`, at the plan's ranks for `beta` or at
+    `ranks` ({layer: rank}, e.g. rounded to the int4 block size).
 
     Returns (graph path, layer records, factors) where factors are the rank-major factor
     arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
     """
-    deployed, records = deployable_model(elastic.model, elastic.layer_ranks(beta), factors_only,
-                                         config.forms)
+    ranks = elastic.layer_ranks(beta) if ranks is None else ranks
+    deployed, records = deployable_model(elastic.model, ranks, factors_only, config.forms)
     factors = {}
     if factors_only:
         for record in records:

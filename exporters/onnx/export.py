@@ -4,7 +4,8 @@
 Bundle layout (`out_dir`):
 
     per-budget   budget-<β>/model.onnx (+ config, tokenizer): self-contained, gauge-fixed
-                 (int8: plain factors or dense, see `deploy.quantized_policy`)
+                 (int8, int4: plain factors or dense, see `forms.quantized_policy`;
+                 int4: ranks rounded to the block size, `int4_ranks`)
     shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes)
     elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β)
     (all)        flexrank-manifest.json, written last by `flexrank.exporters.export`
@@ -31,6 +32,8 @@ from flexrank.exporters.common.gauge import LayerForm
 from flexrank.exporters.common.precision import in_export_precision
 from flexrank.exporters.common.sample import sample_for
 from flexrank.exporters.common.validate import validate_decoder, validate_named
+from flexrank.exporters.executorch.quant import aligned_ranks
+from flexrank.exporters.executorch.validate import at_ranks
 from flexrank.exporters.onnx.attention import kv_cache_in_place
 from flexrank.exporters.onnx.convert import (
     OnnxExportConfig,
@@ -38,8 +41,10 @@ from flexrank.exporters.onnx.convert import (
     convert_to_ort,
     export_budget_graph,
     float_weight_matmuls,
+    int4_report,
     named_inputs,
     outlier_layers,
+    quantize_int4,
     quantize_int8,
     replace_graph,
     tidy_graph,
@@ -60,9 +65,13 @@ logger = logging.getLogger(__name__)
 
 
 def validate_graph(elastic, beta, kind, graph: Path, sample, config: OnnxExportConfig,
-                   strict: bool = True, feed_extra: dict | None = None) -> dict:
+                   strict: bool = True, feed_extra: dict | None = None,
+                   ranks: dict[str, int] | None = None) -> dict:
+    """`graph` against the PyTorch model at `beta` (or at `ranks`, the ranks it was
+    exported with when they differ from the plan's)."""
     session = make_session(graph, config.threads)
-    with at_budget(elastic, beta) as model:
+    at = at_budget(elastic, beta) if ranks is None else at_ranks(elastic.model, ranks)
+    with at as model:
         if kind == "decoder":
             report = validate_decoder(session, model, sample, config.tolerance, strict,
                                       config.generate, feed_extra)
@@ -97,10 +106,27 @@ def cache_flag(kind: str, model: onnx.ModelProto) -> dict:
     return {"kv_cache_in_place": kv_cache_in_place(model.graph)} if kind == "decoder" else {}
 
 
-def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
-    """One budget's graph in `folder`: (layer records, graph path, manifest extras)."""
+def int4_ranks(elastic, beta: float, block_size: int) -> dict[str, int]:
+    """The plan's ranks at `beta` rounded to multiples of the int4 block size, the rule of
+    the ExecuTorch 8da4w path (`aligned_rank`: nearest multiple, monotone, so nested
+    plans stay nested): a plain layer's second MatMul has the rank as its inner width K,
+    and a K that is not a multiple of the block is padded, stored and computed."""
+    ranks = elastic.layer_ranks(beta)
+    max_ranks = {name: layer.max_rank for name, layer in nested_layers(elastic.model).items()}
+    aligned = aligned_ranks(ranks, max_ranks, block_size)
+    moved = {n: (ranks[n], aligned[n]) for n in ranks if ranks[n] != aligned[n]}
+    if moved:
+        logger.info("β=%g: %d ranks rounded to multiples of %d for int4 (e.g. %s)", beta,
+                    len(moved), block_size, dict(list(moved.items())[:3]))
+    return aligned
+
+
+def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, ranks=None):
+    """One budget's graph in `folder` (at `ranks`, default the plan's): (layer records,
+    graph path, manifest extras)."""
     shutil.rmtree(folder, ignore_errors=True)
-    path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config)
+    path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config,
+                                           ranks=ranks)
     model = tidy_graph(load_model(path), kind, elastic.model, config)
     extra = cache_flag(kind, model)  # int8 keeps the attention nodes: still true after it
     replace_graph(model, path, config.external_data)
@@ -111,30 +137,36 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort):
         quantize_int8(path, float_layers)
         extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
         extra["int8_float_matmuls"] = float_weight_matmuls(path)
+    elif quantize == "int4":
+        matmuls = quantize_int4(path, config)
+        extra["quantization"] = int4_report(path, [r.name for r in records], matmuls, config)
+        extra["plan_ranks"] = elastic.layer_ranks(beta)  # before rounding to the block size
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     return records, graph, extra
 
 
 def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
-    # int8: plain factors or dense, never gauge-fixed (`quantized_policy` says why); the
-    # manifest's `forms` and `layers` record what each layer became
+    # int8, int4: plain factors or dense, never gauge-fixed (`quantized_policy` says why);
+    # the manifest's `forms` and `layers` record what each layer became
     first = config.forms if quantize is None else quantized_policy(config.forms)
     entries = []
     for beta in budgets:
         folder = out_dir / budget_name(beta)
         policies, failed = [first, *fallback_policies(first)], []
+        ranks = int4_ranks(elastic, beta, config.int4_block_size) if quantize == "int4" else None
         for policy in policies:
-            # int8 keeps the float layers by node scope, which a fused sibling MatMul hides
+            # int8 keeps the float layers by node scope, which a fused sibling MatMul hides;
+            # int4 quantizes a fused MatMul as its parts (blocks run along K, per column)
             budget_config = replace(config, forms=policy,
-                                    fuse_siblings=config.fuse_siblings and quantize is None)
+                                    fuse_siblings=config.fuse_siblings and quantize != "int8")
             records, graph, extra = _export_budget(elastic, beta, kind, folder, sample,
-                                                   budget_config, quantize, ort)
+                                                   budget_config, quantize, ort, ranks)
             if not config.validate:
                 validation = None
                 break
             try:
                 validation = validate_graph(elastic, beta, kind, graph, sample, config,
-                                            strict=quantize is None)
+                                            strict=quantize is None, ranks=ranks)
                 break
             except (OutputMismatchError, GenerationMismatchError) as error:
                 gauge = sum(r.form == LayerForm.GAUGE.value for r in records)

@@ -70,8 +70,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=[str(f) for f in Format], default=str(Format.ONNX))
     p.add_argument("--layout", choices=[str(layout) for layout in Layout],
                    default=str(Layout.PER_BUDGET))
-    # int8 only: the budget costs of the decision model int8 weights, not 8da4w
-    p.add_argument("--quantize", choices=("none", str(Quantization.INT8)), default="none")
+    # int8 and int4 only: the budget costs of the decision model their weights, not 8da4w
+    p.add_argument("--quantize", choices=("none", str(Quantization.INT8),
+                                          str(Quantization.INT4)), default="none")
     p.add_argument("-o", "--output", default="dist", help="bundle folder (must be empty)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
