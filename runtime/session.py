@@ -13,6 +13,7 @@ through the `rank_level` input, so a switch costs nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import statistics
@@ -30,6 +31,8 @@ from flexrank.manifest import Format, Manifest, budget_entry, load_manifest
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# config.json keys holding the model's trained positions (flexrank.compress.models.POSITION_KEYS)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
 def peak_rss_bytes() -> int:
@@ -63,6 +66,14 @@ class Generation:
         return {"beta": self.beta, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": len(self.token_ids), "ttft_s": self.ttft_s,
                 "decode_ms_median": self.decode_ms_median, "decode_ms_p90": self.decode_ms_p90}
+
+
+def _is_id_sequence(prompt) -> bool:
+    """One prompt of token ids: a 1-D sequence, or a (1, T) array (no list of prompts)."""
+    if isinstance(prompt, np.ndarray):
+        return prompt.ndim == 1 or (prompt.ndim == 2 and prompt.shape[0] == 1)
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer))
+                                                     for t in prompt)
 
 
 class ElasticSession:
@@ -142,6 +153,7 @@ class ElasticSession:
     # ---- running ------------------------------------------------------------------------
 
     def _ids(self, prompt) -> np.ndarray:
+        """(1, T) ids of one prompt (text or ids); see `_batch` for several."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.bundle_dir} has no tokenizer: pass token ids")
@@ -149,34 +161,126 @@ class ElasticSession:
         ids = np.asarray(prompt, np.int64)
         return ids[None] if ids.ndim == 1 else ids
 
+    def _pad_id(self) -> int:
+        """The id written into left padding (masked out, so any id is correct)."""
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, name, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+    def _batch(self, prompt, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention_mask), both (B, T) int64, rows left-padded to one length.
+
+        Accepted: one prompt (a string, or a 1-D sequence of ids); several (a list of
+        strings, or a list of id sequences of any lengths); or a 2-D array of ids with an
+        optional (B, T) `attention_mask` of ones and left-padding zeros.
+        """
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str)
+                                                                for p in prompt):
+            rows = [self._ids(p)[0] for p in prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(p, (list, tuple, np.ndarray)) for p in prompt):
+            rows = [np.asarray(p, np.int64).reshape(-1) for p in prompt]
+        else:
+            ids = self._ids(prompt)
+            if ids.ndim != 2 or ids.shape[1] == 0:
+                raise ValueError(f"prompt ids of shape {ids.shape}: give (T,) or (B, T) ids "
+                                 "with T >= 1, a string, or a list of either")
+            mask = (np.ones_like(ids) if attention_mask is None
+                    else np.asarray(attention_mask, np.int64))
+            if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+                raise ValueError(f"attention_mask of shape {mask.shape} must be 0/1 and match "
+                                 f"the ids' shape {ids.shape}")
+            if (np.diff(mask, axis=1) < 0).any() or (mask.sum(1) == 0).any():
+                raise ValueError("attention_mask must left-pad (zeros, then ones) and keep "
+                                 "at least one token per row; right padding is not supported")
+            return ids, mask
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a 2-D array of ids; a list of prompts "
+                             "is padded here")
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self._pad_id(), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+        return ids, mask
+
     def generate(self, prompt, max_new_tokens: int = 32, stop_at_eos: bool = True,
-                 ) -> Generation:
+                 *, attention_mask=None, within_positions: bool = True):
         """Greedy generation through the KV cache: one prefill, then one token per step;
         the cache is updated in place where the bundle's graph allows it
-        (`kv_cache_in_place` in the manifest; `exporters/validate.CacheDecoder`)."""
-        from flexrank.runtime.kv_cache import CacheDecoder
+        (`kv_cache_in_place` in the manifest; `flexrank.runtime.kv_cache.CacheDecoder`).
 
+        `prompt`: a string, a 1-D sequence of ids or a (1, T) array -> one `Generation`; a
+        list of strings, a list of id sequences (any lengths), or (B, T) ids with an
+        optional left-padding `attention_mask` -> a list of B `Generation`s, each row's
+        tokens those it gives alone (rows are left-padded and masked; positions count real
+        tokens only, as in Hugging Face). A row stops at its EOS; the batch stops when
+        every row has. Raises ValueError for a prompt it cannot read and when prompt +
+        max_new_tokens exceed the positions the model was trained for
+        (`within_positions=False`: timing runs only, whose tokens are unused)."""
         if self.kind != "decoder":
             raise ValueError(f"generate() needs a decoder bundle; this one is {self.kind!r}: "
                              "use encode()")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 1")
-        prompt_ids = self._ids(prompt)
+        single = isinstance(prompt, str) or (_is_id_sequence(prompt)
+                                             and attention_mask is None)
+        ids, mask = self._batch(prompt, attention_mask)
+        if within_positions:
+            self._check_positions(int(mask.sum(1).max()) + max_new_tokens, max_new_tokens)
         eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
+        tokens, times = self._greedy(ids, mask, max_new_tokens, eos)
+        results = []
+        for i, row in enumerate(tokens):
+            text = self.tokenizer.decode(row) if self.tokenizer is not None else None
+            results.append(Generation(self.beta, int(mask[i].sum()), row, text, times[0],
+                                      [t * 1e3 for t in times[1:]]))
+        return results[0] if single else results
+
+    def _greedy(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
+                eos: int | None) -> tuple[list[list[int]], list[float]]:
+        """Each row's new tokens (cut after its EOS) and the seconds of each step."""
+        from flexrank.runtime.kv_cache import CacheDecoder
+
         decoder = CacheDecoder(self.session, in_place=bool(self.entry.kv_cache_in_place),
-                               capacity=prompt_ids.shape[1] + max_new_tokens,
+                               capacity=ids.shape[1] + max_new_tokens,
                                extra=self._extra_feed())
-        ids, tokens, times = prompt_ids, [], []
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (B, T): real tokens only
+        tokens: list[list[int]] = [[] for _ in range(len(ids))]
+        done = np.zeros(len(ids), bool)
+        step_ids, times = ids, []
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            ids = decoder(ids)[:, -1].argmax(-1)[:, None]
+            logits = decoder(step_ids, attention_mask=mask, position_ids=positions)
+            step_ids = logits[:, -1].argmax(-1)[:, None]  # (B, 1)
             times.append(time.perf_counter() - start)
-            tokens.append(int(ids[0, 0]))
-            if eos is not None and tokens[-1] == eos:
+            for i, token in enumerate(step_ids[:, 0]):
+                if not done[i]:
+                    tokens[i].append(int(token))
+                    done[i] = eos is not None and int(token) == eos
+            if done.all():
                 break
-        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
-        return Generation(self.beta, int(prompt_ids.shape[1]), tokens, text, times[0],
-                          [t * 1e3 for t in times[1:]])
+            mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+        return tokens, times
+
+    def _check_positions(self, length: int, new_tokens: int) -> None:
+        """Refuse a generation past the positions the model was trained for (the rule of
+        flexrank.compress.models.check_positions, read from the config.json beside the
+        graph: the runtime loads no torch)."""
+        config = (self.bundle_dir / self.entry.graph).parent / "config.json"
+        if not config.is_file():
+            return
+        values = json.loads(config.read_text())
+        limit = next((values[k] for k in POSITION_KEYS if isinstance(values.get(k), int)), None)
+        if limit is not None and length > limit:
+            raise ValueError(f"a prompt of {length - new_tokens} tokens plus {new_tokens} new "
+                             f"tokens exceeds the {limit} positions the model was trained "
+                             "for; shorten the prompt or lower max_new_tokens")
 
     def encode(self, inputs) -> dict[str, np.ndarray]:
         """One forward pass of an encoder bundle: {output name: array}."""
@@ -205,8 +309,10 @@ class ElasticSession:
             return {"label": "measured on host", "beta": self.beta, "threads": self.threads,
                     "prompt_tokens": prompt_tokens, "latency_ms": min(times[1:]) * 1e3,
                     "load_s": self.load_s, "peak_rss_mb": peak_rss_bytes() / 2**20}
-        self.generate(prompt[:8], max_new_tokens=2, stop_at_eos=False)  # warm-up
-        runs = [self.generate(prompt, new_tokens, stop_at_eos=False) for _ in range(repeats)]
+        # timing only: a profile's prompt may pass a tiny model's positions; tokens unused
+        self.generate(prompt[:8], max_new_tokens=2, stop_at_eos=False, within_positions=False)
+        runs = [self.generate(prompt, new_tokens, stop_at_eos=False, within_positions=False)
+                for _ in range(repeats)]
         decode = [t for r in runs for t in r.decode_ms]
         return {"label": "measured on host", "beta": self.beta, "threads": self.threads,
                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,

@@ -162,3 +162,42 @@ def test_encoder_bundle_encodes_like_pytorch(tmp_path):
                             token_type_ids=torch.zeros_like(ids)).last_hidden_state
     np.testing.assert_allclose(out["last_hidden_state"], expected.numpy(), atol=1e-4)
     assert session.measure(prompt_tokens=8)["latency_ms"] > 0
+
+
+BATCH = [[5, 9, 14, 3, 22], [7, 11, 30, 4, 9, 18, 25, 6, 13],
+         [8, 3, 19, 27, 5, 12, 40, 2, 33, 15, 21, 9]]
+
+
+@pytest.mark.parametrize("layout", ["per-budget", "elastic"])
+def test_batched_generation_gives_each_prompt_its_own_tokens(llama, layout, tmp_path):
+    """Three left-padded prompts (5, 9, 12 tokens): one result per row, each PyTorch's
+    greedy tokens for that prompt alone; the same through a padded array and its mask."""
+    em, _ = llama
+    export(em, tmp_path, layout=layout, budgets=[0.6, 1.0])
+    session = ElasticSession(tmp_path, budget=0.6, threads=1)
+    em.set_budget(0.6)
+    expected = [torch_greedy(em.model, torch.tensor([row]), 10)[0].tolist() for row in BATCH]
+    results = session.generate(BATCH, max_new_tokens=10, stop_at_eos=False)
+    assert [r.token_ids for r in results] == expected
+    assert [r.prompt_tokens for r in results] == [5, 9, 12]
+    ids = np.zeros((3, 12), np.int64)
+    mask = np.zeros((3, 12), np.int64)
+    for i, row in enumerate(BATCH):
+        ids[i, 12 - len(row):], mask[i, 12 - len(row):] = row, 1
+    padded = session.generate(ids, max_new_tokens=10, stop_at_eos=False, attention_mask=mask)
+    assert [r.token_ids for r in padded] == expected
+    alone = session.generate(BATCH[1], max_new_tokens=10, stop_at_eos=False)
+    assert alone.token_ids == expected[1]
+
+
+def test_batched_generation_refuses_what_it_cannot_read(llama, tmp_path):
+    em, _ = llama
+    export(em, tmp_path, budgets=[1.0])
+    session = ElasticSession(tmp_path, threads=1)
+    right_padded = np.array([[1, 1, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match="left-pad"):
+        session.generate(np.array([[5, 6, 2], [5, 6, 7]]), 2, attention_mask=right_padded)
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 2\)"):
+        session.generate(np.array([[5, 6, 2], [5, 6, 7]]), 2, attention_mask=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="at least one token"):
+        session.generate([[5, 6], []], 2)
