@@ -52,6 +52,7 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
                                  "decode_tokens_per_s": prediction.decode_tokens_per_s,
                                  "memory_gb": prediction.memory_bytes / 1e9,
                                  "fits": all(c.passed for c in checks)},
+                   "weights": {"bytes": cost.weight_bytes_total, "whole_kept": cost.whole_kept},
                    "measured": None}
             if row["exported"]:
                 key = (threads, prompt, cost.beta)

@@ -6,19 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flexrank.io import write_json_atomic
+from flexrank.cli.compress import whole_number
+from flexrank.device.decide import BETA_LABEL
+from flexrank.io import atomic_path, check_writable, write_json_atomic
 from flexrank.runtime.bench import DEFAULT_PROFILES, bench
 
 
 def bench_table(report: dict) -> str:
-    header = ["profile", "tier", "beta", "host thr", "host TTFT s", "host ms/tok med",
-              "host ms/tok p90", "pred. TTFT s", "pred. tok/s", "pred. GB", "target tok/s",
-              "fits (pred.)"]
+    header = ["profile", "tier", "beta", "whole kept", "weights MB", "host thr", "host TTFT s",
+              "host ms/tok med", "host ms/tok p90", "pred. TTFT s", "pred. tok/s", "pred. GB",
+              "target tok/s", "fits (pred.)"]
     body = []
     for tier in report["tiers"]:
         for row in tier["rows"]:
             m, p = row["measured"], row["predicted"]
-            body.append([tier["profile"], tier["tier"], f"{row['beta']:g}", str(tier["threads"]),
+            body.append([tier["profile"], tier["tier"], f"{row['beta']:g}",
+                         *_weights(row.get("weights")), str(tier["threads"]),
                          _f(m, "ttft_s", "{:.3f}"), _f(m, "decode_ms_median", "{:.1f}"),
                          _f(m, "decode_ms_p90", "{:.1f}"), f"{p['ttft_s']:.3f}",
                          "-" if p["decode_tokens_per_s"] is None
@@ -30,7 +33,16 @@ def bench_table(report: dict) -> str:
     lines.append(f"host = measured on {report['host']} in onnxruntime (threads capped to the "
                  "profile's and the host's cores; '-' = budget not in the bundle); pred. = "
                  "predicted for the device by flexrank.device.predict, not measured")
+    lines.append(BETA_LABEL)
     return "\n".join(lines)
+
+
+def _weights(weights: dict | None) -> list[str]:
+    """[whole-model fraction, resident weights MB] of one row ('-' where not known)."""
+    if not weights:
+        return ["-", "-"]
+    whole = weights.get("whole_kept")
+    return ["-" if whole is None else f"{whole:.4f}", f"{weights['bytes'] / 1e6:.3g}"]
 
 
 def _f(measured: dict | None, key: str, fmt: str) -> str:
@@ -71,8 +83,8 @@ def bench_plot(report: dict, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a full disk leaves no half PNG
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
 
@@ -81,11 +93,11 @@ def cmd_bench(args) -> int:
     names = [n.strip() for n in args.profiles.split(",") if n.strip()]
     if not names:
         raise ValueError("--profiles is empty: give names like pixel8,laptop-x86")
+    out = Path(args.dist_dir) / "bench"
+    check_writable(out, "flexrank bench's output folder DIST_DIR/bench")  # before measuring
     print(f"benchmarking {args.dist_dir} for {', '.join(names)} ...", flush=True)
     report = bench(args.dist_dir, names, new_tokens=args.tokens)
     print(bench_table(report))
-    out = Path(args.dist_dir) / "bench"
-    out.mkdir(exist_ok=True)
     write_json_atomic(out / "bench.json", json.loads(json.dumps(report)))
     plot = bench_plot(report, out / "bench.png")
     print(f"wrote {out / 'bench.json'} and {plot}")
@@ -99,5 +111,6 @@ def add_parser(sub) -> None:
     p.add_argument("--profiles", default=DEFAULT_PROFILES,
                    help=f"comma-separated profile names or YAML files (default: "
                         f"{DEFAULT_PROFILES})")
-    p.add_argument("--tokens", type=int, default=16, help="decoded tokens timed per budget")
+    p.add_argument("--tokens", type=whole_number(1), default=16,
+                   help="decoded tokens timed per budget")
     p.set_defaults(func=cmd_bench)

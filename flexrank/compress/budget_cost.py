@@ -33,20 +33,27 @@ class ModelCounts:
     embedding: int  # input embedding table (one row read per token)
     embedding_row: int  # hidden size
     tied: bool  # the lm_head is the embedding table (stored once)
+    factorised_dense: int = 0  # Σ m·n over the nested layers: their uncompressed size
 
     @property
     def resident(self) -> int:
         return self.factorised + self.other + (0 if self.tied else self.embedding)
+
+    @property
+    def dense_resident(self) -> int:
+        """`resident` of the uncompressed model (every nested layer dense)."""
+        return self.resident - self.factorised + self.factorised_dense
 
 
 def budget_counts(elastic, beta: float) -> ModelCounts:
     model: nn.Module = elastic.model
     layers = nested_layers(model)
     ranks = elastic.layer_ranks(beta)
-    factorised = 0
+    factorised = dense = 0
     for name, layer in layers.items():
         m, n = layer.U.shape[0], layer.V.shape[0]
         factorised += gauge_fixed_params(m, n, ranks[name])
+        dense += m * n
     nested_ids = {id(p) for layer in layers.values() for p in layer.parameters()}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -61,7 +68,7 @@ def budget_counts(elastic, beta: float) -> ModelCounts:
         other += embed_weight.numel()  # the head reads the whole table every token
     embedding = 0 if embed_weight is None else embed_weight.numel()
     row = 0 if embed_weight is None else embed_weight.shape[-1]
-    return ModelCounts(factorised, other, embedding, row, tied)
+    return ModelCounts(factorised, other, embedding, row, tied, dense)
 
 
 def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost:
@@ -94,7 +101,8 @@ def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost
         kv_bytes_per_token=kv,
         n_layers=max(n_layers, 1),
         activation_bytes_per_token=float(activations),
-        encoder=encoder)
+        encoder=encoder,
+        dense_weight_bytes_total=counts.dense_resident * weight_bytes)
 
 
 def budget_costs(elastic, quantize: str | None = None, budgets=None) -> list[BudgetCost]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
+
+from flexrank.compress.models import check_positions
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,73 @@ def to_device(batch, device):
     return batch.to(device)
 
 
+# ---- the one batch rule ----------------------------------------------------------------
+
+TOKEN_BATCHES = ("a dict with input_ids (a (B, T) integer tensor) and optionally "
+                 "attention_mask (B, T), or a bare (B, T) integer tensor of token ids")
+
+
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class BatchError(ValueError):
+    """A batch in a form that the functions taking batches do not accept."""
+
+
+def takes_token_ids(model) -> bool:
+    """Whether `model` reads token ids (a transformers language model or text encoder);
+    other models (vision, plain nn.Module) take whatever tensor their forward takes."""
+    return getattr(model, "main_input_name", None) == "input_ids"
+
+
+def as_batch(batch, model) -> dict[str, torch.Tensor] | torch.Tensor:
+    """One batch in the form every public function that takes batches uses
+    (collect_covariances, probe, distill, evaluate_budgets, cosine_similarity).
+
+    For a model that reads token ids: {input_ids (B, T), attention_mask (B, T), and the
+    dict's other inputs}, from {input_ids[, attention_mask, ...]} or a bare (B, T) integer
+    tensor (all-ones mask: every token is real); T may not exceed the model's positions
+    (PositionLimitError). For any other model, the tensor, tuple of tensors or dict its
+    forward takes, unchanged. Raises BatchError naming what was given and what is accepted.
+    """
+    if not takes_token_ids(model):
+        if torch.is_tensor(batch) or isinstance(batch, Mapping) or (
+                isinstance(batch, (tuple, list)) and batch and all(map(torch.is_tensor, batch))):
+            return batch
+        raise BatchError(f"a batch for {type(model).__name__} must be the tensor (or tuple or "
+                         f"dict of tensors) its forward takes; got {_describe(batch)}")
+    if torch.is_tensor(batch):
+        batch = {"input_ids": batch}
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not (torch.is_tensor(ids) and ids.dim() == 2 and ids.dtype in ID_DTYPES):
+        given = _describe(batch["input_ids"] if isinstance(batch, Mapping)
+                          and "input_ids" in batch else batch)
+        raise BatchError(f"a batch for {type(model).__name__} must be {TOKEN_BATCHES}; got "
+                         f"{given}" + (" (for one sequence, add a batch axis: ids[None])"
+                                       if torch.is_tensor(ids) and ids.dim() == 1 else ""))
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    elif not (torch.is_tensor(mask) and mask.shape == ids.shape):
+        raise BatchError(f"attention_mask is {_describe(mask)} but input_ids has shape "
+                         f"{tuple(ids.shape)}: give one mask value per token")
+    check_positions(model, ids.shape[1], f"batches of {ids.shape[1]} tokens",
+                    "cut the sequences to at most that many tokens (seq_len)")
+    return {**batch, "input_ids": ids, "attention_mask": mask}
+
+
+def _describe(value) -> str:
+    """E.g. 'a float32 tensor of shape (4, 16)', 'a list of 3 str'."""
+    if torch.is_tensor(value):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))}"
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {len(value)} {'/'.join(kinds) or 'items'}"
+    return f"a {type(value).__name__}"
+
+
 def to_batches(samples: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
             for chunk in samples.split(batch_size)]
@@ -171,7 +240,8 @@ def calibration_data(tokenizer, source="teacher", model=None, num_samples: int =
                      span: tuple[float, float] = (0.0, 1.0)) -> list[dict[str, torch.Tensor]]:
     """Batches of `{input_ids, attention_mask}` ((batch_size, seq_len) each), `num_samples`
     sequences in all. `source`: 'teacher' (needs `model`), a text/.jsonl file, a datasets
-    folder saved with `save_to_disk`, or a list of such paths."""
+    folder saved with `save_to_disk`, or a list of such paths. With `model`, a `seq_len`
+    beyond its positions is refused (PositionLimitError)."""
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         raise CalibrationError(f"num_samples ({num_samples}), seq_len ({seq_len}) and "
                                f"batch_size ({batch_size}) must be positive, seq_len ≥ 2")
@@ -180,6 +250,9 @@ def calibration_data(tokenizer, source="teacher", model=None, num_samples: int =
     if tokenizer is None:
         raise CalibrationError("calibration needs a tokenizer; for a bare nn.Module build the "
                                "input batches yourself")
+    if model is not None:
+        check_positions(model, seq_len, f"calibration sequences of {seq_len} tokens",
+                        "lower seq_len (--seq-len)")
     if num_samples < RECOMMENDED_SAMPLES:
         logger.warning("calibrating on %d sequences; about %d or more are recommended "
                        "(fewer give a rank-poor covariance)", num_samples, RECOMMENDED_SAMPLES)

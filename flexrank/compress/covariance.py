@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexrank.compress.calibration import to_device
+from flexrank.compress.calibration import as_batch, to_device
 from flexrank.compress.select import FilterFn, find_targets
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 ACCUMULATE_DTYPE = torch.float64
 GRAM_DTYPE = torch.float32
 GRAM_CHUNK = 512
+# Σ of an n-wide input from N tokens has rank at most N, and its small eigenvalues are noisy
+# long before N < n. compress's default calibration (128 sequences of 256 tokens) gives 21
+# tokens per input dimension on SmolLM2-135M's widest input (1536, the MLP down projection);
+# collect_covariances warns below 16, on the tokens it actually saw.
+RECOMMENDED_TOKENS_PER_DIM = 16
 
 
 @dataclass
@@ -179,9 +184,13 @@ def collect_covariances(model: nn.Module, batches: Iterable, filter_fn: FilterFn
                         reduce: bool = True) -> CovarianceStats:
     """Run `batches` through `model` and return the input covariance of every target layer.
 
-    A batch is a dict of model inputs (its `attention_mask`, if any, excludes padding
-    tokens) or a bare tensor. Under torch.distributed the sums are all-reduced (`reduce`).
-    `precise=True` forms every XᵀX in float64 (about 2x slower on CPU; see GRAM_DTYPE).
+    Batches follow `flexrank.compress.calibration.as_batch`: for a language model, dicts
+    with input_ids (B, T) (their `attention_mask` excludes padding tokens) or bare (B, T)
+    id tensors; for other models, the tensor their forward takes. Warns when an input saw
+    fewer than RECOMMENDED_TOKENS_PER_DIM tokens per dimension (over all shards; not with
+    reduce=False, whose counts are one shard's). Under torch.distributed the sums are
+    all-reduced (`reduce`). `precise=True` forms every XᵀX in float64 (about 2x slower on
+    CPU; see GRAM_DTYPE). Raises BatchError for a batch in another form.
     """
     targets = find_targets(model, filter_fn, include_lm_head)
     if not targets:
@@ -194,7 +203,7 @@ def collect_covariances(model: nn.Module, batches: Iterable, filter_fn: FilterFn
     try:
         with CovarianceCollector(targets, offload, precise) as collector:
             for batch in tqdm(batches, desc="covariance", disable=not progress, unit="batch"):
-                batch = to_device(batch, device)
+                batch = to_device(as_batch(batch, model), device)
                 if isinstance(batch, Mapping):
                     mask = batch.get("attention_mask")
                     collector.token_mask = mask.bool() if mask is not None else None
@@ -210,4 +219,26 @@ def collect_covariances(model: nn.Module, batches: Iterable, filter_fn: FilterFn
     if missing:
         logger.warning("%d target layers never ran in the calibration forward passes "
                        "(e.g. %s); they will use plain SVD", len(missing), missing[:3])
-    return stats.all_reduce_() if reduce else stats
+    if not reduce:
+        return stats  # a shard: its token counts are not the run's
+    stats = stats.all_reduce_()
+    _warn_few_tokens(stats)
+    return stats
+
+
+def _warn_few_tokens(stats: CovarianceStats) -> None:
+    """Warn once when some input saw fewer than RECOMMENDED_TOKENS_PER_DIM tokens (rows)
+    per dimension: its covariance is rank-poor whatever the batches' origin."""
+    short = {leader: (count, stats.sums[leader].shape[0])
+             for leader, count in stats.counts.items()
+             if count < RECOMMENDED_TOKENS_PER_DIM * stats.sums[leader].shape[0]}
+    if not short:
+        return
+    worst = min(short, key=lambda leader: short[leader][0] / short[leader][1])
+    count, width = short[worst]
+    logger.warning(
+        "calibration saw %d tokens for %s's %d-wide input (%.1f per dimension; %d of %d "
+        "inputs below %d per dimension): the covariance is rank-poor and DataSVD's whitening "
+        "unreliable; calibrate on about %d tokens or more (more or longer sequences)",
+        count, worst, width, count / width, len(short), len(stats.counts),
+        RECOMMENDED_TOKENS_PER_DIM, RECOMMENDED_TOKENS_PER_DIM * width)

@@ -46,6 +46,9 @@ class Whitening:
 
     Q: torch.Tensor  # (n, n) orthogonal, float64
     root: torch.Tensor  # (n,) √λ after clamping
+    # eigenvalues raised to floor·λ_max: directions the calibration data (nearly) never
+    # took; > 0 means Σ is rank-deficient (too few, repeated or identical sequences)
+    clamped: int = 0
 
     @classmethod
     def of(cls, cov: torch.Tensor, floor: float = EIGEN_FLOOR) -> Whitening:
@@ -57,7 +60,8 @@ class Whitening:
         if lam_max <= 0:
             raise DegenerateCovarianceError(
                 "covariance is zero: the layer never saw a non-zero input")
-        return cls(Q, eigvals.clamp_min(floor * lam_max).sqrt())
+        clamped = int((eigvals < floor * lam_max).sum())
+        return cls(Q, eigvals.clamp_min(floor * lam_max).sqrt(), clamped)
 
 
 def symmetric_sqrt(cov: torch.Tensor,

@@ -10,6 +10,12 @@ Distribution is Accelerate's (DDP; FSDP through its config): each process takes 
 of the global batch. Budget and batch choices come from a counter-based RNG seeded by
 (seed, step), identical on every process and needing no state to resume. Checkpoints
 (trainable weights, optimizer state, step) are safetensors, written atomically.
+
+Precision: a float16/bfloat16 student is trained in float32 (fp32 master weights: AdamW's
+second moments and eps underflow in float16, which turned 28 weight tensors into NaN
+within 3 steps) and cast back to its dtype at the end; Accelerate's mixed precision
+(DistillConfig.mixed_precision) runs the forward in half precision on a GPU. A non-finite
+loss, gradient or weight stops training with NonFiniteError naming the step.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexrank.compress.calibration import to_device
+from flexrank.compress.calibration import BatchError, as_batch, to_device
 from flexrank.compress.config import DistillConfig
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.select import nested_layers
@@ -38,6 +44,11 @@ from flexrank.io import atomic_dir
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # trained through float32 master weights
+
+
+class NonFiniteError(ValueError):
+    """Training produced NaN or inf (a loss, a gradient or a weight), at a named step."""
 
 
 @dataclass
@@ -104,11 +115,17 @@ def lr_factor(step: int, config: DistillConfig) -> float:
 # ---- data ----------------------------------------------------------------------------
 
 
-def stack_sequences(batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Concatenate calibration-style batches into one {input_ids, attention_mask} table."""
-    ids = torch.cat([b["input_ids"] for b in batches])
-    masks = torch.cat([b.get("attention_mask", torch.ones_like(b["input_ids"])) for b in batches])
-    return {"input_ids": ids, "attention_mask": masks}
+def stack_sequences(batches: Sequence, model: nn.Module) -> dict[str, torch.Tensor]:
+    """One {input_ids, attention_mask} table, (N, T) each, from batches of `model`'s token
+    ids in the form `flexrank.compress.calibration.as_batch` takes (dicts with input_ids,
+    or bare (B, T) id tensors). Raises BatchError for other batches, or a model that does
+    not read token ids (distillation matches logits)."""
+    rows = [as_batch(b, model) for b in batches]
+    if not rows or not all(isinstance(b, dict) for b in rows):
+        raise BatchError(f"distillation needs batches of token ids for a language model; "
+                         f"{type(model).__name__} got {len(rows)} batch(es) of another kind")
+    return {"input_ids": torch.cat([b["input_ids"] for b in rows]),
+            "attention_mask": torch.cat([b["attention_mask"] for b in rows])}
 
 
 # ---- evaluation ----------------------------------------------------------------------
@@ -117,8 +134,10 @@ def stack_sequences(batches: Sequence[dict]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequence[dict],
                      ) -> dict[float, dict[str, float]]:
-    """Held-out KL(teacher ‖ student) and the student's perplexity at every budget."""
+    """Held-out KL(teacher ‖ student) and the student's perplexity at every budget.
+    Batches as `flexrank.compress.calibration.as_batch` takes them."""
     model = elastic.model
+    batches = [as_batch(b, model) for b in batches]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -219,7 +238,7 @@ class _Run:
     wrapped: nn.Module  # the student as Accelerate prepared it (DDP-wrapped under DDP)
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
-    trained: list[torch.Tensor]  # every tensor the optimizer updates, clipped together
+    trained: dict[str, torch.Tensor]  # every tensor the optimizer updates, by name
     log_vars: nn.Parameter | None  # one uncertainty weight per budget, or None
     data: dict[str, torch.Tensor]  # {input_ids, attention_mask}: (N, T) each
     accelerator: object
@@ -234,27 +253,52 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     budget of `plan` imitates `teacher`. With `output_dir`, checkpoints go to
     output_dir/checkpoint and a run there resumes from the last one exactly.
 
+    Batches (and `eval_batches`) are the language model's token ids as
+    `flexrank.compress.calibration.as_batch` takes them: dicts with input_ids (B, T) and
+    optionally attention_mask, or bare (B, T) integer tensors.
+
     Mutates, in place, and leaves on return:
     - `model`: the trained parameters (the nested layers' factors and biases; every
       parameter with `train_all`) hold their trained values; every parameter has
       requires_grad=False; the model is in eval mode, with every nested layer at its rank
       for the plan's largest budget (layers the plan does not name at their max rank), as
-      `ElasticModel(model, plan).set_budget(max(plan.budgets))` sets them.
+      `ElasticModel(model, plan).set_budget(max(plan.budgets))` sets them. Every tensor
+      keeps its dtype: float16/bfloat16 ones are trained in float32 (master weights) and
+      cast back at the end (also when training stops with an error).
     - `teacher`: every parameter requires_grad=False, eval mode, on Accelerate's device.
     - output_dir/checkpoint: the last checkpoint (step `config.steps`).
 
     Raises ValueError when `config.batch_size` is not divisible by the number of
-    processes, or when the plan does not fit the model (see ElasticModel).
+    processes, or when the plan does not fit the model (see ElasticModel); BatchError for
+    batches in another form; NonFiniteError, naming the step, when a loss, gradient or
+    trained weight becomes NaN or inf.
     """
     config = config or DistillConfig()
     accelerator = accelerator or _make_accelerator(config)
     elastic = ElasticModel(model, plan)
-    data = stack_sequences(batches)
+    data = stack_sequences(batches, model)
+    eval_batches = [as_batch(b, model) for b in eval_batches] if eval_batches else None
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                          f"{accelerator.num_processes} processes")
     _freeze_(teacher)
     teacher.eval()
+    half = _upcast_half_(model)
+    try:
+        result = _distill(model, elastic, teacher, data, config, eval_batches, output_dir,
+                          accelerator, progress)
+    finally:
+        _restore_dtypes_(model, half)
+    elastic.set_budget(elastic.budgets[-1])  # ascending: the largest
+    model.eval()
+    _freeze_(model)
+    return result
+
+
+def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
+             data: dict[str, torch.Tensor], config: DistillConfig, eval_batches,
+             output_dir, accelerator, progress: bool) -> DistillResult:
+    """The run itself: optimizer, resume, training steps, last checkpoint, evaluations."""
     params = _train_only_(model, config.train_all)
     log_vars = nn.Parameter(torch.zeros(len(elastic.budgets))) \
         if config.uncertainty_weights else None
@@ -263,7 +307,8 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     ckpt = Path(output_dir) / CHECKPOINT_DIR if output_dir else None
     start_step = _resume(ckpt, saved, optimizer)
 
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): name for name, p in saved.items()}
+    trained = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     run = _Run(elastic, wrapped, teacher.to(accelerator.device), optimizer, trained, log_vars,
                data, accelerator, config)
@@ -276,10 +321,43 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     if eval_batches and accelerator.is_main_process and \
             (not result.evals or result.evals[-1]["step"] != config.steps):
         _evaluate(run, eval_batches, config.steps, result)
-    elastic.set_budget(elastic.budgets[-1])  # ascending: the largest
-    model.eval()
-    _freeze_(model)
     return result
+
+
+def _upcast_half_(model: nn.Module) -> dict[tuple[str, str], torch.dtype]:
+    """Cast every float16/bfloat16 parameter and buffer of `model` to float32 in place
+    (parameters stay the same objects, so the optimizer updates float32 master weights);
+    returns {("param" | "buffer", name): original dtype} for `_restore_dtypes_`."""
+    cast = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied tensor once
+            if param.dtype in HALF_DTYPES:
+                cast["param", name] = param.dtype
+                param.data = param.data.float()
+        for name, buffer in model.named_buffers():
+            if buffer.dtype in HALF_DTYPES:
+                cast["buffer", name] = buffer.dtype
+                _set_buffer(model, name, buffer.float())
+    if cast:
+        logger.info("training the %s student in float32 (master weights); %d tensors are "
+                    "cast back at the end", sorted({str(d) for d in cast.values()}), len(cast))
+    return cast
+
+
+def _restore_dtypes_(model: nn.Module, dtypes: dict[tuple[str, str], torch.dtype]) -> None:
+    """Cast the tensors `_upcast_half_` upcast back to their dtypes, in place."""
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    with torch.no_grad():
+        for (kind, name), dtype in dtypes.items():
+            if kind == "param":
+                params[name].data = params[name].data.to(dtype)
+            else:
+                _set_buffer(model, name, buffers[name].to(dtype))
+
+
+def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, value)
 
 
 def _freeze_(module: nn.Module) -> None:
@@ -360,13 +438,52 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
             teacher_logits = run.teacher(**batch).logits
         for position, k in enumerate(chosen):
             last = micro == config.grad_accum - 1 and position == len(chosen) - 1
-            step_losses[run.elastic.budgets[k]] = _backward(run, batch, teacher_logits, k,
-                                                            len(chosen), sync=last)
+            loss = _backward(run, batch, teacher_logits, k, len(chosen), sync=last)
+            if not math.isfinite(loss):
+                _loss_error(run, step, run.elastic.budgets[k], loss, teacher_logits)
+            step_losses[run.elastic.budgets[k]] = loss
         tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-    accelerator.clip_grad_norm_(run.trained, config.max_grad_norm)
+    if getattr(accelerator, "scaler", None) is None:  # a GradScaler skips such steps itself
+        _check_gradients(run, step)  # before clipping, which spreads a NaN to every tensor
+    accelerator.clip_grad_norm_(list(run.trained.values()), config.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    _check_weights(run, step)
     return step_losses, tokens
+
+
+DIVERGED_ADVICE = ("lower DistillConfig.lr or max_grad_norm, check the batches, and rerun "
+                   "(a run with output_dir resumes from its last checkpoint)")
+
+
+def _check_gradients(run: _Run, step: int) -> None:
+    """NonFiniteError before the optimizer step when a gradient is NaN or inf."""
+    grads = {name: p.grad for name, p in run.trained.items() if p.grad is not None}
+    finite = _all_finite(grads)
+    if finite is None:
+        return
+    bad = [name for name, ok in zip(grads, finite, strict=True) if not ok]
+    raise NonFiniteError(f"distillation step {step}: the gradients of {len(bad)} tensors are "
+                         f"NaN/inf (first {bad[:3]}); the weights were not updated; "
+                         f"{DIVERGED_ADVICE}")
+
+
+def _check_weights(run: _Run, step: int) -> None:
+    """NonFiniteError when the optimizer step left a trained tensor NaN or inf."""
+    finite = _all_finite(run.trained)
+    if finite is None:
+        return
+    bad = [name for name, ok in zip(run.trained, finite, strict=True) if not ok]
+    raise NonFiniteError(f"distillation step {step}: after the optimizer step {len(bad)} "
+                         f"trained tensors hold NaN/inf (first {bad[:3]}); {DIVERGED_ADVICE}")
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> list[bool] | None:
+    """None when every tensor is finite (one device sync), else a flag per tensor."""
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    return None if bool(finite.all()) else finite.tolist()
 
 
 def _local_batch(run: _Run, draw: int) -> dict[str, torch.Tensor]:
@@ -396,6 +513,20 @@ def _backward(run: _Run, batch: dict[str, torch.Tensor], teacher_logits: torch.T
         with accelerator.no_sync(run.wrapped):
             accelerator.backward(loss)
     return raw
+
+
+def _loss_error(run: _Run, step: int, beta: float, loss: float,
+                teacher_logits: torch.Tensor) -> None:
+    """NonFiniteError for a NaN/inf loss, saying where it came from."""
+    if not torch.isfinite(teacher_logits).all():
+        cause = (f"the teacher's logits are not finite (its dtype: {teacher_logits.dtype}; a "
+                 "float16 teacher can overflow: load it in bfloat16 or float32)")
+    else:
+        bad = [name for name, p in run.trained.items() if not torch.isfinite(p).all()]
+        cause = (f"trained tensors hold NaN/inf: {bad[:3]}" if bad else
+                 "the student's logits are not finite although its trained weights are")
+    raise NonFiniteError(f"distillation step {step}: the loss at budget {beta:g} is {loss}; "
+                         f"{cause}; {DIVERGED_ADVICE}")
 
 
 def _checkpoint(accelerator, ckpt: Path, step: int, params, optimizer, config) -> None:

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexrank.compress.calibration import as_batch
+from flexrank.compress.models import check_positions
+
 
 class EvaluationError(ValueError):
     """Input that cannot be evaluated (empty or too-short text, wrong model kind)."""
@@ -55,6 +58,14 @@ def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.
     return ids
 
 
+def _check_windows(model: nn.Module, ids: torch.Tensor, seq_len: int) -> None:
+    """Refuse windows longer than the positions `model` was trained for (PositionLimitError);
+    a text shorter than `seq_len` makes one window of its own length."""
+    length = min(seq_len, len(ids))
+    check_positions(model, length, f"evaluation windows of {length} tokens",
+                    "pass a seq_len (--seq-len) no larger than that")
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]))
     logits = getattr(out, "logits", None)
@@ -67,7 +78,9 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256,
                stride: int | None = None) -> float:
-    """exp(mean negative log-likelihood) of every token of `ids` after the first."""
+    """exp(mean negative log-likelihood) of every token of `ids` after the first.
+    Raises PositionLimitError when a window would exceed the model's positions."""
+    _check_windows(model, ids, seq_len)
     nll, count = 0.0, 0
     for window in windows(ids, seq_len, stride or seq_len):
         logits = _logits(model, window.input_ids)
@@ -82,7 +95,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256,
 @torch.no_grad()
 def teacher_agreement(model: nn.Module, teacher: nn.Module, ids: torch.Tensor,
                       seq_len: int = 256, stride: int | None = None) -> dict[str, float]:
-    """Mean KL(teacher ‖ model) per token and top-1 agreement with the teacher."""
+    """Mean KL(teacher ‖ model) per token and top-1 agreement with the teacher.
+    Raises PositionLimitError when a window would exceed either model's positions."""
+    _check_windows(model, ids, seq_len)
+    _check_windows(teacher, ids, seq_len)
     kl, agree, count = 0.0, 0, 0
     for window in windows(ids, seq_len, stride or seq_len):
         student = F.log_softmax(_logits(model, window.input_ids), -1)
@@ -112,9 +128,12 @@ def evaluate_elastic(elastic, teacher: nn.Module | None, ids: torch.Tensor,
 @torch.no_grad()
 def cosine_similarity(model: nn.Module, reference: nn.Module, batches: Sequence[dict],
                       ) -> float:
-    """Mean cosine similarity of the encoders' token embeddings (last hidden state)."""
+    """Mean cosine similarity of the encoders' token embeddings (last hidden state), over
+    batches as `flexrank.compress.calibration.as_batch` takes them (dicts with input_ids,
+    or bare (B, T) id tensors)."""
     total, count = 0.0, 0
     for batch in batches:
+        batch = as_batch(batch, model)
         a = model(**batch).last_hidden_state
         b = reference(**batch).last_hidden_state
         sims = F.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, T)

@@ -160,3 +160,38 @@ def model_kind(model: nn.Module) -> str:
     if model.can_generate() and not getattr(config, "is_encoder_decoder", False):
         return "decoder"
     return "encoder"
+
+
+# Config attributes that say how many token positions a model was trained for:
+# max_position_embeddings (Llama, Qwen2, Mistral, Phi-3, Gemma, BERT), n_positions (GPT-2),
+# n_ctx (GPT-2 configs that predate n_positions).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+class PositionLimitError(ValueError):
+    """A sequence longer than the positions the model was trained for."""
+
+
+def max_positions(model) -> int | None:
+    """How many token positions `model` (or a transformers config) was trained for, or None
+    when it declares no limit (a plain nn.Module, a vision model)."""
+    config = getattr(model, "config", model)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model, length: int, what: str, fix: str) -> None:
+    """The one rule for sequences longer than the model's positions: refuse them.
+
+    A model runs past `max_positions` without an error (rotary positions extrapolate) and
+    reports figures for inputs it never saw; a learned position table fails with an
+    IndexError. Raises PositionLimitError naming `what` (e.g. "evaluation windows of 256
+    tokens"), the limit, and `fix` (what to pass instead)."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise PositionLimitError(
+            f"{what} exceed the {limit} positions {type(model).__name__} was trained for "
+            f"(config.max_position_embeddings / n_positions); {fix}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexrank.compress.calibration import to_device
+from flexrank.compress.calibration import as_batch, to_device
 from flexrank.compress.config import ProbeConfig
 from flexrank.compress.layers import NESTED_TYPES
 from flexrank.compress.select import nested_layers
@@ -221,9 +221,11 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     in `only`) at its max rank, whatever rank it had before; nested layers outside `only`
     keep their rank, and the probe measures with them at that rank (set them to max rank
     first to probe against the full model); `model` back in the train/eval mode it had
-    (it runs in eval mode); `teacher` in eval mode. Raises ValueError for a model without
-    nested layers, an unknown name in `only`, no batches, or a `cache_path` holding a
-    probe of another model or configuration.
+    (it runs in eval mode); `teacher` in eval mode. Batches follow
+    `flexrank.compress.calibration.as_batch` (dicts with input_ids, or bare (B, T) id
+    tensors, for a language model). Raises ValueError for a model without nested layers,
+    an unknown name in `only`, no batches, or a `cache_path` holding a probe of another
+    model or configuration; BatchError for a batch in another form.
     """
     config = config or ProbeConfig()
     layers = _layers_to_probe(model, only)
@@ -231,7 +233,7 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
         raise ValueError("probing needs at least one batch")
     levels, ranks = _candidate_table(layers, config)
     device = next(model.parameters()).device
-    batches = [to_device(b, device) for b in batches]
+    batches = [to_device(as_batch(b, model), device) for b in batches]
     masks = [b.get("attention_mask").float() if isinstance(b, Mapping)
              and b.get("attention_mask") is not None else None for b in batches]
     was_training = model.training

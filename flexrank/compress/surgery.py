@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from flexrank.compress.config import FactorizeConfig
-from flexrank.compress.covariance import CovarianceStats
 from flexrank.compress.decompose import (
     DegenerateCovarianceError,
     Factors,
@@ -24,6 +24,9 @@ from flexrank.compress.decompose import (
 )
 from flexrank.compress.layers import linear_weight, nested_from_module
 from flexrank.compress.select import FilterFn, find_targets
+
+if TYPE_CHECKING:  # annotations only: covariance -> calibration -> models -> elastic -> here
+    from flexrank.compress.covariance import CovarianceStats
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +53,30 @@ class WhiteningCache:
         self.stats, self.floor = stats, floor
         self.leader: str | None = None
         self.value: Whitening | None = None
+        self.clamped: dict[str, tuple[int, int]] = {}  # layer -> (clamped eigenvalues, width)
 
     def __call__(self, name: str) -> Whitening:
         leader = self.stats.leader_of[name]
         if leader != self.leader:
             self.leader, self.value = leader, None  # drop the old one before computing
             self.value = Whitening.of(self.stats.covariance(name)[0], self.floor)
+        if self.value.clamped:
+            self.clamped[name] = (self.value.clamped, self.value.root.numel())
         return self.value
+
+    def warn_rank_deficient(self) -> None:
+        """One warning for the layers whose input covariance had eigenvalues clamped."""
+        if not self.clamped:
+            return
+        share = {name: c / width for name, (c, width) in self.clamped.items()}
+        worst = sorted(share, key=share.get, reverse=True)[:3]
+        logger.warning(
+            "%d layers read a rank-deficient input covariance (eigenvalues below %g x the "
+            "largest raised to it; worst: %s): the calibration data spans too few directions "
+            "(too few tokens, one repeated token or identical sequences), so DataSVD orders "
+            "the missing directions arbitrarily; calibrate on more, varied text",
+            len(self.clamped), self.floor,
+            ", ".join(f"{n} ({self.clamped[n][0]} of {self.clamped[n][1]})" for n in worst))
 
 
 def decompose_layer(name: str, module: nn.Module, stats: CovarianceStats | None,
@@ -119,8 +139,9 @@ def factorize_(model: nn.Module, stats: CovarianceStats | None = None,
 
     With `stats` from `collect_covariances` the factors are DataSVD's; without, plain SVD.
     Returns one report per replaced layer (singular values, for tables and planning), in
-    the order of `model.named_modules()`. Raises ValueError when `model` is itself a single
-    target layer (it cannot be replaced in place).
+    the order of `model.named_modules()`; logs one warning when some layers' input
+    covariance is rank-deficient (`WhiteningCache.warn_rank_deficient`). Raises ValueError
+    when `model` is itself a single target layer (it cannot be replaced in place).
     """
     config = config or FactorizeConfig()
     if config.method == "data" and stats is None:
@@ -144,4 +165,6 @@ def factorize_(model: nn.Module, stats: CovarianceStats | None = None,
 
     with bar:
         swap_modules_(model, replace)
+    if cache is not None:
+        cache.warn_rank_deficient()
     return reports

@@ -14,6 +14,10 @@ from flexrank.planning.costs import BudgetCost
 logger = logging.getLogger(__name__)
 
 GB = 1e9  # profiles use decimal units
+MB = 1e6
+BETA_LABEL = ("beta = kept fraction of the factorised layers' deployed parameters; whole kept "
+              "= the whole model's resident weights against the uncompressed model's; weights "
+              "MB = resident weights as deployed (after any quantization)")
 AT_TARGET_RTOL = 1e-9  # a prediction exactly at its target passes; this absorbs float rounding
 
 
@@ -53,6 +57,7 @@ class TargetCheck:
 class BudgetRow:
     prediction: Prediction
     checks: tuple[TargetCheck, ...]
+    cost: BudgetCost | None = None  # what the prediction was made from
 
     @property
     def beta(self) -> float:
@@ -86,13 +91,15 @@ class Decision:
                  f"{value_of(p.model_memory_gb):g} GB (KV cache for {p.context_tokens} tokens)."]
         names = [c.target for c in self.rows[0].checks] if self.rows else []
         header = ["beta", *[f"{n} {c.unit}" for n, c in zip(names, self.rows[0].checks,
-                                                             strict=True)], "fits"]
+                                                             strict=True)], "fits",
+                  "whole kept", "weights MB"]
         body = [[f"{r.beta:g}",
                  *[f"{c.predicted:.3g} {'ok' if c.passed else 'FAIL'}" for c in r.checks],
-                 "yes" if r.fits else "no"] for r in self.rows]
+                 "yes" if r.fits else "no", *_size_cells(r.cost)] for r in self.rows]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         for row in [header, *body]:
             lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+        lines.append(BETA_LABEL)
         chosen = "none" if self.beta is None else f"beta {self.beta:g}"
         lines.append(f"Chosen: {chosen}. {self.explanation}")
         return "\n".join(lines)
@@ -121,6 +128,14 @@ class Decision:
                            for c in r.checks},
             } for r in self.rows],
         }
+
+
+def _size_cells(cost: BudgetCost | None) -> list[str]:
+    """[whole-model fraction, resident weights MB] of one budget ('-' where not known)."""
+    if cost is None:
+        return ["-", "-"]
+    whole = cost.whole_kept
+    return ["-" if whole is None else f"{whole:.4f}", f"{cost.weight_bytes_total / MB:.3g}"]
 
 
 def check_targets(prediction: Prediction, profile: DeviceProfile, encoder: bool = False,
@@ -155,7 +170,8 @@ def choose_budget(costs: list[BudgetCost], profile: DeviceProfile | str,
     rows = []
     for cost in sorted(costs, key=lambda c: c.beta, reverse=True):
         prediction = predict(cost, profile, eff)
-        rows.append(BudgetRow(prediction, check_targets(prediction, profile, cost.encoder)))
+        rows.append(BudgetRow(prediction, check_targets(prediction, profile, cost.encoder),
+                              cost))
     fitting = [r for r in rows if r.fits]
     chosen = fitting[0] if fitting else None
     return Decision(profile, chosen.beta if chosen else None, tuple(rows), eff,

@@ -48,6 +48,17 @@ class BudgetCost:
     # logits come for every prompt token (optimum's ONNX decoders).
     head_flops_per_token: float = 0.0
     encoder: bool = False  # encoders have no decode and no KV cache: latency = one forward
+    # The uncompressed model's resident weights at the same precision (0: not known), for
+    # the whole-model fraction that tables show beside β (`whole_kept`).
+    dense_weight_bytes_total: float = 0.0
+
+    @property
+    def whole_kept(self) -> float | None:
+        """Resident weights as a fraction of the uncompressed model's (None: not known).
+        β caps the factorised layers' deployed parameters; this counts the whole model."""
+        if not self.dense_weight_bytes_total:
+            return None
+        return self.weight_bytes_total / self.dense_weight_bytes_total
 
     def __post_init__(self):
         if not 0 < self.beta <= 1:
@@ -56,7 +67,8 @@ class BudgetCost:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"BudgetCost.{name} = {value} must be positive (beta {self.beta})")
-        for name in ("kv_bytes_per_token", "activation_bytes_per_token", "head_flops_per_token"):
+        for name in ("kv_bytes_per_token", "activation_bytes_per_token", "head_flops_per_token",
+                     "dense_weight_bytes_total"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"BudgetCost.{name} = {value} must be >= 0 (beta {self.beta})")

@@ -134,16 +134,40 @@ class NestedPlan:
         row = self.ranks[self.budget_index(beta)]
         return dict(zip(self.layer_names, row, strict=True))
 
-    def summary_table(self) -> str:
+    def whole_model_params(self, model_params: int) -> tuple[int, ...]:
+        """The whole model's parameters at each budget: `model_params` (every parameter of
+        the uncompressed model, a tied tensor once) with the planned layers' m·n replaced by
+        their deployed r(m + n - r)."""
+        if model_params < self.dense_params:
+            raise ValueError(f"model_params {model_params:,} is smaller than the planned "
+                             f"layers' own {self.dense_params:,}: pass the whole model's count")
+        return tuple(model_params - self.dense_params + p for p in self.params)
+
+    def summary_table(self, model_params: int | None = None,
+                      bytes_per_param: float = 4.0) -> str:
+        """One row per budget. β (`budget`) is the kept fraction of the factorised layers'
+        deployed parameters r(m + n - r) (`params kept` is the fraction reached; `kept`, the
+        same under the plan's cost model). With `model_params` (the uncompressed model's
+        parameter count, a tied tensor once), `whole params` / `whole kept` / `whole MB`
+        give the whole model at that budget, its fraction of `model_params` and its size at
+        `bytes_per_param` (4: float32); '-' without it."""
         header = (f"{'budget':>7} {'kept':>7} {'params':>12} {'params kept':>11} "
+                  f"{'whole params':>13} {'whole kept':>10} {'whole MB':>9} "
                   f"{'pred. error':>12} {'DP optimum':>12} {'gap to DP':>10}")
+        whole = self.whole_model_params(model_params) if model_params else None
         lines = [f"nested plan: {len(self.layer_names)} layers, cost model {self.cost_model}, "
-                 f"method {self.method}", header]
+                 f"method {self.method}; budget = kept fraction of the factorised layers' "
+                 "deployed parameters, whole = the whole model" +
+                 ("" if whole else " (pass model_params for it)"), header]
         for b, budget in enumerate(self.budgets):
+            cells = (f"{whole[b]:13,d} {whole[b] / model_params:10.4f} "
+                     f"{whole[b] * bytes_per_param / 1e6:9.3g}" if whole
+                     else f"{'-':>13} {'-':>10} {'-':>9}")
             lines.append(
                 f"{budget:7.3f} {self.kept_fraction[b]:7.4f} {self.params[b]:12,d} "
-                f"{self.params[b] / self.dense_params:11.4f} {self.predicted_error[b]:12.5g} "
-                f"{self.dp_error[b]:12.5g} {self.gap_to_dp[b]:10.3g}")
+                f"{self.params[b] / self.dense_params:11.4f} {cells} "
+                f"{self.predicted_error[b]:12.5g} {self.dp_error[b]:12.5g} "
+                f"{self.gap_to_dp[b]:10.3g}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
