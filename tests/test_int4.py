@@ -47,16 +47,18 @@ BLOCK = 32
 FLOAT_ROUNDING = 1e-4
 
 
-def int4_llama(seed: int = 0):
+def int4_llama(seed: int = 0, init_std: float = 0.02):
     """Widths multiples of 32 (hidden 128, intermediate 256, k/v 64): every layer's K is
-    a whole number of blocks, and ranks have 2 to 4 block multiples to round to."""
+    a whole number of blocks, and ranks have 2 to 4 block multiples to round to.
+    init_std ~0.2 gives peaked logits, so that greedy tokens vary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=init_std)
     return LlamaForCausalLM(config).eval()
 
 

@@ -3,7 +3,8 @@
 
 Bundle layout (`out_dir`):
 
-    per-budget   budget-<β>/model.onnx (+ config, tokenizer): self-contained, gauge-fixed
+    per-budget   budget-<β>/model.onnx (+ config, tokenizer; decoders: genai_config.json,
+                 which onnxruntime-genai's og.Model reads): self-contained, gauge-fixed
                  (int8, int4: plain factors or dense, see `forms.quantized_policy`;
                  int4: ranks rounded to the block size, `int4_ranks`)
     shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes)
@@ -50,6 +51,7 @@ from flexrank.exporters.onnx.convert import (
     tidy_graph,
     torch_outputs,
 )
+from flexrank.exporters.onnx.genai import write_genai_config
 from flexrank.exporters.onnx.graph import canonical_factor_names, load_model, save_model
 from flexrank.exporters.onnx.layouts import (
     RANK_LEVEL,
@@ -130,6 +132,8 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
     model = tidy_graph(load_model(path), kind, elastic.model, config)
     extra = cache_flag(kind, model)  # int8 keeps the attention nodes: still true after it
     replace_graph(model, path, config.external_data)
+    # quantization keeps the graph's inputs and outputs: what onnxruntime-genai reads
+    io_graph = onnx.GraphProto(input=model.graph.input, output=model.graph.output)
     del model
     if quantize == "int8":
         with at_budget(elastic, beta) as model:
@@ -142,6 +146,8 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
         extra["quantization"] = int4_report(path, [r.name for r in records], matmuls, config)
         extra["plan_ranks"] = elastic.layer_ranks(beta)  # before rounding to the block size
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
+    if kind == "decoder":
+        write_genai_config(elastic.model, io_graph, graph, extra["kv_cache_in_place"])
     return records, graph, extra
 
 

@@ -1,0 +1,144 @@
+"""`genai_config.json` for onnxruntime-genai, so that `og.Model(budget_dir)` runs a decoder
+budget folder as it is (the runtime of onnxruntime's Android/iOS LLM packages).
+
+The fields are those onnxruntime-genai's own model builder writes for a Llama
+(`onnxruntime_genai.models.builders.base.Model.make_genai_config`, 0.18): the decoder
+graph's input and output names (the KV cache as `past_key_values.%d.key` ->
+`present.%d.key`, Hugging Face's names, which the exporter keeps), head counts and sizes,
+context length, special token ids, and the search defaults (greedy unless the model's
+generation config says otherwise).
+
+`past_present_share_buffer` lets onnxruntime-genai bind each past/present pair to one
+buffer of `max_length` positions, which only a graph whose GroupQueryAttention reads the
+cache length from the attention mask can run (the manifest's `kv_cache_in_place`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import onnx
+
+logger = logging.getLogger(__name__)
+
+GENAI_CONFIG = "genai_config.json"
+# model.type values onnxruntime-genai 0.18 runs as a plain decoder-only graph; any other
+# architecture is written as "llama", whose runtime path is the same (the graph does all
+# the architecture's maths)
+DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+                           "gemma3_text", "granite", "olmo", "smollm3", "gpt2"})
+# onnxruntime-genai's search defaults (the builder's, for a model without a generation
+# config): greedy, one beam, no penalties
+SEARCH_DEFAULTS = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
+                   "length_penalty": 1.0, "min_length": 0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# sampling fields the model's generation config may set
+SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def _io_names(graph: onnx.GraphProto) -> tuple[dict, dict]:
+    """The builder's `inputs` and `outputs` maps for a decoder graph with a KV cache.
+
+    Raises ValueError naming what is missing when the graph is not one."""
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    wanted = {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"}
+    missing = sorted(wanted - inputs) + sorted({"logits", "present.0.key"} - outputs)
+    if missing:
+        raise ValueError(f"the decoder graph lacks {missing}: onnxruntime-genai needs "
+                         "input_ids, attention_mask and a KV cache named past_key_values.<i>."
+                         "key|value -> present.<i>.key|value (optimum's text-generation-with-"
+                         "past export)")
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if "position_ids" in inputs:
+        names["position_ids"] = "position_ids"
+    names |= {"past_key_names": "past_key_values.%d.key",
+              "past_value_names": "past_key_values.%d.value"}
+    return names, {"logits": "logits", "present_key_names": "present.%d.key",
+                   "present_value_names": "present.%d.value"}
+
+
+def _token_ids(model) -> tuple[int, int | list[int], int]:
+    """(bos, eos, pad) from the generation config, else the model config; pad defaults
+    to the (first) eos id, as the builder does.
+
+    Raises ValueError when the model names no eos id (onnxruntime-genai needs one)."""
+    config, generation = model.config, getattr(model, "generation_config", None)
+
+    def first(name):
+        for source in (generation, config):
+            value = getattr(source, name, None) if source is not None else None
+            if value is not None:
+                return value
+        return None
+
+    bos, eos, pad = first("bos_token_id"), first("eos_token_id"), first("pad_token_id")
+    if eos is None:
+        raise ValueError("the model config has no eos_token_id, which onnxruntime-genai needs "
+                         "to stop generating; set model.config.eos_token_id before exporting")
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return (1 if bos is None else int(bos),
+            [int(i) for i in eos_ids] if len(eos_ids) > 1 else int(eos_ids[0]),
+            int(eos_ids[0] if pad is None else pad))
+
+
+def genai_config(model, graph: onnx.GraphProto, filename: str, share_buffer: bool) -> dict:
+    """The genai_config of a decoder graph file `filename` exported from `model` (a
+    transformers causal LM); `share_buffer`: the graph may update its KV cache in place."""
+    config = model.config
+    heads = int(config.num_attention_heads)
+    hidden = int(config.hidden_size)
+    context = int(getattr(config, "max_position_embeddings", None)
+                  or getattr(config, "n_positions", None) or 2048)
+    inputs, outputs = _io_names(graph)
+    bos, eos, pad = _token_ids(model)
+    model_type = str(getattr(config, "model_type", "llama"))
+    search = dict(SEARCH_DEFAULTS)
+    generation = getattr(model, "generation_config", None)
+    for key in SAMPLING:
+        value = getattr(generation, key, None) if generation is not None else None
+        if value is not None:
+            search[key] = value
+    search |= {"max_length": context, "past_present_share_buffer": bool(share_buffer)}
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": int(getattr(config, "head_dim", None) or hidden // heads),
+                "hidden_size": hidden,
+                "inputs": inputs,
+                "outputs": outputs,
+                "num_attention_heads": heads,
+                "num_hidden_layers": int(config.num_hidden_layers),
+                "num_key_value_heads": int(getattr(config, "num_key_value_heads", None)
+                                           or heads),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": model_type if model_type in DECODER_TYPES else "llama",
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": search,
+    }
+
+
+def write_genai_config(model, graph: onnx.GraphProto, graph_path: Path,
+                       share_buffer: bool) -> Path | None:
+    """Write `genai_config.json` beside the decoder graph file `graph_path` (.onnx, or the
+    .ort file converted from it), whose inputs and outputs are those of `graph`; returns
+    its path, or None, with a warning saying why, for a decoder onnxruntime-genai cannot
+    run (no eos token id, no KV cache inputs): the bundle is still complete without it."""
+    try:
+        config = genai_config(model, graph, graph_path.name, share_buffer)
+    except ValueError as error:
+        logger.warning("%s: no %s written (%s)", graph_path.parent, GENAI_CONFIG, error)
+        return None
+    path = graph_path.parent / GENAI_CONFIG
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
