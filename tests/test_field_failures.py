@@ -215,6 +215,29 @@ def test_calibration_refuses_sequences_beyond_the_positions(factorised64):
     assert collect_covariances(teacher, [ids(2, 64)], progress=False).num_tokens == 128
 
 
+def test_compress_refuses_a_seq_len_beyond_the_positions_before_any_stage(tmp_path):
+    """Refused while calibrating, before the stage is finished: the corrected rerun can
+    use the same folder (a finished calibration stage would have kept the old seq_len)."""
+    import dataclasses
+
+    from test_compress import config
+
+    from flexrank.compress.pipeline import compress
+
+    llama64().save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"{i} the quick brown fox jumps over the lazy dog\n"
+                            for i in range(400)))
+    settings = config(text, steps=2)  # seq_len 32
+    with pytest.raises(PositionLimitError, match="calibration sequences of 128 tokens exceed "
+                                                 "the 64 positions"):
+        compress(tmp_path / "model", tmp_path / "out", dataclasses.replace(settings,
+                                                                           seq_len=128))
+    elastic, _ = compress(tmp_path / "model", tmp_path / "out", settings)
+    assert elastic.budgets == [0.7, 1.0]
+
+
 def test_export_sample_refuses_inputs_beyond_the_positions():
     from flexrank.exporters.common.sample import sample_for
     from flexrank.exporters.executorch.export import ExecutorchExportConfig
