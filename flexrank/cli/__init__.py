@@ -36,11 +36,30 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
-        if args.verbose:
+    except Exception as err:
+        line = user_error(err)
+        if line is None or args.verbose:  # a programming error keeps its traceback
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2
+
+
+def user_error(err: Exception) -> str | None:
+    """The one line a user gets for `err`, or None for a programming error. Bad input
+    (ValueError and its kin), a missing file and the operating system's errors (a full or
+    read-only disk, a path under a file: the path, the errno's meaning, what to do) are
+    the user's to fix; safetensors' I/O errors are not OSErrors, so they are named here."""
+    from flexrank.io import describe_os_error
+
+    if isinstance(err, ValueError):
+        return str(err)
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    safetensors = sys.modules.get("safetensors")  # imported by whatever raised its error
+    if safetensors is not None and isinstance(err, safetensors.SafetensorError):
+        return (f"safetensors: {err}; if a disk is full or read-only, free space or choose "
+                "another output folder; if a file is damaged, write it again")
+    return None
 
 
 def export_main(argv: list[str] | None = None) -> int:

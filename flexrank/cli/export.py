@@ -35,7 +35,7 @@ from flexrank.exporters import (
     checked_options,
     staged_bundle,
 )
-from flexrank.io import cache_dir
+from flexrank.io import cache_dir, check_writable
 from flexrank.manifest import write_manifest
 
 MEASURE_NEW_TOKENS = 16  # decoded tokens timed on the host (median and p90 over them)
@@ -250,7 +250,11 @@ def _checked_job(args) -> ExportJob:
     profile = load_profile(args.profile) if args.profile else None
     _exporter_available(args.format)
     fmt, layout, quantize = checked_options(args.format, args.layout, args.quantize)
-    return ExportJob(request, profile, fmt, layout, quantize, Path(args.output), args.dry_run)
+    out = Path(args.output)
+    if not args.dry_run:  # the bundle and its lock are built beside `out`, in its parent
+        check_writable(out.expanduser().absolute().parent,
+                       f"the folder that holds -o {out} (the bundle is built beside it)")
+    return ExportJob(request, profile, fmt, layout, quantize, out, args.dry_run)
 
 
 def _checkpoint_stage(stages: Stages, args):

@@ -32,7 +32,7 @@ from flexrank.compress.elastic import ElasticModel, layer_specs, restructure_
 from flexrank.compress.models import load_model
 from flexrank.compress.probe import probe
 from flexrank.compress.surgery import factorize_
-from flexrank.io import atomic_path, write_json_atomic
+from flexrank.io import atomic_path, check_writable, write_json_atomic
 from flexrank.planning.planner import NestedPlan
 from flexrank.planning.planner import plan as make_plan
 from flexrank.planning.sensitivity import Sensitivity
@@ -256,9 +256,10 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     """Run (or resume) the whole pipeline; return the elastic model and a summary table.
 
     Every setting is checked (by CompressConfig, and the calibration source exists) and the
-    output folder claimed (`Stages.claim`) before the model is loaded. Raises
-    CompressError for an output folder this run cannot use, CalibrationError for a missing
-    calibration source, ModelLoadError for a model that cannot be loaded.
+    output folder checked writable and claimed (`Stages.claim`) before the model is loaded.
+    Raises CompressError for an output folder this run cannot use, flexrank.io.WriteError
+    (an OSError) for one that cannot be written, CalibrationError for a missing calibration
+    source, ModelLoadError for a model that cannot be loaded.
     """
     config = config or CompressConfig()
     out = Path(out_dir)
@@ -266,6 +267,7 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     if config.calib != "teacher" and not Path(config.calib).exists():
         raise CalibrationError(f"calibration source {config.calib!r} does not exist; pass a "
                                "text or .jsonl file, a datasets folder, or 'teacher'")
+    check_writable(out, "the compress output folder")  # a read-only or full disk: now
     stages = Stages.claim(out, config.signature(model_id))
     started = time.perf_counter()
     teacher, tokenizer = load_model(model_spec)
@@ -289,7 +291,8 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     elastic.save_pretrained(out / "elastic")
     stages.finish("save", started)
     summary = summary_table(teacher, nested, before, after, stages.times)
-    (out / "summary.txt").write_text(summary + "\n")
+    with atomic_path(out / "summary.txt") as tmp:  # a full disk leaves no half summary
+        tmp.write_text(summary + "\n")
     return elastic, summary
 
 

@@ -1,0 +1,129 @@
+"""Messages that name the file or option (issue 21 §5, the eval part and every numeric
+option): `flexrank eval` on non-UTF-8 text or a bundle without tokenizer files names the
+file and what to do; every numeric option of every command is checked up front with its
+name, value and allowed range, before anything is loaded."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import char_tokenizer
+from elastic_fixtures import tiny_elastic
+
+import flexrank
+import flexrank.cli.bench as cli_bench
+import flexrank.cli.export as cli_export
+from flexrank.cli import export_main, main
+from flexrank.compress.elastic import ElasticModel
+from flexrank.exporters import export
+from flexrank.exporters.onnx.convert import OnnxExportConfig
+
+
+@pytest.fixture(scope="module")
+def student_and_plan():
+    student, _, plan, _, _ = tiny_elastic(seed=5)
+    return student, plan
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(f"{i} the quick brown fox\n" for i in range(20)))
+    return path
+
+
+def test_eval_names_a_text_file_that_is_not_utf8(student_and_plan, tmp_path, capsys):
+    student, plan = student_and_plan
+    ElasticModel(student, plan, char_tokenizer(), model_id="tiny").save_pretrained(
+        tmp_path / "elastic")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    assert main(["eval", str(tmp_path / "elastic"), "--text", str(latin1), "--no-teacher"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: --text {latin1} is not UTF-8 text (byte 0xe9 at offset 3): "
+                           f"pass a UTF-8 file, e.g. converted with `iconv -f latin1 -t utf-8 "
+                           f"{latin1}`")
+
+
+def test_eval_of_a_bundle_without_tokenizer_files(student_and_plan, tmp_path, text, capsys):
+    student, plan = student_and_plan
+    dist = tmp_path / "dist"
+    export(ElasticModel(student, plan, model_id="tiny"), dist, budgets=[0.6],
+           config=OnnxExportConfig(validate=False))
+    assert main(["eval", str(dist), "--text", str(text), "--no-teacher"]) == 2
+    err = capsys.readouterr().err
+    folder = dist / "budget-0.6"
+    assert folder.is_dir()
+    assert f"error: bundle {dist} has no tokenizer files in {folder} (expected one of " \
+           "tokenizer.json" in err
+    assert "copy the original model's tokenizer files" in err
+    assert "model_file or model_proto" not in err
+
+
+def test_eval_of_an_elastic_checkpoint_without_tokenizer(student_and_plan, tmp_path, text,
+                                                         capsys):
+    student, plan = student_and_plan
+    ElasticModel(student, plan, model_id="tiny").save_pretrained(tmp_path / "elastic")
+    assert main(["eval", str(tmp_path / "elastic"), "--text", str(text), "--no-teacher"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: elastic checkpoint {tmp_path / 'elastic'} has no tokenizer" in err
+    assert "copy the original model's tokenizer files into it" in err
+
+
+# (command line, the message argparse must give): the option, the value and the range.
+BAD_OPTIONS = [
+    (["eval", "e", "--text", "t", "--seq-len", "1"], "argument --seq-len: 1 is out of range: "
+                                                     "must be >= 2"),
+    (["eval", "e", "--text", "t", "--seq-len", "abc"], "argument --seq-len: 'abc' is not a "
+                                                       "whole number"),
+    (["eval", "e", "--text", "t", "--stride", "0"], "argument --stride: 0 is out of range: "
+                                                    "must be >= 1"),
+    (["eval", "e", "--text", "t", "--max-tokens", "-5"], "argument --max-tokens: -5 is out of "
+                                                         "range: must be >= 2"),
+    (["eval", "e", "--text", "t", "--max-tokens", "1e3"], "argument --max-tokens: '1e3' is not "
+                                                          "a whole number"),
+    (["bench", "d", "--tokens", "0"], "argument --tokens: 0 is out of range: must be >= 1"),
+    (["bench", "d", "--tokens", "many"], "argument --tokens: 'many' is not a whole number"),
+    (["decompose", "m", "--samples", "0"], "argument --samples: 0 is out of range: must be >= 1"),
+    (["decompose", "m", "--seq-len", "1"], "argument --seq-len: 1 is out of range: must be >= 2"),
+    (["decompose", "m", "--batch-size", "0"], "argument --batch-size: 0 is out of range: must "
+                                              "be >= 1"),
+    (["decompose", "m", "--seed", "-1"], "argument --seed: -1 is out of range: must be >= 0"),
+    (["export", "m", "--steps", "-1"], "argument --steps: -1 is out of range: must be >= 0"),
+    (["export", "m", "--budgets", "1,abc"], "argument --budgets: 'abc' in '1,abc' is not a "
+                                            "number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OPTIONS,
+                         ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_OPTIONS])
+def test_numeric_options_are_checked_with_name_value_and_range(argv, message, monkeypatch,
+                                                               capsys):
+    monkeypatch.setattr(flexrank, "load_model", not_called)
+    monkeypatch.setattr(cli_bench, "bench", not_called)
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "e", "--text", "t", "--seq-len", "16", "--stride", "32"],
+     "--stride 32 is more than --seq-len 16: windows would skip tokens"),
+    (["export", "m", "--budget", "1.5"], "--budget 1.5 is out of range (0, 1]"),
+    (["export", "m", "--budget", "half"], "--budget 'half': give auto, all or a number"),
+])
+def test_options_checked_together_before_any_work(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(cli_export, "load_or_compress", not_called)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+
+
+def not_called(*args, **kwargs):
+    raise AssertionError("an option was checked only after work started")
+
+
+def test_export_main_names_the_option(capsys):
+    with pytest.raises(SystemExit):
+        export_main(["m", "--steps", "x"])
+    assert "argument --steps: 'x' is not a whole number" in capsys.readouterr().err
