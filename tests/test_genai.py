@@ -14,19 +14,23 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 import torch
-from conftest import char_tokenizer, token_batches
+from conftest import SHAKESPEARE, char_tokenizer, token_batches
 from elastic_fixtures import nested_plan
 from test_architectures import FAMILIES, build
 from test_int4 import FRACTIONS, deployed_from_graph, int4_llama
+from transformers import AutoTokenizer
 
+from flexrank.compress.aliases import DEFAULT_MODEL
 from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.models import alias_path
 from flexrank.compress.surgery import factorize_
 from flexrank.exporters import export
 from flexrank.exporters.common.validate import torch_greedy
 from flexrank.exporters.executorch.validate import at_ranks
 from flexrank.exporters.onnx.convert import OnnxExportConfig
-from flexrank.exporters.onnx.genai import GENAI_CONFIG
+from flexrank.exporters.onnx.genai import GENAI_CONFIG, og_readable_tokenizer_
+from flexrank.io import save_tokenizer
 from flexrank.runtime.kv_cache import make_session, onnx_greedy
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
@@ -153,3 +157,86 @@ def test_og_runs_the_ort_format(llama, tmp_path):
     for prompt in PROMPTS:
         assert_same_greedy(og_greedy(graph.parent, prompt, STEPS),
                            onnx_greedy(session, prompt, STEPS))
+
+
+# onnxruntime-genai's tokenizer needs a genai_config.json beside the tokenizer files
+TOKENIZER_ONLY_CONFIG = {"model": {"type": "llama", "vocab_size": 49152, "context_length": 2048,
+                                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+                                   "decoder": {"filename": "model.onnx", "head_size": 64,
+                                               "hidden_size": 576, "num_attention_heads": 9,
+                                               "num_hidden_layers": 30,
+                                               "num_key_value_heads": 3}},
+                         "search": {}}
+
+
+def shakespeare_lines(count: int) -> list[str]:
+    lines = [line for line in SHAKESPEARE.read_text().splitlines() if line.strip()]
+    return lines[:count]
+
+
+def assert_og_encodes_like(hf, folder: Path, texts: list[str]):
+    """og.Tokenizer on `folder` gives the Hugging Face tokenizer's ids for every text (og
+    adds no special tokens), and decodes them back to the text."""
+    (folder / GENAI_CONFIG).write_text(json.dumps(TOKENIZER_ONLY_CONFIG))
+    tokenizer = og.Tokenizer(str(folder))
+    for text in texts:
+        expected = hf(text, add_special_tokens=False)["input_ids"]
+        assert [int(i) for i in tokenizer.encode(text)] == expected, text
+        assert tokenizer.decode(expected) == text
+
+
+def spm_decoder_byte_level_bpe(folder: Path):
+    """A byte-level BPE trained here on Shakespeare, saved as transformers saves SmolLM2's
+    tokenizer rebuilt from GGUF: a SentencePiece decoder's steps, class LlamaTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(shakespeare_lines(2000), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Replace("\u2581", " "), decoders.ByteLevel()])
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    save_tokenizer(hf, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "LlamaTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return hf
+
+
+def test_og_tokenizer_reads_a_byte_level_bpe_with_spm_decoder_steps(tmp_path):
+    hf = spm_decoder_byte_level_bpe(tmp_path)
+    lines = shakespeare_lines(300)
+    (tmp_path / GENAI_CONFIG).write_text(json.dumps(TOKENIZER_ONLY_CONFIG))
+    # as saved, og reads it as SentencePiece: spaces become "▁", which has no id
+    assert -1 in [int(i) for i in og.Tokenizer(str(tmp_path)).encode(lines[0] + " x")]
+    assert og_readable_tokenizer_(tmp_path) == ["tokenizer.json: decoder ByteLevel",
+                                                "tokenizer_config.json: tokenizer_class "
+                                                "GPT2Tokenizer"]
+    assert not og_readable_tokenizer_(tmp_path)  # already fixed: left alone
+    assert_og_encodes_like(hf, tmp_path, lines + ["\n".join(lines[:50])])
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)  # Hugging Face's view unchanged
+    for text in lines[:50]:
+        ids = hf(text)["input_ids"]
+        assert reloaded(text)["input_ids"] == ids and reloaded.decode(ids) == hf.decode(ids)
+
+
+@pytest.mark.real_model
+def test_og_tokenizer_reads_smollm2_like_hugging_face(tmp_path):
+    """SmolLM2's tokenizer (the GGUF alias, the tokenizer alone): og's ids on a few
+    hundred lines of Shakespeare equal Hugging Face's."""
+    gguf = alias_path(DEFAULT_MODEL)
+    hf = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    save_tokenizer(hf, tmp_path)
+    (tmp_path / GENAI_CONFIG).write_text(json.dumps(TOKENIZER_ONLY_CONFIG))
+    issue = "The history of the printing press"  # 504, -1, -1, -1, ... as saved
+    assert -1 in [int(i) for i in og.Tokenizer(str(tmp_path)).encode(issue)]
+    assert len(og_readable_tokenizer_(tmp_path)) == 2
+    lines = shakespeare_lines(300)
+    assert_og_encodes_like(hf, tmp_path, lines + ["\n".join(lines[:50]), issue])
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)  # Hugging Face's view unchanged
+    text = "\n".join(lines[:50])
+    ids = hf(text)["input_ids"]
+    assert reloaded(text)["input_ids"] == ids and reloaded.decode(ids) == hf.decode(ids)

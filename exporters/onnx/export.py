@@ -51,7 +51,7 @@ from flexrank.exporters.onnx.convert import (
     tidy_graph,
     torch_outputs,
 )
-from flexrank.exporters.onnx.genai import write_genai_config
+from flexrank.exporters.onnx.genai import og_readable_tokenizer_, write_genai_config
 from flexrank.exporters.onnx.graph import canonical_factor_names, load_model, save_model
 from flexrank.exporters.onnx.layouts import (
     RANK_LEVEL,
@@ -148,6 +148,7 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     if kind == "decoder":
         write_genai_config(elastic.model, io_graph, graph, extra["kv_cache_in_place"])
+        og_readable_tokenizer_(folder)  # og.Tokenizer reads it as Hugging Face does
     return records, graph, extra
 
 

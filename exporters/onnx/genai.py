@@ -24,6 +24,16 @@ import onnx
 logger = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# SentencePiece tokenizer classes a byte-level BPE can be saved under (SmolLM2 rebuilt from
+# GGUF), and the class of a byte-level BPE, which onnxruntime-extensions splits as GPT-2
+SPM_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})
+BYTE_LEVEL_CLASS = "GPT2Tokenizer"
+# the decoder Hugging Face's GPT-2 tokenizer has: bytes back from the byte-level alphabet
+BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                      "use_regex": True}
+SPM_SPACE = "\u2581"  # "▁", SentencePiece's space
 # model.type values onnxruntime-genai 0.18 runs as a plain decoder-only graph; any other
 # architecture is written as "llama", whose runtime path is the same (the graph does all
 # the architecture's maths)
@@ -142,3 +152,60 @@ def write_genai_config(model, graph: onnx.GraphProto, graph_path: Path,
     path = graph_path.parent / GENAI_CONFIG
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def _steps(part: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json component (a Sequence or one step)."""
+    if not part:
+        return []
+    for key in ("decoders", "pretokenizers", "normalizers"):
+        if part.get("type") == "Sequence" and key in part:
+            return part[key]
+    return [part]
+
+
+def og_readable_tokenizer_(folder: Path) -> list[str]:
+    """Make a byte-level BPE tokenizer in `folder` read by onnxruntime-genai's tokenizer
+    (onnxruntime-extensions) as Hugging Face reads it, in place; returns what changed
+    (tokenizer.json's decoder, tokenizer_config.json's class), empty when nothing did.
+
+    Why: transformers rebuilds SmolLM2's tokenizer from its GGUF file as a
+    `LlamaTokenizer` with a SentencePiece Llama's decoder (ByteFallback, Fuse, Replace
+    "▁" -> " ", then ByteLevel). onnxruntime-extensions does not run tokenizer.json's
+    pre-tokenizer: it takes a Replace-"▁" decoder as the mark of a SentencePiece model
+    and encodes every space as "▁", which a byte-level vocabulary lacks ("The history of
+    the printing press" became 504, -1, -1, -1, ...), and with a Llama class it splits
+    words by a case-insensitive regex ("'True" -> "'T", "rue"), unlike GPT-2's. So the
+    decoder becomes GPT-2's ByteLevel and the class GPT-2's, which SmolLM2's own
+    Hugging Face tokenizer has. Nothing else moves: only a byte-level BPE whose vocabulary
+    has no "▁" and no <0xNN> byte-fallback token is touched (the dropped decoder steps did
+    nothing on it), and Hugging Face's fast tokenizer encodes and decodes from
+    tokenizer.json, whatever the class.
+    """
+    path, config_path = folder / TOKENIZER_FILE, folder / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    byte_level = any(step.get("type") == "ByteLevel" for step in _steps(data.get("pre_tokenizer")))
+    vocab = model.get("vocab") or {}
+    spm_tokens = any(SPM_SPACE in token or token.startswith("<0x") for token in vocab)
+    if model.get("type") != "BPE" or not byte_level or spm_tokens:
+        return []
+    changed = []
+    if any(step.get("type") == "Replace" and (step.get("pattern") or {}).get("String") == SPM_SPACE
+           for step in _steps(data.get("decoder"))):
+        data["decoder"] = dict(BYTE_LEVEL_DECODER)
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        changed.append(f"{TOKENIZER_FILE}: decoder ByteLevel")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") in SPM_CLASSES:
+            config["tokenizer_class"] = BYTE_LEVEL_CLASS
+            config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
+                                   encoding="utf-8")
+            changed.append(f"{TOKENIZER_CONFIG_FILE}: tokenizer_class {BYTE_LEVEL_CLASS}")
+    if changed:
+        logger.info("%s: byte-level BPE tokenizer made readable by onnxruntime-genai (%s)",
+                    folder, "; ".join(changed))
+    return changed
