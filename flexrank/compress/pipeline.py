@@ -174,9 +174,10 @@ def _calibration(stages: Stages, cfg: CompressConfig, model, tokenizer):
         ids = torch.cat([b["input_ids"] for b in batches])
         train, held_out = ids[:cfg.num_samples], ids[cfg.num_samples:]
     else:  # calibrate on the first 80 % of the text, hold out the last 10 %
+        # model=: a seq_len beyond its positions is refused before the stage is finished
         train = torch.cat([b["input_ids"] for b in calibration_data(
-            tokenizer, cfg.calib, num_samples=cfg.num_samples, seq_len=cfg.seq_len,
-            seed=cfg.seed, span=(0.0, 0.8))])
+            tokenizer, cfg.calib, model=model, num_samples=cfg.num_samples,
+            seq_len=cfg.seq_len, seed=cfg.seed, span=(0.0, 0.8))])
         held_out = torch.cat([b["input_ids"] for b in calibration_data(
             tokenizer, cfg.calib, num_samples=cfg.eval_samples, seq_len=cfg.seq_len,
             seed=cfg.seed, span=(0.9, 1.0))]) if cfg.eval_samples else train[:0]
