@@ -17,9 +17,18 @@ from flexrank.cli import bench, compress, decompose, evaluate, export, profiles
 COMMANDS = (decompose, compress, export, bench, profiles, evaluate)  # in --help's order
 
 
+# Libraries that log at WARNING about their own optional parts when merely imported
+# (torchao: its CUDA kernels and triton; torch's pytree: enum registration deprecations):
+# nothing a FlexRank user can act on, so they are shown with -v only.
+QUIET_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for name in QUIET_LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
