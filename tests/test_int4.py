@@ -215,6 +215,7 @@ def test_manifest_records_what_was_quantized_and_bytes_are_five_bits(llama, exac
     for entry in manifest["budgets"]:
         record = entry["quantization"]
         assert record["scheme"] == "int4" and record["block_size"] == BLOCK
+        assert record["embedding_bits"] == 32  # the tied table stays float, stored once
         assert record["layers"] == {name: {"bits": 4, "block_size": BLOCK, "algorithm": "rtn"}
                                     for name in layers}
         assert {x["form"] for x in entry["layers"]} <= {"plain", "dense"}

@@ -350,7 +350,9 @@ def int4_report(path: Path, layers, matmuls: dict[str, list[int]],
     """The manifest's `quantization` of an int4 graph: the scheme, and per nested layer
     (`layers`: names) what its MatMuls became, {"bits": 4, "block_size", "algorithm"} or
     {"bits": 32} when a float weight MatMul is left in its scope (node-name scope, or the
-    scope of a fused sibling MatMul that holds it)."""
+    scope of a fused sibling MatMul that holds it). `embedding_bits`: 32, the input
+    embedding (a Gather) is not quantized, and a tied lm_head reads that float table,
+    stored once (`float_matmuls` lists it)."""
     float_matmuls = float_weight_matmuls(path)
     quantized = {"bits": 4, "block_size": config.int4_block_size,
                  "algorithm": config.int4_algorithm}
@@ -369,7 +371,8 @@ def int4_report(path: Path, layers, matmuls: dict[str, list[int]],
     return {"scheme": "int4", "block_size": config.int4_block_size,
             "algorithm": config.int4_algorithm,
             "symmetric": config.int4_symmetric and config.int4_algorithm == "rtn",
-            "accuracy_level": config.int4_accuracy_level, "layers": per_layer,
+            "accuracy_level": config.int4_accuracy_level, "embedding_bits": 32,
+            "layers": per_layer,
             "matmuls": matmuls, "float_matmuls": float_matmuls}
 
 
