@@ -34,7 +34,7 @@ from flexrank.exporters.common.errors import (
     OutputNamesError,
     ShapeError,
 )
-from flexrank.io import atomic_dir
+from flexrank.io import atomic_dir, recover_interrupted_write
 from flexrank.manifest import (
     MANIFEST_FILE,
     BundleError,
@@ -207,6 +207,7 @@ def staged_bundle(out_dir: str | os.PathLike) -> Iterator[Path]:
     is left as it was. ValueError if `out_dir` holds something other than a bundle."""
     out = check_bundle_target(out_dir)
     with bundle_lock(out):
+        recover_interrupted_write(out)  # what a killed export left: no one else writes here
         out = check_bundle_target(out)  # again, now that no other export can write it
         with atomic_dir(out) as folder:
             yield folder

@@ -79,6 +79,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def recover_interrupted_write(path: str | os.PathLike) -> list[Path]:
+    """Undo what a killed atomic write to `path` left beside it; returns what was removed.
+
+    A process killed inside `atomic_path`/`atomic_dir` (SIGKILL, power loss) cannot clean
+    up: its `.NAME.*.tmp` file or folder stays, and one killed between the two renames of
+    `_replace_dir` leaves the previous folder as `.NAME.old` with `path` missing, which is
+    put back. Only for a caller holding the lock on `path` (a running writer's temporary
+    looks the same).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)  # the previous folder, whole: the new one never arrived
+    # tempfile's names: prefix + 8 characters of [a-z0-9_] + suffix (".NAME.k3j9ab_x.tmp")
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = sorted(p for p in path.parent.iterdir() if ours.fullmatch(p.name))
+    if old.exists():
+        removed.append(old)
+    for stale in removed:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return removed
+
+
 def _replace_dir(tmp: Path, path: Path) -> None:
     """Rename folder `tmp` over `path`; if the second rename fails, the old `path` is put
     back (a folder cannot be renamed over a non-empty one in one step)."""
