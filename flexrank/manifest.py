@@ -178,7 +178,7 @@ class BudgetEntry(_ReadsLikeJson):
     beta: float
     files: list[str]  # POSIX paths relative to the bundle folder
     bytes: int  # of `files` together
-    params: dict  # factorised, factorised_dense, kept (fraction), other
+    params: dict  # factorised, factorised_dense, kept (= β, of kept_of), other, whole_model*
     forms: dict  # {layer form: count}
     ranks: dict  # {layer: rank}
     layers: list  # per layer: name, shape, rank, form, condition, params

@@ -33,6 +33,7 @@ from flexrank.compress.models import PositionLimitError, max_positions
 from flexrank.compress.probe import probe
 from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import factorize_
+from flexrank.manifest import load_manifest
 from flexrank.planning.planner import plan as make_plan
 
 POSITIONS = 64
@@ -472,3 +473,16 @@ def test_dry_run_decision_and_bench_tables_show_the_whole_model(factorised64, ha
     half = next(line.split() for line in table.splitlines() if line.split()[2:3] == ["0.5"])
     assert float(half[3]) == pytest.approx(whole / dense, abs=5e-5)
     assert float(half[4]) == pytest.approx(whole * 4 / 1e6, rel=5e-3)
+    # the manifest says what β counts and gives the whole model beside it
+    manifest = load_manifest(dist)
+    for entry in manifest["budgets"]:
+        params = entry["params"]
+        assert params["kept_of"].startswith("deployed parameters of the factorised layers")
+        assert params["whole_model_dense"] == dense  # the hand count of the original model
+        deployed = params["factorised"] + params["other"]
+        assert params["whole_model"] == deployed
+        assert params["whole_model_kept"] == pytest.approx(deployed / dense)
+        if entry["beta"] == 1.0:
+            assert params["whole_model_kept"] == pytest.approx(1.0)
+        else:  # embeddings and norms are kept whole: more of the model than β
+            assert params["kept"] < params["whole_model_kept"] < 1.0

@@ -36,6 +36,10 @@ def other_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in nested)
 
 
+# What the manifest's `kept` (= β) is a fraction of, written beside it.
+KEPT_OF = "deployed parameters of the factorised layers (embeddings, norms, head excluded)"
+
+
 def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation,
                       **extra) -> BudgetEntry:
     """The manifest entry of budget `beta`: `files` (paths under `out_dir`) with their
@@ -44,14 +48,20 @@ def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation,
     `flexrank.manifest.BudgetEntry`)."""
     factorised = sum(r.params for r in records)
     dense = sum(r.shape[0] * r.shape[1] for r in records)
+    other = other_params(elastic.model)
     paths = sorted({f.relative_to(out_dir).as_posix() for f in files})
     return BudgetEntry(**json_ready({
         "beta": beta,
         "files": paths,
         "bytes": sum((out_dir / p).stat().st_size for p in paths),
-        "params": {"factorised": factorised, "factorised_dense": dense,
+        # β counts the factorised layers only (DESIGN.md §3); the whole model keeps more
+        "params": {"kept_of": KEPT_OF,
+                   "factorised": factorised, "factorised_dense": dense,
                    "kept": factorised / dense if dense else 1.0,
-                   "other": other_params(elastic.model)},
+                   "other": other,
+                   "whole_model": factorised + other, "whole_model_dense": dense + other,
+                   "whole_model_kept": (factorised + other) / (dense + other)
+                   if dense + other else 1.0},
         "forms": {form: sum(r.form == form for r in records)
                   for form in sorted({r.form for r in records})},
         "ranks": {r.name: r.rank for r in records},
