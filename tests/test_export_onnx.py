@@ -322,3 +322,28 @@ def test_dense_budget_failing_validation_is_not_retried(llama, tmp_path, monkeyp
     monkeypatch.setattr(onnx_exporter, "validate_graph", failing)
     with pytest.raises(OutputMismatchError):
         export(llama, tmp_path, budgets=[1.0])  # every layer dense: nothing to fall back to
+
+
+def test_the_bundle_tokenizer_is_the_exporters_not_the_source_folders(tmp_path):
+    """optimum copies whatever tokenizer sits at the model's config._name_or_path (for
+    SmolLM2 the GGUF conversion folder, with a 98 MB slow tokenizer.model); the bundle must
+    hold exactly the tokenizer files the elastic model's own tokenizer writes."""
+    from flexrank.io import save_tokenizer
+
+    source = tmp_path / "source"
+    stale = char_tokenizer()
+    stale.model_max_length = 7  # a tokenizer the bundle must not get,
+    stale.chat_template = "{{ messages }}"  # with a file the elastic one does not write
+    stale.save_pretrained(source)
+    assert (source / "chat_template.jinja").is_file()
+    em = elastic(tiny_llama, char_tokenizer())
+    em.model.config._name_or_path = str(source)
+    export(em, tmp_path / "bundle", budgets=[1.0])
+    save_tokenizer(em.tokenizer, tmp_path / "expected")
+    folder = tmp_path / "bundle" / "budget-1"
+    for name in sorted(p.name for p in (tmp_path / "expected").iterdir()):
+        assert (folder / name).read_bytes() == (tmp_path / "expected" / name).read_bytes(), name
+    assert not (folder / "chat_template.jinja").exists()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] != 7
+    assert em.model.config._name_or_path == str(source)  # the model is left as it was

@@ -155,8 +155,15 @@ def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
     if kind in ("decoder", "encoder"):
         from optimum.exporters.onnx import onnx_export_from_model
 
-        onnx_export_from_model(model, folder, task=ONNX_TASKS[kind], opset=config.opset,
-                               do_validation=False)
+        # optimum copies the tokenizer it finds at config._name_or_path (for SmolLM2, the
+        # GGUF conversion's folder, whose slow tokenizer writes a 98 MB tokenizer.model); the
+        # exporter writes the bundle's tokenizer itself (save_tokenizer), so hide that path
+        source, model.config._name_or_path = model.config._name_or_path, ""
+        try:
+            onnx_export_from_model(model, folder, task=ONNX_TASKS[kind], opset=config.opset,
+                                   do_validation=False)
+        finally:
+            model.config._name_or_path = source
         return folder / "model.onnx"
     args = sample_inputs if isinstance(sample_inputs, tuple) else (sample_inputs,)
     input_names = [f"input_{i}" for i in range(len(args))]
