@@ -347,3 +347,19 @@ def test_the_bundle_tokenizer_is_the_exporters_not_the_source_folders(tmp_path):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["model_max_length"] != 7
     assert em.model.config._name_or_path == str(source)  # the model is left as it was
+
+
+def test_an_export_says_nothing_that_tracing_always_says(tmp_path, capfd):
+    """TracerWarnings from transformers' mask code, torch's aten::index note and optimum's
+    tied-weights message are expected when tracing a Hugging Face decoder; they are kept
+    out of the user's terminal (the export validates what they warn about)."""
+    import warnings
+
+    em = elastic(tiny_llama, char_tokenizer())
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(em, tmp_path / "bundle", budgets=[1.0])
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not [w for w in caught if "aten::index" in str(w.message)]
+    assert "candidate ONNX initializers" not in capfd.readouterr().err  # optimum's own handler

@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -148,6 +150,25 @@ def check_supported(model: nn.Module, kind: str) -> None:
                          "supports (README: Architectures), or use --format executorch")
 
 
+@contextmanager
+def tracing_quietly():
+    """Silence what tracing a Hugging Face model always says and the export makes right:
+    TracerWarnings about Python booleans in transformers' mask and cache code (the sample
+    shapes are generic, and validation checks other batch and sequence sizes), torch's
+    note on aten::index, and optimum's message that the tied embedding and lm_head are two
+    candidate initialisers (the exporter stores them once: store_tied_once)."""
+    optimum_log = logging.getLogger("optimum")  # optimum.utils.logging's library logger
+    level = optimum_log.level
+    optimum_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+            yield
+    finally:
+        optimum_log.setLevel(level)
+
+
 def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
                  config: OnnxExportConfig) -> Path:
     """Export `model` (already in deployment form) into `folder/model.onnx`."""
@@ -160,8 +181,9 @@ def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
         # exporter writes the bundle's tokenizer itself (save_tokenizer), so hide that path
         source, model.config._name_or_path = model.config._name_or_path, ""
         try:
-            onnx_export_from_model(model, folder, task=ONNX_TASKS[kind], opset=config.opset,
-                                   do_validation=False)
+            with tracing_quietly():
+                onnx_export_from_model(model, folder, task=ONNX_TASKS[kind],
+                                       opset=config.opset, do_validation=False)
         finally:
             model.config._name_or_path = source
         return folder / "model.onnx"
