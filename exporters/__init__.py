@@ -166,11 +166,29 @@ def check_bundle_target(out_dir: str | os.PathLike) -> Path:
     if not any(out.iterdir()):
         return out
     try:
-        load_manifest(out, verify=False)  # a bundle, finished or since damaged: replaceable
+        manifest = load_manifest(out, verify=False)  # a bundle, even one since damaged
     except BundleError as err:
         raise ValueError(f"{out} is not empty and is not a FlexRank bundle ({err}); export "
                          "into a new or empty folder: an export replaces only a bundle") from None
+    foreign = foreign_files(out, manifest)
+    if foreign:
+        raise ValueError(f"{out} is a FlexRank bundle but also holds {len(foreign)} file(s) no "
+                         f"export or bench wrote (e.g. {', '.join(foreign[:3])}); an export "
+                         "replaces the whole folder, so move them out or choose another folder")
     return out
+
+
+# `flexrank bench` writes its results here, inside the bundle but outside the manifest
+BENCH_FOLDER = "bench"
+
+
+def foreign_files(out: Path, manifest) -> list[str]:
+    """Files in bundle folder `out` that neither its manifest lists nor `flexrank bench`
+    wrote (POSIX paths relative to `out`, sorted)."""
+    ours = set(manifest.files) | {MANIFEST_FILE}
+    return sorted(rel for rel in (p.relative_to(out).as_posix() for p in out.rglob("*")
+                                  if p.is_file())
+                  if rel not in ours and rel.split("/")[0] != BENCH_FOLDER)
 
 
 def lock_file(out_dir: Path) -> Path:

@@ -195,6 +195,24 @@ def test_an_old_bundle_is_replaced_as_a_whole(elastic, tmp_path):
     assert load_manifest(dist).betas == [0.8] and leftovers(dist) == []
 
 
+def test_files_a_user_added_to_a_bundle_stop_the_replacement(elastic, tmp_path):
+    """An export replaces a bundle whole: what flexrank bench wrote goes with it, a file the
+    user put there stops the export instead (found by a new user: NOTES.txt was deleted)."""
+    dist = tmp_path / "dist"
+    export(elastic, dist, budgets=[0.6], config=QUICK)
+    (dist / "bench").mkdir()
+    (dist / "bench" / "bench.json").write_text("{}")
+    (dist / "NOTES.txt").write_text("mine")
+    before = files_of(dist)
+    with pytest.raises(ValueError, match=r"holds 1 file\(s\) no export or bench wrote "
+                                         r"\(e.g. NOTES.txt\)"):
+        export(elastic, dist, budgets=[0.8], config=QUICK)
+    assert files_of(dist) == before
+    (dist / "NOTES.txt").unlink()
+    export(elastic, dist, budgets=[0.8], config=QUICK)  # bench/ is ours: replaced with it
+    assert sorted(p.name for p in dist.iterdir()) == ["budget-0.8", MANIFEST_FILE]
+
+
 # ---- §6: modes follow the umask ------------------------------------------------------------
 
 @contextmanager

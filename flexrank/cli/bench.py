@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flexrank.cli.compress import whole_number
 from flexrank.device.decide import BETA_LABEL
+from flexrank.exporters import BENCH_FOLDER
 from flexrank.io import atomic_path, check_writable, write_json_atomic
 from flexrank.runtime.bench import DEFAULT_PROFILES, bench
 
@@ -93,7 +94,7 @@ def cmd_bench(args) -> int:
     names = [n.strip() for n in args.profiles.split(",") if n.strip()]
     if not names:
         raise ValueError("--profiles is empty: give names like pixel8,laptop-x86")
-    out = Path(args.dist_dir) / "bench"
+    out = Path(args.dist_dir) / BENCH_FOLDER  # inside the bundle, outside its manifest
     check_writable(out, "flexrank bench's output folder DIST_DIR/bench")  # before measuring
     print(f"benchmarking {args.dist_dir} for {', '.join(names)} ...", flush=True)
     report = bench(args.dist_dir, names, new_tokens=args.tokens)
