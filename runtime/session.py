@@ -230,6 +230,7 @@ class ElasticSession:
         single = isinstance(prompt, str) or (_is_id_sequence(prompt)
                                              and attention_mask is None)
         ids, mask = self._batch(prompt, attention_mask)
+        self._check_vocabulary(ids[mask == 1])
         if within_positions:
             self._check_positions(int(mask.sum(1).max()) + max_new_tokens, max_new_tokens)
         eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
@@ -267,6 +268,19 @@ class ElasticSession:
             mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
         return tokens, times
+
+    def _check_vocabulary(self, ids: np.ndarray) -> None:
+        """Refuse token ids outside [0, vocab): onnxruntime would stop inside the embedding
+        Gather with a message about a node, not about the prompt."""
+        vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"),
+                     None)
+        if not isinstance(vocab, int) or ids.size == 0:
+            return
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the model's vocabulary of "
+                             f"{vocab} (ids 0-{vocab - 1}); {bad.size} prompt id(s) are: is the "
+                             "tokenizer the model's own?")
 
     def _check_positions(self, length: int, new_tokens: int) -> None:
         """Refuse a generation past the positions the model was trained for (the rule of

@@ -276,6 +276,28 @@ def test_runtime_generate_refuses_beyond_the_positions(tmp_path, factorised64):
                .token_ids) == 5
 
 
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path, factorised64):
+    """The same kind as positions: a tokenizer larger than the model's vocabulary made eval
+    end in an IndexError and generate in onnxruntime's Gather error (found by a new user)."""
+    from flexrank.exporters import export
+    from flexrank.runtime.session import ElasticSession
+
+    model = llama64()
+    vocab = model.config.vocab_size
+    text = torch.cat([ids(1, 30)[0], torch.tensor([vocab + 200])])
+    with pytest.raises(ValueError, match=rf"token id {vocab + 200}, outside the model's "
+                                         rf"vocabulary of {vocab}"):
+        perplexity(model, text, seq_len=64)
+    _, student, plan = factorised64
+    export(ElasticModel(student, plan, model_id="tiny-64"), tmp_path, budgets=[1.0])
+    session = ElasticSession(tmp_path)
+    with pytest.raises(ValueError, match=rf"token id {vocab + 899} is outside the model's "
+                                         rf"vocabulary of {vocab}"):
+        session.generate([[1, 2], [3, vocab + 899]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        session.generate([5, -1, 6], max_new_tokens=3)
+
+
 # ---- §6 one batch rule ------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexrank.compress.calibration import as_batch
-from flexrank.compress.models import check_positions
+from flexrank.compress.models import check_positions, check_vocabulary
 
 
 class EvaluationError(ValueError):
@@ -64,6 +64,7 @@ def _check_windows(model: nn.Module, ids: torch.Tensor, seq_len: int) -> None:
     length = min(seq_len, len(ids))
     check_positions(model, length, f"evaluation windows of {length} tokens",
                     "pass a seq_len (--seq-len) no larger than that")
+    check_vocabulary(model, ids, "the evaluation text's tokens")
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -195,3 +195,17 @@ def check_positions(model, length: int, what: str, fix: str) -> None:
         raise PositionLimitError(
             f"{what} exceed the {limit} positions {type(model).__name__} was trained for "
             f"(config.max_position_embeddings / n_positions); {fix}")
+
+
+def check_vocabulary(model, ids, what: str) -> None:
+    """Refuse token ids outside the model's vocabulary (config.vocab_size): the embedding
+    lookup would fail with an IndexError (or onnxruntime's Gather error) that names no
+    input. Raises ValueError naming `what`, the first bad id and the vocabulary size."""
+    vocab = getattr(getattr(model, "config", model), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0 or ids.numel() == 0:
+        return
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.numel():
+        raise ValueError(f"{what} hold token id {int(bad[0])}, outside the model's vocabulary "
+                         f"of {vocab} (ids 0-{vocab - 1}); {bad.numel()} id(s) are: use the "
+                         "model's own tokenizer")
