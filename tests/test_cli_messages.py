@@ -145,3 +145,32 @@ def test_library_import_warnings_stay_out_of_the_default_output():
     if "torchao" not in loud.stderr:  # a machine with triton and torchao's CUDA kernels
         pytest.skip("torchao imports silently here: nothing to keep out")
     assert "torchao" not in quiet.stderr and "_pytree" not in quiet.stderr
+
+
+def test_a_missing_model_path_is_named_before_any_cache_folder(tmp_path, monkeypatch, capsys):
+    """A typo used to print 'compressing ... into <cache>' and leave that folder behind."""
+    monkeypatch.setenv("FLEXRANK_CACHE", str(tmp_path / "cache"))
+    assert export_main([str(tmp_path / "nope"), "--profile", "pixel8", "-o",
+                        str(tmp_path / "dist")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope'} does not exist: give an elastic checkpoint folder" in err
+    assert not (tmp_path / "cache" / "compress").exists()
+
+
+def test_options_for_plain_models_are_noted_on_a_checkpoint(student_and_plan, tmp_path,
+                                                            capsys):
+    student, plan = student_and_plan
+    checkpoint = tmp_path / "ckpt"
+    ElasticModel(student, plan, char_tokenizer(), model_id="tiny").save_pretrained(checkpoint)
+    assert export_main([str(checkpoint), "--profile", "pixel8", "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert export_main([str(checkpoint), "--profile", "pixel8", "--dry-run", "--budgets",
+                        "0.5,1", "--steps", "3"]) == 0
+    assert ("note: --budgets and --steps apply when compressing a plain model"
+            in capsys.readouterr().out)
+
+
+def test_the_cli_says_where_executorch_quantization_is(tmp_path, capsys):
+    assert export_main([str(tmp_path), "--format", "executorch", "--quantize", "int4",
+                        "--profile", "pixel8", "-o", str(tmp_path / "dist")]) == 2
+    assert "quantize='8da4w'" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexrank.cli.compress import budget_list, whole_number
-from flexrank.compress.aliases import DEFAULT_MODEL
+from flexrank.compress.aliases import ALIASES, DEFAULT_MODEL
 from flexrank.device.host import host_threads
 from flexrank.exporters import (
     Deployment,
@@ -58,6 +58,9 @@ class Stages:
         print(f"[{self.index}/{self.total}] {self.name}: {seconds:.1f} s{note}", flush=True)
 
 
+DEFAULT_BUDGETS = "1,0.8,0.6,0.4"  # the plan of a plain model compressed with fast defaults
+
+
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=DEFAULT_MODEL,
                    help="elastic checkpoint (a `flexrank compress` output folder) or a model "
@@ -79,7 +82,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", help="where a plain model's compress run is cached "
                                       "(default: compress/<model> in $FLEXRANK_CACHE, "
                                       "else ~/.cache/flexrank)")
-    p.add_argument("--budgets", type=budget_list, default="1,0.8,0.6,0.4",
+    p.add_argument("--budgets", type=budget_list, default=DEFAULT_BUDGETS,
                    help="budgets of the plan when compressing a plain model")
     p.add_argument("--steps", type=whole_number(0), default=None,
                    help="distillation steps when compressing a plain model (default: fast "
@@ -161,7 +164,17 @@ def load_or_compress(args):
     source = Path(str(args.source)).expanduser()
     if source.is_dir() and (resolve_elastic_dir(source) / META_FILE).is_file():
         print(f"    elastic checkpoint {source}")
+        given = {"--budgets": args.budgets != budget_list(DEFAULT_BUDGETS),
+                 "--steps": args.steps is not None}
+        ignored = [name for name, set_by_user in given.items() if set_by_user]
+        if ignored:
+            print(f"    note: {' and '.join(ignored)} apply when compressing a plain model; "
+                  "this checkpoint keeps its own plan and training")
         return ElasticModel.from_pretrained(source)
+    if str(args.source) not in ALIASES and not source.exists():
+        raise ValueError(f"{args.source} does not exist: give an elastic checkpoint folder, a "
+                         f"Hugging Face model folder, a .gguf file or an alias "
+                         f"({', '.join(ALIASES)})")
     from flexrank.compress.pipeline import compress
 
     config = fast_compress_config(args.budgets)
@@ -249,6 +262,11 @@ def _checked_job(args) -> ExportJob:
         raise ValueError("--budget auto needs --profile NAME|FILE (see `flexrank profiles`)")
     profile = load_profile(args.profile) if args.profile else None
     _exporter_available(args.format)
+    if args.format == Format.EXECUTORCH and args.quantize != "none":
+        raise ValueError(f"--quantize {args.quantize} is an onnxruntime quantization; the "
+                         "command line exports ExecuTorch programs in float32 (8da4w is "
+                         "available from Python: exporters.export(..., format='executorch', "
+                         "quantize='8da4w'))")
     fmt, layout, quantize = checked_options(args.format, args.layout, args.quantize)
     out = Path(args.output)
     if not args.dry_run:  # the bundle and its lock are built beside `out`, in its parent
