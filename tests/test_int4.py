@@ -305,3 +305,19 @@ def test_bad_int4_options_are_refused():
         OnnxExportConfig(int4_algorithm="gptq")
     with pytest.raises(ValueError, match="int4_accuracy_level 7"):
         OnnxExportConfig(int4_accuracy_level=7)
+
+
+def test_budgets_that_rounding_merges_are_warned_about(tmp_path, caplog):
+    """A new user's tiny model: rounding ranks to blocks of 32 gave β 0.4 and 0.6 one and
+    the same file under two labels, with nothing said."""
+    from flexrank.exporters.onnx.export import warn_merged_budgets
+
+    with caplog.at_level(logging.WARNING, logger="flexrank.exporters.onnx.export"):
+        warn_merged_budgets({0.4: {"a": 32, "b": 32}, 0.6: {"a": 32, "b": 32},
+                             0.8: {"a": 64, "b": 32}}, 32)
+    assert caplog.text.count("become the same model") == 1
+    assert "budgets 0.4 and 0.6 become the same model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flexrank.exporters.onnx.export"):
+        warn_merged_budgets({0.4: {"a": 32}, 0.6: {"a": 64}}, 32)
+    assert "same model" not in caplog.text

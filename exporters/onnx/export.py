@@ -123,6 +123,20 @@ def int4_ranks(elastic, beta: float, block_size: int) -> dict[str, int]:
     return aligned
 
 
+def warn_merged_budgets(ranks_by_budget: dict[float, dict[str, int]], block_size: int) -> None:
+    """Warn when rounding ranks to the int4 block makes two budgets the same model: their
+    files would be identical while their labels differ (layers only a few blocks wide)."""
+    seen: dict[tuple, float] = {}
+    for beta in sorted(ranks_by_budget):
+        key = tuple(sorted(ranks_by_budget[beta].items()))
+        if key in seen:
+            logger.warning("int4 rounds ranks to multiples of %d: budgets %g and %g become the "
+                           "same model (the layers are only a few blocks wide); export fewer "
+                           "budgets or pass a smaller OnnxExportConfig(int4_block_size=...)",
+                           block_size, seen[key], beta)
+        seen.setdefault(key, beta)
+
+
 def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, ranks=None):
     """One budget's graph in `folder` (at `ranks`, default the plan's): (layer records,
     graph path, manifest extras)."""
@@ -156,11 +170,14 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
     # int8, int4: plain factors or dense, never gauge-fixed (`quantized_policy` says why);
     # the manifest's `forms` and `layers` record what each layer became
     first = config.forms if quantize is None else quantized_policy(config.forms)
+    rounded = ({beta: int4_ranks(elastic, beta, config.int4_block_size) for beta in budgets}
+               if quantize == "int4" else {})
+    warn_merged_budgets(rounded, config.int4_block_size)
     entries = []
     for beta in budgets:
         folder = out_dir / budget_name(beta)
         policies, failed = [first, *fallback_policies(first)], []
-        ranks = int4_ranks(elastic, beta, config.int4_block_size) if quantize == "int4" else None
+        ranks = rounded.get(beta)
         for policy in policies:
             # int8 keeps the float layers by node scope, which a fused sibling MatMul hides;
             # int4 quantizes a fused MatMul as its parts (blocks run along K, per column)
