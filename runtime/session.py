@@ -218,9 +218,10 @@ class ElasticSession:
         list of strings, a list of id sequences (any lengths), or (B, T) ids with an
         optional left-padding `attention_mask` -> a list of B `Generation`s, each row's
         tokens those it gives alone (rows are left-padded and masked; positions count real
-        tokens only, as in Hugging Face). A row stops at its EOS; the batch stops when
-        every row has. Raises ValueError for a prompt it cannot read and when prompt +
-        max_new_tokens exceed the positions the model was trained for
+        tokens only, as in Hugging Face; int8 bundles quantize activations per tensor at
+        run time, so there a row's tokens may depend on the others). A row stops at its
+        EOS; the batch stops when every row has. Raises ValueError for a prompt it cannot
+        read and when prompt + max_new_tokens exceed the positions the model was trained for
         (`within_positions=False`: timing runs only, whose tokens are unused)."""
         if self.kind != "decoder":
             raise ValueError(f"generate() needs a decoder bundle; this one is {self.kind!r}: "

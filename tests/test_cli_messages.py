@@ -174,3 +174,23 @@ def test_the_cli_says_where_executorch_quantization_is(tmp_path, capsys):
     assert export_main([str(tmp_path), "--format", "executorch", "--quantize", "int4",
                         "--profile", "pixel8", "-o", str(tmp_path / "dist")]) == 2
     assert "quantize='8da4w'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_tokenizer_does_not_look_for_one(student_and_plan, tmp_path,
+                                                              monkeypatch):
+    """Looking for a tokenizer that was never saved made transformers build a default one
+    for the model type and print its notices (a new user saw LlamaTokenizer's 'legacy
+    behaviour' text); with no tokenizer file, none is looked for."""
+    import transformers
+
+    student, plan = student_and_plan
+    ElasticModel(student, plan, None, model_id="tiny").save_pretrained(tmp_path / "plain")
+    ElasticModel(student, plan, char_tokenizer(), model_id="tiny").save_pretrained(
+        tmp_path / "with")
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert ElasticModel.from_pretrained(tmp_path / "plain").tokenizer is None and calls == []
+    assert ElasticModel.from_pretrained(tmp_path / "with").tokenizer is not None
+    assert len(calls) == 1

@@ -297,6 +297,24 @@ def onnx_scope(name: str) -> str:
     return "/" + "/".join(parts) + "/"
 
 
+class _DropPreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+@contextmanager
+def without_preprocessing_advice():
+    """onnxruntime's quantizer advises (on the root logger, once per call) running its
+    pre-processing (symbolic shape inference and graph optimisation) on a graph without
+    that tag; `simplify` has done both, so the advice is dropped while it runs."""
+    advice = _DropPreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
 def quantize_int8(path: Path, float_layers=()) -> list[Path]:
     """onnxruntime dynamic quantization of the weight MatMuls (int8 weights per channel,
     activations per tensor at run time); the MatMuls of `float_layers` stay float.
@@ -310,11 +328,12 @@ def quantize_int8(path: Path, float_layers=()) -> list[Path]:
     keep = [n.name for n in graph.node if n.op_type == "MatMul" and n.name.startswith(scopes)]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        quantize_dynamic(path, out, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                         # onnx's shape inference cannot type the outputs of onnxruntime's
-                         # fused ops (`onnx_simplify`); every activation here is float32
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        with without_preprocessing_advice():
+            quantize_dynamic(path, out, op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                             # onnx's shape inference cannot type the outputs of onnxruntime's
+                             # fused ops (`onnx_simplify`); every activation here is float32
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
         written = []

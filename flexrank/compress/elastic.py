@@ -244,6 +244,12 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False)) and "lm_head" in key
 
 
+# Files whose presence means a tokenizer was saved (save_tokenizer writes the first; slow
+# tokenizers write one of the others).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt")
+
+
 def _skeleton_from_config(directory: Path, model_class: str):
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -256,8 +262,12 @@ def _skeleton_from_config(directory: Path, model_class: str):
     if model_type is None:
         raise ValueError(f"transformers has no class {model_class}; pass model=")
     model = model_type(config)  # random init, overwritten by the checkpoint
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
+    tokenizer = None
+    # only when tokenizer files were saved: otherwise transformers builds a default tokenizer
+    # class for the model type and prints its notices about a tokenizer that does not exist
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
     return model, tokenizer
