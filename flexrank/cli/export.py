@@ -70,12 +70,19 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="auto",
                    help="auto (largest budget meeting the profile's targets), all, or a β of "
                         "the plan (default: auto)")
-    p.add_argument("--format", choices=[str(f) for f in Format], default=str(Format.ONNX))
+    p.add_argument("--format", choices=[str(f) for f in Format], default=str(Format.ONNX),
+                   help="onnx, ort (onnxruntime's mobile format) or executorch (.pte for "
+                        "XNNPACK) (default: onnx)")
     p.add_argument("--layout", choices=[str(layout) for layout in Layout],
-                   default=str(Layout.PER_BUDGET))
+                   default=str(Layout.PER_BUDGET),
+                   help="per-budget (one graph per budget), shared (graphs over one weight "
+                        "file) or elastic (one graph, budget as an input) (default: "
+                        "per-budget)")
     # int8 and int4 only: the budget costs of the decision model their weights, not 8da4w
     p.add_argument("--quantize", choices=("none", str(Quantization.INT8),
-                                          str(Quantization.INT4)), default="none")
+                                          str(Quantization.INT4)), default="none",
+                   help="onnx/ort weights: int8 (dynamic) or int4 (MatMulNBits, blocks of "
+                        "32; ranks rounded to the block) (default: none)")
     p.add_argument("-o", "--output", default="dist", help="bundle folder (must be empty)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
@@ -407,7 +414,8 @@ def cost_dict(cost) -> dict:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="pick a budget for a device profile, export it, validate "
-                                      "it and measure it (= flexrank-export)")
+    p = sub.add_parser("export", prog="flexrank-export",
+                       help="pick a budget for a device profile, export it, validate it and "
+                            "measure it (= flexrank-export)")
     add_export_args(p)
     p.set_defaults(func=cmd_export)
