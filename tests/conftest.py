@@ -115,3 +115,17 @@ def token_batches(vocab: int, num: int = 4, batch: int = 4, seq: int = 16, seed:
         ids = torch.randint(3, vocab, (batch, seq), generator=generator)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A saved elastic checkpoint of the tiny Llama (budgets 0.6/0.8/1.0, a char tokenizer),
+    read-only for the tests that export or measure it."""
+    from elastic_fixtures import tiny_elastic
+
+    from flexrank.compress.elastic import ElasticModel
+
+    student, _, plan, _, _ = tiny_elastic()
+    folder = tmp_path_factory.mktemp("ckpt")
+    ElasticModel(student, plan, char_tokenizer(), model_id="tiny-llama").save_pretrained(folder)
+    return folder

@@ -7,27 +7,16 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 import yaml
 from conftest import char_tokenizer, tiny_llama
-from elastic_fixtures import tiny_elastic
 
 from flexrank.cli import export_main, main
-from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.pipeline import STATE_FILE
 from flexrank.device_profiles import PROFILE_DIR
 from flexrank.manifest import load_manifest
 from flexrank.runtime.session import ElasticSession
 
 logging.getLogger("optimum").setLevel(logging.ERROR)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    student, _, plan, _, _ = tiny_elastic()
-    folder = tmp_path_factory.mktemp("ckpt")
-    ElasticModel(student, plan, char_tokenizer(), model_id="tiny-llama").save_pretrained(folder)
-    return folder
 
 
 def impossible_profile(tmp_path, decode=1e7):

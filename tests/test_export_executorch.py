@@ -19,10 +19,11 @@ from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.surgery import factorize_
 from flexrank.exporters import EXPORTERS, export
+from flexrank.exporters.common.ranks import aligned_rank, aligned_ranks
 from flexrank.exporters.common.validate import GENERATION_TOKENS, torch_greedy
 from flexrank.exporters.executorch.export import ExecutorchExportConfig
 from flexrank.exporters.executorch.program import ExecutorchTraceError, segment_layout
-from flexrank.exporters.executorch.quant import QuantizationShapeError, aligned_rank, aligned_ranks
+from flexrank.exporters.executorch.quant import QuantizationShapeError
 from flexrank.exporters.executorch.validate import constant_methods, load_method, pte_greedy
 from flexrank.manifest import load_manifest, write_manifest
 

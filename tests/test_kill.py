@@ -14,22 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import char_tokenizer
-from elastic_fixtures import tiny_elastic
 
-from flexrank.compress.elastic import ElasticModel
 from flexrank.exporters import lock_file
 from flexrank.manifest import MissingFileError, load_manifest
 
 STAGES = 5  # flexrank-export prints "[k/5] <stage> ..." as each stage starts
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    student, _, plan, _, _ = tiny_elastic()
-    folder = tmp_path_factory.mktemp("ckpt")
-    ElasticModel(student, plan, char_tokenizer(), model_id="tiny-llama").save_pretrained(folder)
-    return folder
 
 
 def export_command(checkpoint: Path, out: Path, budget: str) -> list[str]:

@@ -11,12 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import char_tokenizer
-from elastic_fixtures import tiny_elastic
 
 import flexrank.io
 from flexrank.cli import export_main
-from flexrank.compress.elastic import ElasticModel
 from flexrank.manifest import (
     MANIFEST_FILE,
     BudgetEntry,
@@ -111,14 +108,6 @@ def test_manifest_of_another_format_is_refused_naming_the_file(change, message, 
     with pytest.raises(BundleError, match=message) as error:
         load_manifest(tmp_path, verify=False)
     assert str(tmp_path / MANIFEST_FILE) in str(error.value)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    student, _, plan, _, _ = tiny_elastic()
-    folder = tmp_path_factory.mktemp("ckpt")
-    ElasticModel(student, plan, char_tokenizer(), model_id="tiny-llama").save_pretrained(folder)
-    return folder
 
 
 def test_export_hashes_each_file_once_and_writes_the_manifest_once(checkpoint, tmp_path,

@@ -20,7 +20,6 @@ import pytest
 import safetensors
 import torch
 from conftest import char_tokenizer, tiny_llama
-from elastic_fixtures import tiny_elastic
 from safetensors.torch import load_file, save_file
 
 import flexrank
@@ -87,14 +86,6 @@ def compress_argv(model, text, out) -> list[str]:
             "--seq-len", "32", "--eval-samples", "4", "--batch-size", "4", "--levels", "4",
             "--probe-samples", "2", "--steps", "2", "--train-batch", "4", "--budgets",
             "1,0.7"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    student, _, plan, _, _ = tiny_elastic()
-    folder = tmp_path_factory.mktemp("ckpt")
-    ElasticModel(student, plan, char_tokenizer(), model_id="tiny-llama").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

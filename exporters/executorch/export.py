@@ -18,7 +18,7 @@ listed in `executorch_program.decoder_metadata`, plus `get_flexrank_budget`,
 
 `quantize="8da4w"`: int8 dynamic activations, int4 weights in groups of
 `config.group_size` (torchao); ranks are first rounded to multiples of the group size
-(`executorch_quant.aligned_ranks`) so that every factorised layer is quantized; the
+(`exporters.common.ranks.aligned_ranks`) so that every factorised layer is quantized; the
 manifest lists the quantized layers and the ranks actually exported.
 """
 
@@ -33,11 +33,11 @@ import torch
 
 from flexrank.compress.config import _checked_dict
 from flexrank.compress.models import model_kind
-from flexrank.compress.select import nested_layers
 from flexrank.exporters import register_exporter
 from flexrank.exporters.common.entry import budget_name, make_budget_entry
 from flexrank.exporters.common.forms import FormPolicy, deployable_model, quantized_policy
 from flexrank.exporters.common.precision import in_export_precision
+from flexrank.exporters.common.ranks import block_aligned_ranks
 from flexrank.exporters.common.sample import SAMPLE_TEXT, sample_for
 from flexrank.exporters.common.validate import DEFAULT_TOLERANCE, GENERATION_TOKENS
 from flexrank.exporters.executorch.program import (
@@ -52,7 +52,6 @@ from flexrank.exporters.executorch.program import (
 from flexrank.exporters.executorch.quant import (
     GROUP_SIZES,
     QUANTIZE_8DA4W,
-    aligned_ranks,
     linear_forms_,
     quantize_8da4w_,
 )
@@ -108,16 +107,9 @@ class ExecutorchExportConfig:
 
 
 def exported_ranks(elastic, beta: float, quantize: str | None, group_size: int) -> dict:
-    ranks = elastic.layer_ranks(beta)
     if quantize != QUANTIZE_8DA4W:
-        return ranks
-    max_ranks = {name: layer.max_rank for name, layer in nested_layers(elastic.model).items()}
-    aligned = aligned_ranks(ranks, max_ranks, group_size)
-    moved = {n: (ranks[n], aligned[n]) for n in ranks if ranks[n] != aligned[n]}
-    if moved:
-        logger.info("β=%g: %d ranks rounded to multiples of %d for 8da4w (e.g. %s)", beta,
-                    len(moved), group_size, dict(list(moved.items())[:3]))
-    return aligned
+        return elastic.layer_ranks(beta)
+    return block_aligned_ranks(elastic, beta, group_size, "8da4w")
 
 
 def _positional(kind: str, sample) -> tuple:

@@ -6,8 +6,9 @@ of an `nn.Linear` in groups of g along its *input* axis, so a layer whose input 
 not a multiple of g cannot be quantized (ExecuTorch's own export then skips it silently,
 DESIGN.md §4.3). In a factorised layer the inner width is the rank, so:
 
-- `aligned_ranks` rounds every nested layer's rank to the nearest multiple of g (at least
-  g, at most the layer's max rank); rounding is monotone, so a nested plan stays nested;
+- `aligned_ranks` (exporters/common/ranks.py) rounds every nested layer's rank to the
+  nearest multiple of g (at least g, at most the layer's max rank); rounding is monotone,
+  so a nested plan stays nested;
 - `linear_forms_` turns the deployment forms of `deploy.py` into plain `nn.Linear`
   children (the modules torchao quantizes): dense W, gauge-fixed V̂ᵀ and Û_rest, plain
   Vᵀ and U;
@@ -19,7 +20,6 @@ DESIGN.md §4.3). In a factorised layer the inner width is the rank, so:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -37,22 +37,6 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 class QuantizationShapeError(ValueError):
     """A layer whose shape the chosen quantization cannot handle."""
-
-
-def aligned_rank(rank: int, max_rank: int, group_size: int) -> int:
-    """`rank` rounded to the nearest multiple of `group_size` (halves up), at least one
-    group and at most `max_rank`. A layer kept at its max rank (or whose max rank is below
-    one group) stays there: at full rank it is exported dense, whose input width is the
-    layer's own."""
-    if rank >= max_rank or max_rank <= group_size:
-        return max_rank
-    rounded = max(group_size, group_size * math.floor(rank / group_size + 0.5))
-    return min(rounded, max_rank - max_rank % group_size)
-
-
-def aligned_ranks(ranks: dict[str, int], max_ranks: dict[str, int],
-                  group_size: int) -> dict[str, int]:
-    return {name: aligned_rank(rank, max_ranks[name], group_size) for name, rank in ranks.items()}
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:

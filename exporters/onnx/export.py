@@ -31,9 +31,9 @@ from flexrank.exporters.common.errors import GenerationMismatchError, OutputMism
 from flexrank.exporters.common.forms import FormPolicy, LayerExport, quantized_policy
 from flexrank.exporters.common.gauge import LayerForm
 from flexrank.exporters.common.precision import in_export_precision
+from flexrank.exporters.common.ranks import block_aligned_ranks
 from flexrank.exporters.common.sample import sample_for
 from flexrank.exporters.common.validate import validate_decoder, validate_named
-from flexrank.exporters.executorch.quant import aligned_ranks
 from flexrank.exporters.executorch.validate import at_ranks
 from flexrank.exporters.onnx.attention import kv_cache_in_place
 from flexrank.exporters.onnx.convert import (
@@ -109,18 +109,9 @@ def cache_flag(kind: str, model: onnx.ModelProto) -> dict:
 
 
 def int4_ranks(elastic, beta: float, block_size: int) -> dict[str, int]:
-    """The plan's ranks at `beta` rounded to multiples of the int4 block size, the rule of
-    the ExecuTorch 8da4w path (`aligned_rank`: nearest multiple, monotone, so nested
-    plans stay nested): a plain layer's second MatMul has the rank as its inner width K,
-    and a K that is not a multiple of the block is padded, stored and computed."""
-    ranks = elastic.layer_ranks(beta)
-    max_ranks = {name: layer.max_rank for name, layer in nested_layers(elastic.model).items()}
-    aligned = aligned_ranks(ranks, max_ranks, block_size)
-    moved = {n: (ranks[n], aligned[n]) for n in ranks if ranks[n] != aligned[n]}
-    if moved:
-        logger.info("β=%g: %d ranks rounded to multiples of %d for int4 (e.g. %s)", beta,
-                    len(moved), block_size, dict(list(moved.items())[:3]))
-    return aligned
+    """The plan's ranks at `beta` rounded to multiples of the int4 block size
+    (`block_aligned_ranks`, the rule of the ExecuTorch 8da4w path)."""
+    return block_aligned_ranks(elastic, beta, block_size, "int4")
 
 
 def warn_merged_budgets(ranks_by_budget: dict[float, dict[str, int]], block_size: int) -> None:
