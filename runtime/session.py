@@ -275,6 +275,8 @@ class ElasticSession:
         Gather with a message about a node, not about the prompt."""
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"),
                      None)
+        if not isinstance(vocab, int):  # encoders: no logits, the config says
+            vocab = self._graph_config().get("vocab_size")
         if not isinstance(vocab, int) or ids.size == 0:
             return
         bad = ids[(ids < 0) | (ids >= vocab)]
@@ -287,21 +289,27 @@ class ElasticSession:
         """Refuse a generation past the positions the model was trained for (the rule of
         flexrank.compress.models.check_positions, read from the config.json beside the
         graph: the runtime loads no torch)."""
-        config = (self.bundle_dir / self.entry.graph).parent / "config.json"
-        if not config.is_file():
-            return
-        values = json.loads(config.read_text())
+        values = self._graph_config()
         limit = next((values[k] for k in POSITION_KEYS if isinstance(values.get(k), int)), None)
         if limit is not None and length > limit:
-            raise ValueError(f"a prompt of {length - new_tokens} tokens plus {new_tokens} new "
-                             f"tokens exceeds the {limit} positions the model was trained "
-                             "for; shorten the prompt or lower max_new_tokens")
+            asked = (f"a prompt of {length - new_tokens} tokens plus {new_tokens} new tokens"
+                     if new_tokens else f"an input of {length} tokens")
+            raise ValueError(f"{asked} exceeds the {limit} positions the model was trained "
+                             "for; shorten the input" + (" or lower max_new_tokens"
+                                                         if new_tokens else ""))
+
+    def _graph_config(self) -> dict:
+        """The model's config.json beside the current budget's graph ({} when absent)."""
+        config = (self.bundle_dir / self.entry.graph).parent / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else {}
 
     def encode(self, inputs) -> dict[str, np.ndarray]:
         """One forward pass of an encoder bundle: {output name: array}."""
         if self.kind == "decoder":
             raise ValueError("encode() is for encoder bundles; use generate() for a decoder")
         ids = self._ids(inputs)
+        self._check_vocabulary(ids)
+        self._check_positions(ids.shape[1], 0)
         feed = {"input_ids": ids}
         if "attention_mask" in self._inputs:
             feed["attention_mask"] = np.ones_like(ids)

@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,6 +297,32 @@ def test_token_ids_outside_the_vocabulary_are_named(tmp_path, factorised64):
         session.generate([[1, 2], [3, vocab + 899]], max_new_tokens=3)
     with pytest.raises(ValueError, match="token id -1 is outside"):
         session.generate([5, -1, 6], max_new_tokens=3)
+
+
+def test_runtime_encode_refuses_inputs_beyond_positions_or_vocabulary(tmp_path):
+    """encode() had neither check: an encoder bundle ran a too-long input through its
+    position table and an unknown id into onnxruntime's Gather."""
+    from elastic_fixtures import nested_plan
+
+    from flexrank.compress.config import FactorizeConfig
+    from flexrank.compress.surgery import factorize_
+    from flexrank.exporters import export
+    from flexrank.runtime.session import ElasticSession
+
+    model = tiny_bert()  # 128 positions, vocabulary of 100
+    factorize_(model, None, FactorizeConfig(method="plain"), progress=False)
+    export(ElasticModel(model, nested_plan(model), model_id="tiny-bert"), tmp_path,
+           budgets=[1.0])
+    session = ElasticSession(tmp_path)
+    ids = np.arange(128)[None] % 97 + 3  # 128 tokens: the whole position table
+    ok = session.encode(ids)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(ok["last_hidden_state"], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="an input of 129 tokens exceeds the 128 positions"):
+        session.encode(np.full((1, 129), 5))
+    with pytest.raises(ValueError, match="token id 100 is outside the model's vocabulary of 100"):
+        session.encode(np.array([[5, 100, 6]]))
 
 
 # ---- §6 one batch rule ------------------------------------------------------------------
