@@ -201,3 +201,26 @@ def test_batched_generation_refuses_what_it_cannot_read(llama, tmp_path):
         session.generate(np.array([[5, 6, 2], [5, 6, 7]]), 2, attention_mask=np.ones((2, 2)))
     with pytest.raises(ValueError, match="at least one token"):
         session.generate([[5, 6], []], 2)
+
+
+def test_budget_cost_counts_the_biases_of_factorised_layers():
+    """GPT-2's projections have biases, kept at every rank: at full rank the cost is the
+    dense model's, every parameter counted once (the biases were left out before)."""
+    from conftest import tiny_gpt2, token_batches
+    from elastic_fixtures import nested_plan
+
+    from flexrank.compress.covariance import collect_covariances
+    from flexrank.compress.surgery import factorize_
+
+    model = tiny_gpt2()
+    dense = sum(p.numel() for p in model.parameters())  # tied table once, biases included
+    biases = sum(m.bias.numel() for m in model.modules()
+                 if getattr(m, "bias", None) is not None and m.bias.dim() == 1
+                 and type(m).__name__ == "Conv1D")
+    assert biases > 0
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    em = ElasticModel(model, nested_plan(model), model_id="tiny-gpt2")
+    full = budget_cost(em, 1.0)
+    assert full.weight_bytes_total == 4 * dense
+    assert full.dense_weight_bytes_total == 4 * dense

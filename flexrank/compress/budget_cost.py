@@ -54,7 +54,9 @@ def budget_counts(elastic, beta: float) -> ModelCounts:
         m, n = layer.U.shape[0], layer.V.shape[0]
         factorised += gauge_fixed_params(m, n, ranks[name])
         dense += m * n
-    nested_ids = {id(p) for layer in layers.values() for p in layer.parameters()}
+    # a nested layer's factors are counted above; its bias (kept at every rank) is not
+    nested_ids = {id(layer.U) for layer in layers.values()} | {id(layer.V)
+                                                                for layer in layers.values()}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed_weight = getattr(embed, "weight", None)
