@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from flexrank.compress.config import _checked_dict
+from flexrank.compress.models import max_positions
 from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import FormPolicy, deployable_model
 from flexrank.exporters.common.sample import SAMPLE_TEXT
@@ -233,11 +234,11 @@ def rotary_tables(graph: onnx.ModelProto, model: nn.Module) -> None:
     """Replace the `cos_cache` / `sin_cache` of onnxruntime's rotary fusion (131,072 rows
     from NumPy's cos, 34 MB for SmolLM2) by the model's own rotary module's values: equal to
     what PyTorch computes (gauge-fixed layers amplify float32 differences by up to their
-    condition number), for positions below max_position_embeddings, or
+    condition number), for the model's positions (`max_positions`), or
     `MIN_ROTARY_POSITIONS` if more (tiny test models declare 128)."""
     inits = {init.name: init for init in graph.graph.initializer}
     rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
-    rows = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    rows = max_positions(model)  # the one rule for a model's trained positions
     if "cos_cache" not in inits or "sin_cache" not in inits or rotary is None or not rows:
         return
     half = inits["cos_cache"].dims[1]
