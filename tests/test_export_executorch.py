@@ -24,7 +24,12 @@ from flexrank.exporters.common.validate import GENERATION_TOKENS, torch_greedy
 from flexrank.exporters.executorch.export import ExecutorchExportConfig
 from flexrank.exporters.executorch.program import ExecutorchTraceError, segment_layout
 from flexrank.exporters.executorch.quant import QuantizationShapeError
-from flexrank.exporters.executorch.validate import constant_methods, load_method, pte_greedy
+from flexrank.exporters.executorch.validate import (
+    at_ranks,
+    constant_methods,
+    load_method,
+    pte_greedy,
+)
 from flexrank.manifest import load_manifest, write_manifest
 
 FRACTIONS = (0.5, 0.75, 1.0)
@@ -144,6 +149,13 @@ def test_llama_every_budget_validated_with_generation(llama, llama_bundle):
         assert {"model.pte", "tokenizer.json"} <= {f.rsplit("/", 1)[1] for f in entry["files"]}
     assert "gauge" in manifest["budgets"][0]["forms"]
     assert manifest["budgets"][-1]["forms"] == {"dense": 14}
+    # apart from the exporter's report: each program through ExecuTorch's runtime, on a
+    # prompt of its own, decodes as PyTorch does at that budget
+    prompt = torch.tensor([[1, *range(40, 57)]])  # (1, 18)
+    for entry in manifest["budgets"]:
+        ours = pte_greedy(load_method(out / entry["graph"]), prompt, GENERATION_TOKENS)
+        llama.set_budget(entry["beta"])
+        assert ours.tolist() == torch_greedy(llama.model, prompt, GENERATION_TOKENS).tolist()
 
 
 def test_llama_generation_through_the_runtime(llama, llama_bundle):
@@ -249,6 +261,15 @@ def test_llama_8da4w_every_layer_quantized_with_aligned_ranks(tmp_path):
         assert check["generation_match"] is True
         twin = check["quantized_reference"]  # the lowering itself, apart from int4 error
         assert twin["top1_agreement"] == 1.0 and twin["max_abs_diff"] < 0.02
+        # apart from that report: the program's logits through ExecuTorch's runtime on an
+        # input of the test's own, against the float PyTorch model at the exported ranks
+        ids = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(7))
+        logits = load_method(tmp_path / entry["graph"]).execute(
+            [ids, torch.arange(ids.shape[1])])[0]
+        with at_ranks(em.model, entry["ranks"]) as reference, torch.no_grad():
+            expected = reference(input_ids=ids).logits
+        agreement = (logits.argmax(-1) == expected.argmax(-1)).float().mean().item()
+        assert agreement >= 0.9 and (logits - expected).abs().max().item() < 0.2
         assert json.loads(constant_methods(tmp_path / entry["graph"])[
             "get_flexrank_ranks_json"]) == entry["ranks"]
     low = manifest["budgets"][0]
