@@ -37,6 +37,15 @@ class Sampler(enum.StrEnum):
     SANDWICH = "sandwich"  # the largest, the smallest and one other budget each step
 
 
+class Objective(enum.StrEnum):
+    """What distillation matches (`flexrank.compress.objectives`)."""
+
+    AUTO = "auto"  # by the teacher's output: token_kl, class_kl or feature
+    TOKEN_KL = "token_kl"  # KL on per-token logits (causal LMs)
+    CLASS_KL = "class_kl"  # KL on class logits (classifiers: ViT, CNN, BERT with a head)
+    FEATURE = "feature"  # cosine + normalised MSE on the last hidden state (encoders)
+
+
 class MixedPrecision(enum.StrEnum):
     AUTO = "auto"  # bf16 on CUDA, none on CPU
     NO = "no"
@@ -152,6 +161,7 @@ class DistillConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    objective: Objective = Objective.AUTO  # "auto": by what the teacher returns
     sampler: Sampler = Sampler.SANDWICH  # the largest anchors the factors
     # sampler="weighted": the probability of each budget (ascending, as the plan's);
     # "sandwich": of each budget as the random middle one (0: never trained)
@@ -169,6 +179,7 @@ class DistillConfig:
         _at_least(self, {"steps": 0, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0,
                          "eval_every": 0, "checkpoint_every": 0, "seed": 0})
         object.__setattr__(self, "sampler", _enum(Sampler, self.sampler, "sampler"))
+        object.__setattr__(self, "objective", _enum(Objective, self.objective, "objective"))
         object.__setattr__(self, "mixed_precision",
                            _enum(MixedPrecision, self.mixed_precision, "mixed_precision"))
         if self.budget_weights is not None:

@@ -2,7 +2,9 @@
 
 Each step samples a budget (uniform, user weights, or sandwich: largest + smallest + one
 random, by the user weights when given), sets every layer to the plan's rank and
-minimises KL(teacher ‖ student) on the logits at temperature T over the real tokens.
+minimises the output-matching objective of the model's kind (`objectives`): KL(teacher ‖
+student) on the logits at temperature T over the real tokens for language models, on the
+class logits for classifiers, a feature loss on the last hidden state for encoders.
 Optional learned uncertainty weights per budget (Nested Subspace Networks):
 Σ_k exp(−s_k)·L_k + s_k.
 
@@ -35,9 +37,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexrank.compress.calibration import BatchError, as_batch, to_device
-from flexrank.compress.config import DistillConfig
+from flexrank.compress.calibration import BatchError, as_batch, takes_token_ids, to_device
+from flexrank.compress.config import DistillConfig, Objective
 from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.objectives import (
+    feature_terms,
+    objective_loss,
+    output_tensor,
+    resolve,
+    token_kl,
+)
 from flexrank.compress.select import nested_layers
 from flexrank.io import atomic_dir
 
@@ -64,14 +73,8 @@ class DistillResult:
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  mask: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over real tokens of T² · KL(softmax(t/T) ‖ softmax(s/T))."""
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    per_token = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)  # (B, T)
-    if mask is None:
-        return per_token.mean() * temperature**2
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+    """Mean over real tokens of T² · KL(softmax(t/T) ‖ softmax(s/T)) (`objectives.token_kl`)."""
+    return token_kl(student_logits, teacher_logits, mask, temperature)
 
 
 def budgets_for_step(budgets: Sequence[float], config: DistillConfig, step: int) -> list[int]:
@@ -128,15 +131,71 @@ def stack_sequences(batches: Sequence, model: nn.Module) -> dict[str, torch.Tens
             "attention_mask": torch.cat([b["attention_mask"] for b in rows])}
 
 
+def stack_batches(batches: Sequence, model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """(one table of every input, positional): for a model that reads token ids,
+    `stack_sequences`'s {input_ids, attention_mask}; for another model (vision, a plain
+    nn.Module) its batches (tensors, tuples of tensors or dicts of tensors, all of one
+    form) concatenated along the batch axis, as {input_0, input_1, ...} with positional
+    True for tensors and tuples (the model is called as model(*values)), else by name.
+    Raises BatchError for no batches or batches of mixed forms."""
+    if takes_token_ids(model):
+        return stack_sequences(batches, model), False
+    rows = [as_batch(b, model) for b in batches]
+    if not rows:
+        raise BatchError(f"distillation needs at least one batch for {type(model).__name__}")
+    positional = not isinstance(rows[0], dict)
+    if positional:
+        rows = [{f"input_{i}": t for i, t in enumerate((r,) if torch.is_tensor(r) else r)}
+                for r in rows]
+    keys = list(rows[0])
+    for row in rows:
+        if not isinstance(row, dict) or list(row) != keys or not all(
+                torch.is_tensor(v) for v in row.values()):
+            given = list(row) if isinstance(row, dict) else type(row).__name__
+            raise BatchError(f"distillation batches for {type(model).__name__} must all have "
+                             f"one form (tensors, tuples or dicts of tensors {keys}); got "
+                             f"{given}")
+    return {k: torch.cat([r[k] for r in rows]) for k in keys}, positional
+
+
+def call(model: nn.Module, batch: dict[str, torch.Tensor], positional: bool):
+    """`model`'s raw output on one `stack_batches` row set."""
+    return model(*batch.values()) if positional else model(**batch)
+
+
+def resolve_objective(objective, teacher: nn.Module, data: dict[str, torch.Tensor],
+                      positional: bool) -> Objective:
+    """`objective`, or for "auto" the one the teacher's output on the first input calls
+    for (`objectives.resolve`)."""
+    if Objective(objective) != Objective.AUTO:
+        return Objective(objective)
+    device = next(teacher.parameters()).device
+    with torch.no_grad():
+        first = call(teacher, {k: v[:1].to(device) for k, v in data.items()}, positional)
+    chosen = resolve(objective, first)
+    logger.info("distillation objective: %s (auto, from %s's output)", chosen.value,
+                type(teacher).__name__)
+    return chosen
+
+
 # ---- evaluation ----------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequence[dict],
+                     objective: Objective | str = Objective.AUTO,
                      ) -> dict[float, dict[str, float]]:
-    """Held-out KL(teacher ‖ student) and the student's perplexity at every budget.
-    Batches as `flexrank.compress.calibration.as_batch` takes them."""
+    """Held-out figures at every budget, by objective (`objectives`; "auto" resolves from
+    the teacher's output): every objective gives "loss" (its value, averaged over inputs);
+    token_kl also "kl" (= loss, nats per token) and "ppl" (the student's perplexity);
+    class_kl "top1" (share of inputs whose top class matches the teacher's); feature
+    "cosine" (mean cosine of the mean-pooled embeddings to the teacher's). Batches as
+    `flexrank.compress.calibration.as_batch` takes them."""
     model = elastic.model
+    data, positional = stack_batches(batches, model)
+    objective = resolve_objective(objective, teacher, data, positional)
+    if objective != Objective.TOKEN_KL:
+        return _evaluate_outputs(elastic, teacher, batches, objective, positional)
     batches = [as_batch(b, model) for b in batches]
     was_training = model.training
     model.eval()
@@ -158,7 +217,40 @@ def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequenc
             nll_sum += float((nll * shifted.reshape(-1)).sum())
             tokens += n
         predicted = sum(float(b["attention_mask"][:, 1:].sum()) for b in batches)
-        results[beta] = {"kl": kl_sum / tokens, "ppl": math.exp(nll_sum / predicted)}
+        results[beta] = {"loss": kl_sum / tokens, "kl": kl_sum / tokens,
+                         "ppl": math.exp(nll_sum / predicted)}
+    model.train(was_training)
+    return results
+
+
+def _evaluate_outputs(elastic: ElasticModel, teacher: nn.Module, batches: Sequence,
+                      objective: Objective, positional: bool) -> dict[float, dict[str, float]]:
+    """`evaluate_budgets` for class_kl and feature: per batch, weighted by its inputs."""
+    model = elastic.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tables = [stack_batches([b], model)[0] for b in batches]
+    tables = [{k: v.to(device) for k, v in t.items()} for t in tables]
+    reference = [output_tensor(call(teacher, t, positional), objective) for t in tables]
+    results = {}
+    for beta in elastic.budgets:
+        elastic.set_budget(beta)
+        sums: dict[str, float] = {}
+        count = 0
+        for table, t_out in zip(tables, reference, strict=True):
+            s_out = output_tensor(call(model, table, positional), objective).float()
+            mask = table.get("attention_mask")
+            rows = len(t_out)
+            figures = {"loss": float(objective_loss(objective, s_out, t_out, mask))}
+            if objective == Objective.CLASS_KL:
+                figures["top1"] = float((s_out.argmax(-1) == t_out.argmax(-1)).float().mean())
+            else:
+                figures["cosine"] = 1 - float(feature_terms(s_out, t_out, mask)["pooled_cos"])
+            for key, value in figures.items():
+                sums[key] = sums.get(key, 0.0) + value * rows
+            count += rows
+        results[beta] = {key: value / count for key, value in sums.items()}
     model.train(was_training)
     return results
 
@@ -240,9 +332,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     trained: dict[str, torch.Tensor]  # every tensor the optimizer updates, by name
     log_vars: nn.Parameter | None  # one uncertainty weight per budget, or None
-    data: dict[str, torch.Tensor]  # {input_ids, attention_mask}: (N, T) each
+    data: dict[str, torch.Tensor]  # every input, (N, ...) each (`stack_batches`)
     accelerator: object
     config: DistillConfig
+    objective: Objective = Objective.TOKEN_KL  # resolved (never "auto")
+    positional: bool = False  # the model takes data's values positionally
 
 
 def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
@@ -253,9 +347,12 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     budget of `plan` imitates `teacher`. With `output_dir`, checkpoints go to
     output_dir/checkpoint and a run there resumes from the last one exactly.
 
-    Batches (and `eval_batches`) are the language model's token ids as
-    `flexrank.compress.calibration.as_batch` takes them: dicts with input_ids (B, T) and
-    optionally attention_mask, or bare (B, T) integer tensors.
+    Batches (and `eval_batches`) as `flexrank.compress.calibration.as_batch` takes them:
+    for a model that reads token ids, dicts with input_ids (B, T) and optionally
+    attention_mask, or bare (B, T) integer tensors; for another model (ViT, a CNN) the
+    tensor, tuple or dict of tensors its forward takes, e.g. pixel values (B, C, H, W).
+    `config.objective` says what is matched ("auto": token KL for language models, class
+    KL for classifiers, the feature loss for encoders; `objectives.resolve`).
 
     Mutates, in place, and leaves on return:
     - `model`: the trained parameters (the nested layers' factors and biases; every
@@ -276,17 +373,18 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     config = config or DistillConfig()
     accelerator = accelerator or _make_accelerator(config)
     elastic = ElasticModel(model, plan)
-    data = stack_sequences(batches, model)
+    data, positional = stack_batches(batches, model)
     eval_batches = [as_batch(b, model) for b in eval_batches] if eval_batches else None
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                          f"{accelerator.num_processes} processes")
     _freeze_(teacher)
     teacher.eval()
+    objective = resolve_objective(config.objective, teacher, data, positional)
     half = _upcast_half_(model)
     try:
         result = _distill(model, elastic, teacher, data, config, eval_batches, output_dir,
-                          accelerator, progress)
+                          accelerator, progress, objective, positional)
     finally:
         _restore_dtypes_(model, half)
     elastic.set_budget(elastic.budgets[-1])  # ascending: the largest
@@ -297,7 +395,8 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
 
 def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
              data: dict[str, torch.Tensor], config: DistillConfig, eval_batches,
-             output_dir, accelerator, progress: bool) -> DistillResult:
+             output_dir, accelerator, progress: bool, objective: Objective = Objective.TOKEN_KL,
+             positional: bool = False) -> DistillResult:
     """The run itself: optimizer, resume, training steps, last checkpoint, evaluations."""
     params = _train_only_(model, config.train_all)
     log_vars = nn.Parameter(torch.zeros(len(elastic.budgets))) \
@@ -311,7 +410,7 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
     trained = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     run = _Run(elastic, wrapped, teacher.to(accelerator.device), optimizer, trained, log_vars,
-               data, accelerator, config)
+               data, accelerator, config, objective, positional)
     result = DistillResult(steps_done=start_step, tokens_seen=0)
     if eval_batches and accelerator.is_main_process and start_step == 0:
         _evaluate(run, eval_batches, 0, result)
@@ -394,8 +493,8 @@ def _resume(ckpt: Path | None, saved: dict[str, torch.Tensor],
 
 
 def _evaluate(run: _Run, eval_batches: Sequence[dict], step: int, result: DistillResult):
-    result.evals.append({"step": step, "budgets": evaluate_budgets(run.elastic, run.teacher,
-                                                                    eval_batches)})
+    result.evals.append({"step": step, "budgets": evaluate_budgets(
+        run.elastic, run.teacher, eval_batches, run.objective)})
 
 
 def _train(run: _Run, start_step: int, result: DistillResult, ckpt: Path | None,
@@ -435,14 +534,18 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
     for micro in range(config.grad_accum):
         batch = _local_batch(run, step * config.grad_accum + micro)
         with torch.no_grad():
-            teacher_logits = run.teacher(**batch).logits
+            teacher_logits = output_tensor(call(run.teacher, batch, run.positional),
+                                           run.objective)
         for position, k in enumerate(chosen):
             last = micro == config.grad_accum - 1 and position == len(chosen) - 1
             loss = _backward(run, batch, teacher_logits, k, len(chosen), sync=last)
             if not math.isfinite(loss):
                 _loss_error(run, step, run.elastic.budgets[k], loss, teacher_logits)
             step_losses[run.elastic.budgets[k]] = loss
-        tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+        # tokens for token-id models, else inputs (images, rows)
+        seen = batch["attention_mask"].sum() if "attention_mask" in batch \
+            else len(next(iter(batch.values())))
+        tokens += int(seen) * accelerator.num_processes
     if getattr(accelerator, "scaler", None) is None:  # a GradScaler skips such steps itself
         _check_gradients(run, step)  # before clipping, which spreads a NaN to every tensor
     accelerator.clip_grad_norm_(list(run.trained.values()), config.max_grad_norm)
@@ -489,7 +592,7 @@ def _all_finite(tensors: dict[str, torch.Tensor]) -> list[bool] | None:
 def _local_batch(run: _Run, draw: int) -> dict[str, torch.Tensor]:
     """This process's slice of global batch number `draw`, on its device."""
     accelerator = run.accelerator
-    idx = batch_indices(len(run.data["input_ids"]), run.config, draw)
+    idx = batch_indices(len(next(iter(run.data.values()))), run.config, draw)
     local = torch.as_tensor(idx[accelerator.process_index::accelerator.num_processes])
     return {k: v[local].to(accelerator.device) for k, v in run.data.items()}
 
@@ -501,8 +604,9 @@ def _backward(run: _Run, batch: dict[str, torch.Tensor], teacher_logits: torch.T
     config, accelerator = run.config, run.accelerator
     run.elastic.set_budget(run.elastic.budgets[k])
     with accelerator.autocast():
-        logits = run.wrapped(**batch).logits
-        loss = distill_loss(logits, teacher_logits, batch["attention_mask"], config.temperature)
+        output = output_tensor(call(run.wrapped, batch, run.positional), run.objective)
+        loss = objective_loss(run.objective, output, teacher_logits,
+                              batch.get("attention_mask"), config.temperature)
     raw = float(loss.detach())
     if run.log_vars is not None:  # Σ_k exp(−s_k)·L_k + s_k
         loss = torch.exp(-run.log_vars[k]) * loss + run.log_vars[k]
@@ -519,12 +623,12 @@ def _loss_error(run: _Run, step: int, beta: float, loss: float,
                 teacher_logits: torch.Tensor) -> None:
     """NonFiniteError for a NaN/inf loss, saying where it came from."""
     if not torch.isfinite(teacher_logits).all():
-        cause = (f"the teacher's logits are not finite (its dtype: {teacher_logits.dtype}; a "
+        cause = (f"the teacher's outputs are not finite (its dtype: {teacher_logits.dtype}; a "
                  "float16 teacher can overflow: load it in bfloat16 or float32)")
     else:
         bad = [name for name, p in run.trained.items() if not torch.isfinite(p).all()]
         cause = (f"trained tensors hold NaN/inf: {bad[:3]}" if bad else
-                 "the student's logits are not finite although its trained weights are")
+                 "the student's outputs are not finite although its trained weights are")
     raise NonFiniteError(f"distillation step {step}: the loss at budget {beta:g} is {loss}; "
                          f"{cause}; {DIVERGED_ADVICE}")
 
