@@ -201,10 +201,9 @@ def test_no_budget_fits_names_the_failing_target_and_shortfall():
     costs = budgets_by_decode({1.0: 5.0, 0.6: 10.0, 0.4: 12.5})
     decision = choose_budget(costs, make_profile(), NO_OVERHEAD)
     assert decision.beta is None
-    assert "No budget meets every target on synthetic" in decision.explanation
-    assert "smallest, beta 0.4, fails: decode 12.5 tok/s < target 20 tok/s (−38 %)" \
-        in decision.explanation
-    assert "TTFT" not in decision.explanation.split("fails:")[1]  # only what fails
+    assert ("No candidate meets every target on synthetic: decode 12.5 tok/s < target 20 "
+            "tok/s (−38 %) at best (β 0.4 fp32), short by 7.5 tok/s.") in decision.explanation
+    assert "TTFT" not in decision.explanation  # only what fails
 
 
 def test_memory_limit_counts_the_kv_cache():
@@ -212,7 +211,8 @@ def test_memory_limit_counts_the_kv_cache():
     big_kv = cost(beta=1.0, flops=1e6, read=1e8, total=2e9, kv=0.6e9 / 2048)
     decision = choose_budget([big_kv], make_profile(), NO_OVERHEAD)
     assert decision.beta is None
-    assert "memory 2.6 GB > target 2.5 GB (+4 %)" in decision.explanation
+    assert "memory 2.6 GB > target 2.5 GB (+4 %) at best (β 1 fp32), short by 0.1 GB" \
+        in decision.explanation
     assert choose_budget([big_kv], make_profile(context=512), NO_OVERHEAD).beta == 1.0
 
 
@@ -220,9 +220,10 @@ def test_table_and_manifest_dict():
     decision = choose_budget(budgets_by_decode({1.0: 12.5, 0.6: 25.0}), make_profile(),
                              NO_OVERHEAD)
     table = decision.table()
-    assert "Predicted on synthetic" in table and "Chosen: beta 0.6." in table
+    assert "Predicted on synthetic" in table and "Chosen: β 0.6 fp32." in table
     rows = [line.split() for line in table.splitlines() if line.strip().startswith(("1 ", "0.6"))]
-    assert rows[0][:3] == ["1", "12.5", "FAIL"] and rows[1][:3] == ["0.6", "25", "ok"]
+    assert rows[0][:6] == ["1", "fp32", "-", "-", "12.5", "FAIL"]
+    assert rows[1][:6] == ["0.6", "fp32", "-", "-", "25", "ok"] and rows[1][-2:] == ["<-", "chosen"]
     data = json.loads(json.dumps(decision.to_dict()))
     assert data["label"] == "predicted" and data["chosen_beta"] == 0.6
     assert data["budgets"][0]["checks"]["decode"] == {

@@ -1,14 +1,36 @@
-"""`--budget auto`: check each budget's predicted figures against a profile's targets and
-choose the largest budget that meets them all (`Decision`)."""
+"""`--budget auto`: the (β, precision) pair to ship for a device profile (`Decision`).
+
+Every candidate (a budget β at a precision the profile's runtime runs) is predicted on the
+device (`flexrank.device.predict`) and checked against the targets: the profile's, with
+the user's `Constraints` replacing them where given. The rule (DESIGN.md §6):
+
+1. keep the candidates that meet every target (decode, TTFT, memory, download size);
+2. among them find the best quality: the lowest held-out perplexity, measured per budget
+   and precision (`Quality`, stored with the checkpoint; `flexrank.compress.quality`);
+3. among those within `quality_tolerance` of it (perplexity ≤ best × (1 + tolerance)),
+   ship the smallest, then the fastest.
+
+Without measured quality the rule falls back to the largest budget at the highest
+precision, and says so. When nothing fits, the explanation names each target that no
+candidate meets and the shortfall of the closest one.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from flexrank.device.host import resolve_measured
-from flexrank.device.predict import Efficiency, Prediction, default_efficiency, predict, value_of
-from flexrank.device.profiles import DeviceProfile, load_profile
+from flexrank.device.predict import (
+    PRECISION_BITS,
+    Efficiency,
+    Prediction,
+    efficiency_for,
+    predict,
+    value_of,
+)
+from flexrank.device.profiles import RUNTIME_PRECISIONS, DeviceProfile, load_profile
 from flexrank.planning.costs import BudgetCost
 
 logger = logging.getLogger(__name__)
@@ -19,15 +41,117 @@ BETA_LABEL = ("beta = kept fraction of the factorised layers' deployed parameter
               "= the whole model's resident weights against the uncompressed model's; weights "
               "MB = resident weights as deployed (after any quantization)")
 AT_TARGET_RTOL = 1e-9  # a prediction exactly at its target passes; this absorbs float rounding
+DEFAULT_QUALITY_TOLERANCE = 0.01  # 1 % perplexity (issue 17)
 
 
 # ---------------------------------------------------------------------------------------
-# --budget auto
+# Inputs: candidates, their measured quality, the user's constraints
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Held-out quality of one (β, precision): perplexity of the held-out text and the
+    mean per-token KL(original ‖ candidate) in nats (None when the original was absent)."""
+
+    ppl: float
+    kl: float | None = None
+    source: str = "measured"  # what was evaluated, on which text
+
+    def __post_init__(self):
+        if not (math.isfinite(self.ppl) and self.ppl >= 1):
+            raise ValueError(f"Quality.ppl = {self.ppl} must be a finite perplexity >= 1")
+        if self.kl is not None and not (math.isfinite(self.kl) and self.kl >= -1e-6):
+            raise ValueError(f"Quality.kl = {self.kl} must be a finite KL >= 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing `--budget auto` may ship: budget β at a precision, what it costs per token
+    as deployed at that precision, and its measured quality (None: not measured)."""
+
+    cost: BudgetCost
+    precision: str = "fp32"
+    quality: Quality | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISION_BITS:
+            raise ValueError(f"precision {self.precision!r} is not one of "
+                             f"{', '.join(PRECISION_BITS)}")
+
+    @property
+    def beta(self) -> float:
+        return self.cost.beta
+
+    @property
+    def size_mb(self) -> float:
+        """Download size of the weights as deployed, MB (decimal)."""
+        return self.cost.weight_bytes_total / MB
+
+    def label(self) -> str:
+        return f"β {self.beta:g} {self.precision}"
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """The user's targets (`--max-size`, `--max-memory`, `--min-decode`, `--max-ttft`,
+    `--quality-tolerance`); each given one replaces the profile's, or adds a target the
+    profile does not have (download size)."""
+
+    max_size_mb: float | None = None
+    max_memory_gb: float | None = None
+    min_decode_tokens_per_s: float | None = None
+    max_ttft_s: float | None = None
+    quality_tolerance: float = DEFAULT_QUALITY_TOLERANCE
+
+    def __post_init__(self):
+        flags = {"max_size_mb": "--max-size", "max_memory_gb": "--max-memory",
+                 "min_decode_tokens_per_s": "--min-decode", "max_ttft_s": "--max-ttft"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} {value} must be a positive number")
+        if not (math.isfinite(self.quality_tolerance) and 0 <= self.quality_tolerance < 1):
+            raise ValueError(f"--quality-tolerance {self.quality_tolerance} must be in [0, 1) "
+                             "(a fraction of the best perplexity: 0.01 = 1 %)")
+
+
+@dataclass(frozen=True)
+class Limit:
+    value: float
+    source: str  # "profile <name>", "--max-size", …
+
+
+def limits_for(profile: DeviceProfile, constraints: Constraints, encoder: bool,
+               ) -> dict[str, Limit]:
+    """{target: Limit}: the profile's targets with the user's constraints over them."""
+    t, c, name = profile.targets, constraints, f"profile {profile.name}"
+    limits: dict[str, Limit] = {}
+    if encoder:
+        if t.encoder_latency_ms is None:
+            raise ValueError(f"profile {profile.name} ({profile.path or 'in memory'}) has no "
+                             "targets.encoder_latency_ms, needed for an encoder model; add one")
+        limits["latency"] = Limit(t.encoder_latency_ms, name)
+    else:
+        limits["decode"] = Limit(c.min_decode_tokens_per_s, "--min-decode") \
+            if c.min_decode_tokens_per_s else Limit(t.decode_tokens_per_s, name)
+        limits["TTFT"] = Limit(c.max_ttft_s, "--max-ttft") if c.max_ttft_s \
+            else Limit(t.ttft_s, name)
+    limits["memory"] = Limit(c.max_memory_gb, "--max-memory") if c.max_memory_gb \
+        else Limit(value_of(profile.model_memory_gb), name)
+    if c.max_size_mb:
+        limits["size"] = Limit(c.max_size_mb, "--max-size")
+    elif profile.download_limit_mb is not None:
+        limits["size"] = Limit(value_of(profile.download_limit_mb), name)
+    return limits
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
 
 
 @dataclass(frozen=True)
 class TargetCheck:
-    target: str  # "decode", "TTFT", "memory", "latency"
+    target: str  # "decode", "TTFT", "memory", "size", "latency"
     predicted: float
     limit: float
     unit: str
@@ -53,11 +177,41 @@ class TargetCheck:
                 f"{self.limit:g} {self.unit} ({percent})")
 
 
+_UNITS = {"decode": ("tok/s", True), "TTFT": ("s", False), "latency": ("ms", False),
+          "memory": ("GB", False), "size": ("MB", False)}
+
+
+def check_candidate(prediction: Prediction, cost: BudgetCost, limits: dict[str, Limit],
+                    ) -> tuple[TargetCheck, ...]:
+    """One check per limit, in the order of `limits`."""
+    value = {"decode": prediction.decode_tokens_per_s, "TTFT": prediction.ttft_s,
+             "latency": prediction.ttft_s * 1e3, "memory": prediction.memory_bytes / GB,
+             "size": cost.weight_bytes_total / MB}
+    return tuple(TargetCheck(target, value[target], limit.value, *_UNITS[target])
+                 for target, limit in limits.items())
+
+
+def check_targets(prediction: Prediction, profile: DeviceProfile, encoder: bool = False,
+                  constraints: Constraints | None = None, cost: BudgetCost | None = None,
+                  ) -> tuple[TargetCheck, ...]:
+    """The checks of one prediction against a profile's targets (and the user's)."""
+    limits = limits_for(profile, constraints or Constraints(), encoder)
+    if cost is None:
+        limits.pop("size", None)
+        cost = BudgetCost(beta=prediction.beta, flops_per_token=1, weight_bytes_per_token=1,
+                          weight_bytes_total=1, kv_bytes_per_token=0, n_layers=1)
+    return check_candidate(prediction, cost, limits)
+
+
 @dataclass(frozen=True)
 class BudgetRow:
+    """One candidate on the device: its prediction and its checks."""
+
     prediction: Prediction
     checks: tuple[TargetCheck, ...]
     cost: BudgetCost | None = None  # what the prediction was made from
+    precision: str = "fp32"
+    quality: Quality | None = None
 
     @property
     def beta(self) -> float:
@@ -71,58 +225,107 @@ class BudgetRow:
     def failures(self) -> tuple[TargetCheck, ...]:
         return tuple(c for c in self.checks if not c.passed)
 
+    @property
+    def size_mb(self) -> float:
+        return float("nan") if self.cost is None else self.cost.weight_bytes_total / MB
+
+    def label(self) -> str:
+        return f"β {self.beta:g} {self.precision}"
+
+    def brief(self) -> str:
+        """'β 0.8 int4 (ppl 47.1, 62 MB, 80 tok/s)'."""
+        parts = [] if self.quality is None else [f"ppl {self.quality.ppl:.4g}"]
+        parts.append(f"{self.size_mb:.3g} MB")
+        if self.prediction.decode_tokens_per_s is not None:
+            parts.append(f"{self.prediction.decode_tokens_per_s:.3g} tok/s")
+        return f"{self.label()} ({', '.join(parts)})"
+
+
+# ---------------------------------------------------------------------------------------
+# The decision
+
 
 @dataclass(frozen=True)
 class Decision:
-    """The largest budget meeting every target of a profile, with the evidence."""
+    """The chosen (β, precision) for a profile, with the evidence and the reason."""
 
     profile: DeviceProfile
-    beta: float | None  # None when no budget fits
-    rows: tuple[BudgetRow, ...]  # largest budget first
-    efficiency: Efficiency
+    chosen: BudgetRow | None  # None when no candidate meets every target
+    rows: tuple[BudgetRow, ...]  # largest budget first, then the highest precision
+    efficiency: Efficiency  # of the first precision; `efficiencies` has each
     explanation: str
+    limits: dict[str, Limit] = field(default_factory=dict)
+    quality_tolerance: float = DEFAULT_QUALITY_TOLERANCE
+    efficiencies: dict[str, Efficiency] = field(default_factory=dict)
+
+    @property
+    def beta(self) -> float | None:
+        return None if self.chosen is None else self.chosen.beta
+
+    @property
+    def precision(self) -> str | None:
+        return None if self.chosen is None else self.chosen.precision
 
     def table(self) -> str:
-        p, t = self.profile, self.profile.targets
+        p = self.profile
+        targets = ", ".join(f"{name} {'>=' if _UNITS[name][1] else '<='} {lim.value:g} "
+                            f"{_UNITS[name][0]} ({lim.source})"
+                            for name, lim in self.limits.items())
+        effs = "; ".join(f"{prec}: {eff.source}" for prec, eff in self.efficiencies.items())
         lines = [f"Predicted on {p.name} ({p.tier}; {p.runtime}/{p.backend}, {p.threads} "
-                 f"threads). Efficiency: {self.efficiency.source}.",
-                 f"Targets: decode >= {t.decode_tokens_per_s:g} tok/s, TTFT <= {t.ttft_s:g} s "
-                 f"for {t.prompt_tokens} prompt tokens, memory <= "
-                 f"{value_of(p.model_memory_gb):g} GB (KV cache for {p.context_tokens} tokens)."]
+                 f"threads). Efficiency: {effs}.",
+                 f"Targets: {targets}; TTFT for {p.targets.prompt_tokens} prompt tokens, "
+                 f"memory with the KV cache for {p.context_tokens} tokens."]
         names = [c.target for c in self.rows[0].checks] if self.rows else []
-        header = ["beta", *[f"{n} {c.unit}" for n, c in zip(names, self.rows[0].checks,
-                                                             strict=True)], "fits",
-                  "whole kept", "weights MB"]
-        body = [[f"{r.beta:g}",
-                 *[f"{c.predicted:.3g} {'ok' if c.passed else 'FAIL'}" for c in r.checks],
-                 "yes" if r.fits else "no", *_size_cells(r.cost)] for r in self.rows]
+        header = ["beta", "precision", "ppl", "KL",
+                  *[f"{n} {_UNITS[n][0]}" for n in names], "fits", "whole kept",
+                  "weights MB", ""]
+        body = []
+        for r in self.rows:
+            q = r.quality
+            body.append([f"{r.beta:g}", r.precision,
+                         "-" if q is None else f"{q.ppl:.4g}",
+                         "-" if q is None or q.kl is None else f"{q.kl:.3g}",
+                         *[f"{c.predicted:.3g} {'ok' if c.passed else 'FAIL'}"
+                           for c in r.checks],
+                         "yes" if r.fits else "no", *_size_cells(r.cost),
+                         "<- chosen" if r is self.chosen else ""])
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         for row in [header, *body]:
-            lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-        lines.append(BETA_LABEL)
-        chosen = "none" if self.beta is None else f"beta {self.beta:g}"
+            lines.append("  ".join(cell.rjust(w) for cell, w in
+                                   zip(row, widths, strict=True)).rstrip())
+        lines.append(BETA_LABEL + "; ppl/KL = measured on held-out text (KL to the original "
+                     "model, nats/token); the rest predicted")
+        chosen = "none" if self.chosen is None else self.chosen.label()
         lines.append(f"Chosen: {chosen}. {self.explanation}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """JSON-serialisable; every figure is a prediction of the latency model."""
+        """JSON-serialisable; latency and memory are predictions, quality is measured."""
         p, t = self.profile, self.profile.targets
         return {
             "label": "predicted",
             "profile": p.name, "tier": p.tier, "runtime": p.runtime, "backend": p.backend,
-            "threads": p.threads, "chosen_beta": self.beta, "explanation": self.explanation,
+            "threads": p.threads, "chosen_beta": self.beta, "chosen_precision": self.precision,
+            "explanation": self.explanation, "quality_tolerance": self.quality_tolerance,
             "efficiency": asdict(self.efficiency),
+            "efficiencies": {k: asdict(v) for k, v in self.efficiencies.items()},
             "targets": {"decode_tokens_per_s": t.decode_tokens_per_s, "ttft_s": t.ttft_s,
                         "prompt_tokens": t.prompt_tokens,
                         "encoder_latency_ms": t.encoder_latency_ms,
                         "model_memory_gb": value_of(p.model_memory_gb),
                         "context_tokens": p.context_tokens},
+            "limits": {k: {"value": v.value, "source": v.source} for k, v in self.limits.items()},
             "budgets": [{
-                "beta": r.beta, "fits": r.fits,
+                "beta": r.beta, "precision": r.precision, "fits": r.fits,
+                "chosen": r is self.chosen,
                 "ttft_s": r.prediction.ttft_s,
                 "decode_tokens_per_s": r.prediction.decode_tokens_per_s,
                 "decode_bound": r.prediction.decode_bound,
                 "memory_gb": r.prediction.memory_bytes / GB,
+                "size_mb": r.size_mb if r.cost is not None else None,
+                "quality": None if r.quality is None else asdict(r.quality),
+                "cost": None if r.cost is None else asdict(r.cost),
                 "checks": {c.target: {"predicted": c.predicted, "limit": c.limit,
                                       "unit": c.unit, "passed": c.passed, "margin": c.margin}
                            for c in r.checks},
@@ -138,61 +341,143 @@ def _size_cells(cost: BudgetCost | None) -> list[str]:
     return ["-" if whole is None else f"{whole:.4f}", f"{cost.weight_bytes_total / MB:.3g}"]
 
 
-def check_targets(prediction: Prediction, profile: DeviceProfile, encoder: bool = False,
-                  ) -> tuple[TargetCheck, ...]:
-    t = profile.targets
-    memory = TargetCheck("memory", prediction.memory_bytes / GB, value_of(profile.model_memory_gb),
-                         "GB", at_least=False)
-    if encoder:
-        if t.encoder_latency_ms is None:
-            raise ValueError(f"profile {profile.name} ({profile.path or 'in memory'}) has no "
-                             "targets.encoder_latency_ms, needed for an encoder model; add one")
-        return (TargetCheck("latency", prediction.ttft_s * 1e3, t.encoder_latency_ms, "ms",
-                            at_least=False), memory)
-    return (TargetCheck("decode", prediction.decode_tokens_per_s, t.decode_tokens_per_s,
-                        "tok/s", at_least=True),
-            TargetCheck("TTFT", prediction.ttft_s, t.ttft_s, "s", at_least=False),
-            memory)
+def decide(candidates: list[Candidate], profile: DeviceProfile | str,
+           constraints: Constraints | None = None,
+           efficiency: Efficiency | dict[str, Efficiency] | None = None) -> Decision:
+    """Choose among `candidates` for `profile` by the rule of this module's docstring.
+
+    `efficiency`: one for every precision (tests), {precision: Efficiency}, or None for
+    `efficiency_for(profile, precision)`. Candidates at a precision the profile's runtime
+    does not run are refused (ValueError naming them), as are duplicates and a mix of
+    encoder and decoder costs."""
+    if not candidates:
+        raise ValueError("decide needs at least one candidate (budget × precision)")
+    keys = [(c.beta, c.precision) for c in candidates]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1}, reverse=True)
+        raise ValueError(f"duplicate candidates {[f'{b:g} {p}' for b, p in dup]}; give each "
+                         "(budget, precision) once")
+    if len({c.cost.encoder for c in candidates}) > 1:
+        raise ValueError("candidates mix encoder and decoder budgets; pass one model's budgets")
+    profile = resolve_measured(load_profile(profile) if isinstance(profile, str) else profile)
+    runs = RUNTIME_PRECISIONS[profile.runtime]
+    foreign = sorted({c.precision for c in candidates} - set(runs))
+    if foreign:
+        raise ValueError(f"{profile.name} runs {profile.runtime}, which ships {', '.join(runs)}; "
+                         f"not {', '.join(foreign)}: leave those precisions out")
+    constraints = constraints or Constraints()
+    limits = limits_for(profile, constraints, candidates[0].cost.encoder)
+    effs = {}
+    for precision in dict.fromkeys(c.precision for c in candidates):
+        effs[precision] = efficiency.get(precision) if isinstance(efficiency, dict) \
+            else efficiency
+        if effs[precision] is None:
+            effs[precision] = efficiency_for(profile, precision)
+    rows = []
+    order = sorted(candidates, key=lambda c: (-c.beta, -PRECISION_BITS[c.precision]))
+    for cand in order:
+        prediction = predict(cand.cost, profile, effs[cand.precision])
+        rows.append(BudgetRow(prediction, check_candidate(prediction, cand.cost, limits),
+                              cand.cost, cand.precision, cand.quality))
+    chosen, explanation = _choose(rows, profile.name, constraints.quality_tolerance)
+    return Decision(profile, chosen, tuple(rows), effs[order[0].precision], explanation,
+                    limits, constraints.quality_tolerance, effs)
 
 
 def choose_budget(costs: list[BudgetCost], profile: DeviceProfile | str,
-                  efficiency: Efficiency | None = None) -> Decision:
-    """Pick the largest budget whose predicted latency and memory meet every target."""
+                  efficiency: Efficiency | None = None, precision: str = "fp32",
+                  constraints: Constraints | None = None) -> Decision:
+    """`decide` over one precision without measured quality: the largest fitting budget."""
     if not costs:
         raise ValueError("choose_budget needs at least one BudgetCost")
     betas = [c.beta for c in costs]
     if len(set(betas)) != len(betas):
         raise ValueError(f"duplicate budgets in {sorted(betas, reverse=True)}; give each once")
-    if len({c.encoder for c in costs}) > 1:
-        raise ValueError("costs mix encoder and decoder budgets; pass one model's budgets")
-    profile = resolve_measured(load_profile(profile) if isinstance(profile, str) else profile)
-    eff = efficiency or default_efficiency(profile)
-    rows = []
-    for cost in sorted(costs, key=lambda c: c.beta, reverse=True):
-        prediction = predict(cost, profile, eff)
-        rows.append(BudgetRow(prediction, check_targets(prediction, profile, cost.encoder),
-                              cost))
+    return decide([Candidate(c, precision) for c in costs], profile, constraints, efficiency)
+
+
+def _speed_key(row: BudgetRow) -> float:
+    """Larger is faster: decode tok/s, or −latency for encoders."""
+    rate = row.prediction.decode_tokens_per_s
+    return rate if rate is not None else -row.prediction.ttft_s
+
+
+def _choose(rows: list[BudgetRow], name: str, tolerance: float,
+            ) -> tuple[BudgetRow | None, str]:
     fitting = [r for r in rows if r.fits]
-    chosen = fitting[0] if fitting else None
-    return Decision(profile, chosen.beta if chosen else None, tuple(rows), eff,
-                    _explain(rows, chosen, profile.name))
+    if not fitting:
+        return None, _explain_none(rows, name)
+    measured = [r for r in fitting if r.quality is not None]
+    if not measured:
+        chosen = fitting[0]  # rows are ordered largest β, highest precision first
+        return chosen, _explain_unmeasured(rows, chosen, name)
+    best = min(measured, key=lambda r: (r.quality.ppl, -r.beta))
+    bound = best.quality.ppl * (1 + tolerance)
+    near = [r for r in measured if r.quality.ppl <= bound * (1 + AT_TARGET_RTOL)]
+    chosen = min(near, key=lambda r: (r.size_mb, -_speed_key(r), r.quality.ppl))
+    parts = [f"{chosen.brief()} ships on {name}."]
+    parts.append(f"{len(fitting)} of {len(rows)} candidates meet every target; the best "
+                 f"quality among them is {best.brief()}.")
+    if chosen is not best:
+        others = len(near) - 1
+        parts.append(f"{chosen.label()} is within the {tolerance:.3g} quality tolerance of it "
+                     f"(ppl {chosen.quality.ppl:.4g} <= {bound:.4g}) and the smallest and "
+                     f"fastest of the {others + 1} that are ({chosen.size_mb:.3g} MB against "
+                     f"{best.size_mb:.3g} MB).")
+    elif len(near) > 1:
+        parts.append(f"It is also the smallest and fastest of the {len(near)} within the "
+                     f"{tolerance:.3g} quality tolerance.")
+    else:
+        parts.append(f"No other fitting candidate is within the {tolerance:.3g} quality "
+                     f"tolerance (ppl <= {bound:.4g}).")
+    better = [r for r in rows if not r.fits and r.quality is not None
+              and r.quality.ppl < chosen.quality.ppl]
+    if better:
+        shown = "; ".join(f"{r.brief()}: {', '.join(c.describe() for c in r.failures)}"
+                          for r in better[:3])
+        more = f" (and {len(better) - 3} more)" if len(better) > 3 else ""
+        parts.append(f"Better quality that does not fit: {shown}{more}.")
+    unmeasured = [r for r in fitting if r.quality is None]
+    if unmeasured:
+        parts.append(f"Not compared (quality not measured): "
+                     f"{', '.join(r.label() for r in unmeasured)}.")
+    return chosen, " ".join(parts)
 
 
-def _explain(rows: list[BudgetRow], chosen: BudgetRow | None, name: str) -> str:
-    if chosen is None:
-        smallest = rows[-1]
-        fails = "; ".join(c.describe() for c in smallest.failures)
-        return (f"No budget meets every target on {name}. Even the smallest, beta "
-                f"{smallest.beta:g}, fails: {fails}. Offer smaller budgets, use a faster "
-                "runtime or relax the profile's targets.")
+def _explain_unmeasured(rows: list[BudgetRow], chosen: BudgetRow, name: str) -> str:
     meets = ", ".join(c.describe() for c in chosen.checks)
+    several = len({r.precision for r in rows}) > 1
+    note = (" Quality is not measured, so the largest budget at the highest precision "
+            "stands in for the best." if several else "")
+
+    def name_of(row: BudgetRow) -> str:
+        return f"beta {row.beta:g}" + (f" {row.precision}" if several else "")
+
     index = rows.index(chosen)
     if index == 0:
-        return f"Beta {chosen.beta:g}, the largest budget offered, meets every target on " \
-               f"{name}: {meets}."
+        return f"{name_of(chosen).capitalize()}, the largest budget offered, meets every " \
+               f"target on {name}: {meets}.{note}"
     larger = rows[index - 1]
     fails = "; ".join(c.describe() for c in larger.failures)
-    return (f"Beta {chosen.beta:g} is the largest budget that meets every target on {name}: "
-            f"{meets}. The next larger, beta {larger.beta:g}, fails: {fails}.")
+    return (f"{name_of(chosen).capitalize()} is the largest budget that meets every target on "
+            f"{name}: {meets}. The next larger, {name_of(larger)}, fails: {fails}.{note}")
 
 
+def _explain_none(rows: list[BudgetRow], name: str) -> str:
+    """Each target no candidate meets, with the closest candidate's shortfall."""
+    unmet = []
+    for i in range(len(rows[0].checks)):
+        checks = [(r, r.checks[i]) for r in rows]
+        if any(c.passed for _, c in checks):
+            continue
+        row, closest = min(checks, key=lambda rc: abs(rc[1].margin))
+        short = abs(closest.predicted - closest.limit)
+        unmet.append(f"{closest.describe()} at best ({row.label()}), short by "
+                     f"{short:.3g} {closest.unit}")
+    if not unmet:  # every target is met by some candidate, never all by one
+        closest = min(rows, key=lambda r: sum(abs(c.margin) for c in r.failures))
+        unmet = [f"the closest, {closest.label()}, fails {c.describe()}"
+                 for c in closest.failures]
+    return (f"No candidate meets every target on {name}: {'; '.join(unmet)}. Offer smaller "
+            "budgets or a lower precision, use a faster runtime, or relax the target (the "
+            "profile's, or --max-size/--max-memory/--min-decode/--max-ttft).")

@@ -13,8 +13,9 @@ the prompt's length), C and W: the profile's peak compute and bandwidth, L: laye
 the efficiency factors e_c, e_w, o of the runtime (`Efficiency`). Attention's own FLOPs,
 quadratic in the prompt, are left out: under 1 % for ≤ 1B models at prompts ≤ 256 tokens.
 
-Known limits: compute is counted at the fp32 rate, so quantized int8 kernels prefill
-faster than predicted; decode is predicted at the prompt's length, not at a full context.
+Quantized kernels that multiply int8 by int8 have a higher compute peak than fp32
+(`Efficiency.compute_scale`). Known limit: decode is predicted at the prompt's length,
+not at a full context.
 Device numbers from here are predictions; only the host's numbers are ever measured.
 `check_published()` compares the model with published phone measurements.
 """
@@ -37,24 +38,42 @@ GB = 1e9  # profiles use decimal units
 
 @dataclass(frozen=True)
 class Efficiency:
-    """What a runtime reaches of a profile's peak figures."""
+    """What a runtime reaches of a profile's peak figures, at one precision."""
 
     bandwidth: float  # fraction of memory_bandwidth_gbps reached while streaming weights
-    compute: float  # fraction of compute_gflops reached in the matmuls
+    compute: float  # fraction of the precision's peak (compute_gflops × compute_scale)
     overhead_per_layer_s: float  # fixed cost per layer and forward pass: dispatch, thread sync
     source: str
+    # Peak multiply-add rate of the precision's kernels against fp32 FMA on the same cores:
+    # 1 for float; 4 for kernels that multiply int8 activations by int8 (or unpacked int4)
+    # weights with dot-product instructions (Arm SDOT / x86 VNNI: four int8 products per
+    # 32-bit lane where an fp32 FMA makes one; Arm Architecture Reference Manual, SDOT).
+    compute_scale: float = 1.0
 
     def __post_init__(self):
-        for name in ("bandwidth", "compute"):
+        for name in ("bandwidth", "compute", "compute_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"Efficiency.{name} = {value} must be a positive fraction")
+                raise ValueError(f"Efficiency.{name} = {value} must be a positive number")
+        for name in ("bandwidth", "compute"):
+            value = getattr(self, name)
             if value > 1:
                 logger.warning("Efficiency.%s = %.3g is above 1: the runtime beats the profile's "
                                "figure (%s)", name, value, self.source)
         if not (math.isfinite(self.overhead_per_layer_s) and self.overhead_per_layer_s >= 0):
             raise ValueError(f"Efficiency.overhead_per_layer_s = {self.overhead_per_layer_s} "
                              "must be >= 0")
+
+    @property
+    def compute_factor(self) -> float:
+        """Multiplies the profile's fp32 peak: compute × compute_scale."""
+        return self.compute * self.compute_scale
+
+
+# Nominal bits per block weight of each precision the runtimes ship (onnxruntime: fp32,
+# int8, int4 MatMulNBits; ExecuTorch/XNNPACK: fp32, 8da4w); the exact bytes of a budget come
+# from its BudgetCost. Also the order "higher precision first" of the decision table.
+PRECISION_BITS = {"fp32": 32, "int8": 8, "int4": 5, "8da4w": 5}
 
 
 # One efficiency per runtime/backend, used until a host measurement exists. Chosen a priori
@@ -71,12 +90,34 @@ class Efficiency:
 # On the 2-core x86 host, onnxruntime decodes SmolLM2-135M fp32 in 25.5 ms/token (DESIGN.md
 # §8); these defaults with the host's measured copy bandwidth (about 40 GB/s, relative to
 # which 0.6 applies there) predict about 25 ms.
+#
+# Quantized precisions (a priori too, then checked against ExecuTorch's published 4-bit
+# points and the host's measurements: BENCHMARKS.md, "The decision over β × precision"):
+# 8da4w (XNNPACK qd8-f32-qc4w) and onnxruntime's int4 MatMulNBits at accuracy level 4 and
+# dynamic int8 all quantize the activations to int8 and multiply with int8 dot products, so
+# their compute peak is 4x fp32 (compute_scale 4) at the same 0.5 kernel efficiency. The
+# bandwidth factor stays 0.6: Arm's 4-bit kernels unpack nibbles in registers while the
+# next weights stream in (the published 4-bit decode rates are memory-bound at that factor).
+# On the x86 host the 4-bit kernels reach far less of the bandwidth (they dequantise at
+# batch 1 and do not hide it): `HOST_PRECISION_BANDWIDTH`, measured, applies on tier host.
 _DEFAULT_SOURCE = ("default for {}: a-priori estimate (bandwidth 0.6, compute 0.5, 50 µs/layer), "
                    "not measured; calibrate on the host with calibrate_efficiency()")
+_QUANT_SOURCE = ("default for {}: a-priori estimate (bandwidth 0.6, compute 0.5 of an int8 "
+                 "dot-product peak 4x fp32, 50 µs/layer)")
 DEFAULT_EFFICIENCY = {
     (rt, be): Efficiency(0.6, 0.5, 50e-6, _DEFAULT_SOURCE.format(f"{rt}/{be}"))
     for rt, be in (("executorch", "xnnpack"), ("onnxruntime", "cpu"))
 }
+QUANTIZED_EFFICIENCY = {
+    (rt, be, prec): Efficiency(0.6, 0.5, 50e-6, _QUANT_SOURCE.format(f"{rt}/{be} {prec}"),
+                               compute_scale=4.0)
+    for rt, be, prec in (("executorch", "xnnpack", "8da4w"), ("onnxruntime", "cpu", "int8"),
+                         ("onnxruntime", "cpu", "int4"))
+}
+# Measured on the 2-core x86 host (AVX-512 VNNI), SmolLM2-135M β = 1, onnxruntime 1.32, 2
+# threads, decode steps interleaved in one process (benchmarks/bench_precision.py; figures
+# in BENCHMARKS.md): the bandwidth factor relative to fp32's that each precision reaches.
+HOST_PRECISION_BANDWIDTH: dict[tuple[str, str], float] = {}
 
 
 def default_efficiency(profile: DeviceProfile) -> Efficiency:
@@ -85,6 +126,25 @@ def default_efficiency(profile: DeviceProfile) -> Efficiency:
         raise ValueError(f"no default efficiency for {key[0]}/{key[1]} (profile {profile.name}); "
                          "pass one from calibrate_efficiency()")
     return DEFAULT_EFFICIENCY[key]
+
+
+def efficiency_for(profile: DeviceProfile, precision: str = "fp32") -> Efficiency:
+    """The runtime's efficiency at `precision` on `profile` (on the host tier, with the
+    bandwidth factor measured there for quantized kernels)."""
+    base = default_efficiency(profile)
+    if precision == "fp32":
+        return base
+    key = (profile.runtime, profile.backend, precision)
+    if key not in QUANTIZED_EFFICIENCY:
+        raise ValueError(f"{profile.runtime}/{profile.backend} does not run {precision} "
+                         f"(profile {profile.name}); choose one of its precisions")
+    eff = QUANTIZED_EFFICIENCY[key]
+    measured = HOST_PRECISION_BANDWIDTH.get((profile.runtime, precision))
+    if profile.tier == "host" and measured is not None:
+        eff = Efficiency(base.bandwidth * measured, eff.compute, eff.overhead_per_layer_s,
+                         f"{eff.source}; bandwidth {measured:.3g} x fp32's as measured on the "
+                         "x86 host", eff.compute_scale)
+    return eff
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +172,7 @@ def prefill_flops(cost: BudgetCost, prompt_tokens: int) -> float:
 
 def prefill_seconds(cost: BudgetCost, profile: DeviceProfile, eff: Efficiency,
                     prompt_tokens: int) -> float:
-    compute = value_of(profile.compute_gflops) * GB * eff.compute
+    compute = value_of(profile.compute_gflops) * GB * eff.compute_factor
     return prefill_flops(cost, prompt_tokens) / compute + cost.n_layers * eff.overhead_per_layer_s
 
 
@@ -121,7 +181,8 @@ def decode_seconds(cost: BudgetCost, profile: DeviceProfile, eff: Efficiency,
     """Seconds for one decoded token with `position` tokens already cached, and the bound."""
     read = cost.weight_bytes_per_token + cost.kv_bytes_per_token * position
     memory_s = read / (value_of(profile.memory_bandwidth_gbps) * GB * eff.bandwidth)
-    compute_s = cost.flops_per_token / (value_of(profile.compute_gflops) * GB * eff.compute)
+    compute_s = cost.flops_per_token / (value_of(profile.compute_gflops) * GB
+                                        * eff.compute_factor)
     bound = "memory" if memory_s >= compute_s else "compute"
     return max(memory_s, compute_s) + cost.n_layers * eff.overhead_per_layer_s, bound
 
@@ -145,7 +206,8 @@ def predict(cost: BudgetCost, profile: DeviceProfile, efficiency: Efficiency | N
 
 def calibrate_efficiency(measured_decode_s: float, measured_prefill_s: float, cost: BudgetCost,
                          host_profile: DeviceProfile, *, prompt_tokens: int | None = None,
-                         overhead_per_layer_s: float | None = None) -> Efficiency:
+                         overhead_per_layer_s: float | None = None,
+                         compute_scale: float = 1.0) -> Efficiency:
     """Efficiency factors that make the model reproduce one host measurement: seconds per
     decoded token and seconds of prefill for `prompt_tokens` (default: the profile's).
 
@@ -153,7 +215,8 @@ def calibrate_efficiency(measured_decode_s: float, measured_prefill_s: float, co
     is taken as given (default: the runtime's default) and subtracted. The host's compute
     and bandwidth are measured (what numpy reaches), not peak figures as on devices, so
     these factors are relative to achievable figures; on a device they predict on the fast
-    side by the device's achievable/peak ratio.
+    side by the device's achievable/peak ratio. `compute_scale`: the precision's peak
+    against fp32 (`Efficiency.compute_scale`).
     """
     profile = resolve_measured(host_profile)
     prompt = prompt_tokens or profile.targets.prompt_tokens
@@ -167,10 +230,12 @@ def calibrate_efficiency(measured_decode_s: float, measured_prefill_s: float, co
                              f"{fixed:.3g} s ({cost.n_layers} layers x {overhead:.3g} s); pass "
                              "a smaller overhead_per_layer_s or check the measurement")
     prefill_s = measured_prefill_s - fixed
-    compute = prefill_flops(cost, prompt) / (value_of(profile.compute_gflops) * GB * prefill_s)
+    compute = prefill_flops(cost, prompt) / (value_of(profile.compute_gflops) * GB * prefill_s
+                                             * compute_scale)
     read = cost.weight_bytes_per_token + cost.kv_bytes_per_token * prompt
     bandwidth = read / (value_of(profile.memory_bandwidth_gbps) * GB * (measured_decode_s - fixed))
-    compute_s = cost.flops_per_token / (value_of(profile.compute_gflops) * GB * compute)
+    compute_s = cost.flops_per_token / (value_of(profile.compute_gflops) * GB * compute
+                                        * compute_scale)
     if compute_s > measured_decode_s - fixed:
         logger.warning("host decode looks compute-bound (%.3g s of matmul in %.3g s): the "
                        "bandwidth efficiency %.3g is only a lower bound", compute_s,
@@ -178,7 +243,7 @@ def calibrate_efficiency(measured_decode_s: float, measured_prefill_s: float, co
     source = (f"calibrated on host {profile.name} ({profile.runtime}/{profile.backend}): decode "
               f"{measured_decode_s * 1e3:.3g} ms/token, prefill {measured_prefill_s:.3g} s for "
               f"{prompt} tokens, beta {cost.beta:g}")
-    return Efficiency(bandwidth, compute, overhead, source)
+    return Efficiency(bandwidth, compute, overhead, source, compute_scale)
 
 
 def value_of(q: Quantity) -> float:

@@ -38,6 +38,10 @@ from flexrank.device_profiles import PROFILE_DIR
 TIERS = ("phone", "sbc", "laptop", "server", "host")
 # (runtime, backend) pairs the latency model has efficiency factors for.
 RUNTIME_BACKENDS = (("executorch", "xnnpack"), ("onnxruntime", "cpu"))
+# The precisions each runtime ships (`--precision`): onnxruntime float32, dynamic int8 and
+# 4-bit MatMulNBits; ExecuTorch/XNNPACK float32 and 8da4w (int8 dynamic activations, 4-bit
+# grouped weights). The first is the runtime's float format.
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4"), "executorch": ("fp32", "8da4w")}
 MEASURED = "measured"
 ESTIMATE = "estimate"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -111,6 +115,9 @@ class DeviceProfile:
     threads: int
     context_tokens: int  # the KV cache is allocated for this many tokens
     targets: Targets
+    # The largest model download the app may ship (store cellular-download or base-module
+    # limits), MB; None when nothing limits it.
+    download_limit_mb: Quantity | None = None
     path: str = ""  # the file it was loaded from
 
     def __post_init__(self):
@@ -140,10 +147,13 @@ class DeviceProfile:
 
     def quantities(self) -> dict[str, Quantity]:
         """Every hardware number, by its dotted field name."""
-        return {"cores.count": self.cores.count, "ram_gb": self.ram_gb,
-                "model_memory_gb": self.model_memory_gb,
-                "memory_bandwidth_gbps": self.memory_bandwidth_gbps,
-                "compute_gflops": self.compute_gflops}
+        found = {"cores.count": self.cores.count, "ram_gb": self.ram_gb,
+                 "model_memory_gb": self.model_memory_gb,
+                 "memory_bandwidth_gbps": self.memory_bandwidth_gbps,
+                 "compute_gflops": self.compute_gflops}
+        if self.download_limit_mb is not None:
+            found["download_limit_mb"] = self.download_limit_mb
+        return found
 
     @property
     def is_resolved(self) -> bool:
@@ -156,7 +166,7 @@ _QUANTITY_UNITS = {"ram_gb": "GB", "model_memory_gb": "GB", "memory_bandwidth_gb
                    "compute_gflops": "GFLOP/s"}
 _TOP_FIELDS = {f.name for f in fields(DeviceProfile)} - {"path"}
 _TARGET_FIELDS = {f.name for f in fields(Targets)}
-_OPTIONAL = {"targets.encoder_latency_ms"}
+_OPTIONAL = {"targets.encoder_latency_ms", "download_limit_mb"}
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
@@ -182,14 +192,15 @@ def profile_names() -> list[str]:
 def profiles_table() -> str:
     """A text table of the shipped profiles and their targets."""
     header = ("name", "tier", "soc", "RAM GB", "model GB", "BW GB/s", "GFLOP/s",
-              "runtime", "thr", "decode>=", "TTFT<=")
+              "runtime", "thr", "decode>=", "TTFT<=", "download<=")
     rows = [header]
     for p in list_profiles():
         t = p.targets
         rows.append((p.name, p.tier, p.soc, _fmt(p.ram_gb), _fmt(p.model_memory_gb),
                      _fmt(p.memory_bandwidth_gbps), _fmt(p.compute_gflops),
                      f"{p.runtime}/{p.backend}", str(p.threads),
-                     f"{t.decode_tokens_per_s:g} tok/s", f"{t.ttft_s:g} s @{t.prompt_tokens}"))
+                     f"{t.decode_tokens_per_s:g} tok/s", f"{t.ttft_s:g} s @{t.prompt_tokens}",
+                     "-" if p.download_limit_mb is None else f"{_fmt(p.download_limit_mb)} MB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
@@ -253,6 +264,8 @@ def parse_profile(raw: Any, path: Path | str = "<memory>") -> DeviceProfile:
                 prompt_tokens=_integer(targets["prompt_tokens"], "targets.prompt_tokens", where),
                 encoder_latency_ms=None if targets.get("encoder_latency_ms") is None else
                 _number(targets["encoder_latency_ms"], "targets.encoder_latency_ms", where)),
+            download_limit_mb=None if raw.get("download_limit_mb") is None else
+            _quantity(raw["download_limit_mb"], "download_limit_mb", "MB", where),
             path=str(path),
         )
     except ProfileError:
