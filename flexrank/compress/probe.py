@@ -1,7 +1,9 @@
 """Sensitivity probing: S[l, k] = damage when only layer l is cut to candidate rank k.
 
-Damage is KL(teacher ‖ model) per token for models with logits (always ≥ 0, steadier than
-a loss difference), else the output's squared error relative to the teacher's energy.
+Damage is the distillation objective of the model's kind (`objectives.resolve`): KL(teacher
+‖ model) per token for language models (always ≥ 0, steadier than a loss difference), per
+input on the class logits of classifiers, the feature loss on the last hidden state of
+encoders without a head.
 
 Cost control (DESIGN.md §4.3):
 - block outputs of the full-rank model are cached once; probing a layer in block b swaps
@@ -13,6 +15,7 @@ Cost control (DESIGN.md §4.3):
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -27,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexrank.compress.calibration import as_batch, to_device
-from flexrank.compress.config import ProbeConfig
+from flexrank.compress.config import Objective, ProbeConfig
 from flexrank.compress.layers import NESTED_TYPES
+from flexrank.compress.objectives import objective_loss, output_tensor, resolve
 from flexrank.compress.select import nested_layers
 from flexrank.io import write_json_atomic
 from flexrank.planning.sensitivity import Sensitivity
@@ -79,10 +83,16 @@ def _output(out) -> torch.Tensor:
 
 def _forward(model: nn.Module, batch):
     if not isinstance(batch, Mapping):
-        return model(batch)
-    if getattr(getattr(model, "config", None), "use_cache", False):
+        return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    if getattr(getattr(model, "config", None), "use_cache", False) and _takes(model, "use_cache"):
         batch = {**batch, "use_cache": False}  # a KV cache would be mutated between runs
     return model(**batch)
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether `model`'s forward has a parameter `name` (BertForSequenceClassification's
+    config says use_cache, but its forward does not take it)."""
+    return name in inspect.signature(model.forward).parameters
 
 
 def _run(model: nn.Module, batch) -> torch.Tensor:
@@ -93,8 +103,11 @@ class Damage:
     """Teacher outputs on the probe batches, and the damage of a student output."""
 
     def __init__(self, teacher_outputs: list[torch.Tensor], is_lm: bool,
-                 masks: list[torch.Tensor | None]):
+                 masks: list[torch.Tensor | None], objective: Objective | None = None):
+        # objective: class_kl or feature for models that are not language models (None:
+        # the output's squared error relative to the teacher's energy)
         self.is_lm = is_lm
+        self.objective = None if is_lm else objective
         self.masks = masks
         if is_lm:
             self.reference = [F.log_softmax(t, -1) for t in teacher_outputs]
@@ -114,8 +127,14 @@ class Damage:
             # KL ≥ 0, but float32 rounding near full rank can dip below; a tiny positive
             # floor keeps "full rank is strictly best" so β = 1 plans the original model
             return max(value, MIN_DAMAGE)
+        if self.objective is not None:  # per input (class_kl) or per real token (feature)
+            return max(float(objective_loss(self.objective, output, ref, mask)), MIN_DAMAGE)
         value = float((output - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
         return max(value, MIN_DAMAGE)
+
+    @property
+    def metric(self) -> str:
+        return "kl" if self.is_lm else self.objective.value if self.objective else "rel_mse"
 
 
 class BlockCache:
@@ -265,7 +284,7 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     shapes = [tuple(layer.U.shape[:1]) + tuple(layer.V.shape[:1]) for layer in layers.values()]
     return Sensitivity(list(layers), shapes, np.array([ranks[n] for n in layers]),
                        np.array([rows[n] for n in layers]),
-                       meta={"mode": config.mode, "metric": "kl" if damage.is_lm else "rel_mse",
+                       meta={"mode": config.mode, "metric": damage.metric,
                              "probe_levels": probe_levels, **signature["config"]})
 
 
@@ -297,8 +316,12 @@ def _candidate_table(layers: Mapping[str, nn.Module], config: ProbeConfig,
 def _teacher_damage(teacher: nn.Module, batches: Sequence,
                     masks: list[torch.Tensor | None]) -> Damage:
     raw = [_forward(teacher, b) for b in batches]
-    is_lm = getattr(raw[0], "logits", None) is not None
-    return Damage([_output(r).float() for r in raw], is_lm, masks)
+    objective = resolve(Objective.AUTO, raw[0])  # the distillation objective of its kind
+    is_lm = objective == Objective.TOKEN_KL
+    if not is_lm:  # one value per input: a (B, T) token mask does not apply to class logits
+        masks = [m if objective == Objective.FEATURE else None for m in masks]
+    return Damage([output_tensor(r, objective).float() if not torch.is_tensor(r) else r.float()
+                   for r in raw], is_lm, masks, objective)
 
 
 def _signature(layers: Mapping[str, nn.Module], ranks: dict[str, list[int]],
