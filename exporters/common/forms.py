@@ -103,6 +103,19 @@ class _ConvForm(nn.Module):
         self.second = None if kernels[1] is None else _as_param(kernels[1], dtype)
         self.bias = None if bias is None else _as_param(bias, dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense kernel (out, in, *kernel) this form computes. Model code reads it for
+        its dtype or device (ViT's patch embedding checks pixel_values against
+        `projection.weight.dtype`); traced, it is dead code and leaves the graph."""
+        if self.form == LayerForm.DENSE:
+            return self.first
+        second = self.second.flatten(1)  # (m or m − r, r): a 1×1 conv
+        if self.form == LayerForm.GAUGE:
+            second = torch.cat([torch.eye(second.shape[1], dtype=second.dtype,
+                                          device=second.device), second])
+        return torch.einsum("mr,r...->m...", second, self.first)
+
     def forward(self, x):
         args = (self.stride, self.padding, self.dilation)
         if self.form == LayerForm.DENSE:

@@ -14,7 +14,8 @@ SAMPLE_TOKENS = 24  # at most, from the sample text; random ids: 12
 def sample_for(kind: str, model: nn.Module, tokenizer, sample_inputs, config):
     """Sample inputs for validation: the caller's, else `config.sample_text` (and its
     reverse) through the tokenizer, else random token ids. Decoders get input_ids (2, T);
-    encoders a dict of input_ids, attention_mask (and token_type_ids when taken).
+    encoders a dict of input_ids, attention_mask (and token_type_ids when taken); vision
+    models (ViT: main_input_name pixel_values) {"pixel_values": `pixel_sample`}.
 
     Raises PositionLimitError when the caller's input_ids, or the program's context
     (`config.max_seq_len`, ExecuTorch), exceed the model's positions; the built sample is
@@ -25,6 +26,8 @@ def sample_for(kind: str, model: nn.Module, tokenizer, sample_inputs, config):
     if kind == "module":
         raise ValueError("exporting a plain nn.Module needs sample_inputs (a tensor or a tuple "
                          "of tensors, as the model's forward takes them)")
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        return {"pixel_values": pixel_sample(model.config)}
     limit = max_positions(model) or SAMPLE_TOKENS
     if tokenizer is not None:
         rows = [tokenizer(text, return_tensors="pt")["input_ids"][0]
@@ -41,6 +44,15 @@ def sample_for(kind: str, model: nn.Module, tokenizer, sample_inputs, config):
     if "token_type_ids" in model.forward.__code__.co_varnames:
         inputs["token_type_ids"] = torch.zeros_like(ids)
     return inputs
+
+
+def pixel_sample(config, batch: int = 2) -> torch.Tensor:
+    """Seeded standard-normal pixel values (batch, num_channels, H, W) at the config's
+    image_size (an int or (H, W)): a vision model's normalised input, for validation."""
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn(batch, config.num_channels, height, width,
+                       generator=torch.Generator().manual_seed(0))
 
 
 def _check_lengths(model: nn.Module, sample_inputs, config) -> None:

@@ -123,6 +123,23 @@ class OnnxExportConfig:
 ONNX_TASKS = {"decoder": "text-generation-with-past", "encoder": "feature-extraction"}
 
 
+def onnx_task(model: nn.Module, kind: str) -> str | None:
+    """optimum's export task for `model`: decoders `text-generation-with-past`; encoders the
+    task of their head as optimum infers it from the class (BertForSequenceClassification:
+    text-classification, ViTForImageClassification: image-classification, whose graphs
+    output `logits`), `feature-extraction` (last_hidden_state) for a bare encoder or a head
+    optimum cannot name; None for plain modules (torch.onnx)."""
+    if kind != "encoder":
+        return ONNX_TASKS.get(kind)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        task = TasksManager.infer_task_from_model(model)
+    except (KeyError, ValueError):
+        return ONNX_TASKS["encoder"]
+    return task if task.endswith("classification") else ONNX_TASKS["encoder"]
+
+
 def check_supported(model: nn.Module, kind: str) -> None:
     """Refuse, before any work, a transformers model that optimum's ONNX exporter has no
     config for (its model type is not registered for the task this kind needs).
@@ -136,7 +153,7 @@ def check_supported(model: nn.Module, kind: str) -> None:
     from optimum.exporters.tasks import TasksManager
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    task = ONNX_TASKS[kind]
+    task = onnx_task(model, kind)
     tasks = {}
     for name in {str(model_type), str(model_type).replace("_", "-")}:  # optimum keeps both
         try:
@@ -183,7 +200,7 @@ def export_graph(model: nn.Module, kind: str, folder: Path, sample_inputs,
         source, model.config._name_or_path = model.config._name_or_path, ""
         try:
             with tracing_quietly():
-                onnx_export_from_model(model, folder, task=ONNX_TASKS[kind],
+                onnx_export_from_model(model, folder, task=onnx_task(model, kind),
                                        opset=config.opset, do_validation=False)
         finally:
             model.config._name_or_path = source
