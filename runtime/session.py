@@ -304,9 +304,21 @@ class ElasticSession:
         return json.loads(config.read_text()) if config.is_file() else {}
 
     def encode(self, inputs) -> dict[str, np.ndarray]:
-        """One forward pass of an encoder bundle: {output name: array}."""
+        """One forward pass of an encoder bundle: {output name: array} (a bare encoder:
+        last_hidden_state (B, T, D); a classifier: logits (B, classes)).
+
+        `inputs`: text or token ids ((T,) or (B, T)) for a text model; for a vision model
+        (a graph input `pixel_values`) float pixel values (C, H, W) or (B, C, H, W),
+        normalised as the model was trained. Raises ValueError for a decoder bundle and
+        for inputs of another shape, vocabulary or length than the model takes."""
         if self.kind == "decoder":
             raise ValueError("encode() is for encoder bundles; use generate() for a decoder")
+        feed = self._pixel_feed(inputs) if "pixel_values" in self._inputs \
+            else self._text_feed(inputs)
+        feed.update(self._extra_feed())
+        return dict(zip(self._outputs, self.session.run(None, feed), strict=True))
+
+    def _text_feed(self, inputs) -> dict[str, np.ndarray]:
         ids = self._ids(inputs)
         self._check_vocabulary(ids)
         self._check_positions(ids.shape[1], 0)
@@ -315,8 +327,49 @@ class ElasticSession:
             feed["attention_mask"] = np.ones_like(ids)
         if "token_type_ids" in self._inputs:
             feed["token_type_ids"] = np.zeros_like(ids)
-        feed.update(self._extra_feed())
-        return dict(zip(self._outputs, self.session.run(None, feed), strict=True))
+        return feed
+
+    def _pixel_feed(self, inputs) -> dict[str, np.ndarray]:
+        pixels = np.asarray(inputs, np.float32)
+        pixels = pixels[None] if pixels.ndim == 3 else pixels
+        declared = next(i.shape for i in self.session.get_inputs() if i.name == "pixel_values")
+        fixed = [(axis, size) for axis, size in enumerate(declared)
+                 if isinstance(size, int) and axis > 0]
+        if pixels.ndim != len(declared) or any(pixels.shape[a] != s for a, s in fixed):
+            want = ", ".join(str(s) if isinstance(s, int) else "any" for s in declared[1:])
+            raise ValueError(f"pixel values of shape {pixels.shape}: this model takes ({want})"
+                             f" or a batch of them, (B, {want})")
+        return {"pixel_values": pixels}
+
+    def _pixel_sample(self) -> np.ndarray:
+        """One seeded image (1, C, H, W) at the size config.json gives (else 224 × 224 RGB)."""
+        config = self._graph_config()
+        size = config.get("image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (1, config.get("num_channels", 3), height, width)
+        return np.random.default_rng(0).standard_normal(shape, np.float32)
+
+    def classify(self, inputs) -> dict:
+        """Class scores of a classifier bundle (an encoder whose graph outputs `logits`,
+        e.g. a ViT image classifier or BERT with a sequence head), for `inputs` as `encode`
+        takes them: {"logits": (B, C) float32, "probabilities": (B, C) softmax,
+        "labels": [the top class's name per input (config.json id2label), or its index]}.
+        Raises ValueError for a bundle without class logits."""
+        if self.kind == "decoder" or "logits" not in self._outputs:
+            raise ValueError(f"classify() needs a classifier bundle (an encoder whose graph "
+                             f"outputs logits); this {self.kind} bundle outputs "
+                             f"{self._outputs}: use encode()" if self.kind != "decoder" else
+                             "classify() needs a classifier bundle; use generate() for a "
+                             "decoder")
+        logits = self.encode(inputs)["logits"]
+        if logits.ndim != 2:
+            raise ValueError(f"classify() takes one class distribution per input; the logits "
+                             f"have shape {logits.shape} (per token): use encode()")
+        shifted = np.exp(logits - logits.max(-1, keepdims=True))
+        names = self._graph_config().get("id2label") or {}
+        labels = [names.get(str(int(k)), int(k)) for k in logits.argmax(-1)]
+        return {"logits": logits, "probabilities": shifted / shifted.sum(-1, keepdims=True),
+                "labels": labels}
 
     def measure(self, prompt_tokens: int = 64, new_tokens: int = 16, repeats: int = 1) -> dict:
         """Host figures at the current budget: TTFT for a prompt of `prompt_tokens` tokens,
@@ -324,6 +377,8 @@ class ElasticSession:
         vocab_low = 3  # skip the usual special ids
         prompt = (np.arange(prompt_tokens) % 97 + vocab_low).astype(np.int64)
         if self.kind != "decoder":
+            if "pixel_values" in self._inputs:  # one image at the model's size
+                prompt = self._pixel_sample()
             times = []
             for _ in range(repeats + 1):  # the first run warms up
                 start = time.perf_counter()
