@@ -78,11 +78,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="per-budget (one graph per budget), shared (graphs over one weight "
                         "file) or elastic (one graph, budget as an input) (default: "
                         "per-budget)")
-    # int8 and int4 only: the budget costs of the decision model their weights, not 8da4w
-    p.add_argument("--quantize", choices=("none", str(Quantization.INT8),
-                                          str(Quantization.INT4)), default="none",
-                   help="onnx/ort weights: int8 (dynamic) or int4 (MatMulNBits, blocks of "
-                        "32; ranks rounded to the block) (default: none)")
+    # every format's choices; `_checked_job` names the ones that do not fit --format
+    p.add_argument("--quantize", choices=("none", *map(str, Quantization)), default="none",
+                   help="onnx/ort: int8 (dynamic) or int4 (MatMulNBits, blocks of 32); "
+                        "executorch: 8da4w (int8 dynamic activations, int4 weights in "
+                        "groups of 32); ranks rounded to the block (default: none)")
     p.add_argument("-o", "--output", default="dist", help="bundle folder (must be empty)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
@@ -261,6 +261,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _quantize_fits(fmt: str, quantize: str) -> None:
+    """ValueError naming --quantize and --format when the format does not offer it."""
+    from flexrank.exporters import QUANTIZATIONS
+
+    offered = [str(q) for q in QUANTIZATIONS.get(fmt, ())]
+    if quantize != "none" and quantize not in offered:
+        raise ValueError(f"--quantize {quantize} does not fit --format {fmt}: {fmt} offers "
+                         f"--quantize {', '.join(['none', *offered])}"
+                         + ("; int8 and int4 are onnx/ort's" if fmt == Format.EXECUTORCH
+                            else "; 8da4w is executorch's" if quantize == "8da4w" else ""))
+
+
 def _checked_job(args) -> ExportJob:
     from flexrank.device.profiles import load_profile
 
@@ -269,11 +281,7 @@ def _checked_job(args) -> ExportJob:
         raise ValueError("--budget auto needs --profile NAME|FILE (see `flexrank profiles`)")
     profile = load_profile(args.profile) if args.profile else None
     _exporter_available(args.format)
-    if args.format == Format.EXECUTORCH and args.quantize != "none":
-        raise ValueError(f"--quantize {args.quantize} is an onnxruntime quantization; the "
-                         "command line exports ExecuTorch programs in float32 (8da4w is "
-                         "available from Python: exporters.export(..., format='executorch', "
-                         "quantize='8da4w'))")
+    _quantize_fits(args.format, args.quantize)
     fmt, layout, quantize = checked_options(args.format, args.layout, args.quantize)
     out = Path(args.output)
     if not args.dry_run:  # the bundle and its lock are built beside `out`, in its parent

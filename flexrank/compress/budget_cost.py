@@ -20,7 +20,8 @@ from flexrank.planning.costs import BudgetCost, gauge_fixed_params
 # bits per stored weight after --quantize. int4 (MatMulNBits, symmetric, block 32): a 4-bit
 # code per weight plus one float32 scale per block of 32 weights, 4 + 32/32 = 5 bits
 # (an asymmetric zero point would add 4/32: 5.125).
-BITS = {None: 32, "none": 32, "int8": 8, "int4": 5}
+# 8da4w (ExecuTorch/XNNPACK): a 4-bit code plus one scale per group of 32, as for int4.
+BITS = {None: 32, "none": 32, "int8": 8, "int4": 5, "8da4w": 5}
 ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every export
 
 
@@ -77,7 +78,7 @@ def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost
     """The `BudgetCost` of one budget: FLOPs and bytes from the plan's ranks, the KV cache
     from the model's config."""
     if quantize not in BITS:
-        raise ValueError(f"unknown quantization {quantize!r}; choose 'none', 'int8' or 'int4'")
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {list(BITS)[1:]}")
     weight_bytes = BITS[quantize] / 8
     counts = budget_counts(elastic, beta)
     config = getattr(elastic.model, "config", None)
