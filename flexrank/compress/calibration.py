@@ -1,5 +1,7 @@
 """Calibration batches: token sequences packed from text, JSONL, a saved `datasets`
-folder, or text sampled from the model itself (data-free calibration).
+folder, or text sampled from the model itself (data-free calibration); for models that do
+not read text (ViT, CNNs), input tensors from a tensor, a .npy file or a folder of .npy and
+image files (`input_batches`).
 
 Every source is tokenised into one stream (documents joined by the EOS token), an optional
 `span` of it is kept (e.g. (0, 0.8): the first 80 % of tokens for calibration), and it is
@@ -228,6 +230,111 @@ def _describe(value) -> str:
         kinds = sorted({type(v).__name__ for v in value})
         return f"a {type(value).__name__} of {len(value)} {'/'.join(kinds) or 'items'}"
     return f"a {type(value).__name__}"
+
+
+# ---- inputs that are not text (vision models, plain modules) ----------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def input_batches(source, batch_size: int = 8, num_samples: int | None = None, seed: int = 0,
+                  image_size: int | tuple[int, int] | None = None,
+                  processor=None) -> list[torch.Tensor]:
+    """Calibration batches for a model that does not read text: float32 tensors (B, ...),
+    `num_samples` samples in all (None: every sample, in order; else a seeded choice).
+
+    `source`: a tensor or numpy array (N, ...) of samples; a .npy file holding one (numpy's
+    reader); or a folder of files, sorted by name, each one sample: .npy arrays (...) and
+    images (IMAGE_SUFFIXES, read with Pillow). Images go through `processor` when given (a
+    transformers image processor, e.g. `AutoImageProcessor.from_pretrained(model_dir)`,
+    which resizes and normalises as the model was trained; its `pixel_values` are kept);
+    else they are converted to RGB, resized to `image_size` (an int or (H, W); needed when
+    the files differ in size) and scaled to [0, 1] as (3, H, W).
+
+    Raises CalibrationError for a missing source, a folder without such files, samples of
+    different shapes, or fewer samples than `num_samples`."""
+    if batch_size < 1 or (num_samples is not None and num_samples < 1):
+        raise CalibrationError(f"batch_size ({batch_size}) and num_samples ({num_samples}) "
+                               "must be positive")
+    samples = _input_samples(source, image_size, processor)
+    if num_samples is not None:
+        if num_samples > len(samples):
+            raise CalibrationError(f"{_name(source)} holds {len(samples)} samples; "
+                                   f"{num_samples} were asked for: give more, or lower "
+                                   "num_samples")
+        chosen = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+        samples = samples[chosen[:num_samples].sort().values]
+    return list(samples.split(batch_size))
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def _input_samples(source, image_size, processor) -> torch.Tensor:
+    """(N, ...) float32 samples from any `input_batches` source."""
+    import numpy as np
+
+    if torch.is_tensor(source) or isinstance(source, np.ndarray):
+        data = torch.as_tensor(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CalibrationError(f"calibration source {str(source)!r} does not exist; pass "
+                                   "a tensor, a .npy file or a folder of .npy/image files")
+        if path.is_file():
+            if path.suffix != ".npy":
+                raise CalibrationError(f"{path} is not a .npy file; pass a .npy file of "
+                                       "samples (N, ...) or a folder of .npy/image files")
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            data = _folder_samples(path, image_size, processor)
+    if data.dim() < 2 or len(data) == 0:
+        raise CalibrationError(f"{_name(source)} gives samples of shape {tuple(data.shape)}: "
+                               "expected (N, ...) with N >= 1")
+    return data.float()
+
+
+def _folder_samples(folder: Path, image_size, processor) -> torch.Tensor:
+    import numpy as np
+
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
+    if not files:
+        raise CalibrationError(f"{folder} holds no .npy or image files "
+                               f"({', '.join(IMAGE_SUFFIXES)})")
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    pixels = iter(_read_images(images, image_size, processor)) if images else iter(())
+    samples = [torch.from_numpy(np.load(f, allow_pickle=False)).float()
+               if f.suffix == ".npy" else next(pixels) for f in files]
+    shapes = {tuple(s.shape) for s in samples}
+    if len(shapes) > 1:
+        raise CalibrationError(f"the files in {folder} give samples of {len(shapes)} shapes "
+                               f"({sorted(shapes)[:3]}); give image_size= (or a processor) "
+                               "for images, and .npy files of one shape")
+    return torch.stack(samples)
+
+
+def _read_images(files: Sequence[Path], image_size, processor) -> list[torch.Tensor]:
+    """(3, H, W) float32 per image: the processor's pixel_values, or RGB resized to
+    `image_size` and scaled to [0, 1]."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    pictures = []
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                pictures.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise CalibrationError(f"{f} is not an image Pillow can read ({err})") from err
+    if processor is not None:
+        return list(processor(images=pictures, return_tensors="pt")["pixel_values"].float())
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        pictures = [p.resize((width, height), Image.Resampling.BILINEAR) for p in pictures]
+    return [torch.from_numpy(np.asarray(p, np.float32) / 255.0).permute(2, 0, 1)
+            for p in pictures]
 
 
 def to_batches(samples: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
