@@ -146,7 +146,30 @@ def deployed_from_graph(elastic, entry, path, check_rounding: bool):
                 assert np.all(rounded_to_nearest(b, part, step, codes)), record.name
             new = torch.from_numpy(part.T if transposed else part).float()
             getattr(module, name).data.copy_(new)
+    decoded_table = tied_table(path)
+    if decoded_table is not None:  # tied: the embedding and lm_head are one Parameter
+        table = deployed.get_input_embeddings().weight
+        assert table is deployed.get_output_embeddings().weight
+        table.data.copy_(torch.from_numpy(decoded_table).float())
     return deployed
+
+
+def tied_table(path) -> np.ndarray | None:
+    """The (vocab, hidden) table decoded from the lm_head's MatMulNBits, when the graph's
+    embedding is a GatherBlockQuantized reading that node's codes and scales; None when
+    the table is float. Asserts the two ops read the same initializers (stored once)."""
+    graph = onnx.load(str(path)).graph
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    if not gathers:
+        return None
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    producers = {n.output[0]: n for n in graph.node}
+    read = [producers[name].input[0] if name in producers else name
+            for name in gathers[0].input if name != gathers[0].input[1]]
+    assert read == [name for name in head.input[1:] if name]  # codes, scales (zero points)
+    inits = {init.name: init for init in graph.initializer}
+    weight, _, _ = dequantize(head, inits)  # (hidden, vocab)
+    return weight.T
 
 
 def rounded_to_nearest(weight, decoded, scale, codes) -> np.ndarray:
@@ -215,23 +238,25 @@ def test_manifest_records_what_was_quantized_and_bytes_are_five_bits(llama, exac
     for entry in manifest["budgets"]:
         record = entry["quantization"]
         assert record["scheme"] == "int4" and record["block_size"] == BLOCK
-        assert record["embedding_bits"] == 32  # the tied table stays float, stored once
+        assert record["embedding_bits"] == 4  # the tied table in 4-bit blocks, stored once
         assert record["layers"] == {name: {"bits": 4, "block_size": BLOCK, "algorithm": "rtn"}
                                     for name in layers}
         assert {x["form"] for x in entry["layers"]} <= {"plain", "dense"}
-        graph = onnx.load(str(out / entry["graph"])).graph
+        path = out / entry["graph"]
+        graph = onnx.load(str(path)).graph
         inits = {init.name: init for init in graph.initializer}
-        # no float weight MatMul left but the tied lm_head, which reads the embedding table
+        # no float weight MatMul left, not even the tied lm_head
         float_mm = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
                     and (n.input[1] in inits or any(
                         t.op_type == "Transpose" and t.output[0] == n.input[1]
                         and t.input[0] in inits for t in graph.node))]
-        assert float_mm == record["float_matmuls"] == ["/lm_head/MatMul"]
+        assert float_mm == record["float_matmuls"] == []
+        assert not any(n.op_type == "Gather" and n.input[0] in inits for n in graph.node)
         nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
         assert sorted(n.name for n in nbits) == sorted(record["matmuls"])
-        table = inits["model.embed_tokens.weight"]
-        assert sum(tuple(i.dims) in ((100, 128), (128, 100)) for i in inits.values()) == 1
-        assert list(table.dims) == [100, 128]
+        assert not any(100 * 128 in (np.prod(i.dims), np.prod(i.dims) * 8 // 5)
+                       for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT)
+        quantized = 0
         for node in nbits:
             attrs = {a.name: a.i for a in node.attribute}
             k, n = attrs["K"], attrs["N"]
@@ -239,6 +264,16 @@ def test_manifest_records_what_was_quantized_and_bytes_are_five_bits(llama, exac
             # 4 bits a weight and a float32 scale a block of 32: 5 bits, no zero points
             assert stored == k * n * 5 // 8, node.name
             assert len(node.input) == 3
+            quantized += stored
+        # the file holds each weight once: the 4-bit MatMul weights (the table among them)
+        # and the float vectors (norms; rotary tables), nothing else of size
+        rest = sum(numpy_helper.to_array(i).nbytes for i in inits.values()) - quantized
+        # two RMSNorms a layer and the final one, float32 (equal ones are stored once)
+        norms = 4 * 128 * (2 * 2 + 1)
+        rotary = sum(numpy_helper.to_array(inits[name]).nbytes
+                     for name in ("cos_cache", "sin_cache"))
+        assert rotary < rest <= norms + rotary + 4096  # and shape constants
+        assert path.stat().st_size <= quantized + rest + 64 * 1024  # + the graph's protobuf
 
 
 def test_budget_cost_counts_five_bits_per_weight(llama):
@@ -288,7 +323,9 @@ def test_block_sizes_and_algorithms(llama, tmp_path, block, algorithm, symmetric
     graph = onnx.load(str(path)).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {block}
-    assert all(len(n.input) == 4 for n in nbits)  # zero points: asymmetric RTN, HQQ
+    # zero points: asymmetric RTN, HQQ; the tied table is RTN at the config's symmetry
+    assert all(len(n.input) == 4 for n in nbits if n.output[0] != "logits")
+    assert [len(n.input) for n in nbits if n.output[0] == "logits"] == [3 if symmetric else 4]
     # HQQ optimises scales and zero points, so its weights need not round to nearest
     deployed = deployed_from_graph(llama, entry, path, check_rounding=algorithm == "rtn")
     with torch.no_grad():
@@ -301,8 +338,12 @@ def test_block_sizes_and_algorithms(llama, tmp_path, block, algorithm, symmetric
 def test_bad_int4_options_are_refused():
     with pytest.raises(ValueError, match="int4_block_size 48 .* one of \\[16, 32, 64, 128\\]"):
         OnnxExportConfig(int4_block_size=48)
-    with pytest.raises(ValueError, match="int4_algorithm 'gptq'"):
-        OnnxExportConfig(int4_algorithm="gptq")
+    with pytest.raises(ValueError, match="int4_algorithm 'awq'"):
+        OnnxExportConfig(int4_algorithm="awq")
+    with pytest.raises(ValueError, match="int4_embedding_bits 2"):
+        OnnxExportConfig(int4_embedding_bits=2)
+    with pytest.raises(ValueError, match="int4_form_slack 0.5"):
+        OnnxExportConfig(int4_form_slack=0.5)
     with pytest.raises(ValueError, match="int4_accuracy_level 7"):
         OnnxExportConfig(int4_accuracy_level=7)
 

@@ -36,7 +36,7 @@ from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import FormPolicy, deployable_model
 from flexrank.exporters.common.sample import SAMPLE_TEXT
 from flexrank.exporters.common.validate import DEFAULT_TOLERANCE
-from flexrank.exporters.onnx.graph import load_model, save_model, store_tied_once
+from flexrank.exporters.onnx.graph import save_model, store_tied_once
 from flexrank.exporters.onnx.simplify import simplify
 from flexrank.io import save_tokenizer
 
@@ -53,8 +53,13 @@ MIN_ROTARY_POSITIONS = 4096
 INT4_BLOCK_SIZES = (16, 32, 64, 128)
 # int4 weight quantizers of `onnxruntime.quantization.matmul_nbits_quantizer`: "rtn" is its
 # default block-wise round-to-nearest (scale, optional 4-bit zero point per block), "hqq"
-# its Half-Quadratic Quantization (float zero points, no calibration data).
-INT4_ALGORITHMS = ("rtn", "hqq")
+# its Half-Quadratic Quantization (float zero points, no calibration data), "gptq" its GPTQ
+# (calibration activations); "auto": per MatMul the one with the least output error on
+# the calibration activations (`int4.choose_algorithms_`)
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "auto")
+# tied embedding/lm_head table: 4 or 8 bits in blocks, stored once (GatherBlockQuantized
+# reads the lm_head's MatMulNBits weights), or 32: float, as exported
+INT4_EMBEDDING_BITS = (4, 8, 32)
 # MatMulNBits `accuracy_level`: 0 computes in the activations' float type; 4 quantizes
 # each activation block to int8 for integer kernels (the builder's CPU default).
 INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -80,7 +85,7 @@ class OnnxExportConfig:
     # factors) as one MatMul + Split (`onnx_simplify.fuse_sibling_matmuls`); the shared and
     # elastic layouts and int8 exports never fuse (they address each layer's own weights)
     fuse_siblings: bool = True
-    # quantize="int4": block-wise 4-bit weights (`quantize_int4`); ranks are rounded to
+    # quantize="int4": block-wise 4-bit weights (`int4.quantize_graph`); ranks are rounded to
     # multiples of the block size, the inner width of a factor pair's second MatMul
     int4_block_size: int = 32
     int4_algorithm: str = "rtn"
@@ -89,6 +94,17 @@ class OnnxExportConfig:
     # zero points.
     int4_symmetric: bool = True
     int4_accuracy_level: int = 4
+    int4_embedding_bits: int = 4  # the tied table: 4 or 8 (blocks), 32 (float)
+    # "gptq", "auto" and the per-layer form choice run on calibration text: a text/JSONL
+    # file or datasets folder (`flexrank.compress.calibration.load_texts`); None: the
+    # export's sample text and text sampled from the model (data-free)
+    int4_calibration: str | None = None
+    int4_calibration_samples: int = 16  # sequences of int4_calibration_tokens tokens
+    int4_calibration_tokens: int = 128
+    # per layer, the cheapest of dense / plain / gauge-fixed whose relative output error
+    # with int4 weights is within this factor of the best form's (`int4.choose_forms`);
+    # None: plain factors or dense by cost, never gauge-fixed (`forms.quantized_policy`)
+    int4_form_slack: float | None = None
     version: int = 1
 
     def __post_init__(self):
@@ -102,6 +118,15 @@ class OnnxExportConfig:
         if self.int4_algorithm not in INT4_ALGORITHMS:
             raise ValueError(f"int4_algorithm {self.int4_algorithm!r} is not one of "
                              f"{list(INT4_ALGORITHMS)}")
+        if self.int4_embedding_bits not in INT4_EMBEDDING_BITS:
+            raise ValueError(f"int4_embedding_bits {self.int4_embedding_bits} must be one of "
+                             f"{list(INT4_EMBEDDING_BITS)} (4 or 8: quantized blocks; 32: float)")
+        if self.int4_calibration_samples < 1 or self.int4_calibration_tokens < 2:
+            raise ValueError(f"int4_calibration_samples {self.int4_calibration_samples} and "
+                             f"int4_calibration_tokens {self.int4_calibration_tokens} must be "
+                             ">= 1 and >= 2")
+        if self.int4_form_slack is not None and not self.int4_form_slack >= 1:
+            raise ValueError(f"int4_form_slack {self.int4_form_slack} must be >= 1 (or None)")
         if self.int4_accuracy_level not in INT4_ACCURACY_LEVELS:
             raise ValueError(f"int4_accuracy_level {self.int4_accuracy_level} must be one of "
                              f"{list(INT4_ACCURACY_LEVELS)} (MatMulNBits accuracy_level)")
@@ -360,86 +385,6 @@ def quantize_int8(path: Path, float_layers=()) -> list[Path]:
             shutil.move(produced, target)
             written.append(target)
     return written
-
-
-def quantize_int4(path: Path, config: OnnxExportConfig) -> dict[str, list[int]]:
-    """Weight-only block-wise 4-bit quantization of the graph at `path`, in place, through
-    onnxruntime's `MatMulNBitsQuantizer`: every MatMul with a constant 2-D weight B (K, N)
-    becomes a `com.microsoft.MatMulNBits` holding B as 4-bit codes packed two per byte
-    (N, ⌈K/b⌉, b/2), a float32 scale per block of b = `config.int4_block_size` weights
-    along K, and zero points unless symmetric; it computes A · ((code − zero) · scale).
-    Activations stay float (`config.int4_accuracy_level` 4 lets the kernel quantize them
-    to int8 blocks on the fly).
-
-    Left in float: a MatMul whose weight is not a constant initializer, i.e. the tied
-    lm_head (a Transpose of the embedding table, which stays float and is stored once);
-    `float_weight_matmuls` lists them. K need not be a multiple of b (the quantizer pads
-    the last block), but then the padding is stored and computed: `_per_budget` rounds
-    ranks to multiples of b first.
-
-    Returns {MatMulNBits node name: [K, N]}."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    block = config.int4_block_size
-    if config.int4_algorithm == "hqq":
-        algorithm = HQQWeightOnlyQuantConfig(block_size=block, bits=4)
-    else:
-        algorithm = DefaultWeightOnlyQuantConfig(block_size=block, bits=4,
-                                                 is_symmetric=config.int4_symmetric)
-    quantizer = MatMulNBitsQuantizer(load_model(path), bits=4, block_size=block,
-                                     algo_config=algorithm)
-    quantizer.process()
-    graph = quantizer.model.model
-    matmuls = {}
-    for node in graph.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        # one accuracy level for every algorithm (HQQ's nodes are written without one)
-        kept = [a for a in node.attribute if a.name != "accuracy_level"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        if config.int4_accuracy_level:
-            node.attribute.append(onnx.helper.make_attribute("accuracy_level",
-                                                             config.int4_accuracy_level))
-        attrs = {a.name: a.i for a in node.attribute}
-        matmuls[node.name] = [attrs["K"], attrs["N"]]
-    replace_graph(graph, path, config.external_data)
-    return matmuls
-
-
-def int4_report(path: Path, layers, matmuls: dict[str, list[int]],
-                config: OnnxExportConfig) -> dict:
-    """The manifest's `quantization` of an int4 graph: the scheme, and per nested layer
-    (`layers`: names) what its MatMuls became, {"bits": 4, "block_size", "algorithm"} or
-    {"bits": 32} when a float weight MatMul is left in its scope (node-name scope, or the
-    scope of a fused sibling MatMul that holds it). `embedding_bits`: 32, the input
-    embedding (a Gather) is not quantized, and a tied lm_head reads that float table,
-    stored once (`float_matmuls` lists it)."""
-    float_matmuls = float_weight_matmuls(path)
-    quantized = {"bits": 4, "block_size": config.int4_block_size,
-                 "algorithm": config.int4_algorithm}
-
-    def in_layer(node: str, scope: str) -> bool:
-        if node.startswith(scope):
-            return True
-        # a fused sibling MatMul is named after its siblings' common scope
-        return "SiblingMatMul" in node and scope.startswith(node.rpartition("/")[0] + "/")
-
-    per_layer = {}
-    for name in layers:
-        scope = onnx_scope(name)
-        floats = any(in_layer(node, scope) for node in float_matmuls)
-        per_layer[name] = {"bits": 32} if floats else quantized
-    return {"scheme": "int4", "block_size": config.int4_block_size,
-            "algorithm": config.int4_algorithm,
-            "symmetric": config.int4_symmetric and config.int4_algorithm == "rtn",
-            "accuracy_level": config.int4_accuracy_level, "embedding_bits": 32,
-            "layers": per_layer,
-            "matmuls": matmuls, "float_matmuls": float_matmuls}
 
 
 def float_weight_matmuls(path: Path) -> list[str]:

@@ -42,10 +42,8 @@ from flexrank.exporters.onnx.convert import (
     convert_to_ort,
     export_budget_graph,
     float_weight_matmuls,
-    int4_report,
     named_inputs,
     outlier_layers,
-    quantize_int4,
     quantize_int8,
     replace_graph,
     tidy_graph,
@@ -53,6 +51,12 @@ from flexrank.exporters.onnx.convert import (
 )
 from flexrank.exporters.onnx.genai import og_readable_tokenizer_, write_genai_config
 from flexrank.exporters.onnx.graph import canonical_factor_names, load_model, save_model
+from flexrank.exporters.onnx.int4 import (
+    calibration_ids,
+    decoder_feeds,
+    int4_report,
+    quantize_graph,
+)
 from flexrank.exporters.onnx.layouts import (
     RANK_LEVEL,
     make_elastic,
@@ -128,9 +132,15 @@ def warn_merged_budgets(ranks_by_budget: dict[float, dict[str, int]], block_size
         seen.setdefault(key, beta)
 
 
-def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, ranks=None):
+def needs_calibration(config: OnnxExportConfig, quantize) -> bool:
+    """Whether an export runs calibration text through its graphs (int4: GPTQ, "auto")."""
+    return quantize == "int4" and config.int4_algorithm in ("gptq", "auto")
+
+
+def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, ranks=None,
+                   calibration=None):
     """One budget's graph in `folder` (at `ranks`, default the plan's): (layer records,
-    graph path, manifest extras)."""
+    graph path, manifest extras). `calibration`: token id batches (int4 GPTQ, "auto")."""
     shutil.rmtree(folder, ignore_errors=True)
     path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config,
                                            ranks=ranks)
@@ -147,8 +157,14 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
         extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
         extra["int8_float_matmuls"] = float_weight_matmuls(path)
     elif quantize == "int4":
-        matmuls = quantize_int4(path, config)
-        extra["quantization"] = int4_report(path, [r.name for r in records], matmuls, config)
+        if calibration and kind != "decoder":
+            raise ValueError(f"int4_algorithm {config.int4_algorithm!r} calibrates decoders "
+                             "only; use 'rtn' or 'hqq' for this model")
+        feeds = decoder_feeds(path, calibration, config.threads) if calibration else None
+        result = quantize_graph(path, config, feeds)
+        replace_graph(result.model, path, config.external_data)
+        extra["quantization"] = int4_report(result.model, [r.name for r in records], result,
+                                            config, float_weight_matmuls(path))
         extra["plan_ranks"] = elastic.layer_ranks(beta)  # before rounding to the block size
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     if kind == "decoder":
@@ -158,6 +174,8 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
 
 
 def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
+    calibration = (calibration_ids(elastic, config, sample)
+                   if needs_calibration(config, quantize) else None)
     # int8, int4: plain factors or dense, never gauge-fixed (`quantized_policy` says why);
     # the manifest's `forms` and `layers` record what each layer became
     first = config.forms if quantize is None else quantized_policy(config.forms)
@@ -175,7 +193,8 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
             budget_config = replace(config, forms=policy,
                                     fuse_siblings=config.fuse_siblings and quantize != "int8")
             records, graph, extra = _export_budget(elastic, beta, kind, folder, sample,
-                                                   budget_config, quantize, ort, ranks)
+                                                   budget_config, quantize, ort, ranks,
+                                                   calibration)
             if not config.validate:
                 validation = None
                 break
