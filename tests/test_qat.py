@@ -1,0 +1,234 @@
+"""Fake quantization (flexrank/compress/qat.py) against the quantizers and runtimes that
+ship the weights: onnxruntime's MatMulNBitsQuantizer (through the exporter's own
+`quantize_int4`) and its MatMulNBits kernel; torchao's 8da4w quantization; the exporters'
+form rule; and quantization-aware distillation against plain distillation, both measured
+after quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from flexrank.compress.layers import NestedLinear
+from flexrank.compress.qat import (
+    DENSE_FRACTION,
+    QuantSpec,
+    deployed_form,
+    fake_quantize_8da4w,
+    fake_quantize_blockwise,
+    fake_quantize_int4,
+    fake_quantize_int8_blocks,
+    fake_quantized,
+    quantized_copy,
+)
+from flexrank.exporters.common.gauge import DENSE_FRACTION as EXPORT_DENSE_FRACTION
+from flexrank.exporters.common.gauge import LayerForm, choose_form
+from flexrank.runtime.kv_cache import make_session
+
+
+def matmul_graph(weight: np.ndarray, path) -> None:
+    """y = x @ B with B = weightᵀ (K = in, N = out), a constant initializer."""
+    k, n = weight.shape[1], weight.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+def ort_quantize(path, bits: int = 4, symmetric: bool = True, accuracy_level: int = 0):
+    """onnxruntime's RTN MatMulNBitsQuantizer with the exporter's settings (block 32,
+    exporters/onnx: DefaultWeightOnlyQuantConfig), in place; returns {name: array}."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=32, bits=bits, is_symmetric=symmetric,
+                                          accuracy_level=accuracy_level)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=bits, block_size=32,
+                                     is_symmetric=symmetric, algo_config=config)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(path))
+    graph = quantizer.model.model.graph
+    (node,) = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    return node, {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+
+def decoded_weight(node, inits) -> np.ndarray:
+    """(N, K) float32 weight of a MatMulNBits node from its initialisers, by the contrib
+    op's formula: (code − zero) · scale per block of K, 4-bit codes low nibble first."""
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
+    blocks = -(-k // block)
+    packed = inits[node.input[1]].reshape(n, -1)
+    codes = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed
+    codes = codes.reshape(n, blocks, block).astype(np.float32)
+    scales = inits[node.input[2]].reshape(n, blocks, 1)
+    zero = np.full((n, blocks, 1), 2.0 ** (bits - 1), np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        stored = inits[node.input[3]].reshape(n, -1)
+        if bits == 4:
+            stored = np.stack([stored & 0x0F, stored >> 4], -1).reshape(n, -1)
+        zero = stored[:, :blocks].astype(np.float32).reshape(n, blocks, 1)
+    return ((codes - zero) * scales).reshape(n, -1)[:, :k]
+
+
+def hard_weight(out: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random weights with the cases a rounding rule can get wrong: an all-zero block,
+    exact halves of a step (ties), a block of one sign, the largest magnitude negative."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((out, k)).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, :32] = np.arange(32, dtype=np.float32) / 4 - 4  # codes land on .5 exactly
+    w[2, :32] = np.abs(w[2, :32])
+    w[3, :32] = -np.abs(w[3, :32])
+    return w
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k", [96, 80])  # 80: a last block of 16, padded by the quantizer
+def test_blockwise_equals_what_onnxruntime_stores_and_computes(tmp_path, bits, symmetric, k):
+    weight = hard_weight(24, k)
+    path = tmp_path / "mm.onnx"
+    matmul_graph(weight, path)
+    node, inits = ort_quantize(path, bits, symmetric)
+    stored = decoded_weight(node, inits)  # (N, K) = (out, in)
+    ours = fake_quantize_blockwise(torch.from_numpy(weight), bits, 32, symmetric).numpy()
+    assert np.array_equal(ours, stored)  # bit for bit, ties and padding included
+    assert not np.array_equal(ours, weight)
+    if bits == 4:
+        assert torch.equal(fake_quantize_int4(torch.from_numpy(weight), 32, symmetric),
+                           torch.from_numpy(ours))
+
+    x = np.random.default_rng(1).standard_normal((5, k)).astype(np.float32)
+    got = make_session(path, 1).run(["y"], {"x": x})[0]
+    reference = x.astype(np.float64) @ ours.T.astype(np.float64)
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max()
+
+
+def test_int4_accuracy_level_4_quantizes_activations_in_int8_blocks(tmp_path):
+    weight = hard_weight(64, 128, seed=3)
+    path = tmp_path / "mm.onnx"
+    matmul_graph(weight, path)
+    ort_quantize(path, accuracy_level=4)
+    x = np.random.default_rng(2).standard_normal((7, 128)).astype(np.float32)
+    x[:, 5] *= 30  # one outlier channel: its block's other entries lose precision
+    got = make_session(path, 1).run(["y"], {"x": x})[0].astype(np.float64)
+    w = fake_quantize_int4(torch.from_numpy(weight)).double()
+    xt = torch.from_numpy(x)
+    float_activations = (xt.double() @ w.T).numpy()
+    int8_activations = (fake_quantize_int8_blocks(xt, 32).double() @ w.T).numpy()
+    emulated = np.abs(got - int8_activations).max()
+    ignored = np.abs(got - float_activations).max()
+    # the int8 emulation removes nearly all the activation error (ties may round apart)
+    assert emulated < 0.05 * ignored, (emulated, ignored)
+
+
+def test_8da4w_equals_torchao_quantized_linear():
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48, bias=True)
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        ours = QuantSpec("8da4w", 32).linear(x, linear.weight, linear.bias)
+        our_weight = fake_quantize_8da4w(linear.weight, 32)
+        floats = linear(x)
+        quantize_(linear, Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(32)))  # exporters' call
+        theirs = linear(x)
+        their_weight = linear.weight.dequantize()
+    assert torch.allclose(our_weight, their_weight, rtol=1e-6, atol=1e-7)
+    scale = float(theirs.abs().max())
+    assert float((ours - theirs).abs().max()) <= 1e-5 * scale
+    assert float((floats - theirs).abs().max()) > 1e-3 * scale  # quantization is visible
+
+
+def test_int4_passes_gradients_straight_through():
+    w = torch.randn(16, 64, requires_grad=True)
+    upstream = torch.randn(16, 64)
+    (fake_quantize_int4(w, 32) * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_8da4w_forward_and_gradients_equal_torchaos_qat():
+    """Our 8da4w linear against torchao's own QAT (`QATConfig(..., step="prepare")` on an
+    nn.Linear): same outputs, same gradients for the weight and the input."""
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48, bias=True)
+    weight = linear.weight.detach().clone().requires_grad_(True)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    upstream = torch.randn(3, 5, 48)
+    (QuantSpec("8da4w", 32).linear(x, weight, linear.bias) * upstream).sum().backward()
+    ours = (x.grad.clone(), weight.grad.clone())
+    x.grad = None
+    base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                 weight_granularity=PerGroup(32))
+    prepared = torch.nn.Sequential(linear)  # quantize_ swaps children
+    quantize_(prepared, QATConfig(base, step="prepare"))
+    assert type(prepared[0]).__name__ == "FakeQuantizedLinear"
+    out = prepared(x)
+    (out * upstream).sum().backward()
+    with torch.no_grad():
+        again = QuantSpec("8da4w", 32).linear(x, weight, linear.bias)
+        plain = torch.nn.functional.linear(x, weight, linear.bias)
+    assert torch.allclose(again, out, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(plain, out, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(ours[0], x.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ours[1], prepared[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_deployed_form_is_the_exporters_rule_without_gauge_fixing():
+    assert DENSE_FRACTION == EXPORT_DENSE_FRACTION
+    for m, n in ((64, 64), (128, 48), (48, 200)):
+        for rank in range(1, min(m, n) + 1):
+            expected = choose_form(m, n, rank, None)  # no condition: never gauge-fixed
+            assert expected in (LayerForm.DENSE, LayerForm.PLAIN)
+            assert deployed_form(m, n, rank) == expected.value, (m, n, rank)
+
+
+def test_nested_prefix_of_quantized_factors_is_quantized_prefix():
+    """Blocks run along the rank within Uᵣ and along n within each row of Vᵣᵀ: at ranks
+    that are block multiples, quantizing the full factors then slicing is the same."""
+    torch.manual_seed(0)
+    U, V = torch.randn(96, 128), torch.randn(80, 128)
+    for r in (32, 64, 96):
+        assert torch.equal(fake_quantize_int4(U)[:, :r], fake_quantize_int4(U[:, :r]))
+        assert torch.equal(fake_quantize_int4(V.T)[:r], fake_quantize_int4(V[:, :r].T))
+
+
+def test_context_restores_the_float_forward_and_copy_leaves_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NestedLinear(64, 96, 64, bias=True), torch.nn.Linear(96, 32))
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    model[0].rank = 32
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before = model(x)
+        copied = quantized_copy(model, "int4", activations=False)
+        with fake_quantized(model, QuantSpec("int4", activations=False)):
+            inside = model(x)
+        after = model(x)
+        # by hand: plain factors (32 < 0.9·64·96/160), each MatMul weight quantized
+        U, V = model[0].U[:, :32], model[0].V[:, :32]
+        z = x @ fake_quantize_int4(V.T).T
+        hidden = z @ fake_quantize_int4(U).T + model[0].bias
+        by_hand = hidden @ fake_quantize_int4(model[1].weight).T + model[1].bias
+    assert torch.equal(after, before)
+    assert torch.allclose(inside, by_hand, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(copied(x), by_hand, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(inside, before, atol=1e-2)
