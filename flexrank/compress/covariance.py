@@ -227,11 +227,16 @@ def collect_covariances(model: nn.Module, batches: Iterable, filter_fn: FilterFn
 
 
 def _warn_few_tokens(stats: CovarianceStats) -> None:
+    warn_few_tokens({leader: (count, stats.sums[leader].shape[0])
+                     for leader, count in stats.counts.items()})
+
+
+def warn_few_tokens(seen: Mapping[str, tuple[int, int]]) -> None:
     """Warn once when some input saw fewer than RECOMMENDED_TOKENS_PER_DIM tokens (rows)
-    per dimension: its covariance is rank-poor whatever the batches' origin."""
-    short = {leader: (count, stats.sums[leader].shape[0])
-             for leader, count in stats.counts.items()
-             if count < RECOMMENDED_TOKENS_PER_DIM * stats.sums[leader].shape[0]}
+    per dimension: its covariance is rank-poor whatever the batches' origin. `seen` maps
+    each distinct input (its leader layer) to (tokens, input width)."""
+    short = {leader: (count, width) for leader, (count, width) in seen.items()
+             if count < RECOMMENDED_TOKENS_PER_DIM * width}
     if not short:
         return
     worst = min(short, key=lambda leader: short[leader][0] / short[leader][1])
@@ -240,5 +245,5 @@ def _warn_few_tokens(stats: CovarianceStats) -> None:
         "calibration saw %d tokens for %s's %d-wide input (%.1f per dimension; %d of %d "
         "inputs below %d per dimension): the covariance is rank-poor and DataSVD's whitening "
         "unreliable; calibrate on about %d tokens or more (more or longer sequences)",
-        count, worst, width, count / width, len(short), len(stats.counts),
+        count, worst, width, count / width, len(short), len(seen),
         RECOMMENDED_TOKENS_PER_DIM, RECOMMENDED_TOKENS_PER_DIM * width)

@@ -1,0 +1,105 @@
+"""Block-sequential DataSVD (issue 20) against the all-at-once path, and bf16 weights.
+
+Reference: `collect_covariances` over the whole model + `factorize_` (the path every other
+test checks against brute force), and, for bf16, the dense bf16 layer itself."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama, tiny_vit, token_batches
+
+from flexrank.compress.blockwise import factorize_blockwise_
+from flexrank.compress.config import FactorizeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.layers import linear_weight
+from flexrank.compress.select import find_targets, nested_layers
+from flexrank.compress.surgery import factorize_
+
+
+def deeper(build, seed: int, blocks: int = 3):
+    """`build`'s tiny model with `blocks` blocks: from the third block on, a block's input
+    is neither the embedding nor the first block's output."""
+    config = copy.deepcopy(build(seed=seed).config)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, blocks)
+    torch.manual_seed(seed)
+    return type(build())(config).eval()
+
+
+def _both(model, batches, config=None):
+    config = config or FactorizeConfig()
+    whole, blockwise = copy.deepcopy(model), copy.deepcopy(model)
+    stats = collect_covariances(whole, batches, include_lm_head=config.include_lm_head,
+                                precise=True, progress=False)
+    ref = factorize_(whole, stats, config, progress=False)
+    got = factorize_blockwise_(blockwise, batches, config, precise=True, progress=False)
+    return whole, blockwise, ref, got
+
+
+@pytest.mark.parametrize("build,include_head", [(tiny_llama, False), (tiny_gpt2, True)])
+def test_blockwise_factors_equal_all_at_once(build, include_head):
+    model = deeper(build, seed=3).double()  # float64 throughout: agreement to rounding
+    batches = token_batches(100, num=3, batch=4, seq=48, seed=1)  # 576 tokens: Σ full rank
+    batches[1]["attention_mask"][0, 40:] = 0  # padding is skipped the same way
+    config = FactorizeConfig(include_lm_head=include_head)
+    whole, blockwise, ref, got = _both(model, batches, config)
+    assert [r.name for r in got] == [r.name for r in ref]
+    assert len(got) == len(find_targets(model, include_lm_head=include_head)) >= 13
+    if include_head:  # a layer outside the blocks, calibrated in the last pass
+        assert "lm_head" in {r.name for r in got}
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(b.sigma, a.sigma, rtol=1e-10, atol=1e-12)
+    for (name, a), (_, b) in zip(nested_layers(whole).items(),
+                                 nested_layers(blockwise).items(), strict=True):
+        # factors agree up to the sign of each singular pair: compare the rank-r products
+        for r in (1, a.max_rank // 2, a.max_rank):
+            torch.testing.assert_close(b.dense_weight(r), a.dense_weight(r), rtol=1e-9,
+                                       atol=1e-11, msg=f"{name} at rank {r}")
+
+
+def test_blockwise_vision_model_with_layers_before_the_blocks():
+    model = tiny_vit(seed=2).double()
+    images = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i),
+                          dtype=torch.float64) for i in range(2)]
+    whole, blockwise, ref, got = _both(model, images)
+    names = [r.name for r in got]
+    assert names == [r.name for r in ref] and any("patch_embeddings" in n for n in names)
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(b.sigma, a.sigma, rtol=1e-10, atol=1e-12)
+
+
+def test_blockwise_refuses_plain_method():
+    with pytest.raises(ValueError, match="needs no calibration"):
+        factorize_blockwise_(tiny_llama(), token_batches(100, num=1),
+                             FactorizeConfig(method="plain"))
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_bf16_model_stays_bf16_and_full_rank_factors_reproduce_it(blockwise):
+    model = tiny_llama(seed=4, init_std=0.2).to(torch.bfloat16)
+    dense = {n: linear_weight(m)[0].double() for n, m in find_targets(model).items()}
+    batches = token_batches(100, num=4, batch=4, seq=16, seed=2)
+    with torch.no_grad():
+        reference = model(**batches[0]).logits.double()
+    if blockwise:
+        factorize_blockwise_(model, batches, progress=False)
+    else:
+        factorize_(model, collect_covariances(model, batches, progress=False), progress=False)
+    layers = nested_layers(model)
+    assert set(layers) == set(dense)
+    bf16_eps = torch.finfo(torch.bfloat16).eps  # 2^-7: one rounding of each factor entry
+    for name, layer in layers.items():
+        assert layer.U.dtype == layer.V.dtype == torch.bfloat16
+        assert torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all()
+        product = layer.U.double() @ layer.V.double().T  # (m, n) at full rank
+        error = (product - dense[name]).norm() / dense[name].norm()
+        assert error < 2 * bf16_eps, f"{name}: relative error {error:.2e}"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        logits = model(**batches[0]).logits.double()
+    assert torch.isfinite(logits).all()
+    # the whole factorised model at full rank against the dense bf16 model
+    drift = (logits - reference).norm() / reference.norm()
+    assert drift < 4 * bf16_eps, f"logits drift {drift:.2e}"
