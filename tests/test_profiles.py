@@ -20,7 +20,8 @@ from flexrank.device.profiles import (
 from flexrank.device_profiles import PROFILE_DIR
 
 SHIPPED = ["pixel8", "pixel6a", "galaxy-s22", "galaxy-s24", "oneplus12", "iphone15",
-           "iphone15pro", "raspberry-pi5", "laptop-x86", "macbook-m2", "server-x86", "host"]
+           "iphone15pro", "raspberry-pi5", "laptop-x86", "macbook-m2", "server-x86", "host",
+           "android-go", "iphone15-extension", "pi-zero-2w"]
 
 
 def pixel8_raw() -> dict:
@@ -78,8 +79,27 @@ def test_targets_get_stricter_from_phone_to_laptop_to_server():
 
 def test_phone_model_memory_is_a_fraction_of_ram():
     for p in list_profiles():
-        if p.tier == "phone":
+        if p.tier == "phone" and not p.name.endswith("-extension"):
             assert 0.2 <= p.model_memory_gb.value / p.ram_gb.value <= 0.4, p.name
+    # an app extension gets its own small limit, not a share of the phone's RAM
+    assert load_profile("iphone15-extension").model_memory_gb.value == 0.12
+
+
+def test_binding_limits_carry_their_sources():
+    """The limits that decide what a small model ships (issue 17): store download limits,
+    a constrained app context, low-RAM tiers; each with a source or marked estimate."""
+    for name in ("pixel8", "android-go"):
+        limit = load_profile(name).download_limit_mb
+        assert limit.value == 200 and "Google Play" in limit.source, name
+    for name in ("iphone15", "iphone15-extension"):
+        limit = load_profile(name).download_limit_mb
+        assert limit.value == 200 and "Apple" in limit.source, name
+    assert load_profile("server-x86").download_limit_mb is None
+    go, zero = load_profile("android-go"), load_profile("pi-zero-2w")
+    assert go.ram_gb.value == 2 and "Go edition" in go.ram_gb.source
+    assert zero.ram_gb.value == 0.512 and "product brief" in zero.ram_gb.source
+    assert zero.model_memory_gb.estimated and go.model_memory_gb.estimated
+    assert "120 MB" in load_profile("iphone15-extension").model_memory_gb.source
 
 
 def test_host_numbers_are_measured_not_written():
@@ -176,6 +196,20 @@ def test_broken_profile_names_field_and_file(tmp_path, label, mutate, message):
     path = write(tmp_path, raw)
     with pytest.raises(ValueError, match=rf"my-phone\.yaml: .*{message}"):
         load_profile(path)
+
+
+def test_download_limit_is_optional_and_checked(tmp_path):
+    raw = pixel8_raw()
+    del raw["download_limit_mb"]
+    assert load_profile(write(tmp_path, raw)).download_limit_mb is None
+    raw["download_limit_mb"] = {"value": 0.2, "unit": "GB", "source": "store"}
+    with pytest.raises(ProfileError, match=r"my-phone.yaml: download_limit_mb has unit 'GB' "
+                                           r"but must be given in MB"):
+        load_profile(write(tmp_path, raw))
+    raw["download_limit_mb"] = 200
+    with pytest.raises(ProfileError, match=r"download_limit_mb is 200, a number without a "
+                                           r"source"):
+        load_profile(write(tmp_path, raw))
 
 
 def test_not_yaml_or_not_a_mapping(tmp_path):
