@@ -220,7 +220,7 @@ def test_context_restores_the_float_forward_and_copy_leaves_the_model():
     with torch.no_grad():
         before = model(x)
         copied = quantized_copy(model, "int4", activations=False)
-        with fake_quantized(model, QuantSpec("int4", activations=False)):
+        with fake_quantized(model, QuantSpec("int4", activations=False, embedding_bits=32)):
             inside = model(x)
         after = model(x)
         # by hand: plain factors (32 < 0.9·64·96/160), each MatMul weight quantized
@@ -232,3 +232,40 @@ def test_context_restores_the_float_forward_and_copy_leaves_the_model():
     assert torch.allclose(inside, by_hand, atol=1e-5, rtol=1e-5)
     assert torch.allclose(copied(x), by_hand, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(inside, before, atol=1e-2)
+
+
+def test_fake_quantized_model_equals_the_exported_int4_graph(tmp_path):
+    """The whole tiny Llama at β = 0.4 (plain factors and dense layers, ranks rounded to
+    the block, fused sibling MatMuls, the tied table in 4 bits): onnxruntime's logits for
+    the exported int4 graph (accuracy level 0: float activations) equal PyTorch's with
+    `quantized_copy`, to float rounding; the float model is far from both."""
+    from conftest import char_tokenizer, token_batches
+    from elastic_fixtures import nested_plan
+    from test_int4 import HELD_OUT, int4_llama, onnx_logits
+
+    from flexrank.compress.covariance import collect_covariances
+    from flexrank.compress.elastic import ElasticModel
+    from flexrank.compress.surgery import factorize_
+    from flexrank.exporters import export
+    from flexrank.exporters.onnx.convert import OnnxExportConfig
+
+    model = int4_llama(init_std=0.2)
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    elastic = ElasticModel(model, nested_plan(model, (0.4, 1.0)),
+                           tokenizer=char_tokenizer(), model_id="qat_llama")
+    manifest = export(elastic, tmp_path, budgets=[0.4], quantize="int4",
+                      config=OnnxExportConfig(int4_accuracy_level=0))
+    entry = manifest["budgets"][0]
+    assert {x["form"] for x in entry["layers"]} == {"plain", "dense"}
+    assert entry["ranks"] != elastic.layer_ranks(0.4)  # some were rounded to the block
+    got = onnx_logits(tmp_path / entry["graph"], HELD_OUT)
+    elastic.set_budget(0.4)  # the plan's ranks: the copy rounds them as the export does
+    spec = {"activations": False,
+            "embedding_bits": entry["quantization"].get("embedding_bits", 32)}
+    with torch.no_grad():
+        ours = quantized_copy(model, "int4", **spec)(input_ids=HELD_OUT).logits.numpy()
+        floats = model(input_ids=HELD_OUT).logits.numpy()
+    scale = float(np.abs(ours).max())
+    assert np.abs(got - ours).max() <= 1e-4 * scale
+    assert np.abs(got - floats).max() > 0.1 * scale

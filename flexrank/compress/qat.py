@@ -211,10 +211,10 @@ class QuantSpec:
     symmetric: bool = True  # int4 only: zero point 8 implied (the exporter's default)
     activations: bool = True
     align_ranks: bool = True
-    # int4 only: the tied embedding / lm_head table, 32 (float, as exported today) or 4/8
-    # (one table in blocks along the hidden axis, read by the lm_head MatMulNBits and the
-    # embedding's GatherBlockQuantized)
-    embedding_bits: int = 32
+    # int4 only: the tied embedding / lm_head table, 4 or 8 (the exporter's
+    # OnnxExportConfig.int4_embedding_bits: one table in blocks along the hidden axis, read
+    # by the lm_head MatMulNBits and the embedding's GatherBlockQuantized) or 32 (float)
+    embedding_bits: int = 4
 
     def __post_init__(self):
         if self.scheme not in QAT_SCHEMES:
