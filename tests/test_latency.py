@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from flexrank.device import host as host_module
-from flexrank.device.decide import choose_budget
+from flexrank.device.decide import Constraints, choose_budget
 from flexrank.device.host import measure_host, resolve_measured
-from flexrank.device.predict import Efficiency, calibrate_efficiency, predict
+from flexrank.device.predict import Efficiency, calibrate_efficiency, efficiency_for, predict
 from flexrank.device.profiles import load_profile, parse_profile
 from flexrank.device.published import (
     LLAMA_3_2_1B,
+    PUBLISHED,
     SMOLLM2_135M,
     check_published,
     decoder_cost,
@@ -37,6 +38,7 @@ def make_profile(compute=100.0, bandwidth=10.0, model_memory=2.5, context=2048, 
     bandwidth 5 GB/s under EFF."""
     raw = yaml.safe_load((PROFILE_DIR / "pixel8.yaml").read_text())
     raw.update(name=name, context_tokens=context)
+    del raw["download_limit_mb"]  # the store's limit is tested in tests/test_decide.py
     raw["compute_gflops"]["value"] = compute
     raw["memory_bandwidth_gbps"]["value"] = bandwidth
     raw["model_memory_gb"]["value"] = model_memory
@@ -139,13 +141,37 @@ def test_published_measurements_within_a_factor_1_5():
     checks = check_published()
     assert {c.point.metric for c in checks} == {"decode_tokens_per_s", "prefill_tokens_per_s",
                                                 "memory_gb"}
-    published = {(c.point.profile, c.point.metric): c.point.published for c in checks}
-    assert published[("oneplus12", "decode_tokens_per_s")] == 19.2
-    assert published[("oneplus12", "prefill_tokens_per_s")] == 60.3
-    assert published[("galaxy-s22", "decode_tokens_per_s")] == 202.0
+    published = {(c.point.profile, c.point.metric, c.point.precision): c.point.published
+                 for c in checks}
+    assert published[("oneplus12", "decode_tokens_per_s", "fp32")] == 19.2
+    assert published[("oneplus12", "prefill_tokens_per_s", "fp32")] == 60.3
+    # the 4-bit points of issue 17: ExecuTorch's SpinQuant Llama and optimum's 8da4w SmolLM2
+    assert published[("oneplus12", "decode_tokens_per_s", "8da4w")] == 50.2
+    assert published[("oneplus12", "prefill_tokens_per_s", "8da4w")] == 260.5
+    assert published[("galaxy-s22", "decode_tokens_per_s", "8da4w")] == 202.0
     for c in checks:
         assert 1 / 1.5 <= c.ratio <= 1.5, f"{c.point.label}: predicted {c.predicted:.3g}"
     assert "OnePlus 12" in published_table(checks)
+
+
+def test_4bit_prefill_by_hand_and_why_precision_matters():
+    """SpinQuant Llama 3.2 1B on the OnePlus 12, prompt 64, by hand: block linears
+    (1.24e9 − 128256·2048 weights) at 2 FLOPs each per prompt token, the 8-bit head for the
+    last token; int8 dot products at 4x the fp32 peak (256.8 GFLOP/s) and 0.5 of it."""
+    point = next(p for p in PUBLISHED if "SpinQuant" in p.label and "prefill" in p.metric)
+    profile = load_profile("oneplus12")
+    block = 1.24e9 - 128256 * 2048
+    flops = 64 * 2 * block + 2 * 128256 * 2048
+    seconds = flops / (256.8e9 * 4 * 0.5) + 16 * 50e-6
+    eff = efficiency_for(profile, "8da4w")
+    assert eff.compute_scale == 4 and eff.compute == 0.5
+    assert 64 / predict(point.cost, profile, eff).ttft_s == pytest.approx(64 / seconds, rel=1e-9)
+    assert 64 / seconds == pytest.approx(261, abs=1)  # published 260.5
+    # fp32's efficiency would miss the published prefill by 4x: the precision must count
+    fp32 = 64 / predict(point.cost, profile, efficiency_for(profile, "fp32")).ttft_s
+    assert fp32 < 260.5 / 3.5
+    with pytest.raises(ValueError, match=r"executorch/xnnpack does not run int4"):
+        efficiency_for(profile, "int4")
 
 
 def test_published_check_honours_a_given_efficiency():
@@ -258,8 +284,12 @@ def test_shipped_profiles_rank_budgets_consistently():
         rates = [r.prediction.decode_tokens_per_s for r in decision.rows]
         memory = [r.prediction.memory_bytes for r in decision.rows]
         assert rates == sorted(rates) and memory == sorted(memory, reverse=True), name
-    # A phone gives the model 2.5 GB: 2.48 GB of BF16 weights plus the KV cache do not fit.
-    pixel8 = choose_budget(costs, "pixel8")
+    # A 1B model in BF16 (≥ 1.3 GB) is over the Play Store's 200 MB base module at any β
+    store = choose_budget(costs, "pixel8")
+    assert store.beta is None and "size 1.31e+03 MB > target 200 MB" in store.explanation
+    # Lifted (--max-size): the phone gives the model 2.5 GB; 2.48 GB of BF16 weights plus
+    # the KV cache do not fit.
+    pixel8 = choose_budget(costs, "pixel8", constraints=Constraints(max_size_mb=1e5))
     assert "memory" in [c.target for c in pixel8.rows[0].failures]
     assert pixel8.beta is not None and pixel8.beta < 1.0
     # SmolLM2-135M in fp32 (0.54 GB) fits a server whole.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flexrank.device.predict import Efficiency, predict
+from flexrank.device.predict import Efficiency, efficiency_for, predict
 from flexrank.device.profiles import load_profile
 from flexrank.planning.costs import BudgetCost
 
@@ -76,6 +76,7 @@ class PublishedPoint:
     metric: str  # "decode_tokens_per_s", "prefill_tokens_per_s" or "memory_gb"
     published: float
     source: str
+    precision: str = "fp32"  # whose efficiency predicts it (`efficiency_for`)
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,20 @@ class PublishedCheck:
 
 _ET_LLAMA = ("ExecuTorch examples/models/llama/README.md, Llama 3.2 1B BF16 baseline on "
              "OnePlus 12 (adb binary, prompt length 64)")
+_ET_SPINQUANT = ("ExecuTorch examples/models/llama/README.md (and Meta's Llama 3.2 1B model "
+                 "card), Llama 3.2 1B SpinQuant on OnePlus 12 (adb binary, prompt length 64; "
+                 "PTE 1083 MB)")
 # ExecuTorch's Llama export keeps a BF16 KV cache and returns the last logits only.
 _LLAMA_BF16 = decoder_cost(LLAMA_3_2_1B, weight_bits=16, kv_bits=16, full_logits=False)
 # optimum-executorch 8da4w: 4-bit weights in groups of 32 with a 16-bit scale (4.5 bits) on
 # every linear including lm_head, 8-bit embedding, fp32 KV cache.
 _SMOLLM2_8DA4W = decoder_cost(SMOLLM2_135M, weight_bits=4.5, embedding_bits=8, kv_bits=32,
                               full_logits=False)
+# SpinQuant as ExecuTorch exports it: 4-bit weights in groups of 32 (4.5 bits with the
+# 16-bit scale) with int8 dynamic activations on every block linear, the embedding and the
+# output layer in 8 bits per channel, stored apart (1083 MB: 547 + 263 + 263 MB).
+_LLAMA_SPINQUANT = decoder_cost(LLAMA_3_2_1B, weight_bits=4.5, head_bits=8, embedding_bits=8,
+                                kv_bits=32, full_logits=False)
 PUBLISHED = (
     PublishedPoint("OnePlus 12, Llama 3.2 1B BF16, ExecuTorch: decode", "oneplus12",
                    _LLAMA_BF16, "decode_tokens_per_s", 19.2, _ET_LLAMA),
@@ -106,19 +115,26 @@ PUBLISHED = (
     # weights in MiB); RSS also counts the runtime, so the model predicts low here.
     PublishedPoint("OnePlus 12, Llama 3.2 1B BF16, ExecuTorch: memory (RSS)", "oneplus12",
                    _LLAMA_BF16, "memory_gb", 3185 * MIB / GB, _ET_LLAMA),
+    PublishedPoint("OnePlus 12, Llama 3.2 1B SpinQuant 4-bit, ExecuTorch: decode", "oneplus12",
+                   _LLAMA_SPINQUANT, "decode_tokens_per_s", 50.2, _ET_SPINQUANT, "8da4w"),
+    PublishedPoint("OnePlus 12, Llama 3.2 1B SpinQuant 4-bit, ExecuTorch: prefill",
+                   "oneplus12", _LLAMA_SPINQUANT, "prefill_tokens_per_s", 260.5, _ET_SPINQUANT,
+                   "8da4w"),
     PublishedPoint("Galaxy S22, SmolLM2-135M 8da4w, ExecuTorch: decode", "galaxy-s22",
                    _SMOLLM2_8DA4W, "decode_tokens_per_s", 202.0,
-                   "optimum-executorch README, SmolLM2-135M 8da4w on Samsung Galaxy S22"),
+                   "optimum-executorch README, SmolLM2-135M 8da4w on Samsung Galaxy S22",
+                   "8da4w"),
 )
 
 
 def check_published(efficiency: Efficiency | None = None) -> list[PublishedCheck]:
-    """The model's prediction for every published measurement (default efficiencies of
-    each profile's runtime unless `efficiency` is given)."""
+    """The model's prediction for every published measurement (the efficiency of each
+    profile's runtime at the point's precision unless `efficiency` is given)."""
     checks = []
     for point in PUBLISHED:
         profile = load_profile(point.profile)
-        prediction = predict(point.cost, profile, efficiency)
+        prediction = predict(point.cost, profile,
+                             efficiency or efficiency_for(profile, point.precision))
         predicted = {
             "decode_tokens_per_s": prediction.decode_tokens_per_s,
             "prefill_tokens_per_s": profile.targets.prompt_tokens / prediction.ttft_s,
@@ -130,8 +146,8 @@ def check_published(efficiency: Efficiency | None = None) -> list[PublishedCheck
 
 def published_table(checks: list[PublishedCheck] | None = None) -> str:
     checks = check_published() if checks is None else checks
-    lines = [f"{'measurement':58} {'published':>10} {'predicted':>10} {'ratio':>6}"]
+    lines = [f"{'measurement':66} {'published':>10} {'predicted':>10} {'ratio':>6}"]
     for c in checks:
-        lines.append(f"{c.point.label:58} {c.point.published:10.3g} {c.predicted:10.3g} "
+        lines.append(f"{c.point.label:66} {c.point.published:10.3g} {c.predicted:10.3g} "
                      f"{c.ratio:6.2f}")
     return "\n".join(lines)

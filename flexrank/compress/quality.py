@@ -1,0 +1,220 @@
+"""Held-out quality per budget and precision, measured once and stored with the elastic
+checkpoint (`flexrank-quality.json`), for `--budget auto` (`flexrank.device.decide`).
+
+For each β and each precision a runtime ships (fp32; onnxruntime's dynamic int8 and 4-bit
+MatMulNBits; ExecuTorch's 8da4w) the model is evaluated in PyTorch computing as its
+quantized export does:
+
+- int4 and 8da4w: `flexrank.compress.qat.fake_quantized` (bit-exact MatMulNBits RTN
+  weights with int8 activation blocks; torchao's 8da4w fake quantizers), ranks rounded to
+  the block as the exporters round them;
+- int8: `quantize_dynamic(per_channel=True, QInt8)` as exporters/onnx/convert.py calls it:
+  each exported MatMul weight symmetric int8 per output channel (scale = max|w| / 127.5,
+  onnxruntime's symmetric range [−128, 127]), activations uint8 asymmetric with one scale
+  per tensor (DynamicQuantizeLinear; here one tensor = one evaluation batch, as in
+  prefill); the tied lm_head stays float, as the exporter leaves it. Factorised layers
+  ship plain (Vᵣᵀ then Uᵣ) or dense, never gauge-fixed (`qat.deployed_form`).
+
+Figures per (β, precision): perplexity of the held-out sequences and the mean per-token
+KL(original ‖ candidate) in nats, with top-1 agreement (Hinton et al. 2015 for the KL
+form; perplexity = exp(mean next-token NLL)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexrank.compress.calibration import as_batch, to_batches
+from flexrank.compress.layers import NestedLinear
+from flexrank.io import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+QUALITY_FILE = "flexrank-quality.json"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "int8", "int4", "8da4w")
+
+
+# ---- int8 as onnxruntime's dynamic quantization stores and computes it --------------------
+
+
+def fake_quantize_int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
+    """W (out, in) -> its per-output-channel symmetric int8 value (onnxruntime QInt8
+    per_channel: scale = max|w| / 127.5 per row, q = clamp(round(w / scale), −128, 127))."""
+    absmax = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # (out, 1)
+    scale = absmax / 127.5
+    return torch.clamp(torch.round(weight / scale), -128, 127) * scale
+
+
+def fake_quantize_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """DynamicQuantizeLinear: one asymmetric uint8 scale for the whole tensor, the range
+    widened to hold 0 (onnxruntime operator docs)."""
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _int8_linear(x, weight, bias=None):
+    return F.linear(fake_quantize_uint8_tensor(x), fake_quantize_int8_per_channel(weight), bias)
+
+
+def _int8_nested(layer: NestedLinear, x: torch.Tensor) -> torch.Tensor:
+    from flexrank.compress.qat import deployed_form
+
+    r = layer.rank
+    U, V = layer.U[:, :r], layer.V[:, :r]  # (m, r), (n, r)
+    if deployed_form(layer.out_features, layer.in_features, r) == "dense":
+        return _int8_linear(x, U @ V.T, layer.bias)
+    return _int8_linear(_int8_linear(x, V.T), U, layer.bias)
+
+
+@contextlib.contextmanager
+def fake_int8(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every NestedLinear and every Linear not tied to an embedding
+    computes as onnxruntime's dynamic int8 export of it."""
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    changed = []
+    for module in model.modules():
+        if isinstance(module, NestedLinear):
+            module.forward = partial(_int8_nested, module)
+        elif type(module) is nn.Linear and id(module.weight) not in tied:
+            module.forward = partial(lambda m, x: _int8_linear(x, m.weight, m.bias), module)
+        else:
+            continue
+        changed.append(module)
+    try:
+        yield model
+    finally:
+        for module in changed:
+            module.__dict__.pop("forward", None)
+
+
+def as_exported(model: nn.Module, precision: str):
+    """A context in which `model` computes as its `precision` export."""
+    if precision == "fp32":
+        return contextlib.nullcontext(model)
+    if precision == "int8":
+        return fake_int8(model)
+    if precision in ("int4", "8da4w"):
+        from flexrank.compress.qat import fake_quantized
+
+        return fake_quantized(model, precision)
+    raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+# ---- measuring ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _figures(model: nn.Module, batches: Sequence[dict], teacher_logp: list | None) -> dict:
+    nll = kl = 0.0
+    agree = predicted = 0
+    for i, batch in enumerate(batches):
+        logits = model(**batch).logits.float()  # (B, T, V)
+        logp = F.log_softmax(logits[:, :-1], -1)
+        mask = batch["attention_mask"][:, 1:].bool()  # positions that predict a real token
+        targets = batch["input_ids"][:, 1:]
+        nll -= float(logp.gather(-1, targets[..., None])[..., 0][mask].sum())
+        predicted += int(mask.sum())
+        if teacher_logp is not None:
+            t = teacher_logp[i]
+            kl += float((t.exp() * (t - logp)).sum(-1)[mask].sum())
+            agree += int((logp.argmax(-1) == t.argmax(-1))[mask].sum())
+    out = {"ppl": math.exp(nll / predicted)}
+    if teacher_logp is not None:
+        out.update(kl=kl / predicted, top1=agree / predicted)
+    return out
+
+
+def measure_quality(elastic, ids: torch.Tensor, teacher: nn.Module | None = None,
+                    precisions: Sequence[str] = PRECISIONS, budgets=None,
+                    batch_size: int = 4) -> list[dict]:
+    """[{beta, precision, ppl[, kl, top1]}] for every budget × precision, on held-out
+    token sequences `ids` (N, T), each scored from its second token. KL and top-1 need
+    `teacher`, the original model. The model's budget is left at the largest."""
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"held-out ids must be (sequences, tokens >= 2), got {tuple(ids.shape)}")
+    model = elastic.model
+    batches = [as_batch(b, model) for b in to_batches(ids, batch_size)]
+    was_training = model.training
+    model.eval()
+    teacher_logp = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logp = [F.log_softmax(teacher(**b).logits.float()[:, :-1], -1)
+                            for b in batches]
+    rows = []
+    budgets = list(budgets or elastic.budgets)
+    pairs = [(p, b) for p in precisions for b in budgets]
+    try:
+        for precision, beta in tqdm(pairs, desc="quality per budget and precision",
+                                    leave=False):
+            elastic.set_budget(beta)
+            with as_exported(model, precision):
+                rows.append({"beta": float(beta), "precision": precision,
+                             **_figures(model, batches, teacher_logp)})
+    finally:
+        elastic.set_budget(max(elastic.budgets))
+        model.train(was_training)
+    return rows
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def save_quality(directory: str | Path, rows: list[dict], ids: torch.Tensor, text_source: str,
+                 original: str | None) -> Path:
+    """Write `flexrank-quality.json` into an elastic checkpoint folder (atomically)."""
+    path = Path(directory) / QUALITY_FILE
+    write_json_atomic(path, {
+        "format": "flexrank-quality", "format_version": FORMAT_VERSION,
+        "text": {"source": text_source, "sequences": int(ids.shape[0]),
+                 "tokens_per_sequence": int(ids.shape[1]), "sha256": ids_digest(ids)},
+        "original": original, "kl": "KL(original || candidate), nats per token",
+        "rows": rows})
+    return path
+
+
+def load_quality(directory: str | Path) -> dict | None:
+    """The stored quality of an elastic checkpoint folder, or None when absent/unreadable."""
+    path = Path(directory) / QUALITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable %s (%s); quality will be measured again", path, err)
+        return None
+    if data.get("format") != "flexrank-quality" or data.get("format_version") != FORMAT_VERSION:
+        logger.warning("ignoring %s: not flexrank-quality v%d", path, FORMAT_VERSION)
+        return None
+    return data
+
+
+def held_out_ids(checkpoint_dir: str | Path) -> tuple[torch.Tensor, str] | None:
+    """The held-out sequences a `flexrank compress` run kept beside its checkpoint
+    (stages/calibration.safetensors "eval"), and where they came from; None if absent."""
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint_dir)
+    for stages in (folder / "stages", folder.parent / "stages"):
+        path = stages / "calibration.safetensors"
+        if path.is_file():
+            held = load_file(str(path)).get("eval")
+            if held is not None and held.ndim == 2 and held.shape[0] > 0:
+                return held, f"held-out calibration sequences of {path}"
+    return None
