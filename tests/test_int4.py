@@ -85,15 +85,17 @@ def dequantize(node: onnx.NodeProto, inits: dict) -> tuple[np.ndarray, np.ndarra
     scale of its block and its 4-bit code."""
     attrs = {a.name: a.i for a in node.attribute}
     k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-    assert attrs.get("bits", 4) == 4
+    bits = attrs.get("bits", 4)
+    assert bits in (4, 8)
     blocks = -(-k // block)
-    packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, blocks, block // 2)
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block)
+    packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, blocks, block * bits // 8)
+    codes = (packed if bits == 8 else
+             np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block))
     scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(n, blocks)
-    zero = np.full((n, blocks), 8.0)  # no zero points: 2^(bits-1)
+    zero = np.full((n, blocks), 2.0 ** (bits - 1))  # no zero points: 2^(bits-1)
     if len(node.input) > 3 and node.input[3]:
         stored = numpy_helper.to_array(inits[node.input[3]])
-        if stored.dtype == np.uint8:  # 4-bit, two per byte, each row padded to a byte
+        if stored.dtype == np.uint8 and bits == 4:  # two per byte, rows padded to a byte
             stored = np.stack([stored & 0x0F, stored >> 4], axis=-1).reshape(n, -1)[:, :blocks]
         zero = stored.astype(np.float64).reshape(n, blocks)
     weight = (codes - zero[..., None]) * scales[..., None]  # (N, blocks, block)

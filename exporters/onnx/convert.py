@@ -54,8 +54,9 @@ INT4_BLOCK_SIZES = (16, 32, 64, 128)
 # int4 weight quantizers of `onnxruntime.quantization.matmul_nbits_quantizer`: "rtn" is its
 # default block-wise round-to-nearest (scale, optional 4-bit zero point per block), "hqq"
 # its Half-Quadratic Quantization (float zero points, no calibration data), "gptq" its GPTQ
-# (calibration activations); "auto": per MatMul the one with the least output error on
-# the calibration activations (`int4.choose_algorithms_`)
+# (calibration activations; symmetric only, and it re-rounds its result onto another grid,
+# so on the tiny test Llama its output error is 1.4x RTN's); "auto": per MatMul the one with
+# the least output error on the calibration activations (`int4.choose_algorithms_`)
 INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "auto")
 # tied embedding/lm_head table: 4 or 8 bits in blocks, stored once (GatherBlockQuantized
 # reads the lm_head's MatMulNBits weights), or 32: float, as exported
@@ -118,6 +119,10 @@ class OnnxExportConfig:
         if self.int4_algorithm not in INT4_ALGORITHMS:
             raise ValueError(f"int4_algorithm {self.int4_algorithm!r} is not one of "
                              f"{list(INT4_ALGORITHMS)}")
+        if self.int4_algorithm == "gptq" and not self.int4_symmetric:
+            raise ValueError("int4_algorithm 'gptq' with int4_symmetric=False: onnxruntime "
+                             "1.32's GPTQ packs 4-bit zero points across rows, wrong for a "
+                             "weight with an odd number of blocks; use int4_symmetric=True")
         if self.int4_embedding_bits not in INT4_EMBEDDING_BITS:
             raise ValueError(f"int4_embedding_bits {self.int4_embedding_bits} must be one of "
                              f"{list(INT4_EMBEDDING_BITS)} (4 or 8: quantized blocks; 32: float)")

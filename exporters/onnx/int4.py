@@ -5,7 +5,9 @@
   codes packed two per byte (N, ⌈K/b⌉, b/2), a scale per block of b weights along K, zero
   points unless symmetric; it computes A · ((code − zero) · scale);
 - algorithms: "rtn" (round to nearest), "hqq" (Half-Quadratic Quantization, float zero
-  points), "gptq" (GPTQ on calibration activations; the library's neural-compressor port),
+  points), "gptq" (GPTQ on calibration activations; the library's neural-compressor port,
+  which re-quantizes GPTQ's result with RTN's symmetric grid: measured on the tiny test
+  Llama, relative output error 0.12 against RTN's 0.083 and HQQ's 0.074),
   or "auto": each MatMul takes the one of them whose output error on calibration
   activations is smallest (`relative_output_error`);
 - a tied embedding / lm_head is stored once, in 4 or 8 bits: the lm_head becomes a
@@ -379,8 +381,10 @@ def quantize_graph(path: Path, config, feeds=None) -> Int4Result:
     algorithm = config.int4_algorithm
     choices = {}
     if algorithm == "auto":
+        # GPTQ only symmetric (OnnxExportConfig says why) and with calibration inputs
+        names = ["rtn", "hqq"] + (["gptq"] if feeds and symmetric else [])
         candidates = {name: quantized_graph(model, name, block, 4, symmetric, feeds=feeds)
-                      for name in ("rtn", "hqq", "gptq") if name != "gptq" or feeds}
+                      for name in names}
         choices = choose_algorithms_(model, candidates, feeds, config.threads)
     else:
         model = quantized_graph(model, algorithm, block, 4, symmetric, feeds=feeds)
