@@ -46,6 +46,17 @@ class Objective(enum.StrEnum):
     FEATURE = "feature"  # cosine + normalised MSE on the last hidden state (encoders)
 
 
+class QatScheme(enum.StrEnum):
+    """The 4-bit weights quantization-aware distillation trains for (compress/qat.py)."""
+
+    INT4 = "int4"  # onnxruntime MatMulNBits: RTN blocks along K, symmetric
+    W8DA4W = "8da4w"  # ExecuTorch/torchao: int8 dynamic activations, int4 grouped weights
+
+
+# qat_block_size: what MatMulNBits (int4) and XNNPACK's 8da4w kernels (groups) take
+QAT_BLOCK_SIZES = {"int4": (16, 32, 64, 128), "8da4w": (32, 64, 128, 256)}
+
+
 class MixedPrecision(enum.StrEnum):
     AUTO = "auto"  # bf16 on CUDA, none on CPU
     NO = "no"
@@ -168,6 +179,11 @@ class DistillConfig:
     budget_weights: tuple[float, ...] | None = None
     uncertainty_weights: bool = False
     train_all: bool = False  # False: only nested factors and their biases are trained
+    # quantization-aware: every budget's forward uses the weights its `qat` export ships
+    # (fake-quantized, straight-through gradients; ranks rounded to qat_block_size), and
+    # evaluations during training are of those weights. None: float
+    qat: QatScheme | None = None
+    qat_block_size: int = 32  # the export's int4 block / 8da4w group size
     eval_every: int = 0  # steps; 0 = only before and after
     checkpoint_every: int = 50  # steps; 0 = only at the end
     mixed_precision: MixedPrecision = MixedPrecision.AUTO
@@ -184,6 +200,12 @@ class DistillConfig:
                            _enum(MixedPrecision, self.mixed_precision, "mixed_precision"))
         if self.budget_weights is not None:
             object.__setattr__(self, "budget_weights", tuple(self.budget_weights))
+        if self.qat is not None:
+            object.__setattr__(self, "qat", _enum(QatScheme, self.qat, "qat"))
+            sizes = QAT_BLOCK_SIZES[self.qat]
+            if self.qat_block_size not in sizes:
+                raise ValueError(f"DistillConfig.qat_block_size {self.qat_block_size} does not "
+                                 f"fit qat {self.qat.value!r}: choose one of {list(sizes)}")
         if self.sampler == "weighted" and not self.budget_weights:
             raise ValueError("sampler 'weighted' needs budget_weights (one per budget)")
         if self.budget_weights and (min(self.budget_weights) < 0 or sum(self.budget_weights) <= 0):
@@ -258,4 +280,7 @@ class CompressConfig:
         data["distill"].pop("steps")
         data["distill"].pop("eval_every")
         data["distill"].pop("checkpoint_every")
+        if data["distill"].get("qat") is None:  # folders from before QAT resume as they were
+            data["distill"].pop("qat", None)
+            data["distill"].pop("qat_block_size", None)
         return {"model": model_id, **data}
