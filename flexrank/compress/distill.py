@@ -47,6 +47,7 @@ from flexrank.compress.objectives import (
     resolve,
     token_kl,
 )
+from flexrank.compress.qat import qat_start_, restore_
 from flexrank.compress.select import nested_layers
 from flexrank.io import atomic_dir
 
@@ -382,10 +383,12 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     teacher.eval()
     objective = resolve_objective(config.objective, teacher, data, positional)
     half = _upcast_half_(model)
+    quantized = qat_start_(model, config)  # DistillConfig.qat: each budget as it ships
     try:
         result = _distill(model, elastic, teacher, data, config, eval_batches, output_dir,
                           accelerator, progress, objective, positional)
     finally:
+        restore_(quantized)
         _restore_dtypes_(model, half)
     elastic.set_budget(elastic.budgets[-1])  # ascending: the largest
     model.eval()

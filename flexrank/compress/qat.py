@@ -50,15 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexrank.compress.config import QAT_BLOCK_SIZES, DistillConfig
 from flexrank.compress.layers import NestedLinear
 from flexrank.planning.alignment import aligned_rank
 from flexrank.planning.costs import plain_params
 
-QAT_SCHEMES = ("int4", "8da4w")
-# onnxruntime-genai's builder and our ONNX int4 export use 32; MatMulNBits accepts these
-INT4_BLOCK_SIZES = (16, 32, 64, 128)
+QAT_SCHEMES = tuple(QAT_BLOCK_SIZES)  # "int4", "8da4w"
+# MatMulNBits accepts these blocks (onnxruntime-genai's builder and our export use 32)
+INT4_BLOCK_SIZES = QAT_BLOCK_SIZES["int4"]
 # torchao's int4 grouping and XNNPACK's blockwise kernels accept these group sizes
-GROUP_SIZES_8DA4W = (32, 64, 128, 256)
+GROUP_SIZES_8DA4W = QAT_BLOCK_SIZES["8da4w"]
 # Quantized exports deploy a layer dense when plain factors would cost more than this
 # fraction of m·n (exporters/common/gauge.py DENSE_FRACTION; tests check they agree).
 DENSE_FRACTION = 0.9
@@ -350,3 +351,12 @@ def quantized_copy(model: nn.Module, scheme: str = "int4", block_size: int = 32,
     copied = copy.deepcopy(model)
     fake_quantize_(copied, QuantSpec(scheme, block_size, **options))
     return copied
+
+
+def qat_start_(model: nn.Module, config: DistillConfig) -> dict[str, nn.Module]:
+    """Quantization-aware distillation's switch, in place: with `config.qat` set, `model`
+    computes every budget as its `config.qat` export (`fake_quantize_`, block
+    `config.qat_block_size`); returns the modules changed ({} without qat), for `restore_`."""
+    if config.qat is None:
+        return {}
+    return fake_quantize_(model, QuantSpec(str(config.qat), config.qat_block_size))
