@@ -13,8 +13,10 @@ a crash (or with more distillation steps) resumes from the last finished stage.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
+from flexrank.compress.blockwise import factorize_blockwise_
 from flexrank.compress.calibration import CalibrationError, calibration_data, to_batches
 from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
 from flexrank.compress.covariance import CovarianceStats, collect_covariances
@@ -205,15 +208,41 @@ def _safetensors_meta(path: Path) -> str:
         return f.metadata()["json"]
 
 
-def _decompose(stages: Stages, cfg: CompressConfig, teacher, stats):
-    student = copy.deepcopy(teacher)
+def student_copy(teacher, share: bool):
+    """A copy of `teacher` to factorise. With `share`, every parameter and buffer is the
+    teacher's own tensor (only the modules are new): factorising swaps the student's
+    modules, so the teacher is untouched and the untouched modules (embeddings, norms, LM
+    head) are held once. Share only when those tensors are not trained (train_all off)
+    and not sharded (FSDP replaces the student's parameters by flat shards)."""
+    if not share:
+        return copy.deepcopy(teacher)
+    memo = {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())}
+    return copy.deepcopy(teacher, memo)
+
+
+def _shares_weights(cfg: CompressConfig) -> bool:
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return not cfg.distill.train_all and not fsdp
+
+
+def _decompose(stages: Stages, cfg: CompressConfig, teacher, train_batches):
+    """The factorised student. DataSVD runs block by block (`factorize_blockwise_`: one
+    block's covariances in memory at a time, none written to disk); a folder whose
+    covariance stage finished under an earlier version decomposes from its saved sums."""
+    student = student_copy(teacher, share=_shares_weights(cfg))
     path = stages.dir / "decomposed.safetensors"
     if stages.done("decompose"):
         restructure_(student, json.loads(_safetensors_meta(path)))
         load_safetensors_model(student, str(path), strict=False)
         return student
     started = time.perf_counter()
-    factorize_(student, stats, cfg.factorize)
+    if stages.done("covariance"):
+        factorize_(student, _covariance(stages, teacher, train_batches), cfg.factorize)
+    elif cfg.factorize.method == "data":
+        factorize_blockwise_(student, train_batches, cfg.factorize)
+        stages.finish("covariance", time.perf_counter())  # timed with decompose below
+    else:
+        factorize_(student, None, cfg.factorize)
     with atomic_path(path) as tmp:
         save_safetensors_model(student, str(tmp), metadata={"json": json.dumps(
             layer_specs(student))})
@@ -276,9 +305,7 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     teacher.requires_grad_(False)
     train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer)
     train = to_batches(train_ids, config.batch_size)
-    stats = _covariance(stages, teacher, train)
-    student = _decompose(stages, config, teacher, stats)
-    del stats
+    student = _decompose(stages, config, teacher, train)
     nested = _probe_and_plan(stages, config, student, teacher, train_ids)
     held_out = to_batches(eval_ids, config.batch_size) if len(eval_ids) else None
 
