@@ -61,7 +61,13 @@ def alias_path(alias: str) -> Path:
 
 
 def load_model(spec: str | os.PathLike | nn.Module = DEFAULT_MODEL, dtype=None):
-    """Return (model, tokenizer) for `spec`; tokenizer is None for a bare module."""
+    """Return (model, tokenizer) for `spec`; tokenizer is None for a bare module.
+
+    `dtype` (e.g. torch.bfloat16; None: the checkpoint's own, float32 for the GGUF alias)
+    is the weights' dtype: a bf16 model stays bf16 through compression (half the memory;
+    covariances and decompositions still run in float64 per layer). Weights are read
+    with transformers' low_cpu_mem_usage (no randomly initialised copy first), so the
+    peak while loading is about one copy of the weights."""
     if isinstance(spec, nn.Module):
         return spec, None
     _offline()
@@ -100,7 +106,8 @@ def _load_folder(path: Path, dtype=None):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
         auto = AutoModelForCausalLM if is_lm else _head_class(config) or AutoModel
-        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                     low_cpu_mem_usage=True)
     except Exception as err:  # safetensors raises its own SafetensorError on damage
         raise ModelLoadError(f"could not load the model in {path}: {_first_line(err)} "
                              "(a truncated or corrupt weight file?)") from err
