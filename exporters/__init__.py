@@ -129,7 +129,9 @@ def checked_options(format: str, layout: str, quantize: str | None = None,
     if layout not in allowed:
         raise ValueError(f"the {format} format has the {' and '.join(allowed)} layout"
                          f"{'s' * (len(allowed) > 1)} only (got {str(layout)!r}): {why}")
-    if quantize is not None and layout != Layout.PER_BUDGET:
+    # int4 blocks of a rank prefix are a prefix (exporters/onnx/int4_layouts.py); int8's
+    # per-channel scales and 8da4w's groups are not laid out for it
+    if quantize is not None and quantize != "int4" and layout != Layout.PER_BUDGET:
         raise ValueError(f"--quantize {quantize} works with the per-budget layout only: "
                          f"the {layout} layout shares float factor prefixes across budgets")
     return format, layout, None if quantize is None else Quantization(quantize)

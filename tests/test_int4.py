@@ -103,9 +103,21 @@ def dequantize(node: onnx.NodeProto, inits: dict) -> tuple[np.ndarray, np.ndarra
     return tuple(a.reshape(n, -1)[:, :k].T for a in (weight, step, codes))
 
 
+def constants(graph: onnx.GraphProto) -> dict:
+    """The graph's initializers, and the outputs of Transposes over them (the shared and
+    elastic layouts store second factors' 4-bit tensors block-major behind a Transpose)."""
+    inits = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next(a.ints for a in node.attribute if a.name == "perm")
+            array = numpy_helper.to_array(inits[node.input[0]]).transpose(perm)
+            inits[node.output[0]] = numpy_helper.from_array(np.ascontiguousarray(array))
+    return inits
+
+
 def graph_weights(path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     graph = onnx.load(str(path)).graph
-    inits = {init.name: init for init in graph.initializer}
+    inits = constants(graph)
     return [(node.name, *dequantize(node, inits)) for node in graph.node
             if node.op_type == "MatMulNBits"]
 
@@ -131,7 +143,8 @@ def deployed_from_graph(elastic, entry, path, check_rounding: bool):
     """The deployed PyTorch model at the entry's ranks, every weight replaced by the one
     decoded from the graph (B is the transposed weight of a dense layer, Vᵀ's transpose and
     Uᵀ of a plain one)."""
-    deployed, records = deployable_model(elastic.model, entry["ranks"],
+    factors_only = set(entry["forms"]) == {"factors"}  # the shared and elastic layouts
+    deployed, records = deployable_model(elastic.model, entry["ranks"], factors_only,
                                          policy=quantized_policy(FormPolicy()))
     assert [r.form for r in records] == [x["form"] for x in entry["layers"]]
     decoded = graph_weights(path)
@@ -169,8 +182,7 @@ def tied_table(path) -> np.ndarray | None:
     read = [producers[name].input[0] if name in producers else name
             for name in gathers[0].input if name != gathers[0].input[1]]
     assert read == [name for name in head.input[1:] if name]  # codes, scales (zero points)
-    inits = {init.name: init for init in graph.initializer}
-    weight, _, _ = dequantize(head, inits)  # (hidden, vocab)
+    weight, _, _ = dequantize(head, constants(graph))  # (hidden, vocab)
     return weight.T
 
 

@@ -57,6 +57,7 @@ from flexrank.exporters.onnx.int4 import (
     int4_report,
     quantize_graph,
 )
+from flexrank.exporters.onnx.int4_layouts import check_layout_config, quantize_factor_graph
 from flexrank.exporters.onnx.layouts import (
     RANK_LEVEL,
     make_elastic,
@@ -220,64 +221,113 @@ def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
     return entries
 
 
-def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path):
-    """Plain rank-major factor graphs per budget, largest first, canonical factor names."""
-    graphs, records, factor_names, support_files = {}, {}, set(), []
+def _factor_graphs(elastic, budgets, kind, sample, config, scratch: Path, quantize=None):
+    """Plain rank-major factor graphs per budget, largest first, canonical factor names;
+    with `quantize` "int4", at ranks rounded to the block size and quantized with each
+    factor's 4-bit tensors stored rank on axis 0 (`int4_layouts`).
+
+    Returns (graphs, records, names of the rank-prefix tensors, support files, int4 extras
+    per budget: {"ranks", "tensors", "nodes", "quantization"})."""
+    graphs, records, factor_names, support_files, int4 = {}, {}, set(), [], {}
     for beta in sorted(budgets, reverse=True):
         folder = scratch / budget_name(beta)
+        ranks = (int4_ranks(elastic, beta, config.int4_block_size) if quantize == "int4"
+                 else None)
         path, records[beta], factors = export_budget_graph(elastic, beta, kind, folder, sample,
-                                                           config, factors_only=True)
+                                                           config, factors_only=True,
+                                                           ranks=ranks)
         # unfused: the layouts find and address every factor by its values
         model = tidy_graph(load_model(path), kind, elastic.model,
                            replace(config, fuse_siblings=False))
-        factor_names |= canonical_factor_names(model, factors)
+        names = canonical_factor_names(model, factors)
+        if quantize == "int4":
+            model, tensors, nodes = quantize_factor_graph(model, names, config)
+            names = set(tensors)
+            int4[beta] = {"ranks": ranks, "tensors": tensors, "nodes": nodes}
+        factor_names |= names
         graphs[beta] = model
         support_files = [f for f in folder.iterdir() if f.is_file() and ".onnx" not in f.name]
-    return graphs, records, factor_names, support_files
+    return graphs, records, factor_names, support_files, int4
 
 
-def _shared(elastic, out_dir, budgets, kind, sample, config):
+def _layout_int4_record(config, int4: dict, model) -> dict:
+    """The manifest's `quantization` and `plan_ranks`-like extras of a shared/elastic int4
+    budget."""
+    heads = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    bits = next((a.i for n in heads for a in n.attribute if a.name == "bits"), 32)
+    return {"scheme": "int4", "block_size": config.int4_block_size,
+            "algorithm": config.int4_algorithm,
+            "symmetric": config.int4_symmetric and config.int4_algorithm != "hqq",
+            "accuracy_level": config.int4_accuracy_level, "embedding_bits": bits,
+            "rank_tensors": {name: t.axis for name, t in sorted(int4["tensors"].items())}}
+
+
+def _shared(elastic, out_dir, budgets, kind, sample, config, quantize=None):
     folder = out_dir / "shared"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        graphs, records, factor_names, support = _factor_graphs(elastic, budgets, kind, sample,
-                                                                config, Path(scratch))
+        graphs, records, factor_names, support, int4 = _factor_graphs(
+            elastic, budgets, kind, sample, config, Path(scratch), quantize)
         for f in support:
             shutil.copy(f, folder / f.name)
         names = {f"model-{budget_name(beta)}.onnx": model for beta, model in graphs.items()}
         flags = {beta: cache_flag(kind, model) for beta, model in graphs.items()}
+        extras = {beta: {"quantization": _layout_int4_record(config, int4[beta], graphs[beta]),
+                         "plan_ranks": elastic.layer_ranks(beta)} if beta in int4 else {}
+                  for beta in budgets}
         write_shared(names, factor_names, folder)
     entries = []
     for beta in budgets:
         graph = folder / f"model-{budget_name(beta)}.onnx"
-        validation = (validate_graph(elastic, beta, kind, graph, sample, config)
+        ranks = int4[beta]["ranks"] if beta in int4 else None
+        validation = (validate_graph(elastic, beta, kind, graph, sample, config,
+                                     strict=quantize is None, ranks=ranks)
                       if config.validate else None)
         files = [graph, folder / "weights.bin", *(folder / f.name for f in support)]
         entries.append(make_budget_entry(elastic, beta, records[beta], files, out_dir, validation,
-                                    graph=graph.relative_to(out_dir).as_posix(), **flags[beta]))
+                                    graph=graph.relative_to(out_dir).as_posix(), **flags[beta],
+                                    **extras[beta]))
     return entries
 
 
-def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
+def _elastic(elastic, out_dir, budgets, kind, sample, config, ort, quantize=None):
     folder = out_dir / "elastic"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     top = max(budgets)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        graphs, records, factor_names, support = _factor_graphs(elastic, [top], kind, sample,
-                                                                config, Path(scratch))
+        graphs, records, factor_names, support, int4 = _factor_graphs(
+            elastic, [top], kind, sample, config, Path(scratch), quantize)
         for f in support:
             shutil.copy(f, folder / f.name)
-    all_records = {beta: export_records(elastic, beta) for beta in budgets}
-    factor_ranks = {}
-    for name in factor_names:
-        layer = name.rsplit(".", 1)[0]
-        factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
+    ranks = {beta: (int4_ranks(elastic, beta, config.int4_block_size) if int4
+                    else elastic.layer_ranks(beta)) for beta in budgets}
+    all_records = {beta: export_records(elastic, beta, ranks[beta]) for beta in budgets}
+    factor_ranks, node_attributes = {}, {}
+    if int4:
+        # axis 0 of each rank tensor: ranks ("N") or rank blocks ("K"); and the MatMulNBits
+        # attribute that is the rank, per level (`make_elastic_branches`)
+        block = config.int4_block_size
+        for name, tensor in int4[top]["tensors"].items():
+            unit = 1 if tensor.axis == "N" else block
+            factor_ranks[name] = [ranks[beta][tensor.layer] // unit for beta in budgets]
+        for node, axis in int4[top]["nodes"].items():
+            layer = _node_layer(graphs[top], node, int4[top]["tensors"])
+            node_attributes[node] = {axis: [ranks[beta][layer] for beta in budgets]}
+    else:
+        for name in factor_names:
+            layer = name.rsplit(".", 1)[0]
+            factor_ranks[name] = [all_records[beta][layer].rank for beta in budgets]
     graph = folder / "model.onnx"
-    build = make_elastic_branches if config.elastic_branches else make_elastic
-    model = build(graphs[top], factor_ranks)
+    if int4:  # MatMulNBits' K and N are attributes: one branch per level, not a run-time Slice
+        model = make_elastic_branches(graphs[top], factor_ranks, node_attributes)
+    else:
+        build = make_elastic_branches if config.elastic_branches else make_elastic
+        model = build(graphs[top], factor_ranks)
     flag = cache_flag(kind, model)
+    extra = ({"quantization": _layout_int4_record(config, int4[top], graphs[top])}
+             if int4 else {})
     save_model(model, graph, config.external_data)
     if ort:
         graph = convert_to_ort(folder)[0]
@@ -285,19 +335,33 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort):
     for level, beta in enumerate(budgets):
         feed = {RANK_LEVEL: np.array([level], np.int64)}
         validation = (validate_graph(elastic, beta, kind, graph, sample, config,
-                                     feed_extra=feed) if config.validate else None)
+                                     strict=quantize is None, feed_extra=feed,
+                                     ranks=ranks[beta] if int4 else None)
+                      if config.validate else None)
         entries.append([beta, level, validation])
     files = [f for f in folder.iterdir() if f.is_file()]
     return [make_budget_entry(elastic, beta, list(all_records[beta].values()), files, out_dir,
                          validation, graph=graph.relative_to(out_dir).as_posix(),
-                         rank_level=level, **flag)
+                         rank_level=level, **flag, **extra,
+                         **({"plan_ranks": elastic.layer_ranks(beta)} if int4 else {}))
             for beta, level, validation in entries]
 
 
-def export_records(elastic, beta):
-    """{layer: LayerExport} of the plain factors at `beta` (what the elastic graph computes)."""
+def _node_layer(model, node_name: str, tensors) -> str:
+    """The layer whose rank tensors the MatMulNBits `node_name` reads."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    for name in node.input[1:]:
+        stored = name.removesuffix(".nk")
+        if stored in tensors:
+            return tensors[stored].layer
+    raise ValueError(f"{node_name} reads no rank tensor")
+
+
+def export_records(elastic, beta, ranks=None):
+    """{layer: LayerExport} of the plain factors at `beta` (what the elastic graph computes),
+    at `ranks` when given (int4: rounded to the block size)."""
     records = {}
-    for name, rank in elastic.layer_ranks(beta).items():
+    for name, rank in (elastic.layer_ranks(beta) if ranks is None else ranks).items():
         layer = nested_layers(elastic.model)[name]
         m, n = layer.U.shape[0], layer.V.shape[0]
         records[name] = LayerExport(name, (m, n), rank, "factors", None,
@@ -308,9 +372,11 @@ def export_records(elastic, beta):
 def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
             sample_inputs=None, config: OnnxExportConfig | None = None) -> Manifest:
     config = config or OnnxExportConfig()
-    if quantize is not None and layout != "per-budget":
+    if quantize == "int8" and layout != "per-budget":
         raise ValueError(f"--quantize {quantize} works with the per-budget layout only: the "
                          f"{layout} layout shares float factor prefixes across budgets")
+    if quantize == "int4" and layout != "per-budget":
+        check_layout_config(config, layout)
     if ort and layout == "shared":
         raise ValueError("the ORT format embeds weights in each file: use --layout per-budget "
                          "or elastic with --format ort")
@@ -321,9 +387,9 @@ def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
     if layout == "per-budget":
         entries = _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort)
     elif layout == "shared":
-        entries = _shared(elastic, out_dir, budgets, kind, sample, config)
+        entries = _shared(elastic, out_dir, budgets, kind, sample, config, quantize)
     else:
-        entries = _elastic(elastic, out_dir, budgets, kind, sample, config, ort)
+        entries = _elastic(elastic, out_dir, budgets, kind, sample, config, ort, quantize)
     # every file hashed once, here; `flexrank.exporters.export` adds the deployment
     return Manifest.build(out_dir, model_id=getattr(elastic, "model_id", "custom"), kind=kind,
                           export_format=Format.ORT if ort else Format.ONNX, layout=layout,

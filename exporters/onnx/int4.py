@@ -368,7 +368,11 @@ def quantize_graph(path: Path, config, feeds=None) -> Int4Result:
     """The graph at `path` with 4-bit weights per `config` (an OnnxExportConfig: block
     size, algorithm, symmetry, accuracy level, embedding bits); `feeds`: calibration input
     dicts, needed by "gptq" and "auto"."""
-    model = load_model(path)
+    return quantize_model(load_model(path), config, feeds)
+
+
+def quantize_model(model: onnx.ModelProto, config, feeds=None) -> Int4Result:
+    """`quantize_graph` on a graph in memory (which it may modify)."""
     block, symmetric = config.int4_block_size, config.int4_symmetric
     head = untie_head_(model) if config.int4_embedding_bits != 32 else None
     if head is not None:

@@ -104,6 +104,7 @@ def make_elastic(model: onnx.ModelProto, factor_ranks: dict[str, list[int]]) -> 
 
 
 def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[int]],
+                          node_attributes: dict[str, dict[str, list[int]]] | None = None,
                           ) -> onnx.ModelProto:
     """Like `make_elastic`, but each level is an `If` branch holding the whole graph with
     constant-rank Slices of the shared factors. onnxruntime folds those Slices once, when
@@ -111,14 +112,16 @@ def make_elastic_branches(model: onnx.ModelProto, factor_ranks: dict[str, list[i
     copying every factor on every call; the price is memory: the session holds each lower
     level's sliced factors besides the file's (the top level reads them directly). In place.
 
-    A `rank_level` above the last level runs the last (largest) one.
+    A `rank_level` above the last level runs the last (largest) one. `node_attributes`
+    ({node name: {integer attribute: value per level}}) sets attributes per level: the K
+    or N of a MatMulNBits over sliced 4-bit factors (`int4_layouts`).
     """
     graph = model.graph
     if any(i.name == RANK_LEVEL for i in graph.input):
         raise ValueError(f"the graph already has an input named {RANK_LEVEL!r}")
     source = _Levels(body=list(graph.node), outputs=list(graph.output),
                      outer={i.name for i in graph.input} | {i.name for i in graph.initializer},
-                     factor_ranks=factor_ranks)
+                     factor_ranks=factor_ranks, node_attributes=node_attributes or {})
     graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), _ZERO))
     top = _level_chain(source, graph, 0)
     del graph.value_info[:]  # of the names now inside the branches
@@ -143,6 +146,7 @@ class _Levels:
     outputs: list[onnx.ValueInfoProto]  # its outputs (names and types)
     outer: set[str]  # graph inputs and initializers: read from the branches as they are
     factor_ranks: dict[str, list[int]]  # factor -> its rank at each level
+    node_attributes: dict[str, dict[str, list[int]]]  # node -> {attribute: value per level}
 
     @property
     def count(self) -> int:
@@ -187,7 +191,13 @@ def _level_branch(source: _Levels, level: int) -> onnx.GraphProto:
         end = numpy_helper.from_array(np.array([rank], np.int64), f"{prefix}{name}.rank")
         inits.append(end)
         nodes.append(helper.make_node("Slice", [name, _ZERO, end.name, _ZERO], [local[name]]))
-    nodes += [_renamed_copy(node, local, source.outer, prefix) for node in source.body]
+    for node in source.body:
+        copied = _renamed_copy(node, local, source.outer, prefix)
+        for attr in copied.attribute:
+            values = source.node_attributes.get(node.name, {}).get(attr.name)
+            if values is not None:
+                attr.i = values[level]
+        nodes.append(copied)
     outputs = _typed_like([prefix + o.name for o in source.outputs], source.outputs)
     return helper.make_graph(nodes, f"level{level}", [], outputs, inits)
 
