@@ -130,6 +130,11 @@ def _capture_block_calls(model: nn.Module, blocks: Sequence[nn.Module], batches:
     Returns (the first block's calls per batch, [batch][block] calls of every block; for
     blocks 1..N-1 the hidden states are stand-ins: only their other arguments are used)."""
     first_calls, later_calls = [], []
+    # transformers' base model (no LM head: 128k-wide logits are not needed here) when it
+    # holds the blocks; the model itself otherwise
+    runner = getattr(model, "base_model", model)
+    if not any(module is blocks[0] for module in runner.modules()):
+        runner = model
     for batch in batches:
         calls: list = [None] * len(blocks)
         output: list = [None]
@@ -150,7 +155,8 @@ def _capture_block_calls(model: nn.Module, blocks: Sequence[nn.Module], batches:
                    blocks[0].register_forward_hook(keep_output)]
         try:
             with _replaced_forwards(blocks, lambda i: stand_in(i) if i else None):
-                _run_model(model, batch)
+                _run_model(runner, batch if runner is model or not isinstance(batch, Mapping)
+                           else {k: v for k, v in batch.items() if k != "labels"})
         finally:
             for handle in handles:
                 handle.remove()
