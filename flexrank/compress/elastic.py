@@ -91,8 +91,11 @@ def restructure_(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
 
 
 class ElasticModel:
-    def __init__(self, model: nn.Module, plan, tokenizer=None, model_id: str = "custom"):
+    def __init__(self, model: nn.Module, plan, tokenizer=None, model_id: str = "custom",
+                 qat: dict | None = None):
         self.model = model
+        # quantization-aware training: {"scheme": "int4" | "8da4w", "block_size"}; None: float
+        self.qat = qat
         self.plan = plan
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -141,6 +144,8 @@ class ElasticModel:
             "model_class": type(self.model).__name__,
             "layers": layer_specs(self.model),
         }
+        if self.qat:
+            meta["qat"] = self.qat
         with atomic_dir(directory) as tmp:
             config = getattr(self.model, "config", None)
             if config is not None and hasattr(config, "save_pretrained"):
@@ -179,7 +184,7 @@ class ElasticModel:
             model.tie_weights()
         model.eval()
         try:
-            return cls(model, plan, tokenizer, meta.get("model_id", "custom"))
+            return cls(model, plan, tokenizer, meta.get("model_id", "custom"), meta.get("qat"))
         except ValueError as err:  # a plan edited by hand or taken from another checkpoint
             raise ValueError(f"{directory / PLAN_FILE} does not fit the checkpoint's layers "
                              f"({err}); {REMAKE}") from None
