@@ -324,18 +324,25 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     return elastic, summary
 
 
+# evaluate_budgets' figures by objective: language models (KL, perplexity), encoders
+# (feature loss, pooled cosine to the teacher), classifiers (class KL, top-1 agreement)
+FIGURE_NAMES = {"kl": "KL", "ppl": "ppl", "loss": "loss", "cosine": "cosine", "top1": "top-1"}
+
+
 def summary_table(teacher, nested: NestedPlan, before, after, times: dict) -> str:
+    first = next(iter(before.values())) if before else {}
+    figures = [k for k in ("kl", "ppl") if k in first] or [k for k in FIGURE_NAMES if k in first]
     whole = whole_model_params(teacher, nested)
     dense_whole = sum({p.data_ptr(): p.numel() for p in teacher.parameters()}.values())
     rows = []
     for i, beta in enumerate(nested.budgets):
         row = [beta, f"{nested.params[i]:,}", f"{whole[i]:,}", whole[i] / dense_whole]
         if before and after:
-            row += [before[beta]["kl"], after[beta]["kl"], before[beta]["ppl"],
-                    after[beta]["ppl"]]
+            row += [table[beta][key] for key in figures for table in (before, after)]
         rows.append(row)
     headers = ["budget", "kept params", "whole-model params", "whole kept"]
-    headers += ["KL before", "KL after", "ppl before", "ppl after"] if before and after else []
+    headers += [f"{FIGURE_NAMES[key]} {when}" for key in figures
+                for when in ("before", "after")] if before and after else []
     table = format_table(headers, rows, title="\nFlexRank compress: held-out figures per budget "
                                               "(before = DataSVD + plan, after = distilled)")
     stage_rows = [[name, seconds] for name, seconds in times.items()]
