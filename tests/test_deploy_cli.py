@@ -30,16 +30,19 @@ def impossible_profile(tmp_path, decode=1e7):
 
 def test_export_auto_then_session_then_bench(checkpoint, tmp_path, capsys):
     dist = tmp_path / "dist"
+    # pixel8 runs ExecuTorch; --format onnx ships onnxruntime, predicted as such
     assert export_main([str(checkpoint), "--profile", "pixel8", "--budget", "auto",
-                        "--layout", "elastic", "-o", str(dist)]) == 0
+                        "--format", "onnx", "--layout", "elastic", "-o", str(dist)]) == 0
     out = capsys.readouterr().out
+    assert "--format onnx ships onnxruntime, so the prediction uses onnxruntime/cpu" in out
     for stage in ("[1/5] elastic checkpoint", "[2/5] budget decision", "[3/5] export",
                   "[4/5] host measurement", "[5/5] manifest"):
         assert stage in out
-    assert "Chosen: beta 1." in out and "decode" in out  # every budget in the table
+    assert "Chosen: β 1 fp32." in out and "decode" in out  # every budget in the table
     manifest = load_manifest(dist)  # the rewritten manifest still verifies
     assert manifest["deployment"]["chosen_beta"] == 1.0
     assert manifest["profiles"]["pixel8"]["label"] == "predicted"
+    assert manifest["profiles"]["pixel8"]["runtime"] == "onnxruntime"
     assert [b["beta"] for b in manifest["profiles"]["pixel8"]["budgets"]] == [1.0, 0.8, 0.6]
     assert manifest["predicted_device_latency"]["label"].startswith("predicted")
     host = manifest["host_latency"]
@@ -70,7 +73,7 @@ def test_no_budget_fits_says_which_target_and_by_how_much(checkpoint, tmp_path, 
     code = export_main([str(checkpoint), "--profile", str(impossible_profile(tmp_path)),
                         "-o", str(dist)])
     err = capsys.readouterr().err
-    assert code == 1 and "No budget meets every target" in err
+    assert code == 1 and "No candidate meets every target on impossible" in err
     assert "decode" in err and "target 1e+07 tok/s" in err and "%" in err
     assert not dist.exists()
 
@@ -86,8 +89,8 @@ def test_dry_run_and_fixed_budget(checkpoint, tmp_path, capsys):
     assert manifest["deployment"]["chosen_beta"] == 0.8 and "profiles" in manifest
     forced = tmp_path / "forced"
     assert export_main([str(checkpoint), "--profile", str(impossible_profile(tmp_path)),
-                        "--budget", "1", "-o", str(forced)]) == 0
-    assert "note: β 1 does not meet impossible's targets" in capsys.readouterr().out
+                        "--format", "onnx", "--budget", "1", "-o", str(forced)]) == 0
+    assert "note: β 1 fp32 does not meet impossible's targets" in capsys.readouterr().out
     assert load_manifest(forced)["profiles"]["impossible"]["chosen_beta"] is None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import math
 import re
 import sys
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from flexrank.cli.compress import budget_list, whole_number
 from flexrank.compress.aliases import ALIASES, DEFAULT_MODEL
+from flexrank.compress.quality import PRECISIONS
+from flexrank.device.decide import DEFAULT_QUALITY_TOLERANCE
 from flexrank.device.host import host_threads
 from flexrank.exporters import (
     Deployment,
@@ -68,11 +71,29 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="device profile: a shipped name (`flexrank profiles`) or "
                                      "a YAML file; needed for --budget auto")
     p.add_argument("--budget", default="auto",
-                   help="auto (largest budget meeting the profile's targets), all, or a β of "
-                        "the plan (default: auto)")
-    p.add_argument("--format", choices=[str(f) for f in Format], default=str(Format.ONNX),
+                   help="auto (with --precision auto: the (β, precision) of best measured "
+                        "quality that meets every target, then the smallest within "
+                        "--quality-tolerance), all, or a β of the plan (default: auto)")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="auto (chosen with the budget among the precisions the format's "
+                        "runtime ships: onnxruntime fp32, int8, int4; executorch fp32, "
+                        "8da4w) or one of them (default: auto; fp32 without a profile)")
+    p.add_argument("--quality-tolerance", type=_fraction, default=DEFAULT_QUALITY_TOLERANCE,
+                   help="candidates within this fraction of the best perplexity count as "
+                        "equally good; the smallest of them ships (default: 0.01 = 1 %%)")
+    p.add_argument("--max-size", type=_positive("--max-size"), metavar="MB",
+                   help="largest download (weights as deployed), MB; replaces the profile's")
+    p.add_argument("--max-memory", type=_positive("--max-memory"), metavar="GB",
+                   help="memory for the model (weights, KV cache, activations), GB; replaces "
+                        "the profile's")
+    p.add_argument("--min-decode", type=_positive("--min-decode"), metavar="TOK/S",
+                   help="slowest acceptable decode, tokens/s; replaces the profile's")
+    p.add_argument("--max-ttft", type=_positive("--max-ttft"), metavar="S",
+                   help="longest acceptable time to first token, s; replaces the profile's")
+    p.add_argument("--format", choices=[str(f) for f in Format], default=None,
                    help="onnx, ort (onnxruntime's mobile format) or executorch (.pte for "
-                        "XNNPACK) (default: onnx)")
+                        "XNNPACK) (default: the profile's runtime's, executorch or onnx; "
+                        "onnx without a profile)")
     p.add_argument("--layout", choices=[str(layout) for layout in Layout],
                    default=str(Layout.PER_BUDGET),
                    help="per-budget (one graph per budget), shared (graphs over one weight "
@@ -94,6 +115,30 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=whole_number(0), default=None,
                    help="distillation steps when compressing a plain model (default: fast "
                         "defaults, see flexrank.compress.pipeline.fast_compress_config)")
+
+
+def _positive(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: give a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be a positive number")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--quality-tolerance {text!r}: give a fraction like "
+                                         "0.01") from None
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"--quality-tolerance {text}: must be in [0, 1) (a "
+                                         "fraction of the best perplexity: 0.01 = 1 %)")
+    return value
 
 
 def _parse_budget(text: str) -> str | float:
@@ -211,12 +256,14 @@ class ExportJob:
     """The command's options, checked before anything is loaded or written."""
 
     request: str | float  # "auto", "all" or a β
-    profile: object | None  # flexrank.device.profiles.DeviceProfile
+    profile: object | None  # flexrank.device.profiles.DeviceProfile (its runtime: the format's)
     format: Format
     layout: Layout
-    quantize: Quantization | None
+    quantize: Quantization | None  # fixed by --quantize/--precision; else the decision's
     out: Path
     dry_run: bool
+    precisions: tuple[str, ...] = ("fp32",)  # the candidates' precisions
+    constraints: object | None = None  # flexrank.device.decide.Constraints
 
 
 @dataclass(frozen=True)
@@ -230,6 +277,7 @@ class Choice:
     request: str | float
     budgets: list[float]
     chosen: float
+    quantize: Quantization | None = None  # the precision exported
 
 
 def cmd_export(args) -> int:
@@ -240,10 +288,10 @@ def cmd_export(args) -> int:
             _check_output(job.out)
         stages = Stages(3 if job.dry_run else 5)
         elastic = _checkpoint_stage(stages, args)
-        costs, decision, request = _decision_stage(stages, elastic, job)
+        costs, decision, request = _decision_stage(stages, elastic, job,
+                                                   checkpoint_folder(args))
         if request == "auto" and decision.beta is None:
-            print(f"error: no budget fits {job.profile.name}. {decision.explanation}",
-                  file=sys.stderr)
+            print(f"error: {decision.explanation}", file=sys.stderr)
             return 1
         if job.dry_run:
             print("dry run: nothing written")
@@ -256,8 +304,9 @@ def cmd_export(args) -> int:
             _manifest_stage(stages, folder, manifest.with_deployment(
                 deployment_of(choice, job.profile, host)))
     profile = job.profile
-    print(f"bundle: {job.out} (β {choice.chosen:g}"
-          + (f" for {profile.name})" if profile else ")"))
+    precision = "fp32" if choice.quantize is None else str(choice.quantize)
+    print(f"bundle: {job.out} (β {choice.chosen:g} {precision}, {job.format}"
+          + (f", for {profile.name})" if profile else ")"))
     return 0
 
 
@@ -280,14 +329,87 @@ def _checked_job(args) -> ExportJob:
     if request == "auto" and not args.profile:
         raise ValueError("--budget auto needs --profile NAME|FILE (see `flexrank profiles`)")
     profile = load_profile(args.profile) if args.profile else None
-    _exporter_available(args.format)
-    _quantize_fits(args.format, args.quantize)
-    fmt, layout, quantize = checked_options(args.format, args.layout, args.quantize)
+    fmt_name = args.format or _format_of(profile)
+    _exporter_available(fmt_name)
+    fixed = _fixed_quantize(args, fmt_name)
+    if fixed is not None:
+        _quantize_fits(fmt_name, fixed)
+    fmt, layout, quantize = checked_options(fmt_name, args.layout, fixed)
+    precisions = _candidate_precisions(fmt, layout, fixed, profile)
+    if profile is not None:
+        profile = _shipped_runtime(profile, fmt)
     out = Path(args.output)
     if not args.dry_run:  # the bundle and its lock are built beside `out`, in its parent
         check_writable(out.expanduser().absolute().parent,
                        f"the folder that holds -o {out} (the bundle is built beside it)")
-    return ExportJob(request, profile, fmt, layout, quantize, out, args.dry_run)
+    from flexrank.device.decide import Constraints
+
+    constraints = Constraints(args.max_size, args.max_memory, args.min_decode, args.max_ttft,
+                              args.quality_tolerance)
+    return ExportJob(request, profile, fmt, layout, quantize, out, args.dry_run, precisions,
+                     constraints)
+
+
+# Which runtime runs each format, and the format a runtime's profile gets by default.
+FORMAT_RUNTIME = {Format.ONNX: "onnxruntime", Format.ORT: "onnxruntime",
+                  Format.EXECUTORCH: "executorch"}
+RUNTIME_FORMAT = {"onnxruntime": Format.ONNX, "executorch": Format.EXECUTORCH}
+
+
+def _format_of(profile) -> str:
+    """The artifact follows the runtime: an ExecuTorch profile gets a .pte."""
+    return str(RUNTIME_FORMAT.get(profile.runtime, Format.ONNX) if profile else Format.ONNX)
+
+
+def _fixed_quantize(args, fmt: str) -> str | None:
+    """The quantization --quantize or --precision fixes ("none" for fp32), or None when
+    the decision chooses it (--precision auto with a profile)."""
+    quantize, precision = args.quantize, getattr(args, "precision", "auto")
+    if quantize != "none":
+        if precision not in ("auto", quantize):
+            raise ValueError(f"--quantize {quantize} and --precision {precision} disagree; "
+                             "give one of them")
+        return quantize
+    if precision == "fp32":
+        return "none"
+    if precision != "auto":
+        return precision
+    return None if args.profile else "none"
+
+
+def _candidate_precisions(fmt, layout, fixed: str | None, profile) -> tuple[str, ...]:
+    from flexrank.exporters import QUANTIZATIONS
+
+    if fixed is not None:
+        return ("fp32",) if fixed == "none" else (fixed,)
+    if layout != Layout.PER_BUDGET:  # quantized exports are per budget (checked_options)
+        return ("fp32",)
+    return ("fp32", *map(str, QUANTIZATIONS.get(fmt, ())))
+
+
+def _shipped_runtime(profile, fmt):
+    """The profile as it runs the format: its runtime replaced by the format's when
+    --format names another, so that the prediction uses the shipped runtime's efficiency."""
+    from dataclasses import replace
+
+    runtime = FORMAT_RUNTIME.get(fmt)
+    if runtime is None or runtime == profile.runtime:
+        return profile
+    backend = {"onnxruntime": "cpu", "executorch": "xnnpack"}[runtime]
+    print(f"note: {profile.name}'s runtime is {profile.runtime}; --format {fmt} ships "
+          f"{runtime}, so the prediction uses {runtime}/{backend}'s efficiency")
+    return replace(profile, runtime=runtime, backend=backend)
+
+
+def checkpoint_folder(args) -> Path | None:
+    """The elastic checkpoint folder `load_or_compress` reads or writes."""
+    from flexrank.compress.elastic import META_FILE, resolve_elastic_dir
+
+    source = Path(str(args.source)).expanduser()
+    if source.is_dir() and (resolve_elastic_dir(source) / META_FILE).is_file():
+        return resolve_elastic_dir(source)
+    work = Path(args.work_dir) if args.work_dir else _default_work_dir(args.source)
+    return work / "elastic"
 
 
 def _checkpoint_stage(stages: Stages, args):
@@ -297,16 +419,16 @@ def _checkpoint_stage(stages: Stages, args):
     return elastic
 
 
-def _decision_stage(stages: Stages, elastic, job: ExportJob):
-    """(the plan's costs, the profile's decision or None, the budget request matched to
-    the plan)."""
+def _decision_stage(stages: Stages, elastic, job: ExportJob, folder: Path | None = None):
+    """({precision: the plan's costs}, the profile's decision or None, the budget request
+    matched to the plan). With a profile, each (β, precision) candidate carries its
+    held-out quality, read from the checkpoint or measured once and stored there."""
     from flexrank.compress.budget_cost import budget_costs
-    from flexrank.device.decide import choose_budget
 
     profile = job.profile
     stages.start("budget decision" + (f" for {profile.name}" if profile else ""))
-    costs = budget_costs(elastic, None if job.quantize is None else str(job.quantize))
-    decision = choose_budget(costs, profile) if profile else None
+    costs = {p: budget_costs(elastic, None if p == "fp32" else p) for p in job.precisions}
+    decision = _decide(elastic, job, costs, folder) if profile else None
     request = job.request
     if isinstance(request, float):
         request = elastic._match_budget(request)
@@ -316,18 +438,56 @@ def _decision_stage(stages: Stages, elastic, job: ExportJob):
     return costs, decision, request
 
 
-def _choose(elastic, job: ExportJob, costs, decision, request) -> Choice:
-    """The budgets to export and the default one; a note when the requested budget does
-    not meet the profile's targets."""
+def _decide(elastic, job: ExportJob, costs: dict, folder: Path | None):
+    from flexrank.compress.quality import quality_rows
+    from flexrank.device.decide import Candidate, Quality, decide
+
+    def original():
+        from flexrank.compress.models import load_model
+
+        return load_model(elastic.model_id)[0].eval()
+
+    rows, note = quality_rows(elastic, folder, job.precisions, original)
+    print(f"    quality (held-out perplexity, KL to the original): {note}")
+    measured = {(float(r["beta"]), r["precision"]): r for r in rows}
+    candidates = []
+    for precision, plan_costs in costs.items():
+        for cost in plan_costs:
+            row = measured.get((float(cost.beta), precision))
+            quality = None if row is None else Quality(row["ppl"], row.get("kl"), note)
+            candidates.append(Candidate(cost, precision, quality))
+    return decide(candidates, job.profile, job.constraints)
+
+
+def _choose(elastic, job: ExportJob, costs: dict, decision, request) -> Choice:
+    """The budgets to export, the default one and the precision; a note when the requested
+    budget does not meet the profile's targets."""
     budgets = _budgets_to_export(elastic, request, decision, job.layout)
     fits = decision is not None and decision.beta is not None
     chosen = decision.beta if fits and decision.beta in budgets else max(budgets)
+    precision = _precision(job, decision, chosen, request)
     if decision is not None and request != "auto":
-        row = next(r for r in decision.rows if r.beta == chosen)
+        row = next(r for r in decision.rows if r.beta == chosen and r.precision == precision)
         if not row.fits:
-            print(f"note: β {chosen:g} does not meet {job.profile.name}'s targets (predicted): "
-                  + "; ".join(c.describe() for c in row.failures))
-    return Choice(costs, decision, request, budgets, chosen)
+            print(f"note: β {chosen:g} {precision} does not meet {job.profile.name}'s targets "
+                  "(predicted): " + "; ".join(c.describe() for c in row.failures))
+    quantize = None if precision == "fp32" else Quantization(precision)
+    return Choice(costs[precision], decision, request, budgets, chosen, quantize)
+
+
+def _precision(job: ExportJob, decision, beta: float, request) -> str:
+    """The fixed precision; else the decision's; else, for a β asked for by hand, the
+    best-quality fitting precision at that β (fp32 when none fits)."""
+    if job.quantize is not None or len(job.precisions) == 1:
+        return "fp32" if job.quantize is None else str(job.quantize)
+    if decision is None:
+        return "fp32"
+    if decision.precision is not None and (request == "auto" or decision.beta == beta):
+        return decision.precision
+    at = [r for r in decision.rows if r.beta == beta and r.fits]
+    if not at:
+        return "fp32"
+    return min(at, key=lambda r: (r.quality.ppl if r.quality else math.inf, r.size_mb)).precision
 
 
 def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice: Choice):
@@ -335,7 +495,7 @@ def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice:
     from flexrank.exporters import ExportRequest, export_files
 
     stages.start(f"export {job.format}/{job.layout} of β {choice.budgets} with validation")
-    request = ExportRequest(job.format, job.layout, tuple(choice.budgets), job.quantize)
+    request = ExportRequest(job.format, job.layout, tuple(choice.budgets), choice.quantize)
     manifest = export_files(elastic, folder, request)
     stages.done()
     for entry in manifest.budgets:
@@ -396,13 +556,16 @@ def deployment_of(choice: Choice, profile, host: dict | None) -> Deployment:
     decision = choice.decision
     predicted = None
     if decision is not None:
+        precision = "fp32" if choice.quantize is None else str(choice.quantize)
         predicted = {
             "label": f"predicted for {profile.name} by flexrank.device.predict (not measured)",
-            "profile": profile.name,
+            "profile": profile.name, "precision": precision,
             "budgets": [{"beta": b["beta"], "ttft_s": b["ttft_s"],
                          "decode_tokens_per_s": b["decode_tokens_per_s"],
-                         "memory_gb": b["memory_gb"], "fits": b["fits"]}
-                        for b in decision.to_dict()["budgets"]]}
+                         "memory_gb": b["memory_gb"], "fits": b["fits"],
+                         "quality": b["quality"]}
+                        for b in decision.to_dict()["budgets"]
+                        if b["precision"] == precision]}
     if host is not None:
         host = {**host, "label": f"measured on host {host['host']} in onnxruntime "
                                  f"({host['threads']} threads)"}

@@ -218,3 +218,44 @@ def held_out_ids(checkpoint_dir: str | Path) -> tuple[torch.Tensor, str] | None:
             if held is not None and held.ndim == 2 and held.shape[0] > 0:
                 return held, f"held-out calibration sequences of {path}"
     return None
+
+
+def quality_rows(elastic, folder: str | Path | None, precisions: Sequence[str],
+                 teacher_loader=None) -> tuple[list[dict], str]:
+    """The stored quality rows of the checkpoint in `folder` for every budget × `precisions`,
+    measuring (and storing) the missing ones once when the held-out text that `compress`
+    kept beside it exists. Returns (rows, a note on where they come from). The original
+    model for KL is `teacher_loader()` (None, or a loader that fails: perplexity only)."""
+    folder = None if folder is None else Path(folder)
+    stored = load_quality(folder) if folder is not None else None
+    rows = list(stored["rows"]) if stored else []
+    have = {(float(r["beta"]), r["precision"]) for r in rows}
+    missing = [p for p in precisions
+               if any((float(b), p) not in have for b in elastic.budgets)]
+    if not missing:
+        return rows, f"stored in {folder / QUALITY_FILE}"
+    held = held_out_ids(folder) if folder is not None else None
+    if held is None:
+        return rows, ("not measured for " + ", ".join(missing) + ": no held-out text beside "
+                      "the checkpoint (a `flexrank compress` folder keeps it in stages/)")
+    ids, source = held
+    if stored and stored.get("text", {}).get("sha256") != ids_digest(ids):
+        rows, have = [], set()  # measured on other text: measure everything again
+        missing = list(precisions)
+    teacher = None
+    if teacher_loader is not None:
+        try:
+            teacher = teacher_loader()
+        except (OSError, ValueError) as err:
+            logger.warning("original model not loadable (%s): quality without KL", err)
+    budgets = [b for b in elastic.budgets]
+    for precision in missing:
+        todo = [b for b in budgets if (float(b), precision) not in have]
+        rows += measure_quality(elastic, ids, teacher, [precision], todo)
+    original = getattr(elastic, "model_id", None) if teacher is not None else None
+    try:
+        save_quality(folder, rows, ids, source, original)
+        note = f"measured now on {source}; stored in {folder / QUALITY_FILE}"
+    except OSError as err:  # a read-only checkpoint: use them, measure again next time
+        note = f"measured now on {source}; not stored ({err})"
+    return rows, note

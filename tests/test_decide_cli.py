@@ -1,0 +1,119 @@
+"""`flexrank-export --budget auto` over (β, precision) on a tiny Llama checkpoint kept as
+`flexrank compress` keeps it (elastic/ beside stages/calibration.safetensors): quality is
+measured once, stored with the checkpoint and read back; the user's constraints change
+the decision; an unmeetable one exits non-zero; the artifact follows the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from flexrank.cli import export as cli_export
+from flexrank.cli import export_main
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.quality import QUALITY_FILE
+from flexrank.exporters import Format
+
+
+@pytest.fixture(scope="module")
+def work(checkpoint, tmp_path_factory):
+    """A compress-style folder: work/elastic (the tiny checkpoint) and work/stages with
+    held-out sequences (2 × 16 tokens)."""
+    folder = tmp_path_factory.mktemp("work")
+    shutil.copytree(checkpoint, folder / "elastic")
+    (folder / "stages").mkdir()
+    held = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(5))
+    save_file({"train": held[:1].clone(), "eval": held}, str(folder / "stages" /
+                                                     "calibration.safetensors"))
+    return folder
+
+
+def test_quality_is_measured_once_stored_and_read_back(work, capsys):
+    quality = work / "elastic" / QUALITY_FILE
+    assert export_main([str(work / "elastic"), "--profile", "laptop-x86", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "quality (held-out perplexity, KL to the original): measured now" in out
+    stored = json.loads(quality.read_text())
+    pairs = {(r["beta"], r["precision"]) for r in stored["rows"]}
+    assert pairs == {(b, p) for b in (0.6, 0.8, 1.0) for p in ("fp32", "int8", "int4")}
+    assert stored["text"]["sequences"] == 2 and stored["text"]["tokens_per_sequence"] == 16
+    # the fp32 figure against this test's own perplexity of the same held-out tokens
+    elastic = ElasticModel.from_pretrained(work / "elastic").set_budget(0.8)
+    ids = load_file(str(work / "stages" / "calibration.safetensors"))["eval"]
+    with torch.no_grad():
+        logits = elastic.model(input_ids=ids).logits  # (2, 16, V)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                          ids[:, 1:].reshape(-1))
+    row = next(r for r in stored["rows"] if (r["beta"], r["precision"]) == (0.8, "fp32"))
+    assert row["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    # quantization costs quality on this random model: int4 is worse than fp32 at β 1
+    by = {(r["beta"], r["precision"]): r["ppl"] for r in stored["rows"]}
+    assert by[1.0, "int4"] != by[1.0, "fp32"]
+    # the table shows the measured perplexity next to the prediction
+    assert f"{by[1.0, 'fp32']:.4g}" in out
+    # a second run reads the file instead of measuring
+    before = quality.stat().st_mtime_ns
+    assert export_main([str(work / "elastic"), "--profile", "laptop-x86", "--dry-run"]) == 0
+    assert f"stored in {quality}" in capsys.readouterr().out
+    assert quality.stat().st_mtime_ns == before
+
+
+def test_each_user_constraint_reaches_the_decision(work, capsys):
+    base = [str(work / "elastic"), "--profile", "server-x86", "--dry-run"]
+    assert export_main(base) == 0
+    assert "(profile server-x86)" in capsys.readouterr().out
+    for flag, value, target in (("--max-size", "1e-4", "size"), ("--max-memory", "1e-6",
+                                                                 "memory"),
+                                ("--min-decode", "1e9", "decode"), ("--max-ttft", "1e-9",
+                                                                    "TTFT")):
+        assert export_main([*base, flag, value]) == 1, flag
+        err = capsys.readouterr().err
+        assert f"No candidate meets every target on server-x86: {target} " in err, flag
+        assert "short by" in err and "%" in err, flag
+    # a size limit between the fp32 and the 4-bit sizes moves the choice off fp32
+    assert export_main([*base, "--quality-tolerance", "0", "--max-size", "0.05"]) == 0
+    out = capsys.readouterr().out
+    chosen = out.split("Chosen: ")[1].split(".")[0:2]
+    assert "fp32" not in ".".join(chosen) and "(--max-size)" in out
+
+
+def test_bad_constraints_are_refused(work, capsys):
+    base = [str(work / "elastic"), "--profile", "server-x86", "--dry-run"]
+    for argv, message in ((["--max-size", "-3"], "--max-size -3: must be a positive number"),
+                          (["--quality-tolerance", "2"],
+                           "--quality-tolerance 2: must be in [0, 1)")):
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error
+            export_main([*base, *argv])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert export_main([*base, "--precision", "8da4w"]) == 2
+    assert "--quantize 8da4w does not fit --format onnx" in capsys.readouterr().err
+    assert export_main([*base, "--precision", "int8", "--quantize", "int4"]) == 2
+    assert "--quantize int4 and --precision int8 disagree" in capsys.readouterr().err
+
+
+def job_for(argv):
+    parser = argparse.ArgumentParser()
+    cli_export.add_export_args(parser)
+    return cli_export._checked_job(parser.parse_args([*argv, "--dry-run"]))
+
+
+def test_the_artifact_follows_the_runtime(checkpoint):
+    pixel8 = job_for([str(checkpoint), "--profile", "pixel8"])
+    assert pixel8.format == Format.EXECUTORCH and pixel8.precisions == ("fp32", "8da4w")
+    assert pixel8.profile.runtime == "executorch"
+    laptop = job_for([str(checkpoint), "--profile", "laptop-x86"])
+    assert laptop.format == Format.ONNX and laptop.precisions == ("fp32", "int8", "int4")
+    onnx_on_phone = job_for([str(checkpoint), "--profile", "pixel8", "--format", "onnx"])
+    assert onnx_on_phone.profile.runtime == "onnxruntime"  # the shipped runtime is predicted
+    assert onnx_on_phone.precisions == ("fp32", "int8", "int4")
+    fixed = job_for([str(checkpoint), "--profile", "pixel8", "--precision", "8da4w"])
+    assert fixed.precisions == ("8da4w",) and str(fixed.quantize) == "8da4w"
+    plain = job_for([str(checkpoint), "--budget", "1"])
+    assert plain.format == Format.ONNX and plain.precisions == ("fp32",)
