@@ -310,3 +310,25 @@ def test_qat_distillation_beats_plain_distillation_after_int4_quantization():
         (float_plain, int4_plain), (float_qat, int4_qat) = kl[None][beta], kl["int4"][beta]
         assert int4_qat < 0.97 * int4_plain, (beta, kl)
         assert float_plain < float_qat, (beta, kl)
+
+
+def test_cli_compress_qat_records_it_in_the_checkpoint(tmp_path, capsys):
+    from conftest import char_tokenizer, tiny_llama
+
+    from flexrank.cli import main
+    from flexrank.compress.elastic import ElasticModel
+
+    tiny_llama(init_std=0.2).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"{i} the quick brown fox jumps over the lazy dog\n"
+                            for i in range(400)))
+    args = ["compress", str(tmp_path / "model"), "--calib", str(text), "--samples", "8",
+            "--seq-len", "32", "--eval-samples", "2", "--budgets", "1,0.7", "--levels", "4",
+            "--probe-samples", "2", "--steps", "2"]
+    assert main([*args, "-o", str(tmp_path / "q"), "--qat", "int4"]) == 0
+    assert ElasticModel.from_pretrained(tmp_path / "q" / "elastic").qat == \
+        {"scheme": "int4", "block_size": 32}
+    assert main([*args, "-o", str(tmp_path / "bad"), "--qat", "int4",
+                 "--qat-block-size", "256"]) == 2
+    assert "qat_block_size 256" in capsys.readouterr().err

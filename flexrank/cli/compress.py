@@ -65,7 +65,8 @@ def compress_config(args) -> CompressConfig:
         probe_samples=args.probe_samples,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
                               sampler=args.sampler, grad_accum=args.grad_accum,
-                              seed=args.seed),
+                              seed=args.seed, qat=args.qat,
+                              qat_block_size=args.qat_block_size),
         seed=args.seed)
 
 
@@ -86,6 +87,12 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=whole_number(1), default=1)
     p.add_argument("--lr", type=positive_number, default=DistillConfig.lr)
     p.add_argument("--sampler", choices=("uniform", "sandwich"), default=DistillConfig.sampler)
+    p.add_argument("--qat", choices=("int4", "8da4w"), default=None,
+                   help="quantization-aware distillation: train every budget for the 4-bit "
+                        "weights it ships with (int4: ONNX MatMulNBits, for --quantize int4; "
+                        "8da4w: ExecuTorch, for --quantize 8da4w); recorded in the checkpoint")
+    p.add_argument("--qat-block-size", type=whole_number(1), default=DistillConfig.qat_block_size,
+                   help="the export's int4 block size or 8da4w group size (default 32)")
 
 
 def cmd_compress(args) -> int:

@@ -309,7 +309,10 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     nested = _probe_and_plan(stages, config, student, teacher, train_ids)
     held_out = to_batches(eval_ids, config.batch_size) if len(eval_ids) else None
 
-    elastic = ElasticModel(student, nested, tokenizer, model_id=model_id)
+    qat = config.distill.qat  # recorded in the checkpoint, for the exporters
+    elastic = ElasticModel(student, nested, tokenizer, model_id=model_id,
+                           qat={"scheme": str(qat), "block_size": config.distill.qat_block_size}
+                           if qat else None)
     before = evaluate_budgets(elastic, teacher, held_out) if held_out else None
     started = time.perf_counter()
     distill(student, teacher, nested, train, config.distill, output_dir=stages.dir)
