@@ -33,6 +33,7 @@ from flexrank.exporters.common.forms import (
     DenseLinear,
     FactorLinear,
     FormPolicy,
+    GaugeLinear,
     deployable_model,
     quantized_policy,
 )
@@ -144,15 +145,16 @@ def deployed_from_graph(elastic, entry, path, check_rounding: bool):
     decoded from the graph (B is the transposed weight of a dense layer, Vᵀ's transpose and
     Uᵀ of a plain one)."""
     factors_only = set(entry["forms"]) == {"factors"}  # the shared and elastic layouts
+    chosen = (entry.get("quantization") or {}).get("forms") or {}  # int4_form_slack
     deployed, records = deployable_model(elastic.model, entry["ranks"], factors_only,
-                                         policy=quantized_policy(FormPolicy()))
+                                         policy=quantized_policy(FormPolicy()),
+                                         layer_forms={n: c["form"] for n, c in chosen.items()})
     assert [r.form for r in records] == [x["form"] for x in entry["layers"]]
     decoded = graph_weights(path)
     for record in records:
         module = deployed.get_submodule(record.name)
-        params = ([("weight", True)] if isinstance(module, DenseLinear)
-                  else [("Vt", True), ("Ut", False)])
-        assert isinstance(module, (DenseLinear, FactorLinear))
+        params = {DenseLinear: [("weight", True)], FactorLinear: [("Vt", True), ("Ut", False)],
+                  GaugeLinear: [("V_hat_t", True), ("U_rest", True)]}[type(module)]
         for name, transposed in params:
             value = getattr(module, name).detach().double().numpy()
             b = value.T if transposed else value

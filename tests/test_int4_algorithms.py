@@ -100,3 +100,52 @@ def test_calibrated_algorithms_need_a_decoder(algorithm):
 
     assert needs_calibration(OnnxExportConfig(int4_algorithm=algorithm), "int4")
     assert not needs_calibration(OnnxExportConfig(int4_algorithm=algorithm), None)
+
+
+def layer_input_rows(llama, entry, name, batches) -> np.ndarray:  # noqa: F811
+    rows = []
+    layer = llama.model.get_submodule(name)
+    handle = layer.register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    try:
+        with at_ranks(llama.model, entry["ranks"]) as model, torch.no_grad():
+            for ids in batches:
+                model(input_ids=torch.from_numpy(ids))
+    finally:
+        handle.remove()
+    return torch.cat(rows).numpy()
+
+
+@pytest.mark.parametrize("slack", [1.25, 1e9])
+def test_forms_chosen_by_measured_error(llama, tmp_path, slack):  # noqa: F811
+    """int4_form_slack: per layer the cheapest of dense / plain / gauge-fixed within
+    `slack` of the best error. The graph equals its decoded weights in every form (1e9:
+    the cheapest form everywhere, gauge-fixed below full rank), and a dense layer's
+    recorded error is the one the test measures with the graph's decoded weight on the
+    layer's calibration inputs."""
+    from test_int4 import find_slice, graph_weights
+
+    from flexrank.exporters.onnx.int4 import calibration_ids
+
+    entry, path = exported(llama, tmp_path, int4_form_slack=slack)
+    equals_its_decoded_weights(llama, entry, path, held_out(llama.tokenizer))
+    chosen = entry["quantization"]["forms"]
+    assert chosen and {x["name"]: x["form"] for x in entry["layers"] if x["name"] in chosen} \
+        == {name: c["form"] for name, c in chosen.items()}
+    for name, c in chosen.items():
+        fits = [f for f, e in c["errors"].items() if e <= slack * min(c["errors"].values())]
+        assert c["form"] == min(fits, key=lambda f: (c["params"][f], c["errors"][f])), name
+    if slack > 1e6:
+        assert "gauge" in {c["form"] for c in chosen.values()}
+        return
+    dense = [name for name, c in chosen.items() if c["form"] == "dense"]
+    assert dense  # at 4 bits a dense product beats the two quantized factors here
+    name = dense[0]
+    layer = llama.model.get_submodule(name)
+    rank = entry["ranks"][name]
+    weight = (layer.U[:, :rank] @ layer.V[:, :rank].T).detach().double().numpy().T  # (n, m)
+    config = OnnxExportConfig(**EXACT)
+    x = layer_input_rows(llama, entry, name, calibration_ids(llama, config, None))
+    part, _, _ = find_slice(weight, graph_weights(path))  # its columns of a fused MatMul
+    error = np.linalg.norm(x @ (part - weight)) / np.linalg.norm(x @ weight)
+    assert error == pytest.approx(chosen[name]["errors"]["dense"], rel=0.2)

@@ -243,11 +243,15 @@ def deploy_layer(name: str, layer: nn.Module, rank: int, factors_only: bool = Fa
 
 def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool = False,
                      policy: FormPolicy = FormPolicy(),
+                     layer_forms: dict[str, str] | None = None,
                      ) -> tuple[nn.Module, list[LayerExport]]:
-    """A copy of `model` with every nested layer replaced by its export module at `ranks`.
+    """A copy of `model` with every nested layer replaced by its export module at `ranks`;
+    `layer_forms` ({layer: "dense" | "plain" | "gauge"}) forces those layers' forms below
+    full rank (int4's per-layer choice by output error), the others follow `policy`.
 
     The caller's model is not modified.
     """
+    layer_forms = layer_forms or {}
     copied = copy.deepcopy(model)
     layers = nested_layers(copied)
     records = []
@@ -255,8 +259,9 @@ def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool
     def deployed(name: str, layer: nn.Module) -> nn.Module | None:
         if name not in layers:
             return None
+        forced = replace(policy, force_form=layer_forms[name]) if name in layer_forms else policy
         module, record = deploy_layer(name, layer, ranks.get(name, layer.max_rank),
-                                      factors_only, policy)
+                                      factors_only, forced)
         records.append(record)
         return module
 

@@ -204,7 +204,11 @@ def tracing_quietly():
     TracerWarnings about Python booleans in transformers' mask and cache code (the sample
     shapes are generic, and validation checks other batch and sequence sizes), torch's
     note on aten::index, and optimum's message that the tied embedding and lm_head are two
-    candidate initialisers (the exporter stores them once: store_tied_once)."""
+    candidate initialisers (the exporter stores them once: store_tied_once). Shown when
+    FlexRank logs at DEBUG (`flexrank -v`)."""
+    if logging.getLogger("flexrank").isEnabledFor(logging.DEBUG):
+        yield
+        return
     optimum_log = logging.getLogger("optimum")  # optimum.utils.logging's library logger
     level = optimum_log.level
     optimum_log.setLevel(logging.ERROR)
@@ -449,15 +453,18 @@ def named_inputs(kind: str, sample) -> dict:
 
 def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_inputs,
                         config: OnnxExportConfig, factors_only: bool = False,
-                        ranks: dict[str, int] | None = None):
+                        ranks: dict[str, int] | None = None,
+                        layer_forms: dict[str, str] | None = None):
     """Export one budget into `folder/model.onnx`, at the plan's ranks for `beta` or at
-    `ranks` ({layer: rank}, e.g. rounded to the int4 block size).
+    `ranks` ({layer: rank}, e.g. rounded to the int4 block size); `layer_forms`: forms
+    forced per layer (`deployable_model`).
 
     Returns (graph path, layer records, factors) where factors are the rank-major factor
     arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
     """
     ranks = elastic.layer_ranks(beta) if ranks is None else ranks
-    deployed, records = deployable_model(elastic.model, ranks, factors_only, config.forms)
+    deployed, records = deployable_model(elastic.model, ranks, factors_only, config.forms,
+                                         layer_forms)
     factors = {}
     if factors_only:
         for record in records:

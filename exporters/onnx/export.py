@@ -57,6 +57,7 @@ from flexrank.exporters.onnx.int4 import (
     int4_report,
     quantize_graph,
 )
+from flexrank.exporters.onnx.int4_forms import choose_forms
 from flexrank.exporters.onnx.int4_layouts import check_layout_config, quantize_factor_graph
 from flexrank.exporters.onnx.layouts import (
     RANK_LEVEL,
@@ -134,17 +135,29 @@ def warn_merged_budgets(ranks_by_budget: dict[float, dict[str, int]], block_size
 
 
 def needs_calibration(config: OnnxExportConfig, quantize) -> bool:
-    """Whether an export runs calibration text through its graphs (int4: GPTQ, "auto")."""
-    return quantize == "int4" and config.int4_algorithm in ("gptq", "auto")
+    """Whether an export runs calibration text through its models (int4: GPTQ, "auto",
+    the per-layer form choice)."""
+    return quantize == "int4" and (config.int4_algorithm in ("gptq", "auto")
+                                   or config.int4_form_slack is not None)
+
+
+def needs_graph_calibration(config: OnnxExportConfig) -> bool:
+    return config.int4_algorithm in ("gptq", "auto")
 
 
 def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, ranks=None,
                    calibration=None):
     """One budget's graph in `folder` (at `ranks`, default the plan's): (layer records,
-    graph path, manifest extras). `calibration`: token id batches (int4 GPTQ, "auto")."""
+    graph path, manifest extras). `calibration`: token id batches (int4 GPTQ, "auto", the
+    per-layer form choice)."""
     shutil.rmtree(folder, ignore_errors=True)
-    path, records, _ = export_budget_graph(elastic, beta, kind, folder, sample, config,
-                                           ranks=ranks)
+    forms = None
+    if quantize == "int4" and config.int4_form_slack is not None and kind == "decoder":
+        forms = choose_forms(elastic.model, ranks or elastic.layer_ranks(beta), calibration,
+                             config)
+    path, records, _ = export_budget_graph(
+        elastic, beta, kind, folder, sample, config, ranks=ranks,
+        layer_forms={name: choice["form"] for name, choice in (forms or {}).items()})
     model = tidy_graph(load_model(path), kind, elastic.model, config)
     extra = cache_flag(kind, model)  # int8 keeps the attention nodes: still true after it
     replace_graph(model, path, config.external_data)
@@ -158,14 +171,17 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
         extra["int8_float_layers"] = {name: round(v, 1) for name, v in float_layers.items()}
         extra["int8_float_matmuls"] = float_weight_matmuls(path)
     elif quantize == "int4":
-        if calibration and kind != "decoder":
+        if needs_graph_calibration(config) and kind != "decoder":
             raise ValueError(f"int4_algorithm {config.int4_algorithm!r} calibrates decoders "
                              "only; use 'rtn' or 'hqq' for this model")
-        feeds = decoder_feeds(path, calibration, config.threads) if calibration else None
+        feeds = (decoder_feeds(path, calibration, config.threads)
+                 if calibration and needs_graph_calibration(config) else None)
         result = quantize_graph(path, config, feeds)
         replace_graph(result.model, path, config.external_data)
         extra["quantization"] = int4_report(result.model, [r.name for r in records], result,
                                             config, float_weight_matmuls(path))
+        if forms:
+            extra["quantization"]["forms"] = forms
         extra["plan_ranks"] = elastic.layer_ranks(beta)  # before rounding to the block size
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     if kind == "decoder":
@@ -176,7 +192,7 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
 
 def _per_budget(elastic, out_dir, budgets, kind, sample, config, quantize, ort):
     calibration = (calibration_ids(elastic, config, sample)
-                   if needs_calibration(config, quantize) else None)
+                   if needs_calibration(config, quantize) and kind == "decoder" else None)
     # int8, int4: plain factors or dense, never gauge-fixed (`quantized_policy` says why);
     # the manifest's `forms` and `layers` record what each layer became
     first = config.forms if quantize is None else quantized_policy(config.forms)
