@@ -147,3 +147,34 @@ def test_probe_leaves_probed_layers_at_max_rank_and_restores_the_mode():
     probe(model, teacher, data, config, progress=False)
     assert {name: layer.rank for name, layer in layers.items()} == full
     assert not any(m.training for m in model.modules())
+
+
+def test_top_k_kl_against_brute_force():
+    """top_k: the student's head computes only the teacher's top-k rows; the entry equals
+    the KL of both distributions renormalised over each token's top-k teacher tokens,
+    computed here from the full logits; top_k = vocabulary size is the full KL."""
+    model, teacher, data = factorised(lambda seed: tiny_llama(seed=seed, init_std=0.2))
+    name = "model.layers.0.self_attn.o_proj"
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4),
+                  progress=False, only=[name])
+    whole = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4, top_k=100),
+                  progress=False, only=[name])
+    assert exact.errors[0, 0] > 1e-2  # a real truncation, far above float32 rounding
+    np.testing.assert_allclose(whole.errors, exact.errors, rtol=1e-4, atol=1e-7)
+    k = 5
+    sens = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4, top_k=k),
+                 progress=False, only=[name])
+    layer = model.get_submodule(name)
+    for level, rank in enumerate(sens.ranks[0][:-1]):
+        layer.rank = int(rank)
+        kls = []
+        with torch.no_grad():
+            for b in data:
+                t, s = teacher(**b).logits, model(**b).logits  # (B, T, V) each
+                ids = t.topk(k, -1).indices
+                p = torch.log_softmax(t.gather(-1, ids), -1)
+                q = torch.log_softmax(s.gather(-1, ids), -1)
+                kls.append(float((p.exp() * (p - q)).sum(-1).mean()))
+        layer.rank = layer.max_rank
+        assert sens.errors[0, level] == pytest.approx(np.mean(kls), rel=1e-4)
+        assert sens.errors[0, level] < exact.errors[0, level]  # the tail's mass is left out

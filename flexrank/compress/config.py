@@ -144,11 +144,14 @@ class ProbeConfig:
     num_levels: int = 16  # candidate ranks per layer (the last is always full rank)
     rank_multiple: int = 8  # candidate ranks are multiples of this (32 before 4-bit groups)
     probe_points: int = 3  # ranks actually measured per layer in fast mode
+    # language models: KL over each token's top_k teacher tokens (0: the whole vocabulary);
+    # the LM head computes only those rows (probe.Damage; BENCHMARKS.md, issue 20)
+    top_k: int = 0
     version: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "mode", _enum(ProbeMode, self.mode, "probe mode"))
-        _at_least(self, {"num_levels": 2, "rank_multiple": 1, "probe_points": 1})
+        _at_least(self, {"num_levels": 2, "rank_multiple": 1, "probe_points": 1, "top_k": 0})
 
     def to_dict(self) -> dict:
         return {"type": "ProbeConfig", **json.loads(json.dumps(asdict(self)))}

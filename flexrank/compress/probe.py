@@ -100,23 +100,61 @@ def _run(model: nn.Module, batch) -> torch.Tensor:
 
 
 class Damage:
-    """Teacher outputs on the probe batches, and the damage of a student output."""
+    """Teacher outputs on the probe batches, and the damage of a student output.
+
+    With `top_k` > 0 (language models), the KL is taken over each token's top_k teacher
+    tokens, both distributions renormalised over them, and the student's LM head computes
+    only the logits of the batch's union of those tokens (`head_for`): the 49,152-wide
+    head and its full-vocabulary softmax are about a third of a SmolLM2 probe pass. The
+    probability mass outside the teacher's top_k is ignored (BENCHMARKS.md, issue 20,
+    compares this with the full-vocabulary KL)."""
 
     def __init__(self, teacher_outputs: list[torch.Tensor], is_lm: bool,
-                 masks: list[torch.Tensor | None], objective: Objective | None = None):
+                 masks: list[torch.Tensor | None], objective: Objective | None = None,
+                 top_k: int = 0):
         # objective: class_kl or feature for models that are not language models (None:
         # the output's squared error relative to the teacher's energy)
         self.is_lm = is_lm
         self.objective = None if is_lm else objective
         self.masks = masks
-        if is_lm:
+        self.top_k = top_k if is_lm else 0
+        self.union: list[torch.Tensor | None] = [None] * len(teacher_outputs)
+        self.position: list[torch.Tensor | None] = [None] * len(teacher_outputs)
+        if self.top_k:
+            self.reference = []
+            for i, logits in enumerate(teacher_outputs):
+                values, ids = logits.topk(min(self.top_k, logits.shape[-1]), -1)  # (B, T, k)
+                self.union[i] = ids.unique()  # sorted token ids, (U,)
+                self.position[i] = torch.searchsorted(self.union[i], ids)  # (B, T, k)
+                self.reference.append(F.log_softmax(values, -1))
+        elif is_lm:
             self.reference = [F.log_softmax(t, -1) for t in teacher_outputs]
         else:
             self.reference = teacher_outputs
 
+    @contextmanager
+    def head_for(self, model: nn.Module, index: int):
+        """With top_k: the model's LM head computes only batch `index`'s union of teacher
+        top-k tokens (its logits are (B, T, U)); elementwise work after the head (scaling,
+        soft-capping) still applies. Without top_k: nothing changes."""
+        if not self.top_k:
+            yield
+            return
+        head = model.get_output_embeddings()
+        rows = self.union[index].to(head.weight.device)
+        weight = head.weight[rows]  # (U, hidden)
+        bias = head.bias[rows] if head.bias is not None else None
+        head.forward = lambda x: F.linear(x, weight, bias)
+        try:
+            yield
+        finally:
+            del head.forward
+
     def __call__(self, index: int, output: torch.Tensor) -> float:
         ref, mask = self.reference[index], self.masks[index]
         if self.is_lm:
+            if self.top_k:  # the student's logits at the teacher's top-k tokens: (B, T, k)
+                output = output.gather(-1, self.position[index].to(output.device))
             # KL(teacher ‖ student) per token: Σ p_t (log p_t − log p_s)
             kl = F.kl_div(F.log_softmax(output, -1), ref, log_target=True, reduction="none")
             per_token = kl.sum(-1)
@@ -260,7 +298,7 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     teacher.eval()
     for layer in layers.values():
         layer.rank = layer.max_rank
-    damage = _teacher_damage(teacher, batches, masks)
+    damage = _teacher_damage(teacher, batches, masks, _usable_top_k(model, config))
     blocks = find_blocks(model) if use_block_cache else []
     cache = BlockCache(blocks)
     if blocks:
@@ -313,15 +351,28 @@ def _candidate_table(layers: Mapping[str, nn.Module], config: ProbeConfig,
                     for name, layer in layers.items()}
 
 
+def _usable_top_k(model: nn.Module, config: ProbeConfig) -> int:
+    """config.top_k, or 0 (full-vocabulary KL) when the model's output layer is not a
+    plain Linear whose rows can be picked (a factorised LM head, no LM head)."""
+    top_k = getattr(config, "top_k", 0)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if top_k and callable(get_head) else None
+    if top_k and type(head) is not nn.Linear:
+        logger.info("probe: top_k=%d needs a plain Linear LM head (found %s); using the "
+                    "full-vocabulary KL", top_k, type(head).__name__)
+        return 0
+    return top_k
+
+
 def _teacher_damage(teacher: nn.Module, batches: Sequence,
-                    masks: list[torch.Tensor | None]) -> Damage:
+                    masks: list[torch.Tensor | None], top_k: int = 0) -> Damage:
     raw = [_forward(teacher, b) for b in batches]
     objective = resolve(Objective.AUTO, raw[0])  # the distillation objective of its kind
     is_lm = objective == Objective.TOKEN_KL
     if not is_lm:  # one value per input: a (B, T) token mask does not apply to class logits
         masks = [m if objective == Objective.FEATURE else None for m in masks]
     return Damage([output_tensor(r, objective).float() if not torch.is_tensor(r) else r.float()
-                   for r in raw], is_lm, masks, objective)
+                   for r in raw], is_lm, masks, objective, top_k)
 
 
 def _signature(layers: Mapping[str, nn.Module], ranks: dict[str, list[int]],
@@ -339,7 +390,7 @@ def _mean_damage(model: nn.Module, layer: nn.Module, rank: int, batches: Sequenc
     layer.rank = rank
     total = 0.0
     for i, batch in enumerate(batches):
-        with cache.skip_before(i, first_block):
+        with cache.skip_before(i, first_block), damage.head_for(model, i):
             total += damage(i, _run(model, batch))
     layer.rank = layer.max_rank
     return total / len(batches)
