@@ -104,6 +104,17 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="onnx/ort: int8 (dynamic) or int4 (MatMulNBits, blocks of 32); "
                         "executorch: 8da4w (int8 dynamic activations, int4 weights in "
                         "groups of 32); ranks rounded to the block (default: none)")
+    # int4's knobs (exporters/onnx/int4.py), the values of OnnxExportConfig's int4_* fields
+    p.add_argument("--int4-algo", choices=("rtn", "hqq", "gptq", "auto"), default="rtn",
+                   help="int4 weight quantizer (onnxruntime's): rtn (round to nearest), hqq, "
+                        "gptq (on calibration text), auto (per MatMul the one with the least "
+                        "output error); shared/elastic layouts: rtn (default: rtn)")
+    p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=32,
+                   help="int4: weights per scale along each MatMul's inner width; ranks are "
+                        "rounded to it (default: 32)")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8, 32), default=4,
+                   help="int4: bits of the tied embedding/lm_head table, stored once "
+                        "(32: float) (default: 4)")
     p.add_argument("-o", "--output", default="dist", help="bundle folder (must be empty)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
@@ -264,6 +275,7 @@ class ExportJob:
     dry_run: bool
     precisions: tuple[str, ...] = ("fp32",)  # the candidates' precisions
     constraints: object | None = None  # flexrank.device.decide.Constraints
+    int4: dict | None = None  # OnnxExportConfig int4_* fields from --int4-algo etc.
 
 
 @dataclass(frozen=True)
@@ -346,8 +358,11 @@ def _checked_job(args) -> ExportJob:
 
     constraints = Constraints(args.max_size, args.max_memory, args.min_decode, args.max_ttft,
                               args.quality_tolerance)
+    int4 = {"int4_algorithm": getattr(args, "int4_algo", "rtn"),
+            "int4_block_size": getattr(args, "block_size", 32),
+            "int4_embedding_bits": getattr(args, "embedding_bits", 4)}
     return ExportJob(request, profile, fmt, layout, quantize, out, args.dry_run, precisions,
-                     constraints)
+                     constraints, int4)
 
 
 # Which runtime runs each format, and the format a runtime's profile gets by default.
@@ -496,7 +511,12 @@ def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice:
 
     stages.start(f"export {job.format}/{job.layout} of β {choice.budgets} with validation")
     request = ExportRequest(job.format, job.layout, tuple(choice.budgets), choice.quantize)
-    manifest = export_files(elastic, folder, request)
+    options = {}
+    if str(choice.quantize) == "int4" and job.int4:
+        from flexrank.exporters.onnx.convert import OnnxExportConfig
+
+        options["config"] = OnnxExportConfig(**job.int4)
+    manifest = export_files(elastic, folder, request, **options)
     stages.done()
     for entry in manifest.budgets:
         v = entry.validation or {}
