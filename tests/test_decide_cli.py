@@ -117,3 +117,39 @@ def test_the_artifact_follows_the_runtime(checkpoint):
     assert fixed.precisions == ("8da4w",) and str(fixed.quantize) == "8da4w"
     plain = job_for([str(checkpoint), "--budget", "1"])
     assert plain.format == Format.ONNX and plain.precisions == ("fp32",)
+
+
+def test_export_ships_the_decision_and_bench_plots_each_tiers_choice(work, tmp_path, capsys):
+    from flexrank.cli import main
+    from flexrank.manifest import load_manifest
+
+    dist = tmp_path / "dist"
+    assert export_main([str(work / "elastic"), "--profile", "laptop-x86", "-o", str(dist)]) == 0
+    out = capsys.readouterr().out
+    decision = load_manifest(dist)["profiles"]["laptop-x86"]
+    beta, precision = decision["chosen_beta"], decision["chosen_precision"]
+    assert f"bundle: {dist} (β {beta:g} {precision}, onnx, for laptop-x86)" in out
+    manifest = load_manifest(dist)
+    assert manifest["quantize"] == (None if precision == "fp32" else precision)
+    assert [b["beta"] for b in manifest["budgets"]] == [beta]
+    # every candidate the decision weighed is in the manifest with its quality and cost
+    rows = decision["budgets"]
+    assert {(r["beta"], r["precision"]) for r in rows} == \
+        {(b, p) for b in (0.6, 0.8, 1.0) for p in ("fp32", "int8", "int4")}
+    assert all(r["quality"]["ppl"] > 1 and r["cost"]["weight_bytes_total"] > 0 for r in rows)
+    # the rule, checked on the stored figures: the chosen one fits, and no fitting candidate
+    # is better than the tolerance allows
+    chosen = next(r for r in rows if r["chosen"])
+    best = min(r["quality"]["ppl"] for r in rows if r["fits"])
+    assert chosen["fits"] and chosen["quality"]["ppl"] <= best * 1.01 + 1e-9
+    assert main(["bench", str(dist), "--profiles", "laptop-x86,pi-zero-2w", "--tokens",
+                 "2"]) == 0
+    out = capsys.readouterr().out
+    assert "laptop-x86 (onnxruntime): β" in out and "pi-zero-2w (onnxruntime)" in out
+    report = json.loads((dist / "bench" / "bench.json").read_text())
+    for tier in report["tiers"]:
+        marked = [c for c in tier["decision"]["candidates"] if c["chosen"]]
+        assert len(marked) <= 1 and all(c["fits"] for c in marked), tier["profile"]
+    laptop = report["tiers"][0]["decision"]
+    assert (laptop["chosen_beta"], laptop["chosen_precision"]) == (beta, precision)
+    assert (dist / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"

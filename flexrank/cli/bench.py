@@ -35,6 +35,12 @@ def bench_table(report: dict) -> str:
                  "profile's and the host's cores; '-' = budget not in the bundle); pred. = "
                  "predicted for the device by flexrank.device.predict, not measured")
     lines.append(BETA_LABEL)
+    for tier in report["tiers"]:
+        d = tier.get("decision")
+        if d:
+            chosen = "nothing fits" if d["chosen_beta"] is None else \
+                f"β {d['chosen_beta']:g} {d['chosen_precision']}"
+            lines.append(f"{tier['profile']} ({d['runtime']}): {chosen}. {d['explanation']}")
     return "\n".join(lines)
 
 
@@ -53,13 +59,18 @@ def _f(measured: dict | None, key: str, fmt: str) -> str:
 
 
 def bench_plot(report: dict, path: Path) -> Path:
-    """Budget vs decode ms/token per tier: predicted line, measured host points, target."""
+    """Left: budget vs decode ms/token per tier (predicted line, measured host points,
+    target). Right: held-out perplexity against predicted decode ms/token of every
+    (β, precision) candidate per tier, each tier's choice ringed (when the manifest holds
+    the export's candidates and their quality)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    quality = any(_quality_points(t) for t in report["tiers"])
+    fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(13 if quality else 7, 4.8))
+    ax = axes[0] if quality else axes
     for i, tier in enumerate(report["tiers"]):
         color = f"C{i}"
         betas = [r["beta"] for r in tier["rows"]]
@@ -83,11 +94,46 @@ def bench_plot(report: dict, path: Path) -> Path:
     ax.set_title("FlexRank budgets per device tier")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    if quality:
+        _quality_panel(axes[1], report)
     fig.tight_layout()
     with atomic_path(path) as tmp:  # a full disk leaves no half PNG
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+def _quality_points(tier: dict) -> list[dict]:
+    d = tier.get("decision") or {}
+    return [c for c in d.get("candidates", [])
+            if c["ppl"] is not None and c["decode_tokens_per_s"]]
+
+
+def _quality_panel(ax, report: dict) -> None:
+    """Perplexity (measured) vs decode ms/token (predicted): filled = meets every target
+    of the tier, hollow = does not; the tier's choice ringed and labelled."""
+    markers = {"fp32": "o", "int8": "s", "int4": "^", "8da4w": "D"}
+    for i, tier in enumerate(report["tiers"]):
+        color = f"C{i}"
+        for c in _quality_points(tier):
+            x, y = 1e3 / c["decode_tokens_per_s"], c["ppl"]
+            ax.plot(x, y, markers.get(c["precision"], "o"), color=color, markersize=6,
+                    markerfacecolor=color if c["fits"] else "none")
+            if c["chosen"]:
+                ax.plot(x, y, "o", markersize=16, markerfacecolor="none", color=color,
+                        markeredgewidth=2)
+                ax.annotate(f"{tier['profile']}: β {c['beta']:g} {c['precision']}", (x, y),
+                            textcoords="offset points", xytext=(8, 6 + 9 * i), fontsize=7,
+                            color=color)
+        ax.plot([], [], "o", color=color, label=tier["profile"])
+    for precision, marker in markers.items():
+        ax.plot([], [], marker, color="gray", markerfacecolor="none", label=precision)
+    ax.set_xscale("log")
+    ax.set_xlabel("decode ms/token (predicted on the tier, log)")
+    ax.set_ylabel("held-out perplexity (measured)")
+    ax.set_title("Quality vs latency; filled = meets the tier's targets, ring = its choice")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def cmd_bench(args) -> int:
