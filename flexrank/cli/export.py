@@ -26,9 +26,9 @@ from pathlib import Path
 
 from flexrank.cli.compress import budget_list, whole_number
 from flexrank.compress.aliases import ALIASES, DEFAULT_MODEL
-from flexrank.compress.quality import PRECISIONS
 from flexrank.device.decide import DEFAULT_QUALITY_TOLERANCE
 from flexrank.device.host import host_threads
+from flexrank.device.predict import PRECISION_BITS
 from flexrank.exporters import (
     Deployment,
     Format,
@@ -74,7 +74,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="auto (with --precision auto: the (β, precision) of best measured "
                         "quality that meets every target, then the smallest within "
                         "--quality-tolerance), all, or a β of the plan (default: auto)")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+    p.add_argument("--precision", choices=("auto", *PRECISION_BITS), default="auto",
                    help="auto (chosen with the budget among the precisions the format's "
                         "runtime ships: onnxruntime fp32, int8, int4; executorch fp32, "
                         "8da4w) or one of them (default: auto; fp32 without a profile)")
