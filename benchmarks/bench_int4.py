@@ -27,7 +27,7 @@ onnxruntime-genai 0.18 as the runtime for every model, in one process.
    Tokenization: the `tokenizers` library on the HF folder's tokenizer.json, the same ids
    for every model.
 4. Independent check: the dense model's perplexity and argmax in PyTorch (a child
-   process; `flexrank.compress.evaluate`'s windows), against which the builder's fp32
+   process; the same windows), against which the builder's fp32
    graph under onnxruntime-genai is compared.
 
 Prints the table, the issue's targets each met or missed, and where each model's bytes
@@ -336,19 +336,21 @@ def profile_decode(folder: Path, prompt: np.ndarray, steps: int, threads: int,
 # ---- the PyTorch reference ------------------------------------------------------------
 
 TORCH_REFERENCE = """
-import json, sys, numpy as np, torch, torch.nn.functional as F
+import json, math, numpy as np, torch, torch.nn.functional as F
 import flexrank
-from flexrank.compress.evaluate import perplexity
 torch.set_num_threads({threads})
 model, _ = flexrank.load_model({hf_dir!r})
 ids = torch.from_numpy(np.load({ids!r})).long()
-argmax = []
+argmax, nll, count = [], 0.0, 0
 with torch.no_grad():
     for start in range(0, len(ids) - 1, {window}):
         chunk = ids[start:start + {window}]
-        argmax.append(model(input_ids=chunk[None]).logits[0, :-1].argmax(-1).numpy())
+        logits = model(input_ids=chunk[None]).logits[0, :-1].double()
+        nll += float(F.cross_entropy(logits, chunk[1:], reduction="sum"))
+        count += len(chunk) - 1
+        argmax.append(logits.argmax(-1).numpy())
 np.save({argmax_out!r}, np.concatenate(argmax))
-json.dump({{"ppl": perplexity(model, ids, {window})}}, open({json_out!r}, "w"))
+json.dump({{"ppl": math.exp(nll / count)}}, open({json_out!r}, "w"))
 """
 
 
@@ -465,7 +467,9 @@ def measure(args, entries: list[Entry]) -> dict:
         e.figures.update(ppl=ppl, top1=float((argmax == reference).mean()),
                          top1_torch=float((argmax == torch_argmax).mean()))
     prompt = ids[:args.prompt_tokens].astype(np.int32)
+    load_before = os.getloadavg()[0]  # the host is shared: say how busy it was
     times = time_interleaved(models, prompt, args.decode_tokens, args.rounds)
+    load_after = os.getloadavg()[0]
     peer = times["builder int4"]
     for e in entries:
         t = times[e.name]
@@ -479,7 +483,8 @@ def measure(args, entries: list[Entry]) -> dict:
         if e.name in args.profile_list:
             e.figures["profile"] = profile_decode(e.folder, prompt, args.decode_tokens,
                                                   args.threads, args.out)
-    return {"torch_ppl": torch_ppl, "tokens": len(ids), "window": args.window}
+    return {"torch_ppl": torch_ppl, "tokens": len(ids), "window": args.window,
+            "load_average_1min": [load_before, load_after], "cpus": os.cpu_count()}
 
 
 def report(entries: list[Entry], meta: dict) -> str:
@@ -501,10 +506,13 @@ def report(entries: list[Entry], meta: dict) -> str:
         [[e.name] + [f"{e.figures['bytes'].get(op, 0) / 1e6:.1f}" for op in
                      ("Gather", "GatherBlockQuantized", "MatMulNBits", "MatMul", "other")]
          for e in entries])
+    load = (f"Timed with {meta['cpus']} CPUs at a 1-minute load average of "
+            f"{meta['load_average_1min'][0]:.1f} before and {meta['load_average_1min'][1]:.1f} "
+            "after the timing rounds.")
     check = (f"PyTorch float32 reference (dense model, same tokens): perplexity "
              f"{meta['torch_ppl']:.2f}; builder fp32 under onnxruntime-genai "
              f"{dense['ppl']:.2f}, top-1 agreement with PyTorch {dense['top1_torch']:.3f}")
-    parts = [table, check, targets(entries, peer, dense), "Where the bytes go "
+    parts = [table, load, check, targets(entries, peer, dense), "Where the bytes go "
              "(initializers by the op that reads them):", where]
     profiled = [e for e in entries if "profile" in e.figures]
     if profiled:
