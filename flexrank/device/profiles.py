@@ -14,6 +14,10 @@ how the number was derived. Only the `host` tier may write `value: measured` (wi
 `measured: …` source): `flexrank.device.host.resolve_measured` fills those in at run time.
 Targets and runtime settings are plain numbers (they are requirements, not facts).
 
+An optional `download_limit_mb` (a mapping with its source, like the hardware numbers) is
+the largest download the app may ship: a store's cellular or base-module limit; the
+decision checks each candidate's deployed weights against it (`flexrank.device.decide`).
+
 Units are decimal: 1 GB = 10⁹ bytes, 1 GB/s = 10⁹ bytes/s. `compute_gflops` is the peak
 fp32 FMA throughput of the cores the runtime's threads run on; `memory_bandwidth_gbps`
 is the peak DRAM bandwidth. What a runtime reaches of either is an efficiency factor of
