@@ -74,12 +74,16 @@ def tier_decision(candidates: list[Candidate], shipped) -> dict | None:
 def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
     """Measure every budget of the bundle for every profile; return the report dict."""
     from flexrank.device.host import host_key, host_threads
+    from flexrank.manifest import load_manifest
     from flexrank.runtime.session import ElasticSession
 
     dist = Path(dist_dir)
     profiles = [load_profile(name) for name in profile_names]  # fail early on a bad name
-    session = ElasticSession(dist, threads=host_threads(profiles[0]) if profiles else None)
-    manifest = session.manifest
+    manifest = load_manifest(dist)
+    session = None  # ExecuTorch programs are predicted only: ElasticSession runs onnxruntime
+    if str(manifest.export_format) != "executorch":
+        session = ElasticSession(dist, threads=host_threads(profiles[0]) if profiles else None,
+                                 manifest=manifest)
     deployment = manifest.deployment
     costs = [BudgetCost(**c) for c in (deployment.budget_costs if deployment else [])]
     if not costs:
@@ -97,7 +101,7 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
         for cost in sorted(costs, key=lambda c: c.beta, reverse=True):
             prediction = predict(cost, shipped, efficiency)
             checks = check_targets(prediction, shipped, cost.encoder, cost=cost)
-            exported = any(same_budget(cost.beta, b) for b in session.budgets)
+            exported = any(same_budget(cost.beta, b) for b in manifest.betas)
             row = {"beta": cost.beta, "exported": exported,
                    "predicted": {"label": "predicted", "ttft_s": prediction.ttft_s,
                                  "decode_tokens_per_s": prediction.decode_tokens_per_s,
@@ -105,7 +109,7 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
                                  "fits": all(c.passed for c in checks)},
                    "weights": {"bytes": cost.weight_bytes_total, "whole_kept": cost.whole_kept},
                    "measured": None}
-            if row["exported"]:
+            if row["exported"] and session is not None:
                 key = (threads, prompt, cost.beta)
                 if key not in measured:
                     logger.info("measuring β %g with %d threads, prompt %d", cost.beta, threads,
