@@ -7,6 +7,11 @@ Exact mode over all 210 layers x 16 levels takes too long for this benchmark's b
 both modes are timed on the same first --layers layers (which are the most expensive:
 probing block b reruns blocks b..29) and the whole-model time is extrapolated from the
 measured per-layer cost, stated as such. Block caching is timed against no caching too.
+
+    .venv/bin/python benchmarks/bench_probe.py --out DIR --top-k 64 --samples 4 --layers 6
+
+times the default probe with the full-vocabulary KL against the top-k KL (issue 20),
+layer by layer, interleaved, and compares the measured entries.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import CALIBRATION_SPAN, SHAKESPEARE
 from safetensors.torch import load_model as load_st
@@ -34,6 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/flexrank-bench")
     parser.add_argument("--layers", type=int, default=14)
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="instead: full-vocabulary KL against top-k KL, interleaved")
+    parser.add_argument("--samples", type=int, default=2, help="probe sequences of 256")
     args = parser.parse_args()
     torch.set_num_threads(2)
     teacher, tokenizer = flexrank.load_model("smollm2-135m")
@@ -41,9 +50,11 @@ def main() -> None:
     path = Path(args.out) / "stages" / "decomposed.safetensors"
     restructure_(student, json.loads(_safetensors_meta(path)))
     load_st(student, str(path), strict=False)
-    batches = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=2, seq_len=256,
-                                        span=CALIBRATION_SPAN, batch_size=2)
+    batches = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=args.samples,
+                                        seq_len=256, span=CALIBRATION_SPAN, batch_size=2)
     names = list(nested_layers(student))
+    if args.top_k:
+        return compare_top_k(student, teacher, batches, names[:args.layers], args)
     rows = []
     for mode, cached in (("fast", True), ("exact", True), ("exact", False)):
         start = time.perf_counter()
@@ -57,6 +68,33 @@ def main() -> None:
                         "extrapolated 210 layers (min)"], rows,
                        title="\nProbe time, SmolLM2-135M, 2 x 256 probe tokens, 16 levels"))
 
+
+def compare_top_k(student, teacher, batches, names, args) -> None:
+    """The default probe (fast, 16 levels, 3 measured ranks) of `names` with the
+    full-vocabulary KL and with the top-k KL, twice each in the order A B B A on the same
+    batches: seconds per layer (each run's teacher pass and block cache amortised over
+    the layers) and how the measured entries agree."""
+    configs = {"full KL": ProbeConfig(), f"top-{args.top_k} KL": ProbeConfig(top_k=args.top_k)}
+    labels = list(configs)
+    seconds = {label: [] for label in labels}
+    rows = {}
+    for label in labels + labels[::-1]:
+        start = time.perf_counter()
+        sens = probe(student, teacher, batches, configs[label], only=names, progress=False)
+        seconds[label].append((time.perf_counter() - start) / len(names))
+        rows[label] = sens.errors[:, sens.meta["probe_levels"]].ravel()
+    full, top = rows[labels[0]], rows[labels[1]]
+    spearman = np.corrcoef(np.argsort(np.argsort(full)), np.argsort(np.argsort(top)))[0, 1]
+    table = [[label, float(np.median(seconds[label])),
+              float(np.median(seconds[label])) * 210 / 60] for label in labels]
+    print(format_table(["damage", "median s/layer", "x 210 layers (min)"], table,
+                       title=f"\nProbe of {len(names)} layers of SmolLM2-135M, "
+                             f"{len(batches)} batch(es) of 2 x 256 tokens, fast mode"))
+    ratio = np.median(seconds[labels[0]]) / np.median(seconds[labels[1]])
+    print(f"time ratio full / top-k: {ratio:.2f}; runs (s/layer): {seconds}")
+    print(f"measured entries: {full.size}; Spearman rank correlation {spearman:.4f}; "
+          f"top-k / full median {np.median(top / full):.3f} "
+          f"(range {np.min(top / full):.3f}-{np.max(top / full):.3f})")
 
 
 if __name__ == "__main__":
