@@ -1,7 +1,10 @@
 """Run under `torchrun --nproc_per_node N`: covariance on this rank's shard of the batches
 (all-reduced) and a few distillation steps on this rank's slice of each global batch.
-Rank 0 writes the results to argv[1]. Used by test_distributed.py."""
+Rank 0 writes the results to argv[1]. With `--fsdp` as argv[2], Accelerate is asked for
+FSDP (full shard); where it gives another distributed type, rank 0 writes argv[1] + ".skip"
+with what it gave instead and nothing runs. Used by test_distributed.py."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,11 +20,25 @@ from flexrank.compress.distill import distill
 STEPS = 4
 
 
-def run(out: Path) -> None:
+def make_accelerator(fsdp: bool) -> Accelerator:
+    if not fsdp:
+        return Accelerator(cpu=True)
+    from accelerate import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
+    return Accelerator(cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
+
+
+def run(out: Path, fsdp: bool = False) -> None:
     # built before the process group exists, so each rank decomposes from its own full sums
     student, teacher, plan, train, _ = tiny_elastic(seed=7)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    accelerator = Accelerator(cpu=True)
+    accelerator = make_accelerator(fsdp)
+    if fsdp and accelerator.distributed_type != "FSDP":
+        if accelerator.is_main_process:
+            Path(f"{out}.skip").write_text(json.dumps({"distributed_type": str(
+                accelerator.distributed_type)}))
+        return
     rank, world = accelerator.process_index, accelerator.num_processes
     stats = collect_covariances(teacher, train[rank::world], progress=False)
     config = DistillConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=1,
@@ -37,4 +54,4 @@ def run(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]))
+    run(Path(sys.argv[1]), fsdp=sys.argv[2:] == ["--fsdp"])
