@@ -132,19 +132,27 @@ def test_int4_accuracy_level_4_quantizes_activations_in_int8_blocks(tmp_path):
     assert emulated < 0.05 * ignored, (emulated, ignored)
 
 
-def test_8da4w_equals_torchao_quantized_linear():
+@pytest.mark.parametrize("scales", ["hqq_bf16", "absmax"])
+def test_8da4w_equals_torchao_quantized_linear(scales):
+    """Against torchao's own quantization of an nn.Linear: "hqq_bf16" with the exporter's
+    config (exporters/executorch/quant.py: HQQ scale-only, bfloat16 scales), "absmax" with
+    torchao's defaults."""
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
 
+    options = {"weight_scale_dtype": torch.bfloat16,
+               "intx_choose_qparams_algorithm": "hqq_scale_only"} if scales == "hqq_bf16" else {}
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48, bias=True)
     x = torch.randn(3, 5, 128)
     with torch.no_grad():
-        ours = QuantSpec("8da4w", 32).linear(x, linear.weight, linear.bias)
-        our_weight = fake_quantize_8da4w(linear.weight, 32)
+        ours = QuantSpec("8da4w", 32, scales=scales).linear(x, linear.weight, linear.bias)
+        our_weight = fake_quantize_8da4w(linear.weight, 32, scales)
         floats = linear(x)
         quantize_(linear, Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=PerGroup(32)))  # exporters' call
+            weight_dtype=torch.int4, weight_granularity=PerGroup(32), **options))
+        if linear.weight.scale.dtype == torch.bfloat16:  # the exporter holds them as float32
+            linear.weight.scale = linear.weight.scale.float()
         theirs = linear(x)
         their_weight = linear.weight.dequantize()
     assert torch.allclose(our_weight, their_weight, rtol=1e-6, atol=1e-7)
@@ -172,7 +180,8 @@ def test_8da4w_forward_and_gradients_equal_torchaos_qat():
     weight = linear.weight.detach().clone().requires_grad_(True)
     x = torch.randn(3, 5, 128, requires_grad=True)
     upstream = torch.randn(3, 5, 48)
-    (QuantSpec("8da4w", 32).linear(x, weight, linear.bias) * upstream).sum().backward()
+    spec = QuantSpec("8da4w", 32, scales="absmax")  # torchao QAT's own scales
+    (spec.linear(x, weight, linear.bias) * upstream).sum().backward()
     ours = (x.grad.clone(), weight.grad.clone())
     x.grad = None
     base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
@@ -183,7 +192,7 @@ def test_8da4w_forward_and_gradients_equal_torchaos_qat():
     out = prepared(x)
     (out * upstream).sum().backward()
     with torch.no_grad():
-        again = QuantSpec("8da4w", 32).linear(x, weight, linear.bias)
+        again = spec.linear(x, weight, linear.bias)
         plain = torch.nn.functional.linear(x, weight, linear.bias)
     assert torch.allclose(again, out, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(plain, out, rtol=1e-3, atol=1e-3)
@@ -269,6 +278,43 @@ def test_fake_quantized_model_equals_the_exported_int4_graph(tmp_path):
     scale = float(np.abs(ours).max())
     assert np.abs(got - ours).max() <= 1e-4 * scale
     assert np.abs(got - floats).max() > 0.1 * scale
+
+
+def test_fake_quantized_model_equals_the_exported_8da4w_model():
+    """The tiny Llama at β = 0.4 and 1 (plain and dense layers, ranks rounded to the group,
+    the lm_head and the 8-bit embedding): `quantized_copy(model, "8da4w")` equals the model
+    the ExecuTorch exporter lowers (deployable_model → linear_forms_ → quantize_8da4w_, in
+    eager PyTorch); the float model is far from both."""
+    from conftest import char_tokenizer, token_batches
+    from elastic_fixtures import nested_plan
+    from test_int4 import HELD_OUT, int4_llama
+
+    from flexrank.compress.covariance import collect_covariances
+    from flexrank.compress.elastic import ElasticModel
+    from flexrank.compress.surgery import factorize_
+    from flexrank.exporters.common.forms import FormPolicy, deployable_model, quantized_policy
+    from flexrank.exporters.executorch.export import exported_ranks
+    from flexrank.exporters.executorch.quant import linear_forms_, quantize_8da4w_
+
+    model = int4_llama(init_std=0.2)
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    elastic = ElasticModel(model, nested_plan(model, (0.4, 1.0)), tokenizer=char_tokenizer(),
+                           model_id="qat_llama")
+    for beta in (0.4, 1.0):
+        ranks = exported_ranks(elastic, beta, "8da4w", 32)
+        deployed, records = deployable_model(model, ranks, policy=quantized_policy(FormPolicy()))
+        linear_forms_(deployed)
+        report = quantize_8da4w_(deployed, list(ranks), 32)
+        assert not report.skipped and "lm_head" in report.quantized
+        elastic.set_budget(beta)  # the plan's ranks: the copy rounds them as the export does
+        with torch.no_grad():
+            theirs = deployed(input_ids=HELD_OUT).logits
+            ours = quantized_copy(model, "8da4w")(input_ids=HELD_OUT).logits
+            floats = model(input_ids=HELD_OUT).logits
+        scale = float(theirs.abs().max())
+        assert float((ours - theirs).abs().max()) <= 1e-5 * scale, beta
+        assert float((floats - theirs).abs().max()) > 0.1 * scale
 
 
 def test_qat_distillation_beats_plain_distillation_after_int4_quantization():

@@ -160,17 +160,71 @@ def _torchao_fake_quantizers(group_size: int):
     return IntxFakeQuantizer(activations), IntxFakeQuantizer(weights)
 
 
-def fake_quantize_8da4w(weight: torch.Tensor, group_size: int = 32) -> torch.Tensor:
-    """W (out, in) as torchao's 8da4w stores it: symmetric int4 per group of `group_size`
-    along `in`, through torchao's QAT weight fake quantizer (straight-through gradient).
+# 8da4w weight scales: "hqq_bf16" as exporters/executorch/quant.py stores them (ExecuTorch's
+# LLM export: HQQ scale-only search, scales rounded to bfloat16 as XNNPACK keeps them);
+# "absmax": torchao's QAT fake quantizer (max |w| / 7.5 per group, float32 scales)
+SCALES_8DA4W = ("hqq_bf16", "absmax")
 
-    Raises ValueError when `in` is not a multiple of `group_size` (torchao would leave such
-    a layer in float) or the group size is not one XNNPACK takes."""
+
+def _torchao_dequantized(weight: torch.Tensor, config) -> torch.Tensor:
+    """W (out, in) quantized by torchao's `quantize_(…, config)` as the exporter does it,
+    dequantized to float32 (bfloat16 scales held as float32 first, as the exporter's
+    `_float32_scales_`). No gradient."""
+    from torchao.quantization.quant_api import quantize_
+
+    with torch.no_grad():
+        holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        holder[0].weight.data = weight.detach().float().clone()
+        quantize_(holder, config)
+        quantized = holder[0].weight
+        if getattr(quantized, "scale", None) is not None \
+                and quantized.scale.dtype == torch.bfloat16:
+            quantized.scale = quantized.scale.float()
+        return quantized.dequantize().float()
+
+
+def fake_quantize_8da4w(weight: torch.Tensor, group_size: int = 32,
+                        scales: str = "hqq_bf16") -> torch.Tensor:
+    """W (out, in) as 8da4w stores it: symmetric int4 per group of `group_size` along
+    `in`. `scales` "hqq_bf16": torchao's `Int8DynamicActivationIntxWeightConfig` with HQQ
+    scale-only search and bfloat16 scales, the exporter's call (exporters/executorch/
+    quant.py), straight-through gradient; "absmax": torchao's QAT weight fake quantizer
+    (its gradient also flows through the scales).
+
+    Raises ValueError when `in` is not a multiple of `group_size` (the exporter would leave
+    such a layer in float), for a group size XNNPACK does not take, or unknown `scales`."""
     if weight.dim() != 2:
         raise ValueError(f"fake_quantize_8da4w takes a 2-D (out, in) weight, got shape "
                          f"{tuple(weight.shape)}")
     _check_group(weight.shape[1], group_size)
-    return _torchao_fake_quantizers(group_size)[1](weight)
+    if scales == "absmax":
+        return _torchao_fake_quantizers(group_size)[1](weight)
+    if scales != "hqq_bf16":
+        raise ValueError(f"8da4w scales {scales!r} is not one of {list(SCALES_8DA4W)}")
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+        weight_scale_dtype=torch.bfloat16, intx_choose_qparams_algorithm="hqq_scale_only")
+    return _ste(weight, _torchao_dequantized(weight, config).to(weight.dtype))
+
+
+def fake_quantize_embedding_8da4w(table: torch.Tensor, bits: int = 8,
+                                  group_size: int = 32) -> torch.Tensor:
+    """An embedding table (vocab, hidden) as an 8da4w export stores it, weight-only:
+    `bits` 8 with one scale per row, 4 in groups of `group_size` (torchao's
+    `IntxWeightOnlyConfig` with HQQ scale-only search: exporters/executorch/quant.py
+    `quantize_embeddings_`, ExecuTorch's `-E 8,0` / `-E 4,g`). Straight-through gradient."""
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    if bits not in (4, 8):
+        raise ValueError(f"8da4w embeddings are stored in 8 or 4 bits, not {bits}")
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int8 if bits == 8 else torch.int4,
+                                  granularity=PerAxis(0) if bits == 8 else PerGroup(group_size),
+                                  intx_choose_qparams_algorithm="hqq_scale_only")
+    return _ste(table, _torchao_dequantized(table, config).to(table.dtype))
 
 
 def fake_quantize_per_token_int8(x: torch.Tensor) -> torch.Tensor:
@@ -212,10 +266,14 @@ class QuantSpec:
     symmetric: bool = True  # int4 only: zero point 8 implied (the exporter's default)
     activations: bool = True
     align_ranks: bool = True
-    # int4 only: the tied embedding / lm_head table, 4 or 8 (the exporter's
-    # OnnxExportConfig.int4_embedding_bits: one table in blocks along the hidden axis, read
-    # by the lm_head MatMulNBits and the embedding's GatherBlockQuantized) or 32 (float)
-    embedding_bits: int = 4
+    # The embedding table's bits; None: the exporter's default for the scheme.
+    # int4: the tied embedding / lm_head table, 4 (default) or 8 (OnnxExportConfig.
+    # int4_embedding_bits: one table in blocks along the hidden axis, read by the lm_head
+    # MatMulNBits and the embedding's GatherBlockQuantized) or 32 (float).
+    # 8da4w: the input embedding, weight-only, 8 per row (default), 4 grouped or 32
+    # (ExecutorchExportConfig.embedding_bits); a tied lm_head is 8da4w like any Linear.
+    embedding_bits: int | None = None
+    scales: str = "hqq_bf16"  # 8da4w only: SCALES_8DA4W
 
     def __post_init__(self):
         if self.scheme not in QAT_SCHEMES:
@@ -225,15 +283,19 @@ class QuantSpec:
         if self.block_size not in sizes:
             raise ValueError(f"{self.scheme} block size {self.block_size} is not supported; "
                              f"choose one of {list(sizes)}")
+        if self.embedding_bits is None:
+            object.__setattr__(self, "embedding_bits", 4 if self.scheme == "int4" else 8)
         if self.embedding_bits not in (4, 8, 32):
             raise ValueError(f"embedding_bits {self.embedding_bits} must be 4, 8 or 32")
+        if self.scales not in SCALES_8DA4W:
+            raise ValueError(f"scales {self.scales!r} is not one of {list(SCALES_8DA4W)}")
 
     def weight(self, w: torch.Tensor, bits: int = 4) -> torch.Tensor:
         """(out, in) -> its fake-quantized value (straight-through gradient); `bits` 8:
         an int4 export's 8-bit tied table."""
         if self.scheme == "int4":
             return fake_quantize_blockwise(w, bits, self.block_size, self.symmetric)
-        return fake_quantize_8da4w(w, self.block_size)
+        return fake_quantize_8da4w(w, self.block_size, self.scales)
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         if not self.activations:
@@ -275,9 +337,13 @@ def linear_forward(layer: nn.Linear, spec: QuantSpec, bits: int,
 
 
 def embedding_forward(layer: nn.Embedding, spec: QuantSpec, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of the table quantized as the tied lm_head's (GatherBlockQuantized reads the
-    same codes)."""
-    table = spec.weight(layer.weight, spec.embedding_bits)  # (vocab, hidden)
+    """Rows of the table as the export stores it: int4, the tied lm_head's blocks
+    (GatherBlockQuantized reads the same codes); 8da4w, weight-only rows or groups."""
+    if spec.scheme == "int4":
+        table = spec.weight(layer.weight, spec.embedding_bits)  # (vocab, hidden)
+    else:
+        table = fake_quantize_embedding_8da4w(layer.weight, spec.embedding_bits,
+                                              spec.block_size)
     return F.embedding(ids, table, layer.padding_idx, layer.max_norm, layer.norm_type,
                        layer.scale_grad_by_freq, layer.sparse)
 
@@ -292,8 +358,9 @@ def quantized_modules(model: nn.Module, spec: QuantSpec) -> dict[str, nn.Module]
     every plain `nn.Linear` it quantizes. int4: a Linear tied to the embedding table
     stays float with `embedding_bits` 32 (its weight is a Transpose of the table, not a
     constant), else it and the embedding are quantized at `embedding_bits`; 8da4w: every
-    Linear whose input width is a multiple of the group (exporters/executorch/quant.py),
-    embeddings float. Convolutions are left in float by both."""
+    Linear whose input width is a multiple of the group, the lm_head included, and the
+    embeddings unless `embedding_bits` is 32 (exporters/executorch/quant.py).
+    Convolutions are left in float by both."""
     tables = _tied_to_embedding(model) if spec.scheme == "int4" else set()
     linears = {id(m.weight) for m in model.modules() if type(m) is nn.Linear}
     tied = tables & linears
@@ -302,6 +369,8 @@ def quantized_modules(model: nn.Module, spec: QuantSpec) -> dict[str, nn.Module]
         if isinstance(module, NestedLinear):
             return True
         if id(getattr(module, "weight", None)) in tied:
+            return spec.embedding_bits != 32
+        if isinstance(module, nn.Embedding) and spec.scheme == "8da4w":
             return spec.embedding_bits != 32
         return type(module) is nn.Linear and spec.quantizes(module.in_features)
 
