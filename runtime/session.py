@@ -274,8 +274,8 @@ class ElasticSession:
         """Refuse token ids outside [0, vocab): onnxruntime would stop inside the embedding
         Gather with a message about a node, not about the prompt."""
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"),
-                     None)
-        if not isinstance(vocab, int):  # encoders: no logits, the config says
+                     None) if self.kind == "decoder" else None
+        if not isinstance(vocab, int):  # encoders (a classifier's logits are classes): config
             vocab = self._graph_config().get("vocab_size")
         if not isinstance(vocab, int) or ids.size == 0:
             return
