@@ -351,3 +351,20 @@ def test_real_measurements_are_positive(monkeypatch):
     monkeypatch.setattr(host_module, "_timed", lambda fn: (fn(), 0.002)[1])
     assert REAL_MATMUL(n=128, repeats=2) == pytest.approx(2 * 128**3 / 0.002 / 1e9)
     assert REAL_COPY(mib=8, repeats=2) == pytest.approx(2 * 8 * 2**20 / 0.002 / 1e9)
+
+
+def test_host_tier_uses_the_precision_factors_measured_there():
+    from flexrank.device.predict import HOST_PRECISION_FACTORS
+
+    host = resolve_measured(load_profile("host"))  # onnxruntime/cpu, tier host
+    bandwidth, compute = HOST_PRECISION_FACTORS[("onnxruntime", "int4")]
+    eff = efficiency_for(host, "int4")
+    assert eff.bandwidth == pytest.approx(0.6 * bandwidth) and eff.compute_scale == compute
+    assert "measured on the x86 host" in eff.source
+    # a device running the same runtime keeps the a-priori factors (Arm dot products)
+    assert efficiency_for(load_profile("raspberry-pi5"), "int4").compute_scale == 4.0
+    # the same 4-bit graph predicted on the host: slower prefill than fp32 there, as measured
+    cost = decoder_cost(SMOLLM2_135M, weight_bits=5)
+    fp32 = predict(decoder_cost(SMOLLM2_135M), host, efficiency_for(host, "fp32"))
+    int4 = predict(cost, host, eff)
+    assert int4.ttft_s > fp32.ttft_s and int4.decode_s_per_token < fp32.decode_s_per_token

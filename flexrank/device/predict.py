@@ -98,8 +98,8 @@ PRECISION_BITS = {"fp32": 32, "int8": 8, "int4": 5, "8da4w": 5}
 # their compute peak is 4x fp32 (compute_scale 4) at the same 0.5 kernel efficiency. The
 # bandwidth factor stays 0.6: Arm's 4-bit kernels unpack nibbles in registers while the
 # next weights stream in (the published 4-bit decode rates are memory-bound at that factor).
-# On the x86 host the 4-bit kernels reach far less of the bandwidth (they dequantise at
-# batch 1 and do not hide it): `HOST_PRECISION_BANDWIDTH`, measured, applies on tier host.
+# On the x86 host the quantized kernels reach other fractions (measured:
+# `HOST_PRECISION_FACTORS`, applied on the host tier).
 _DEFAULT_SOURCE = ("default for {}: a-priori estimate (bandwidth 0.6, compute 0.5, 50 µs/layer), "
                    "not measured; calibrate on the host with calibrate_efficiency()")
 _QUANT_SOURCE = ("default for {}: a-priori estimate (bandwidth 0.6, compute 0.5 of an int8 "
@@ -114,10 +114,20 @@ QUANTIZED_EFFICIENCY = {
     for rt, be, prec in (("executorch", "xnnpack", "8da4w"), ("onnxruntime", "cpu", "int8"),
                          ("onnxruntime", "cpu", "int4"))
 }
-# Measured on the 2-core x86 host (AVX-512 VNNI), SmolLM2-135M β = 1, onnxruntime 1.32, 2
-# threads, decode steps interleaved in one process (benchmarks/bench_precision.py; figures
-# in BENCHMARKS.md): the bandwidth factor relative to fp32's that each precision reaches.
-HOST_PRECISION_BANDWIDTH: dict[tuple[str, str], float] = {}
+# Measured on the 2-core x86 host (AVX-512 VNNI), SmolLM2-135M β = 1, 2 threads, each
+# precision's runs interleaved with fp32's in one process; BENCHMARKS.md, "The decision
+# over β × precision (issue 17)". (bandwidth factor, compute factor) relative to fp32's:
+# bandwidth = bytes ratio × fp32 decode time / decode time; compute = fp32 prefill time /
+# prefill time. onnxruntime: benchmarks/bench_precision.py (a loaded host); ExecuTorch:
+# benchmarks/bench_executorch.py's 8da4w and fp32 programs (BENCHMARKS.md, issues 6 and 5).
+# Used for the host tier only: x86 kernels do not hide the 4-bit unpacking at batch 1 and
+# get little from int8 in prefill, so these do not transfer to Arm phones (the published
+# 4-bit points are met by the a-priori factors above, not by these: BENCHMARKS.md).
+HOST_PRECISION_FACTORS: dict[tuple[str, str], tuple[float, float]] = {
+    ("onnxruntime", "int8"): (0.84, 1.73),
+    ("onnxruntime", "int4"): (0.83, 0.80),
+    ("executorch", "8da4w"): (0.48, 1.52),
+}
 
 
 def default_efficiency(profile: DeviceProfile) -> Efficiency:
@@ -139,11 +149,13 @@ def efficiency_for(profile: DeviceProfile, precision: str = "fp32") -> Efficienc
         raise ValueError(f"{profile.runtime}/{profile.backend} does not run {precision} "
                          f"(profile {profile.name}); choose one of its precisions")
     eff = QUANTIZED_EFFICIENCY[key]
-    measured = HOST_PRECISION_BANDWIDTH.get((profile.runtime, precision))
+    measured = HOST_PRECISION_FACTORS.get((profile.runtime, precision))
     if profile.tier == "host" and measured is not None:
-        eff = Efficiency(base.bandwidth * measured, eff.compute, eff.overhead_per_layer_s,
-                         f"{eff.source}; bandwidth {measured:.3g} x fp32's as measured on the "
-                         "x86 host", eff.compute_scale)
+        bandwidth, compute = measured
+        eff = Efficiency(base.bandwidth * bandwidth, base.compute, base.overhead_per_layer_s,
+                         f"host {profile.runtime} {precision}: bandwidth {bandwidth:.3g} x and "
+                         f"compute {compute:.3g} x fp32's, measured on the x86 host",
+                         compute_scale=compute)
     return eff
 
 
