@@ -279,7 +279,7 @@ class Decision:
         names = [c.target for c in self.rows[0].checks] if self.rows else []
         header = ["beta", "precision", "ppl", "KL",
                   *[f"{n} {_UNITS[n][0]}" for n in names], "fits", "whole kept",
-                  "weights MB", ""]
+                  *([] if "size" in names else ["weights MB"]), ""]
         body = []
         for r in self.rows:
             q = r.quality
@@ -288,14 +288,16 @@ class Decision:
                          "-" if q is None or q.kl is None else f"{q.kl:.3g}",
                          *[f"{c.predicted:.3g} {'ok' if c.passed else 'FAIL'}"
                            for c in r.checks],
-                         "yes" if r.fits else "no", *_size_cells(r.cost),
+                         "yes" if r.fits else "no",
+                         *_size_cells(r.cost)[:1 if "size" in names else 2],
                          "<- chosen" if r is self.chosen else ""])
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         for row in [header, *body]:
             lines.append("  ".join(cell.rjust(w) for cell, w in
                                    zip(row, widths, strict=True)).rstrip())
-        lines.append(BETA_LABEL + "; ppl/KL = measured on held-out text (KL to the original "
-                     "model, nats/token); the rest predicted")
+        lines.append(BETA_LABEL.replace("weights MB", "size/weights MB")
+                     + "; ppl/KL = measured on held-out text (KL to the original model, "
+                     "nats/token); the rest predicted")
         chosen = "none" if self.chosen is None else self.chosen.label()
         lines.append(f"Chosen: {chosen}. {self.explanation}")
         return "\n".join(lines)
