@@ -103,3 +103,43 @@ def test_bf16_model_stays_bf16_and_full_rank_factors_reproduce_it(blockwise):
     # the whole factorised model at full rank against the dense bf16 model
     drift = (logits - reference).norm() / reference.norm()
     assert drift < 4 * bf16_eps, f"logits drift {drift:.2e}"
+
+
+def test_compress_in_bf16_and_resume_only_as_bf16(tmp_path):
+    """compress(dtype=bf16): the elastic student is bf16 and finite, the full budget
+    reproduces the bf16 teacher within bf16 rounding, and the folder does not resume as
+    float32; student_copy(share=True) holds the teacher's own untouched tensors."""
+    from conftest import char_tokenizer
+
+    from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
+    from flexrank.compress.pipeline import CompressError, compress, student_copy
+
+    teacher = tiny_llama(init_std=0.2)
+    teacher.save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"{i} the quick brown fox jumps over the lazy dog\n"
+                            for i in range(400)))
+    config = CompressConfig(calib=str(text), num_samples=16, seq_len=32, eval_samples=0,
+                            batch_size=4, budgets=(1.0, 0.7),
+                            probe=ProbeConfig(mode="fast", num_levels=4, probe_points=1),
+                            probe_samples=2, distill=DistillConfig(steps=0))
+    elastic, _ = compress(tmp_path / "model", tmp_path / "out", config, dtype=torch.bfloat16)
+    student = elastic.model
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    reference = teacher.to(torch.bfloat16)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    elastic.set_budget(1.0)
+    with torch.no_grad():
+        got, want = student(ids).logits.double(), reference(ids).logits.double()
+    bf16_eps = torch.finfo(torch.bfloat16).eps
+    assert (got - want).norm() / want.norm() < 4 * bf16_eps
+    with pytest.raises(CompressError, match="differs in: dtype"):
+        compress(tmp_path / "model", tmp_path / "out", config)
+
+    shared = student_copy(teacher, share=True)
+    assert shared.model.embed_tokens.weight is teacher.model.embed_tokens.weight
+    assert shared.model.layers[0] is not teacher.model.layers[0]
+    copied = student_copy(teacher, share=False)
+    assert copied.model.embed_tokens.weight is not teacher.model.embed_tokens.weight

@@ -220,16 +220,20 @@ def student_copy(teacher, share: bool):
     return copy.deepcopy(teacher, memo)
 
 
-def _shares_weights(cfg: CompressConfig) -> bool:
+def _shares_weights(cfg: CompressConfig, teacher) -> bool:
+    """Whether the student may hold the teacher's own tensors (`student_copy`): not when
+    they are trained (train_all), sharded (FSDP), or in half precision (distillation
+    upcasts every student tensor to float32 in place, so the teacher's would change)."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    return not cfg.distill.train_all and not fsdp
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in teacher.parameters())
+    return not (cfg.distill.train_all or fsdp or half)
 
 
 def _decompose(stages: Stages, cfg: CompressConfig, teacher, train_batches):
     """The factorised student. DataSVD runs block by block (`factorize_blockwise_`: one
     block's covariances in memory at a time, none written to disk); a folder whose
     covariance stage finished under an earlier version decomposes from its saved sums."""
-    student = student_copy(teacher, share=_shares_weights(cfg))
+    student = student_copy(teacher, share=_shares_weights(cfg, teacher))
     path = stages.dir / "decomposed.safetensors"
     if stages.done("decompose"):
         restructure_(student, json.loads(_safetensors_meta(path)))
@@ -282,8 +286,12 @@ def whole_model_params(teacher, nested: NestedPlan) -> list[int]:
 
 
 def compress(model_spec, out_dir, config: CompressConfig | None = None,
-             ) -> tuple[ElasticModel, str]:
+             dtype=None) -> tuple[ElasticModel, str]:
     """Run (or resume) the whole pipeline; return the elastic model and a summary table.
+
+    `dtype` (e.g. torch.bfloat16) loads the model in that dtype (`load_model`): a bf16
+    model is compressed in bf16, half the memory, with float64 maths per layer; it is part
+    of the resume signature. None: the checkpoint's own (float32 for the GGUF alias).
 
     Every setting is checked (by CompressConfig, and the calibration source exists) and the
     output folder checked writable and claimed (`Stages.claim`) before the model is loaded.
@@ -298,9 +306,12 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
         raise CalibrationError(f"calibration source {config.calib!r} does not exist; pass a "
                                "text or .jsonl file, a datasets folder, or 'teacher'")
     check_writable(out, "the compress output folder")  # a read-only or full disk: now
-    stages = Stages.claim(out, config.signature(model_id))
+    signature = config.signature(model_id)
+    if dtype is not None:
+        signature["dtype"] = str(dtype)  # a float32 folder does not resume as bf16
+    stages = Stages.claim(out, signature)
     started = time.perf_counter()
-    teacher, tokenizer = load_model(model_spec)
+    teacher, tokenizer = load_model(model_spec, dtype=dtype)
     stages.times["load"] = time.perf_counter() - started
     teacher.requires_grad_(False)
     train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer)
