@@ -268,6 +268,26 @@ def cached_quality(model, folder: Path, ids: np.ndarray, window: int, name: str,
     return ppl, argmax
 
 
+def quality_job(folder: str, ids_file: str, window: int, name: str, cache: str,
+                threads: int) -> float:
+    """`cached_quality` in a worker process (quality does not need interleaving: on a
+    shared 2-core host, one single-threaded process per model gets more of it done)."""
+    ids = np.load(ids_file)
+    model = load_og(Path(folder), threads)
+    return cached_quality(model, Path(folder), ids, window, name, Path(cache))[0]
+
+
+def qualities_in_parallel(entries: list, ids_file: Path, window: int, cache: Path,
+                          jobs: int) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(quality_job, str(e.folder), str(ids_file), window, e.name,
+                                   str(cache), 1) for e in entries]:
+            future.result()
+
+
 def time_interleaved(models: dict[str, object], prompt: np.ndarray, steps: int,
                      rounds: int) -> dict[str, dict[str, list[float]]]:
     """Per model, per round: prefill seconds of `prompt` and the median decode step.
@@ -400,6 +420,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", default="builder int4;ours int4 β=1;ours int4 β=0.5",
                         help="models (by table name, ';'-separated) whose decode step is "
                         "profiled by op type")
+    parser.add_argument("--quality-jobs", type=int, default=1,
+                        help="perplexity of this many models at once, one thread each, in "
+                        "worker processes (the timing is always one process)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -457,6 +480,9 @@ def measure(args, entries: list[Entry]) -> dict:
     hf_dir = dense_folder()
     ids = heldout_ids(hf_dir, args.eval_tokens)
     torch_ppl, torch_argmax = torch_reference(hf_dir, ids, args.window, args.out, args.threads)
+    if args.quality_jobs > 1:
+        qualities_in_parallel(entries, args.out / f"heldout-ids-{len(ids)}-{args.window}.npy",
+                              args.window, args.out / "quality-cache", args.quality_jobs)
     models = {e.name: load_og(e.folder, args.threads) for e in entries}
     reference = None
     for e in entries:
