@@ -63,6 +63,14 @@ class MixedPrecision(enum.StrEnum):
     BF16 = "bf16"
 
 
+class FullBudget(enum.StrEnum):
+    """What distillation does with the full budget, β = 1 (flexrank.compress.anchor)."""
+
+    ANCHOR = "anchor"  # trained, then refit to the original weights after training
+    REFIT = "refit"  # not trained (one budget less per step), refit after training
+    TRAIN = "train"  # trained like every other budget, not refit (before issue 17)
+
+
 SAMPLERS = tuple(Sampler)
 
 
@@ -181,6 +189,10 @@ class DistillConfig:
     # "sandwich": of each budget as the random middle one (0: never trained)
     budget_weights: tuple[float, ...] | None = None
     uncertainty_weights: bool = False
+    # The full budget (β = 1, every layer at full rank), trained like the others, ended at
+    # +7 % perplexity (issue 17): "anchor" refits the columns only it reads to the
+    # original weights after training (FullBudget; BENCHMARKS.md, issue 17).
+    full_budget: FullBudget = FullBudget.ANCHOR
     train_all: bool = False  # False: only nested factors and their biases are trained
     # quantization-aware: every budget's forward uses the weights its `qat` export ships
     # (fake-quantized, straight-through gradients; ranks rounded to qat_block_size), and
@@ -209,6 +221,8 @@ class DistillConfig:
             if self.qat_block_size not in sizes:
                 raise ValueError(f"DistillConfig.qat_block_size {self.qat_block_size} does not "
                                  f"fit qat {self.qat.value!r}: choose one of {list(sizes)}")
+        object.__setattr__(self, "full_budget",
+                           _enum(FullBudget, self.full_budget, "full_budget"))
         if self.sampler == "weighted" and not self.budget_weights:
             raise ValueError("sampler 'weighted' needs budget_weights (one per budget)")
         if self.budget_weights and (min(self.budget_weights) < 0 or sum(self.budget_weights) <= 0):

@@ -40,8 +40,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexrank.compress.anchor import AnchorReport, anchor_full_rank_, shared_columns
 from flexrank.compress.calibration import BatchError, as_batch, takes_token_ids, to_device
 from flexrank.compress.config import DistillConfig, Objective
+from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.objectives import (
     feature_terms,
@@ -70,6 +72,7 @@ class DistillResult:
     tokens_seen: int
     losses: list[dict] = field(default_factory=list)  # per step: {budget: loss}
     evals: list[dict] = field(default_factory=list)  # {step, budgets: {β: {kl, ppl}}}
+    anchor: AnchorReport | None = None  # the full budget's refit (DistillConfig.full_budget)
 
 
 # ---- pure pieces ---------------------------------------------------------------------
@@ -81,20 +84,31 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return token_kl(student_logits, teacher_logits, mask, temperature)
 
 
-def budgets_for_step(budgets: Sequence[float], config: DistillConfig, step: int) -> list[int]:
-    """Indices of the budgets trained at `step` (deterministic in (seed, step))."""
+def budgets_for_step(budgets: Sequence[float], config: DistillConfig, step: int,
+                     trained: int | None = None) -> list[int]:
+    """Indices of the budgets trained at `step` (deterministic in (seed, step)), among the
+    `trained` smallest of the ascending `budgets` (all of them by default; the full budget
+    is left out when DistillConfig.full_budget is "refit": `trained_budgets`)."""
     rng = np.random.default_rng([config.seed, step, 0])
-    k = len(budgets)
-    weights = np.ones(k)
+    weights = np.ones(len(budgets))
     if config.budget_weights is not None:
-        if len(config.budget_weights) != k:
-            raise ValueError(f"{len(config.budget_weights)} budget_weights for {k} budgets")
+        if len(config.budget_weights) != len(budgets):
+            raise ValueError(f"{len(config.budget_weights)} budget_weights for "
+                             f"{len(budgets)} budgets")
         weights = np.asarray(config.budget_weights, dtype=float)
+    k = len(budgets) if trained is None else trained
+    weights = weights[:k]
+    if k == 0:
+        return []
     if config.sampler == "sandwich":  # the middle one drawn by weight among the others
         inner = weights[1:k - 1]
         middle = [1 + int(rng.choice(k - 2, p=inner / inner.sum()))] if inner.sum() > 0 else []
         return sorted({0, k - 1, *middle}, reverse=True)
     if config.sampler == "weighted":
+        if weights.sum() <= 0:
+            raise ValueError(f"budget_weights {list(config.budget_weights)} weigh only the "
+                             "full budget, which full_budget='refit' does not train; weigh "
+                             "a smaller budget, or set full_budget='anchor'")
         return [int(rng.choice(k, p=weights / weights.sum()))]
     return [int(rng.integers(0, k))]
 
@@ -423,10 +437,39 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
     _train(run, start_step, result, ckpt, saved, eval_batches, progress)
     if ckpt is not None and config.steps > start_step:
         _checkpoint(accelerator, ckpt, config.steps, saved, optimizer, config)
+    if config.full_budget != "train" and shared_columns(elastic.plan, elastic.layers):
+        result.anchor = _anchor_full_budget(run, progress)
     if eval_batches and accelerator.is_main_process and \
             (not result.evals or result.evals[-1]["step"] != config.steps):
         _evaluate(run, eval_batches, config.steps, result)
     return result
+
+
+def trained_budgets(elastic: ElasticModel, config: DistillConfig) -> int:
+    """How many of the plan's budgets, the smallest, distillation trains: every one, or
+    all but the full budget (β = 1, every layer at full rank) when `config.full_budget` is
+    "refit" (it is only refit to the original weights after training: `anchor`)."""
+    anchored = config.full_budget == "refit" and \
+        shared_columns(elastic.plan, elastic.layers) is not None
+    return len(elastic.budgets) - int(anchored)
+
+
+def _anchor_full_budget(run: _Run, progress: bool) -> AnchorReport | None:
+    """Refit the columns only the full budget reads to the teacher's weights, in the norm
+    of the teacher's layer inputs on the training data (its covariances, collected here)."""
+    model = run.accelerator.unwrap_model(run.wrapped)
+    data, size = run.data, run.config.batch_size
+    rows = len(next(iter(data.values())))
+    batches = [{k: v[i:i + size] for k, v in data.items()} for i in range(0, rows, size)]
+    if getattr(run, "positional", False):  # a model called as model(*inputs)
+        batches = [next(iter(b.values())) for b in batches] if len(data) == 1 else None
+    stats = None
+    if batches is not None:
+        stats = collect_covariances(run.teacher, batches, progress=progress, reduce=False)
+    else:
+        logger.info("the full budget is refit in the Frobenius norm: covariances are "
+                    "collected for models called with one input or named inputs")
+    return anchor_full_rank_(model, run.teacher, run.elastic.plan, stats, progress=progress)
 
 
 def _upcast_half_(model: nn.Module) -> dict[tuple[str, str], torch.dtype]:
@@ -537,7 +580,8 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
     config, accelerator = run.config, run.accelerator
     for group in run.optimizer.param_groups:  # the schedule is a pure function of the step
         group["lr"] = config.lr * lr_factor(step, config)
-    chosen = budgets_for_step(run.elastic.budgets, config, step)
+    chosen = budgets_for_step(run.elastic.budgets, config, step, trained_budgets(run.elastic,
+                                                                                  config))
     step_losses: dict[float, float] = {}
     tokens = 0
     for micro in range(config.grad_accum):
