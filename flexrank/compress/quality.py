@@ -6,8 +6,9 @@ MatMulNBits; ExecuTorch's 8da4w) the model is evaluated in PyTorch computing as 
 quantized export does:
 
 - int4 and 8da4w: `flexrank.compress.qat.fake_quantized` (bit-exact MatMulNBits RTN
-  weights with int8 activation blocks; torchao's 8da4w fake quantizers), ranks rounded to
-  the block as the exporters round them;
+  weights with int8 activation blocks, the tied table in 4-bit blocks; torchao's 8da4w
+  fake quantizers), ranks rounded to the block as the exporters round them
+  (`EXPORT_DEFAULTS`);
 - int8: `quantize_dynamic(per_channel=True, QInt8)` as exporters/onnx/convert.py calls it:
   each exported MatMul weight symmetric int8 per output channel (scale = max|w| / 127.5,
   onnxruntime's symmetric range [−128, 127]), activations uint8 asymmetric with one scale
@@ -45,6 +46,11 @@ logger = logging.getLogger(__name__)
 QUALITY_FILE = "flexrank-quality.json"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8", "int4", "8da4w")
+# What flexrank-export ships by default, as the fake quantizers take it: int4 blocks of 32
+# with the tied embedding/lm_head table in 4-bit blocks (OnnxExportConfig's defaults);
+# 8da4w groups of 32 (exporters/executorch). Stored with the figures.
+EXPORT_DEFAULTS = {"int4": {"block_size": 32, "embedding_bits": 4},
+                   "8da4w": {"block_size": 32}}
 
 
 # ---- int8 as onnxruntime's dynamic quantization stores and computes it --------------------
@@ -109,9 +115,9 @@ def as_exported(model: nn.Module, precision: str):
     if precision == "int8":
         return fake_int8(model)
     if precision in ("int4", "8da4w"):
-        from flexrank.compress.qat import fake_quantized
+        from flexrank.compress.qat import QuantSpec, fake_quantized
 
-        return fake_quantized(model, precision)
+        return fake_quantized(model, QuantSpec(precision, **EXPORT_DEFAULTS[precision]))
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
@@ -185,6 +191,7 @@ def save_quality(directory: str | Path, rows: list[dict], ids: torch.Tensor, tex
         "text": {"source": text_source, "sequences": int(ids.shape[0]),
                  "tokens_per_sequence": int(ids.shape[1]), "sha256": ids_digest(ids)},
         "original": original, "kl": "KL(original || candidate), nats per token",
+        "settings": EXPORT_DEFAULTS,
         "rows": rows})
     return path
 
