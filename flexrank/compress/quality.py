@@ -246,8 +246,9 @@ def quality_rows(elastic, folder: str | Path | None, precisions: Sequence[str],
         return rows, ("not measured for " + ", ".join(missing) + ": no held-out text beside "
                       "the checkpoint (a `flexrank compress` folder keeps it in stages/)")
     ids, source = held
-    if stored and stored.get("text", {}).get("sha256") != ids_digest(ids):
-        rows, have = [], set()  # measured on other text: measure everything again
+    if stored and (stored.get("text", {}).get("sha256") != ids_digest(ids)
+                   or stored.get("settings") != json.loads(json.dumps(EXPORT_DEFAULTS))):
+        rows, have = [], set()  # other text or other export settings: measure again
         missing = list(precisions)
     teacher = None
     if teacher_loader is not None:
