@@ -235,6 +235,8 @@ def quality_rows(elastic, folder: str | Path | None, precisions: Sequence[str],
     model for KL is `teacher_loader()` (None, or a loader that fails: perplexity only)."""
     folder = None if folder is None else Path(folder)
     stored = load_quality(folder) if folder is not None else None
+    if stored and stored.get("settings") != json.loads(json.dumps(EXPORT_DEFAULTS)):
+        stored = None  # measured under other export settings: measure again
     rows = list(stored["rows"]) if stored else []
     have = {(float(r["beta"]), r["precision"]) for r in rows}
     missing = [p for p in precisions
@@ -246,9 +248,8 @@ def quality_rows(elastic, folder: str | Path | None, precisions: Sequence[str],
         return rows, ("not measured for " + ", ".join(missing) + ": no held-out text beside "
                       "the checkpoint (a `flexrank compress` folder keeps it in stages/)")
     ids, source = held
-    if stored and (stored.get("text", {}).get("sha256") != ids_digest(ids)
-                   or stored.get("settings") != json.loads(json.dumps(EXPORT_DEFAULTS))):
-        rows, have = [], set()  # other text or other export settings: measure again
+    if stored and stored.get("text", {}).get("sha256") != ids_digest(ids):
+        rows, have = [], set()  # measured on other text: measure everything again
         missing = list(precisions)
     teacher = None
     if teacher_loader is not None:
