@@ -225,20 +225,61 @@ def window_logits(model, ids: np.ndarray) -> np.ndarray:
     return logits[0]
 
 
-def quality(model, ids: np.ndarray, window: int, name: str) -> tuple[float, np.ndarray]:
-    """(perplexity, argmax of every scored position) over non-overlapping windows."""
-    nll, count, argmax = 0.0, 0, []
-    starts = range(0, len(ids) - 1, window)
-    for start in tqdm(starts, desc=f"quality {name}", leave=False, file=sys.stderr):
+def window_file(cache: Path, index: int) -> Path:
+    return cache / f"window-{index:03d}.npz"
+
+
+def cache_for(folder: Path, ids: np.ndarray, window: int, root: Path) -> Path:
+    """The per-window quality cache of one model folder, emptied when its graph files or
+    the tokens change (a stale window would mix two graphs)."""
+    key = {"graph": graph_identity(folder), "tokens": int(len(ids)), "window": window,
+           "ids_sum": int(ids.sum())}
+    cache = root / folder.resolve().as_posix().strip("/").replace("/", "_")
+    key_file = cache / "key.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) != key:
+        shutil.rmtree(cache)
+    if not key_file.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(key_file, key)
+    return cache
+
+
+def quality(model, ids: np.ndarray, window: int, name: str, cache: Path,
+            limit: int | None = None) -> None:
+    """Per non-overlapping window of `ids` (at most `limit` windows, in order): the summed
+    negative log-likelihood of every token after the window's first, its count, and the
+    argmax of each scored position, one .npz per window in `cache` (a killed run keeps
+    what it finished; `pooled` reads them back)."""
+    starts = list(range(0, len(ids) - 1, window))[:limit]
+    for index, start in enumerate(tqdm(starts, desc=f"quality {name}", leave=False,
+                                       file=sys.stderr)):
         chunk = ids[start:start + window]
-        if len(chunk) < 2:
+        if len(chunk) < 2 or window_file(cache, index).is_file():
             continue
         logits = window_logits(model, chunk)[:-1].astype(np.float64)
         top = logits.max(-1, keepdims=True)
         logprob = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-        nll -= float(logprob[np.arange(len(chunk) - 1), chunk[1:]].sum())
-        count += len(chunk) - 1
-        argmax.append(logits.argmax(-1))
+        nll = -float(logprob[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        with atomic_path(window_file(cache, index)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, nll=nll, count=len(chunk) - 1, argmax=logits.argmax(-1))
+
+
+def finished_windows(cache: Path) -> int:
+    """How many windows from the first on are in `cache`."""
+    count = 0
+    while window_file(cache, count).is_file():
+        count += 1
+    return count
+
+
+def pooled(cache: Path, windows: int) -> tuple[float, np.ndarray]:
+    """(perplexity, argmax) over the first `windows` windows of `cache`."""
+    nll, count, argmax = 0.0, 0, []
+    for index in range(windows):
+        with np.load(window_file(cache, index)) as data:
+            nll += float(data["nll"])
+            count += int(data["count"])
+            argmax.append(data["argmax"])
     return math.exp(nll / count), np.concatenate(argmax)
 
 
@@ -248,43 +289,24 @@ def graph_identity(folder: Path) -> dict:
             if f.is_file() and f.suffix not in (".json", ".jinja", ".txt", ".model")}
 
 
-def cached_quality(model, folder: Path, ids: np.ndarray, window: int, name: str,
-                   cache: Path) -> tuple[float, np.ndarray]:
-    """`quality`, kept in cache/ per model folder until its files or the tokens change
-    (perplexity windows cost ~2 CPU-s each per model: a rerun measures only new graphs)."""
-    key = {"graph": graph_identity(folder), "tokens": int(len(ids)), "window": window,
-           "ids_sum": int(ids.sum())}
-    stem = folder.resolve().as_posix().strip("/").replace("/", "_")  # budget-0.5: keep dots
-    figures, argmax_file = cache / f"{stem}.json", cache / f"{stem}.argmax.npy"
-    if figures.is_file() and argmax_file.is_file():
-        stored = json.loads(figures.read_text())
-        if stored["key"] == key:
-            return stored["ppl"], np.load(argmax_file)
-    ppl, argmax = quality(model, ids, window, name)
-    cache.mkdir(parents=True, exist_ok=True)
-    with atomic_path(argmax_file) as tmp, open(tmp, "wb") as f:
-        np.save(f, argmax)
-    write_json_atomic(figures, {"key": key, "ppl": ppl})
-    return ppl, argmax
-
-
-def quality_job(folder: str, ids_file: str, window: int, name: str, cache: str,
-                threads: int) -> float:
-    """`cached_quality` in a worker process (quality does not need interleaving: on a
-    shared 2-core host, one single-threaded process per model gets more of it done)."""
+def quality_job(folder: str, ids_file: str, window: int, name: str, cache_root: str,
+                threads: int, limit: int | None) -> None:
+    """`quality` in a worker process (quality does not need interleaving: on a shared
+    2-core host, one single-threaded process per model gets more of it done)."""
     ids = np.load(ids_file)
-    model = load_og(Path(folder), threads)
-    return cached_quality(model, Path(folder), ids, window, name, Path(cache))[0]
+    cache = cache_for(Path(folder), ids, window, Path(cache_root))
+    if finished_windows(cache) < len(range(0, len(ids) - 1, window)[:limit]):
+        quality(load_og(Path(folder), threads), ids, window, name, cache, limit)
 
 
-def qualities_in_parallel(entries: list, ids_file: Path, window: int, cache: Path,
-                          jobs: int) -> None:
+def qualities_in_parallel(entries: list, ids_file: Path, window: int, cache_root: Path,
+                          jobs: int, limit: int | None) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for future in [pool.submit(quality_job, str(e.folder), str(ids_file), window, e.name,
-                                   str(cache), 1) for e in entries]:
+                                   str(cache_root), 1, limit) for e in entries]:
             future.result()
 
 
@@ -356,38 +378,45 @@ def profile_decode(folder: Path, prompt: np.ndarray, steps: int, threads: int,
 # ---- the PyTorch reference ------------------------------------------------------------
 
 TORCH_REFERENCE = """
-import json, math, numpy as np, torch, torch.nn.functional as F
+import numpy as np, torch, torch.nn.functional as F
 import flexrank
 torch.set_num_threads({threads})
 model, _ = flexrank.load_model({hf_dir!r})
 ids = torch.from_numpy(np.load({ids!r})).long()
-argmax, nll, count = [], 0.0, 0
+starts = list(range(0, len(ids) - 1, {window}))[:{limit}]
 with torch.no_grad():
-    for start in range(0, len(ids) - 1, {window}):
+    for index, start in enumerate(starts):
+        path = f"{cache}/window-{{index:03d}}.npz"
         chunk = ids[start:start + {window}]
+        try:
+            open(path).close()
+            continue
+        except FileNotFoundError:
+            pass
         logits = model(input_ids=chunk[None]).logits[0, :-1].double()
-        nll += float(F.cross_entropy(logits, chunk[1:], reduction="sum"))
-        count += len(chunk) - 1
-        argmax.append(logits.argmax(-1).numpy())
-np.save({argmax_out!r}, np.concatenate(argmax))
-json.dump({{"ppl": math.exp(nll / count)}}, open({json_out!r}, "w"))
+        nll = float(F.cross_entropy(logits, chunk[1:], reduction="sum"))
+        np.savez(path + ".tmp.npz", nll=nll, count=len(chunk) - 1,
+                 argmax=logits.argmax(-1).numpy())
+        __import__("os").replace(path + ".tmp.npz", path)
 """
 
 
-def torch_reference(hf_dir: Path, ids: np.ndarray, window: int, out: Path,
-                    threads: int) -> tuple[float, np.ndarray]:
-    """The dense model's perplexity and argmax in PyTorch float32, in a child process."""
-    key = f"{len(ids)}-{window}"
-    ids_path, argmax_path, json_path = (out / f"heldout-ids-{key}.npy",
-                                        out / f"torch-argmax-{key}.npy",
-                                        out / f"torch-reference-{key}.json")
-    np.save(ids_path, ids)
-    if not json_path.is_file():
-        code = TORCH_REFERENCE.format(threads=threads, hf_dir=str(hf_dir), ids=str(ids_path),
-                                      window=window, argmax_out=str(argmax_path),
-                                      json_out=str(json_path))
-        subprocess.run([sys.executable, "-c", code], check=True)
-    return json.loads(json_path.read_text())["ppl"], np.load(argmax_path)
+def torch_reference(hf_dir: Path, ids_file: Path, window: int, cache_root: Path,
+                    threads: int, limit: int | None) -> Path:
+    """The dense model's per-window NLL and argmax in PyTorch float32 (float64 loss), in a
+    child process, cached like `quality`'s; returns the cache folder."""
+    ids = np.load(ids_file)
+    cache = cache_root / "pytorch-dense"
+    key = {"model": str(hf_dir), "tokens": int(len(ids)), "window": window,
+           "ids_sum": int(ids.sum())}
+    if (cache / "key.json").is_file() and json.loads((cache / "key.json").read_text()) != key:
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cache / "key.json", key)
+    code = TORCH_REFERENCE.format(threads=threads, hf_dir=str(hf_dir), ids=str(ids_file),
+                                  window=window, cache=str(cache), limit=limit)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return cache
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -423,6 +452,9 @@ def parse_args(argv=None):
     parser.add_argument("--quality-jobs", type=int, default=1,
                         help="perplexity of this many models at once, one thread each, in "
                         "worker processes (the timing is always one process)")
+    parser.add_argument("--quality-windows", type=int, default=None,
+                        help="compute at most this many windows per model (0: none, use the "
+                        "cached ones); the table pools the windows every model finished")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -476,22 +508,47 @@ def median_ratio(ours: list[float], theirs: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
-def measure(args, entries: list[Entry]) -> dict:
+def measure_quality(args, entries: list[Entry], ids: np.ndarray) -> dict:
+    """Perplexity and top-1 of every entry over the first windows that every model (and
+    the PyTorch reference) has finished: all of them unless --quality-windows or a killed
+    worker left fewer."""
     hf_dir = dense_folder()
-    ids = heldout_ids(hf_dir, args.eval_tokens)
-    torch_ppl, torch_argmax = torch_reference(hf_dir, ids, args.window, args.out, args.threads)
-    if args.quality_jobs > 1:
-        qualities_in_parallel(entries, args.out / f"heldout-ids-{len(ids)}-{args.window}.npy",
-                              args.window, args.out / "quality-cache", args.quality_jobs)
-    models = {e.name: load_og(e.folder, args.threads) for e in entries}
+    ids_file = args.out / f"heldout-ids-{len(ids)}-{args.window}.npy"
+    np.save(ids_file, ids)
+    root = args.out / "quality-cache"
+    limit = args.quality_windows
+    if limit != 0:
+        torch_cache = torch_reference(hf_dir, ids_file, args.window, root, args.threads, limit)
+        if args.quality_jobs > 1:
+            qualities_in_parallel(entries, ids_file, args.window, root, args.quality_jobs, limit)
+        else:
+            for e in entries:
+                quality_job(str(e.folder), str(ids_file), args.window, e.name, str(root),
+                            args.threads, limit)
+    else:
+        torch_cache = root / "pytorch-dense"
+    caches = {e.name: cache_for(e.folder, ids, args.window, root) for e in entries}
+    windows = min(finished_windows(c) for c in [torch_cache, *caches.values()])
+    if windows == 0:
+        raise SystemExit("no quality window is finished for every model: run without "
+                         "--quality-windows 0")
+    torch_ppl, torch_argmax = pooled(torch_cache, windows)
     reference = None
     for e in entries:
-        e.figures["bytes"] = weight_bytes(e.folder)
-        ppl, argmax = cached_quality(models[e.name], e.folder, ids, args.window, e.name,
-                                     args.out / "quality-cache")
+        ppl, argmax = pooled(caches[e.name], windows)
         reference = argmax if reference is None else reference  # builder fp32 comes first
         e.figures.update(ppl=ppl, top1=float((argmax == reference).mean()),
                          top1_torch=float((argmax == torch_argmax).mean()))
+    return {"torch_ppl": torch_ppl, "windows": windows,
+            "scored_tokens": int(len(torch_argmax)), "window": args.window}
+
+
+def measure(args, entries: list[Entry]) -> dict:
+    ids = heldout_ids(dense_folder(), args.eval_tokens)
+    meta = measure_quality(args, entries, ids)
+    for e in entries:
+        e.figures["bytes"] = weight_bytes(e.folder)
+    models = {e.name: load_og(e.folder, args.threads) for e in entries}
     prompt = ids[:args.prompt_tokens].astype(np.int32)
     load_before = os.getloadavg()[0]  # the host is shared: say how busy it was
     times = time_interleaved(models, prompt, args.decode_tokens, args.rounds)
@@ -509,8 +566,7 @@ def measure(args, entries: list[Entry]) -> dict:
         if e.name in args.profile_list:
             e.figures["profile"] = profile_decode(e.folder, prompt, args.decode_tokens,
                                                   args.threads, args.out)
-    return {"torch_ppl": torch_ppl, "tokens": len(ids), "window": args.window,
-            "load_average_1min": [load_before, load_after], "cpus": os.cpu_count()}
+    return {**meta, "load_average_1min": [load_before, load_after], "cpus": os.cpu_count()}
 
 
 def report(entries: list[Entry], meta: dict) -> str:
@@ -535,7 +591,9 @@ def report(entries: list[Entry], meta: dict) -> str:
     load = (f"Timed with {meta['cpus']} CPUs at a 1-minute load average of "
             f"{meta['load_average_1min'][0]:.1f} before and {meta['load_average_1min'][1]:.1f} "
             "after the timing rounds.")
-    check = (f"PyTorch float32 reference (dense model, same tokens): perplexity "
+    check = (f"Quality over {meta['windows']} windows of {meta['window']} tokens "
+             f"({meta['scored_tokens']} scored). PyTorch float32 reference (dense model, "
+             "same tokens): perplexity "
              f"{meta['torch_ppl']:.2f}; builder fp32 under onnxruntime-genai "
              f"{dense['ppl']:.2f}, top-1 agreement with PyTorch {dense['top1_torch']:.3f}")
     parts = [table, load, check, targets(entries, peer, dense), "Where the bytes go "
