@@ -126,10 +126,13 @@ def test_forms_chosen_by_measured_error(llama, tmp_path, slack):  # noqa: F811
     from test_int4 import find_slice, graph_weights
 
     from flexrank.exporters.onnx.int4 import calibration_ids
+    from flexrank.manifest import load_manifest
 
     entry, path = exported(llama, tmp_path, int4_form_slack=slack)
     equals_its_decoded_weights(llama, entry, path, held_out(llama.tokenizer))
     chosen = entry["quantization"]["forms"]
+    # the record as the bundle's manifest file gives it back (hashes checked)
+    assert load_manifest(tmp_path)["budgets"][0]["quantization"] == entry["quantization"]
     assert chosen and {x["name"]: x["form"] for x in entry["layers"] if x["name"] in chosen} \
         == {name: c["form"] for name, c in chosen.items()}
     for name, c in chosen.items():
