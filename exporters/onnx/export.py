@@ -6,9 +6,12 @@ Bundle layout (`out_dir`):
     per-budget   budget-<β>/model.onnx (+ config, tokenizer; decoders: genai_config.json,
                  which onnxruntime-genai's og.Model reads): self-contained, gauge-fixed
                  (int8, int4: plain factors or dense, see `forms.quantized_policy`;
-                 int4: ranks rounded to the block size, `int4_ranks`)
-    shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes)
-    elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β)
+                 int4: ranks rounded to the block size, `int4_ranks`; with
+                 `int4_form_slack`, each layer's form by output error, `int4_forms`)
+    shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes;
+                 int4: of the 4-bit blocks too, `int4_layouts`)
+    elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β;
+                 int4: one If branch per level)
     (all)        flexrank-manifest.json, written last by `flexrank.exporters.export`
 """
 
