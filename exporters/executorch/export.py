@@ -50,6 +50,7 @@ from flexrank.exporters.executorch.program import (
     trace_and_lower,
 )
 from flexrank.exporters.executorch.quant import (
+    EMBEDDING_BITS,
     GROUP_SIZES,
     QUANTIZE_8DA4W,
     linear_forms_,
@@ -74,6 +75,7 @@ class ExecutorchExportConfig:
     max_seq_len: int = 128  # decoders: static KV-cache positions (prompt + generated)
     max_batch: int = 32  # encoders/modules: upper bound of the dynamic batch axis
     group_size: int = 32  # 8da4w: int4 weight group along the input axis
+    embedding_bits: int | None = 8  # 8da4w: the input embedding, 8 per row, 4 grouped, None
     validate: bool = True
     tolerance: float = DEFAULT_TOLERANCE  # max |Δ| relative to max(1, max |reference|)
     generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's (float32)
@@ -88,6 +90,9 @@ class ExecutorchExportConfig:
             raise ValueError(f"max_batch {self.max_batch} must be >= 1")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance {self.tolerance} must be in (0, 1)")
+        if self.embedding_bits not in (*EMBEDDING_BITS, None):
+            raise ValueError(f"embedding_bits {self.embedding_bits} is not supported; choose "
+                             f"one of {list(EMBEDDING_BITS)} or None (float32)")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size {self.group_size} is not supported by 8da4w; choose "
                              f"one of {list(GROUP_SIZES)}")
@@ -133,7 +138,8 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
     quantization = None
     if quantize == QUANTIZE_8DA4W:
         linear_forms_(deployed)
-        quantization = quantize_8da4w_(deployed, list(ranks), config.group_size)
+        quantization = quantize_8da4w_(deployed, list(ranks), config.group_size,
+                                       config.embedding_bits)
     metadata = flexrank_metadata(beta, ranks, quantize)
     if kind == "decoder":
         metadata.update(decoder_metadata(elastic.model, config.max_seq_len))
@@ -145,7 +151,7 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
         module, traced_inputs = deployed, _positional(kind, sample)
     path = folder / PROGRAM_FILE
     program = trace_and_lower(module, kind, traced_inputs, config.max_seq_len,
-                              config.max_batch, path, metadata)
+                              config.max_batch, path, metadata, quantized=quantize is not None)
     if elastic.tokenizer is not None and kind != "module":
         save_tokenizer(elastic.tokenizer, folder)
     extra = {"program": segment_layout(path), "dynamic_axes": dynamic_axes(program),

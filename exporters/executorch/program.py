@@ -148,7 +148,7 @@ def trace(module: nn.Module, kind: str, sample, max_seq_len: int, max_batch: int
 
 
 def trace_and_lower(module: nn.Module, kind: str, sample, max_seq_len: int, max_batch: int,
-                    path: Path, metadata: dict):
+                    path: Path, metadata: dict, quantized: bool = False):
     """Trace and lower to `path` with the most dynamic axes XNNPACK accepts; returns the
     ExportedProgram."""
     choices = ("decoder",) if kind == "decoder" else DYNAMIC_CHOICES
@@ -156,7 +156,7 @@ def trace_and_lower(module: nn.Module, kind: str, sample, max_seq_len: int, max_
         last = i == len(choices) - 1
         try:
             program = trace(module, kind, sample, max_seq_len, max_batch, choice)
-            lower_to_pte(program, path, metadata)
+            lower_to_pte(program, path, metadata, quantized)
             return program
         except Exception as err:  # noqa: BLE001 - retried with fewer dynamic axes
             if last:
@@ -205,15 +205,18 @@ def trace_failure_message(module: nn.Module, err: BaseException) -> str:
 
 # ---- lowering ---------------------------------------------------------------------------
 
-def lower_to_pte(program, path: Path, metadata: dict) -> Path:
-    """XNNPACK lowering and serialisation of an ExportedProgram to `path`."""
+def lower_to_pte(program, path: Path, metadata: dict, quantized: bool = False) -> Path:
+    """XNNPACK lowering and serialisation of an ExportedProgram to `path`; `quantized`:
+    fuse torchao's dequantize + embedding into ExecuTorch's quantized embedding ops
+    (`do_quant_fusion_and_const_prop`, as ExecuTorch's own model exports do)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
                                        constant_methods=metadata)
     executorch_program = edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True))  # delegate blobs as segments, not in the flatbuffer
+        extract_delegate_segments=True,  # delegate blobs as segments, not in the flatbuffer
+        do_quant_fusion_and_const_prop=quantized))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         executorch_program.write_to_file(f)  # streams the segments; no full copy in memory

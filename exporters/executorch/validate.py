@@ -39,17 +39,23 @@ def at_ranks(model, ranks: dict[str, int]):
             layers[name].rank = rank
 
 
-def load_method(path: Path, name: str = "forward"):
+def runtime():
+    """`executorch.runtime.Runtime` with ExecuTorch's quantized kernels registered (the
+    8da4w programs' `quantized_decomposed::embedding_byte` / `embedding_4bit`, which
+    phones' LLM runtimes link; the pip wheel's Python runtime loads them on import)."""
+    import executorch.kernels.quantized  # noqa: F401  (registers the kernels)
     from executorch.runtime import Runtime
 
-    return Runtime.get().load_program(Path(path)).load_method(name)
+    return Runtime.get()
+
+
+def load_method(path: Path, name: str = "forward"):
+    return runtime().load_program(Path(path)).load_method(name)
 
 
 def constant_methods(path: Path) -> dict:
     """{name: value} of every method other than `forward` (the stored metadata)."""
-    from executorch.runtime import Runtime
-
-    program = Runtime.get().load_program(Path(path))
+    program = runtime().load_program(Path(path))
     values = {}
     for name in sorted(program.method_names - {"forward"}):
         out = list(program.load_method(name).execute([]))
