@@ -315,6 +315,21 @@ class QuantSpec:
         return self.scheme == "int4" or in_features % self.block_size == 0
 
 
+def _cached(module: nn.Module, key: tuple, compute) -> tuple[torch.Tensor, ...]:
+    """`compute()`, the quantized weights of `module`, kept on it while gradients are off
+    (evaluation: many windows, one quantization) and recomputed when `key` (the rank) or
+    its parameters change (a training step bumps their version)."""
+    if torch.is_grad_enabled():
+        return compute()
+    state = tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters(recurse=False))
+    cached = module.__dict__.get("_qat_cache")
+    if cached is not None and cached[0] == (key, state):
+        return cached[1]
+    value = compute()
+    module.__dict__["_qat_cache"] = ((key, state), value)
+    return value
+
+
 def nested_forward(layer: NestedLinear, spec: QuantSpec, x: torch.Tensor) -> torch.Tensor:
     """`layer`'s output at its active rank as the quantized export computes it: the rank
     rounded as the exporter rounds it, each exported weight fake-quantized."""
@@ -322,29 +337,42 @@ def nested_forward(layer: NestedLinear, spec: QuantSpec, x: torch.Tensor) -> tor
     r = layer.rank
     if spec.align_ranks:
         r = aligned_rank(r, layer.max_rank, spec.block_size)
-    U, V = layer.U[:, :r], layer.V[:, :r]  # (m, r), (n, r)
-    if deployed_form(m, n, r) == "dense":
-        weight = U @ V.T  # (m, n)
-        return spec.linear(x, weight, layer.bias) if spec.quantizes(n) \
-            else F.linear(x, weight, layer.bias)
-    z = spec.linear(x, V.T) if spec.quantizes(n) else F.linear(x, V.T)  # (..., r)
-    return spec.linear(z, U, layer.bias) if spec.quantizes(r) else F.linear(z, U, layer.bias)
+    dense = deployed_form(m, n, r) == "dense"
+
+    def weights():
+        U, V = layer.U[:, :r], layer.V[:, :r]  # (m, r), (n, r)
+        if dense:
+            weight = U @ V.T  # (m, n)
+            return (spec.weight(weight) if spec.quantizes(n) else weight,)
+        return (spec.weight(V.T) if spec.quantizes(n) else V.T,
+                spec.weight(U) if spec.quantizes(r) else U)
+
+    quantized = _cached(layer, (r,), weights)
+    x = spec.activation(x) if spec.quantizes(n) else x
+    if dense:
+        return F.linear(x, quantized[0], layer.bias)
+    z = F.linear(x, quantized[0])  # (..., r)
+    z = spec.activation(z) if spec.quantizes(r) else z
+    return F.linear(z, quantized[1], layer.bias)
 
 
 def linear_forward(layer: nn.Linear, spec: QuantSpec, bits: int,
                    x: torch.Tensor) -> torch.Tensor:
-    return spec.linear(x, layer.weight, layer.bias, bits)
+    (weight,) = _cached(layer, (), lambda: (spec.weight(layer.weight, bits),))
+    return F.linear(spec.activation(x), weight, layer.bias)
 
 
 def embedding_forward(layer: nn.Embedding, spec: QuantSpec, ids: torch.Tensor) -> torch.Tensor:
     """Rows of the table as the export stores it: int4, the tied lm_head's blocks
     (GatherBlockQuantized reads the same codes); 8da4w, weight-only rows or groups."""
-    if spec.scheme == "int4":
-        table = spec.weight(layer.weight, spec.embedding_bits)  # (vocab, hidden)
-    else:
-        table = fake_quantize_embedding_8da4w(layer.weight, spec.embedding_bits,
-                                              spec.block_size)
-    return F.embedding(ids, table, layer.padding_idx, layer.max_norm, layer.norm_type,
+    def table():
+        if spec.scheme == "int4":
+            return (spec.weight(layer.weight, spec.embedding_bits),)  # (vocab, hidden)
+        return (fake_quantize_embedding_8da4w(layer.weight, spec.embedding_bits,
+                                              spec.block_size),)
+
+    (quantized,) = _cached(layer, (), table)
+    return F.embedding(ids, quantized, layer.padding_idx, layer.max_norm, layer.norm_type,
                        layer.scale_grad_by_freq, layer.sparse)
 
 
@@ -399,6 +427,7 @@ def restore_(modules: dict[str, nn.Module]) -> None:
     """Undo `fake_quantize_` on the modules it returned."""
     for module in modules.values():
         module.__dict__.pop("forward", None)
+        module.__dict__.pop("_qat_cache", None)
 
 
 @contextlib.contextmanager
