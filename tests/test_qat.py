@@ -317,6 +317,7 @@ def test_fake_quantized_model_equals_the_exported_8da4w_model():
         assert float((floats - theirs).abs().max()) > 0.1 * scale
 
 
+@pytest.mark.slow
 def test_qat_distillation_beats_plain_distillation_after_int4_quantization():
     """The same tiny factorised Llama, plan, data, seed and steps, distilled without and
     with `DistillConfig(qat="int4")`; held-out KL to the float teacher with the int4
@@ -358,6 +359,7 @@ def test_qat_distillation_beats_plain_distillation_after_int4_quantization():
         assert float_plain < float_qat, (beta, kl)
 
 
+@pytest.mark.slow
 def test_cli_compress_qat_records_it_in_the_checkpoint(tmp_path, capsys):
     from conftest import char_tokenizer, tiny_llama
 
