@@ -20,8 +20,9 @@ from flexrank.planning.costs import BudgetCost, gauge_fixed_params
 # bits per stored weight after --quantize. int4 (MatMulNBits, symmetric, block 32): a 4-bit
 # code per weight plus one float32 scale per block of 32 weights, 4 + 32/32 = 5 bits
 # (an asymmetric zero point would add 4/32: 5.125).
-# 8da4w (ExecuTorch/XNNPACK): a 4-bit code plus one scale per group of 32, as for int4.
-BITS = {None: 32, "none": 32, "int8": 8, "int4": 5, "8da4w": 5}
+# 8da4w (ExecuTorch/XNNPACK): a 4-bit code plus one bfloat16 scale per group of 32 (XNNPACK
+# stores group-wise scales as bf16, no zero point): 4 + 16/32 = 4.5 bits.
+BITS = {None: 32, "none": 32, "int8": 8, "int4": 5, "8da4w": 4.5}
 ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every export
 
 
