@@ -152,3 +152,48 @@ def test_forms_chosen_by_measured_error(llama, tmp_path, slack):  # noqa: F811
     part, _, _ = find_slice(weight, graph_weights(path))  # its columns of a fused MatMul
     error = np.linalg.norm(x @ (part - weight)) / np.linalg.norm(x @ weight)
     assert error == pytest.approx(chosen[name]["errors"]["dense"], rel=0.2)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_table_with_a_padded_last_block(bits):
+    """hidden 40 in blocks of 16: MatMulNBits pads each table row to 48, and the embedding
+    (GatherBlockQuantized) slices the padding off. Both ops compute with the table this
+    test decodes from the lm_head's initialisers (tests/test_int4.py's decoder)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from test_int4 import dequantize
+
+    from flexrank.exporters.onnx.int4 import quantize_model
+
+    vocab, hidden = 30, 40
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["embedded"], axis=0),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["hidden", "table_t"], ["logits"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3]),
+                        helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [2, hidden])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [2, 3, hidden]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, vocab])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    config = OnnxExportConfig(int4_block_size=16, int4_embedding_bits=bits,
+                              int4_accuracy_level=0)
+    result = quantize_model(model, config)
+    assert result.embedding == {"bits": bits, "block_size": 16,
+                                "node": "/model/embed_tokens/GatherBlockQuantized"}
+    quantized = result.model
+    assert "table" not in {i.name for i in quantized.graph.initializer}  # stored once
+    head = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits")
+    decoded, _, _ = dequantize(head, {i.name: i for i in quantized.graph.initializer})
+    assert decoded.shape == (hidden, vocab)
+    assert np.abs(decoded.T - table).max() <= np.abs(table).max() / (2 ** (bits - 1) - 1)
+    ids = rng.integers(0, vocab, (2, 3))
+    x = rng.standard_normal((2, hidden)).astype(np.float32)
+    session = ort.InferenceSession(quantized.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    embedded, logits = session.run(["embedded", "logits"], {"ids": ids, "hidden": x})
+    assert np.allclose(embedded, decoded.T[ids], atol=1e-6)
+    assert np.allclose(logits, x @ decoded, atol=1e-4)
