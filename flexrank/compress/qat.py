@@ -358,8 +358,9 @@ def nested_forward(layer: NestedLinear, spec: QuantSpec, x: torch.Tensor) -> tor
 
 def linear_forward(layer: nn.Linear, spec: QuantSpec, bits: int,
                    x: torch.Tensor) -> torch.Tensor:
-    (weight,) = _cached(layer, (), lambda: (spec.weight(layer.weight, bits),))
-    return F.linear(spec.activation(x), weight, layer.bias)
+    """An `nn.Linear` as one exported MatMul."""
+    (quantized,) = _cached(layer, (), lambda: (spec.weight(layer.weight, bits),))
+    return F.linear(spec.activation(x), quantized, layer.bias)
 
 
 def embedding_forward(layer: nn.Embedding, spec: QuantSpec, ids: torch.Tensor) -> torch.Tensor:
@@ -383,12 +384,12 @@ def _tied_to_embedding(model: nn.Module) -> set[int]:
 
 def quantized_modules(model: nn.Module, spec: QuantSpec) -> dict[str, nn.Module]:
     """{name: module} of what the export of `spec` quantizes: every `NestedLinear`, and
-    every plain `nn.Linear` it quantizes. int4: a Linear tied to the embedding table
-    stays float with `embedding_bits` 32 (its weight is a Transpose of the table, not a
-    constant), else it and the embedding are quantized at `embedding_bits`; 8da4w: every
-    Linear whose input width is a multiple of the group, the lm_head included, and the
-    embeddings unless `embedding_bits` is 32 (exporters/executorch/quant.py).
-    Convolutions are left in float by both."""
+    every plain `nn.Linear` it quantizes (an unfactorised GPT-2 `Conv1D` is left float
+    here). int4: a Linear tied to the embedding table stays float with `embedding_bits`
+    32 (its weight is a Transpose of the table, not a constant), else it and the
+    embedding are quantized at `embedding_bits`. 8da4w: every Linear whose input width
+    is a multiple of the group, the lm_head included, and the embeddings unless
+    `embedding_bits` is 32 (exporters/executorch/quant.py). Convolutions stay float."""
     tables = _tied_to_embedding(model) if spec.scheme == "int4" else set()
     linears = {id(m.weight) for m in model.modules() if type(m) is nn.Linear}
     tied = tables & linears
