@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "CalibrationError": "flexrank.compress.calibration",
     "calibration_data": "flexrank.compress.calibration",
+    "input_batches": "flexrank.compress.calibration",
     "CovarianceStats": "flexrank.compress.covariance",
     "collect_covariances": "flexrank.compress.covariance",
     "DistillConfig": "flexrank.compress.config",
