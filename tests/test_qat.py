@@ -380,3 +380,18 @@ def test_cli_compress_qat_records_it_in_the_checkpoint(tmp_path, capsys):
     assert main([*args, "-o", str(tmp_path / "bad"), "--qat", "int4",
                  "--qat-block-size", "256"]) == 2
     assert "qat_block_size 256" in capsys.readouterr().err
+
+
+def test_compress_signature_names_qat_only_when_set():
+    """Folders compressed before QAT existed keep their signature (they resume); a QAT run
+    differs from a float one in the distill stage's settings."""
+    from flexrank.compress.config import CompressConfig, DistillConfig
+
+    plain = CompressConfig().signature("m")["distill"]
+    assert "qat" not in plain and "qat_block_size" not in plain
+    qat = CompressConfig(distill=DistillConfig(qat="int4")).signature("m")["distill"]
+    assert qat["qat"] == "int4" and qat["qat_block_size"] == 32
+    with pytest.raises(ValueError, match="qat_block_size 16 does not fit qat '8da4w'"):
+        DistillConfig(qat="8da4w", qat_block_size=16)
+    with pytest.raises(ValueError, match="qat 'int2' is not one of"):
+        DistillConfig(qat="int2")
