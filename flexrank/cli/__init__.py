@@ -72,5 +72,7 @@ def user_error(err: Exception) -> str | None:
 
 
 def export_main(argv: list[str] | None = None) -> int:
+    """`flexrank-export ARGS`: `flexrank export ARGS`; -v/--verbose may come anywhere."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return main(["export", *argv])
+    verbose = [a for a in argv if a in ("-v", "--verbose")]
+    return main([*verbose[:1], "export", *(a for a in argv if a not in verbose)])
