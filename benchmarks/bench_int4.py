@@ -441,6 +441,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("/tmp/flexrank-int4"))
     parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
                         help="an elastic checkpoint to export and measure (repeatable)")
+    parser.add_argument("--model", action="append", default=[],
+                        metavar="LABEL:PRECISION:BETA=FOLDER",
+                        help="a budget folder measured as it is (e.g. one exported elsewhere), "
+                        "named 'LABEL PRECISION β=BETA' in the table (repeatable)")
     parser.add_argument("--budgets", default="1,0.8,0.6,0.5,0.4")
     parser.add_argument("--fp32-budgets", default=None,
                         help="budgets also measured in fp32 (default: --budgets)")
@@ -472,6 +476,14 @@ def parse_args(argv=None):
                          "folder (a `flexrank compress` output's elastic/)")
         checkpoints[label] = Path(path).expanduser()
     args.checkpoints = checkpoints
+    args.models = []
+    for item in args.model:
+        spec, sep, folder = item.partition("=")
+        parts = spec.split(":")
+        if not sep or len(parts) != 3 or not (Path(folder) / "genai_config.json").is_file():
+            parser.error(f"--model {item!r}: expected LABEL:PRECISION:BETA=FOLDER, a folder "
+                         "holding genai_config.json")
+        args.models.append((parts[0], parts[1], float(parts[2]), Path(folder)))
     args.profile_list = [n.strip() for n in args.profile.split(";") if n.strip()]
     args.algorithms = [a for a in args.algorithms.split(",") if a]
     args.budget_list = [float(b) for b in args.budgets.split(",")]
@@ -485,6 +497,8 @@ def collect(args) -> list[Entry]:
     args.out.mkdir(parents=True, exist_ok=True)
     entries = [Entry("builder fp32", build_peer("fp32", hf_dir, args.out), "fp32"),
                Entry("builder int4", build_peer("int4", hf_dir, args.out), "int4")]
+    for label, precision, beta, folder in args.models:
+        entries.append(Entry(f"{label} {precision} β={beta:g}", folder, precision, beta, label))
     for label, checkpoint in args.checkpoints.items():
         plan = json.loads((checkpoint / "flexrank-plan.json").read_text())["budgets"]
         wanted = [(precision, algorithm, beta)
