@@ -10,8 +10,8 @@ quantized export does:
   fake quantizers), ranks rounded to the block as the exporters round them
   (`EXPORT_DEFAULTS`);
 - int8: `quantize_dynamic(per_channel=True, QInt8)` as exporters/onnx/convert.py calls it:
-  each exported MatMul weight symmetric int8 per output channel (scale = max|w| / 127.5,
-  onnxruntime's symmetric range [−128, 127]), activations uint8 asymmetric with one scale
+  each exported MatMul weight symmetric int8 per output channel (scale = max|w| / 127,
+  onnxruntime's symmetric range [−127, 127]), activations uint8 asymmetric with one scale
   per tensor (DynamicQuantizeLinear; here one tensor = one evaluation batch, as in
   prefill); the tied lm_head stays float, as the exporter leaves it. Factorised layers
   ship plain (Vᵣᵀ then Uᵣ) or dense, never gauge-fixed (`qat.deployed_form`).
@@ -58,10 +58,11 @@ EXPORT_DEFAULTS = {"int4": {"block_size": 32, "embedding_bits": 4},
 
 def fake_quantize_int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
     """W (out, in) -> its per-output-channel symmetric int8 value (onnxruntime QInt8
-    per_channel: scale = max|w| / 127.5 per row, q = clamp(round(w / scale), −128, 127))."""
+    per_channel: scale = max|w| / 127 per row, q = clamp(round(w / scale), −127, 127); the
+    scales read back from quantize_dynamic's graph, tests/test_quality.py)."""
     absmax = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # (out, 1)
-    scale = absmax / 127.5
-    return torch.clamp(torch.round(weight / scale), -128, 127) * scale
+    scale = absmax / 127.0
+    return torch.clamp(torch.round(weight / scale), -127, 127) * scale
 
 
 def fake_quantize_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -108,16 +109,38 @@ def fake_int8(model: nn.Module) -> Iterator[nn.Module]:
             module.__dict__.pop("forward", None)
 
 
-def as_exported(model: nn.Module, precision: str):
-    """A context in which `model` computes as its `precision` export."""
+def export_spec(precision: str):
+    """The 4-bit `QuantSpec` of `precision` as exported by default, remembering the
+    quantized value of each whole parameter (the tied embedding/lm_head table, the same
+    at every budget: torchao quantizes SmolLM2's 49152 x 576 table in ~14 s) while the
+    spec lives; factor slices and products are quantized on every call."""
+    from flexrank.compress.qat import QuantSpec
+
+    memo: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    class RememberingSpec(QuantSpec):
+        def weight(self, w: torch.Tensor, bits: int = 4) -> torch.Tensor:
+            if not isinstance(w, nn.Parameter) or torch.is_grad_enabled():
+                return super().weight(w, bits)
+            key = (id(w), bits, w._version)
+            if key not in memo:
+                memo[key] = super().weight(w, bits)
+            return memo[key]
+
+    return RememberingSpec(precision, **EXPORT_DEFAULTS[precision])
+
+
+def as_exported(model: nn.Module, precision: str, spec=None):
+    """A context in which `model` computes as its `precision` export (`spec`: a 4-bit
+    precision's `export_spec`, made here when not given)."""
     if precision == "fp32":
         return contextlib.nullcontext(model)
     if precision == "int8":
         return fake_int8(model)
     if precision in ("int4", "8da4w"):
-        from flexrank.compress.qat import QuantSpec, fake_quantized
+        from flexrank.compress.qat import fake_quantized
 
-        return fake_quantized(model, QuantSpec(precision, **EXPORT_DEFAULTS[precision]))
+        return fake_quantized(model, spec or export_spec(precision))
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
@@ -165,11 +188,12 @@ def measure_quality(elastic, ids: torch.Tensor, teacher: nn.Module | None = None
     rows = []
     budgets = list(budgets or elastic.budgets)
     pairs = [(p, b) for p in precisions for b in budgets]
+    specs = {p: export_spec(p) for p in precisions if p in ("int4", "8da4w")}
     try:
         for precision, beta in tqdm(pairs, desc="quality per budget and precision",
                                     leave=False):
             elastic.set_budget(beta)
-            with as_exported(model, precision):
+            with as_exported(model, precision, specs.get(precision)):
                 rows.append({"beta": float(beta), "precision": precision,
                              **_figures(model, batches, teacher_logp)})
     finally:
