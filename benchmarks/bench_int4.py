@@ -245,14 +245,15 @@ def cache_for(folder: Path, ids: np.ndarray, window: int, root: Path) -> Path:
 
 
 def quality(model, ids: np.ndarray, window: int, name: str, cache: Path,
-            limit: int | None = None) -> None:
+            limit: int | None = None, reverse: bool = False) -> None:
     """Per non-overlapping window of `ids` (at most `limit` windows, in order): the summed
     negative log-likelihood of every token after the window's first, its count, and the
     argmax of each scored position, one .npz per window in `cache` (a killed run keeps
     what it finished; `pooled` reads them back)."""
-    starts = list(range(0, len(ids) - 1, window))[:limit]
-    for index, start in enumerate(tqdm(starts, desc=f"quality {name}", leave=False,
-                                       file=sys.stderr)):
+    starts = list(enumerate(range(0, len(ids) - 1, window)))[:limit]
+    if reverse:  # a second worker on the same model meets the first one half way
+        starts.reverse()
+    for index, start in tqdm(starts, desc=f"quality {name}", leave=False, file=sys.stderr):
         chunk = ids[start:start + window]
         if len(chunk) < 2 or window_file(cache, index).is_file():
             continue
@@ -264,18 +265,15 @@ def quality(model, ids: np.ndarray, window: int, name: str, cache: Path,
             np.savez(f, nll=nll, count=len(chunk) - 1, argmax=logits.argmax(-1))
 
 
-def finished_windows(cache: Path) -> int:
-    """How many windows from the first on are in `cache`."""
-    count = 0
-    while window_file(cache, count).is_file():
-        count += 1
-    return count
+def finished_windows(cache: Path) -> set[int]:
+    """The window indices whose figures are in `cache`."""
+    return {int(f.stem.split("-")[1]) for f in cache.glob("window-*.npz")}
 
 
-def pooled(cache: Path, windows: int) -> tuple[float, np.ndarray]:
-    """(perplexity, argmax) over the first `windows` windows of `cache`."""
+def pooled(cache: Path, windows: list[int]) -> tuple[float, np.ndarray]:
+    """(perplexity, argmax) over the windows `windows` of `cache`."""
     nll, count, argmax = 0.0, 0, []
-    for index in range(windows):
+    for index in windows:
         with np.load(window_file(cache, index)) as data:
             nll += float(data["nll"])
             count += int(data["count"])
@@ -295,7 +293,7 @@ def quality_job(folder: str, ids_file: str, window: int, name: str, cache_root: 
     2-core host, one single-threaded process per model gets more of it done)."""
     ids = np.load(ids_file)
     cache = cache_for(Path(folder), ids, window, Path(cache_root))
-    if finished_windows(cache) < len(range(0, len(ids) - 1, window)[:limit]):
+    if len(finished_windows(cache)) < len(range(0, len(ids) - 1, window)[:limit]):
         quality(load_og(Path(folder), threads), ids, window, name, cache, limit)
 
 
@@ -523,9 +521,9 @@ def median_ratio(ours: list[float], theirs: list[float]) -> float:
 
 
 def measure_quality(args, entries: list[Entry], ids: np.ndarray) -> dict:
-    """Perplexity and top-1 of every entry over the first windows that every model (and
-    the PyTorch reference) has finished: all of them unless --quality-windows or a killed
-    worker left fewer."""
+    """Perplexity and top-1 of every entry over the windows that every model (and the
+    PyTorch reference) has finished: all of them unless --quality-windows or a killed
+    worker left fewer (the table says how many)."""
     hf_dir = dense_folder()
     ids_file = args.out / f"heldout-ids-{len(ids)}-{args.window}.npy"
     np.save(ids_file, ids)
@@ -542,8 +540,9 @@ def measure_quality(args, entries: list[Entry], ids: np.ndarray) -> dict:
     else:
         torch_cache = root / "pytorch-dense"
     caches = {e.name: cache_for(e.folder, ids, args.window, root) for e in entries}
-    windows = min(finished_windows(c) for c in [torch_cache, *caches.values()])
-    if windows == 0:
+    windows = sorted(set.intersection(*(finished_windows(c)
+                                        for c in [torch_cache, *caches.values()])))
+    if not windows:
         raise SystemExit("no quality window is finished for every model: run without "
                          "--quality-windows 0")
     torch_ppl, torch_argmax = pooled(torch_cache, windows)
@@ -553,7 +552,7 @@ def measure_quality(args, entries: list[Entry], ids: np.ndarray) -> dict:
         reference = argmax if reference is None else reference  # builder fp32 comes first
         e.figures.update(ppl=ppl, top1=float((argmax == reference).mean()),
                          top1_torch=float((argmax == torch_argmax).mean()))
-    return {"torch_ppl": torch_ppl, "windows": windows,
+    return {"torch_ppl": torch_ppl, "windows": len(windows), "window_indices": windows,
             "scored_tokens": int(len(torch_argmax)), "window": args.window}
 
 
