@@ -34,3 +34,19 @@ def test_export_output_is_clean_by_default_and_verbose_with_v(checkpoint, tmp_pa
     for needle in ALWAYS_SEEN_WITH_V:  # the filters are lifted by -v, not only hidden
         assert needle in loud.stderr, (needle, loud.stderr[-3000:])
     assert "[5/5] manifest" in quiet.stdout and "[5/5] manifest" in loud.stdout
+
+
+def test_library_info_and_future_warnings_only_with_v():
+    """What ExecuTorch's export path printed at default verbosity (transformers' INFO on the
+    root logger, torch's pytree FutureWarning) stays out; FlexRank's own INFO stays in."""
+    code = ("import logging, sys, warnings; from flexrank.cli import _setup_logging; "
+            "_setup_logging(sys.argv[1] == 'verbose'); "
+            "logging.getLogger().info('library info'); "
+            "warnings.warn('isinstance(treespec, LeafSpec) is deprecated', FutureWarning); "
+            "logging.getLogger('flexrank.compress').info('our info')")
+    runs = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True,
+                                 text=True, timeout=300) for mode in ("quiet", "verbose")}
+    assert all(run.returncode == 0 for run in runs.values())
+    assert "our info" in runs["quiet"].stderr and "our info" in runs["verbose"].stderr
+    for needle in ("library info", "LeafSpec"):
+        assert needle not in runs["quiet"].stderr and needle in runs["verbose"].stderr

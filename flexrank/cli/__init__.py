@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from flexrank.cli import bench, compress, decompose, evaluate, export, profiles
 
@@ -21,14 +22,24 @@ COMMANDS = (decompose, compress, export, bench, profiles, evaluate)  # in --help
 # (torchao: its CUDA kernels and triton; torch's pytree: enum registration deprecations):
 # nothing a FlexRank user can act on, so they are shown with -v only.
 QUIET_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree")
+# Libraries' notes about their own next versions, e.g. torch's pytree "isinstance(treespec,
+# LeafSpec) is deprecated" while ExecuTorch exports: shown with -v only.
+QUIET_WARNINGS = (FutureWarning,)
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    """FlexRank's own messages at INFO, other libraries' at WARNING (their INFO lines, e.g.
+    transformers' "Using `StaticCache` for export" on the root logger, are not the user's),
+    and the loggers and warnings above hidden; -v shows everything from DEBUG up."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        for name in QUIET_LIBRARY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("flexrank").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        return
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", category=category)
 
 
 def build_parser() -> argparse.ArgumentParser:
