@@ -129,6 +129,8 @@ def main():
     parser.add_argument("--heldout", type=int, default=256, help="held-out sentences")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--probe-batches", type=int, default=4, help="calibration batches probed")
+    parser.add_argument("--probe-points", type=int, default=3, help="ranks probed per layer")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
@@ -166,11 +168,14 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results) -> 
     with stage(results["stages"], "covariance+DataSVD"):
         factorize_(student, collect_covariances(student, train))
     with stage(results["stages"], "probe"):
-        sens = probe(student, teacher, train[:4], ProbeConfig(mode="fast", num_levels=16))
+        sens = probe(student, teacher, train[:args.probe_batches],
+                     ProbeConfig(mode="fast", num_levels=16, probe_points=args.probe_points))
     nested = make_plan(sens, budgets=BUDGETS)
     elastic = ElasticModel(student, nested, tokenizer, model_id="all-minilm-l6-v2")
     results["before"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
                          "eval": evaluate_budgets(elastic, teacher, held_out)}
+    with atomic_path(args.out / "results-before.json") as tmp:  # a long run's first figures
+        tmp.write_text(json.dumps(results, indent=1, default=str))
     config = DistillConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
                            warmup_steps=max(1, args.steps // 20), objective="feature",
                            checkpoint_every=0)
