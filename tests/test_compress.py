@@ -79,3 +79,27 @@ def test_cli_compress_and_too_little_text(model_dir, tmp_path, capsys):
                "--samples", "8", "--seq-len", "32", "--eval-samples", "2", "--budgets",
                "1,0.7", "--levels", "4", "--probe-samples", "2", "--steps", "2"])
     assert rc == 0 and "whole-model params" in capsys.readouterr().out
+
+
+def test_a_folder_distilled_before_anchoring_resumes_and_is_anchored(model_dir, tmp_path):
+    """full_budget 'anchor' trains as 'train' did (folders from before it): such a folder
+    resumes instead of refusing the changed setting, and its β = 1 is then refit."""
+    from dataclasses import replace
+
+    model, text = model_dir
+    out = tmp_path / "out"
+    old = config(text, steps=4)
+    old = replace(old, distill=replace(old.distill, full_budget="train", lr=1e-3))
+    trained, _ = compress(model, out, old)
+    ids = torch.tensor([char_tokenizer()("17 the quick brown fox jumps")["input_ids"]])
+    original = tiny_llama(init_std=0.2)
+    with torch.no_grad():
+        reference = original(ids).logits
+        drift = (trained.set_budget(1.0).model(ids).logits - reference).abs().max()
+    anchored, _ = compress(model, out, replace(old, distill=replace(old.distill,
+                                                                    full_budget="anchor")))
+    with torch.no_grad():
+        after = (anchored.set_budget(1.0).model(ids).logits - reference).abs().max()
+    assert after < 0.8 * drift, (float(drift), float(after))  # 0.30 against 0.48 when written
+    with pytest.raises(CompressError, match="differs in: distill"):  # 'refit' trains otherwise
+        compress(model, out, replace(old, distill=replace(old.distill, full_budget="refit")))

@@ -147,6 +147,7 @@ def anchor_full_rank_(model: nn.Module, original: nn.Module, plan,
         weight = _original_weight(original, name, layer)
         whitening = _whitening(cache, name)
         before[name] = _relative_error(weight, layer.U, layer.V, whitening)
+        trained = layer.U.detach().clone(), layer.V.detach().clone()
         if keep[name] < layer.max_rank:  # only β = 1 reads the tail: refit it
             tail_U, tail_V = refit_tail(weight, layer.U, layer.V, keep[name], whitening)
             layer.U[:, keep[name]:] = tail_U.to(layer.U.dtype)
@@ -157,6 +158,10 @@ def anchor_full_rank_(model: nn.Module, original: nn.Module, plan,
             layer.U.copy_(new_U)
             layer.V.copy_(new_V)
         after[name] = _relative_error(weight, layer.U, layer.V, whitening)
+        if after[name] > before[name]:  # rounding to the stored dtype undid it (an
+            layer.U.copy_(trained[0])  # ill-conditioned square factor): keep the trained
+            layer.V.copy_(trained[1])
+            after[name] = before[name]
     report = AnchorReport(before, after)
     worst, error = report.worst_after
     logger.info("full budget anchored to the original weights: largest relative output "

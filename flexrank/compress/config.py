@@ -300,4 +300,8 @@ class CompressConfig:
         if data["distill"].get("qat") is None:  # folders from before QAT resume as they were
             data["distill"].pop("qat", None)
             data["distill"].pop("qat_block_size", None)
+        # "anchor" trains as "train" (and as folders from before it) and only refits β = 1
+        # afterwards, on every run: such folders resume, and are anchored when resumed
+        if data["distill"].get("full_budget") != "refit":
+            data["distill"].pop("full_budget", None)
         return {"model": model_id, **data}
