@@ -18,6 +18,8 @@ def main() -> None:
     p.add_argument("checkpoint", help="elastic checkpoint folder (a compress run's elastic/)")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--verbose", action="store_true", help="print every decision table")
+    p.add_argument("--quality", help="a JSON list of quality rows to use instead of the "
+                                     "checkpoint's (nothing is measured)")
     args = p.parse_args()
 
     from flexrank.compress.budget_cost import budget_costs
@@ -29,8 +31,13 @@ def main() -> None:
 
     folder = Path(args.checkpoint).expanduser()
     elastic = ElasticModel.from_pretrained(folder)
-    rows, note = quality_rows(elastic, folder, PRECISIONS,
-                              lambda: load_model(elastic.model_id)[0].eval())
+    if args.quality:
+        import json
+
+        rows, note = json.loads(Path(args.quality).read_text()), f"read from {args.quality}"
+    else:
+        rows, note = quality_rows(elastic, folder, PRECISIONS,
+                                  lambda: load_model(elastic.model_id)[0].eval())
     print(f"quality: {note}")
     measured = {(float(r["beta"]), r["precision"]): r for r in rows}
     costs = {prec: budget_costs(elastic, None if prec == "fp32" else prec) for prec in PRECISIONS}

@@ -88,10 +88,10 @@ def test_phone_model_memory_is_a_fraction_of_ram():
 def test_binding_limits_carry_their_sources():
     """The limits that decide what a small model ships (issue 17): store download limits,
     a constrained app context, low-RAM tiers; each with a source or marked estimate."""
-    for name in ("pixel8", "android-go"):
+    for name in ("pixel8", "android-go", "pixel6a", "galaxy-s22", "galaxy-s24", "oneplus12"):
         limit = load_profile(name).download_limit_mb
         assert limit.value == 200 and "Google Play" in limit.source, name
-    for name in ("iphone15", "iphone15-extension"):
+    for name in ("iphone15", "iphone15-extension", "iphone15pro"):
         limit = load_profile(name).download_limit_mb
         assert limit.value == 200 and "Apple" in limit.source, name
     assert load_profile("server-x86").download_limit_mb is None
