@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--embedding-bits", default="4,8,32")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    torch.set_num_threads(1)  # OpenMP threads busy-wait on a shared 2-core host
     from elastic_fixtures import nested_plan
 
     import flexrank
