@@ -139,14 +139,19 @@ def lr_factor(step: int, config: DistillConfig) -> float:
 def stack_sequences(batches: Sequence, model: nn.Module) -> dict[str, torch.Tensor]:
     """One {input_ids, attention_mask} table, (N, T) each, from batches of `model`'s token
     ids in the form `flexrank.compress.calibration.as_batch` takes (dicts with input_ids,
-    or bare (B, T) id tensors). Raises BatchError for other batches, or a model that does
-    not read token ids (distillation matches logits)."""
+    or bare (B, T) id tensors); batches of different lengths (sentences padded per batch)
+    are right-padded to the longest, with id 0 and mask 0. Raises BatchError for other
+    batches, or a model that does not read token ids."""
     rows = [as_batch(b, model) for b in batches]
     if not rows or not all(isinstance(b, dict) for b in rows):
         raise BatchError(f"distillation needs batches of token ids for a language model; "
                          f"{type(model).__name__} got {len(rows)} batch(es) of another kind")
-    return {"input_ids": torch.cat([b["input_ids"] for b in rows]),
-            "attention_mask": torch.cat([b["attention_mask"] for b in rows])}
+    width = max(b["input_ids"].shape[1] for b in rows)
+
+    def padded(key: str) -> torch.Tensor:
+        return torch.cat([F.pad(b[key], (0, width - b[key].shape[1])) for b in rows])
+
+    return {"input_ids": padded("input_ids"), "attention_mask": padded("attention_mask")}
 
 
 def stack_batches(batches: Sequence, model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
@@ -210,7 +215,7 @@ def evaluate_budgets(elastic: ElasticModel, teacher: nn.Module, batches: Sequenc
     "cosine" (mean cosine of the mean-pooled embeddings to the teacher's). Batches as
     `flexrank.compress.calibration.as_batch` takes them."""
     model = elastic.model
-    data, positional = stack_batches(batches, model)
+    data, positional = stack_batches(batches[:1], model)  # the first input decides "auto"
     objective = resolve_objective(objective, teacher, data, positional)
     if objective != Objective.TOKEN_KL:
         return _evaluate_outputs(elastic, teacher, batches, objective, positional)
