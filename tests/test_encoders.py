@@ -328,3 +328,26 @@ def test_input_batches_from_a_folder_of_images_and_npy(tmp_path):
         input_batches(tmp_path)  # 8×8 images beside .npy samples of another shape
     with pytest.raises(CalibrationError, match="holds 5 samples"):
         input_batches(tmp_path / "all.npy", num_samples=9)
+
+
+def test_sentence_batches_of_different_lengths():
+    """Sentences padded per batch (lengths 5 and 9) distil and evaluate: the figures over
+    both batches are the row-weighted mean of each batch's alone (padding counts nowhere)."""
+    teacher = bert_encoder()
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for rows, length in ((3, 5), (2, 9)):
+        ids = torch.randint(3, 100, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0  # one padded sentence per batch
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    factorize_(student, collect_covariances(student, batches, progress=False), progress=False)
+    elastic = ElasticModel(student, make_plan(probe(
+        student, teacher, batches[:1], ProbeConfig(mode="exact", num_levels=4),
+        progress=False), budgets=(0.5,)))
+    both = evaluate_budgets(elastic, teacher, batches)[0.5]
+    alone = [evaluate_budgets(elastic, teacher, [b])[0.5] for b in batches]
+    assert both["loss"] == pytest.approx((3 * alone[0]["loss"] + 2 * alone[1]["loss"]) / 5)
+    distill(student, teacher, elastic.plan, batches,
+            DistillConfig(steps=2, batch_size=5, checkpoint_every=0), progress=False)
