@@ -37,6 +37,7 @@ go (by the op that reads each weight); writes everything to OUT/results.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -52,7 +53,7 @@ import numpy as np
 from common import HELDOUT_SPAN, SHAKESPEARE
 from tqdm import tqdm
 
-from flexrank.io import atomic_dir, atomic_path, cache_dir, write_json_atomic
+from flexrank.io import atomic_dir, atomic_path, cache_dir, sha256_file, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 BUILDER_VENV = cache_dir("bench-venvs", "genai-builder")
@@ -230,11 +231,15 @@ def window_file(cache: Path, index: int) -> Path:
 
 
 def cache_for(folder: Path, ids: np.ndarray, window: int, root: Path) -> Path:
-    """The per-window quality cache of one model folder, emptied when its graph files or
-    the tokens change (a stale window would mix two graphs)."""
-    key = {"graph": graph_identity(folder), "tokens": int(len(ids)), "window": window,
-           "ids_sum": int(ids.sum())}
-    cache = root / folder.resolve().as_posix().strip("/").replace("/", "_")
+    """The per-window quality cache of the graph in `folder`: named by the sha256 of its
+    model files (a re-export that changes a byte gets a new one; a copy shares it) and
+    emptied when the tokens or the window change."""
+    digest = hashlib.sha256()
+    for name in sorted(graph_identity(folder)):
+        digest.update(name.encode())
+        digest.update(sha256_file(folder / name).encode())
+    cache = root / digest.hexdigest()[:20]
+    key = {"tokens": int(len(ids)), "window": window, "ids_sum": int(ids.sum())}
     key_file = cache / "key.json"
     if key_file.is_file() and json.loads(key_file.read_text()) != key:
         shutil.rmtree(cache)
@@ -282,7 +287,7 @@ def pooled(cache: Path, windows: list[int]) -> tuple[float, np.ndarray]:
 
 
 def graph_identity(folder: Path) -> dict:
-    """What a cached quality figure is valid for: each model file's size and mtime."""
+    """The model files of a budget folder (graph, external data): {name: [size, mtime]}."""
     return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
             if f.is_file() and f.suffix not in (".json", ".jinja", ".txt", ".model")}
 
