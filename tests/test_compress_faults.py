@@ -60,7 +60,7 @@ def test_a_run_killed_in_its_first_seconds_resumes(model_dir, tmp_path, monkeypa
     model, text = model_dir
     out = tmp_path / "out"
 
-    def killed(spec):
+    def killed(spec, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "load_model", killed)

@@ -264,14 +264,14 @@ def test_compress_read_only_at_a_rename(model_dir, tmp_path, monkeypatch, capsys
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(dst).name == "covariance.safetensors":
+        if Path(dst).name == "decomposed.safetensors":
             raise OSError(errno.EROFS, "Read-only file system", str(src), str(dst))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     assert main(compress_argv(model, text, out)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == (f"error: could not write {out}/stages/covariance.safetensors: Read-only "
+    assert line == (f"error: could not write {out}/stages/decomposed.safetensors: Read-only "
                     "file system (EROFS); choose an output folder on a writable disk (nothing "
                     "partial was left behind)")
     assert temporaries(out) == []
@@ -282,16 +282,18 @@ def test_compress_full_disk_in_a_safetensors_write(model_dir, tmp_path, monkeypa
     model, text = model_dir
     out = tmp_path / "out"
 
-    def partial_write(tensors, filename, metadata=None):
-        if ".covariance.safetensors." in Path(filename).name:
+    real_save = pipeline.save_safetensors_model
+
+    def partial_write(model, filename, metadata=None, **kwargs):
+        if ".decomposed.safetensors." in Path(filename).name:
             Path(filename).write_bytes(b"\0" * 100)  # what a write cut short leaves
             raise safetensors.SafetensorError(ENOSPC_FROM_SAFETENSORS)
-        return save_file(tensors, filename, metadata=metadata)
+        return real_save(model, filename, metadata=metadata, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_file", partial_write)
+    monkeypatch.setattr(pipeline, "save_safetensors_model", partial_write)
     assert main(compress_argv(model, text, out)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith(f"error: could not write {out}/stages/covariance.safetensors: No "
+    assert line.startswith(f"error: could not write {out}/stages/decomposed.safetensors: No "
                            "space left on device (ENOSPC); free some space")
     assert temporaries(out) == []
     assert sorted(p.name for p in (out / "stages").iterdir()) == ["calibration.safetensors"]
@@ -299,7 +301,8 @@ def test_compress_full_disk_in_a_safetensors_write(model_dir, tmp_path, monkeypa
 
 def test_compress_on_a_full_disk_then_resumes(model_dir, tmpfs, capsys):
     """A real full disk (a 4 MiB tmpfs with 48 KiB left: the calibration tokens fit, the
-    covariances do not): one line, no partial file, and the run resumes once there is room."""
+    decomposed weights do not): one line, no partial file, and the run resumes once there
+    is room."""
     model, text = model_dir
     disk = tmpfs("disk", size="4m")
     filler = fill(disk, 48 * 1024)

@@ -240,16 +240,20 @@ def _decompose(stages: Stages, cfg: CompressConfig, teacher, train_batches):
         load_safetensors_model(student, str(path), strict=False)
         return student
     started = time.perf_counter()
-    if stages.done("covariance"):
+    saved_sums = stages.done("covariance") and (stages.dir / "covariance.safetensors").exists()
+    if saved_sums:
         factorize_(student, _covariance(stages, teacher, train_batches), cfg.factorize)
     elif cfg.factorize.method == "data":
         factorize_blockwise_(student, train_batches, cfg.factorize)
-        stages.finish("covariance", time.perf_counter())  # timed with decompose below
     else:
         factorize_(student, None, cfg.factorize)
     with atomic_path(path) as tmp:
         save_safetensors_model(student, str(tmp), metadata={"json": json.dumps(
             layer_specs(student))})
+    if not saved_sums:  # block by block, the covariances are part of decompose (timed there);
+        # marked only once the factors are saved: a failed save must not leave a finished
+        # covariance stage without its file for the next run to read
+        stages.finish("covariance", time.perf_counter())
     stages.finish("decompose", started)
     return student
 
