@@ -51,8 +51,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         with _writing(path, tmp):
-            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600: the mode open() would give
             yield tmp
+            # mkstemp makes it 0600, and a writer that replaces the file (safetensors'
+            # save_file does) leaves its own 0600: give it the mode open() would give
+            os.chmod(tmp, 0o666 & ~umask())
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

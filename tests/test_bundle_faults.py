@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import char_tokenizer, tiny_llama
 from elastic_fixtures import tiny_elastic
+from safetensors.torch import save_file
 
 import flexrank.cli.export as cli_export
 import flexrank.exporters as exporters_api
@@ -25,7 +27,7 @@ from flexrank.cli import export_main
 from flexrank.compress.elastic import META_FILE, ElasticModel
 from flexrank.exporters import BundleLockedError, export, lock_file
 from flexrank.exporters.onnx.convert import OnnxExportConfig
-from flexrank.io import atomic_dir, write_json_atomic
+from flexrank.io import atomic_dir, atomic_path, write_json_atomic
 from flexrank.manifest import MANIFEST_FILE, MissingFileError, load_manifest
 
 QUICK = OnnxExportConfig(validate=False)  # these tests are about files, not numbers
@@ -236,6 +238,8 @@ def test_bundle_and_checkpoint_modes_follow_the_umask(elastic, tmp_path, mask):
         export(elastic, dist, budgets=[0.6], config=QUICK)
         elastic.save_pretrained(tmp_path / "ckpt")
         write_json_atomic(tmp_path / "plain.json", {"a": 1})
+        with atomic_path(tmp_path / "stage.safetensors") as tmp:  # save_file writes 0600
+            save_file({"w": torch.zeros(2)}, str(tmp))
         with atomic_dir(tmp_path / "folder") as folder:
             (folder / "x").write_text("x")
     assert mode(dist) == dir_mode and mode(dist / MANIFEST_FILE) == file_mode
@@ -243,4 +247,5 @@ def test_bundle_and_checkpoint_modes_follow_the_umask(elastic, tmp_path, mask):
     assert mode(tmp_path / "ckpt") == dir_mode
     assert mode(tmp_path / "ckpt" / META_FILE) == file_mode
     assert mode(tmp_path / "plain.json") == file_mode and mode(tmp_path / "folder") == dir_mode
+    assert mode(tmp_path / "stage.safetensors") == file_mode
     assert json.loads((tmp_path / "plain.json").read_text()) == {"a": 1}
