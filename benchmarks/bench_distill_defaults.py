@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from common import HELDOUT_SPAN, SHAKESPEARE
 from safetensors import safe_open
 from safetensors.torch import load_file
