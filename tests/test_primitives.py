@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from flexrank.compress.budget_cost import budget_cost
 from flexrank.compress.config import FactorizeConfig
 from flexrank.compress.elastic import BudgetError, ElasticModel, restructure_
 from flexrank.compress.models import model_kind
+from flexrank.compress.pipeline import fast_compress_config
 from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import factorize_, swap_modules_
 from flexrank.device import host as host_module
@@ -242,8 +244,14 @@ def test_every_cache_lands_under_flexrank_cache(caches, monkeypatch):
                             strict=True):
         assert torch.equal(p, q), name
     # the export work folder of a plain model
-    work = _default_work_dir("smollm2-135m")  # keyed on the model's identity (issue 21)
+    fast = fast_compress_config()
+    work = _default_work_dir("smollm2-135m", fast)  # keyed on the model's identity (issue 21)
     assert work.parent == root / "compress" and work.name.startswith("smollm2-135m-")
+    # and on the settings: other budgets or steps (or other fast defaults) get their own
+    assert _default_work_dir("smollm2-135m", fast_compress_config()) == work
+    assert _default_work_dir("smollm2-135m", fast_compress_config((1.0, 0.5))) != work
+    longer = replace(fast, distill=replace(fast.distill, full_budget="refit"))
+    assert _default_work_dir("smollm2-135m", longer) != work
     assert not (caches / "xdg").exists() and not (caches / "home").exists()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import json
 import math
 import re
 import sys
@@ -185,11 +186,16 @@ def _check_output(out: Path) -> None:
                          "it (a bundle is never written over another)")
 
 
-def _default_work_dir(source: str) -> Path:
-    """The compress cache of `source`, keyed on the model it names, not on how it was
-    typed (`model_identity`): `m` in two working folders is two models, two entries."""
+def _default_work_dir(source: str, config) -> Path:
+    """The compress cache of `source` with `config` (a CompressConfig), keyed on the model
+    it names, not on how it was typed (`model_identity`): `m` in two working folders is two
+    models, two entries; and on the settings' resume signature, so that other budgets,
+    steps beyond what was run, or a release with other fast defaults get a folder of their
+    own instead of one that refuses them."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(source)).strip("_") or "model"
-    return cache_dir("compress", f"{slug[-40:]}-{model_identity(source)[:16]}-fast")
+    settings = json.dumps(config.signature(""), sort_keys=True)
+    tag = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return cache_dir("compress", f"{slug[-40:]}-{model_identity(source)[:16]}-fast-{tag}")
 
 
 def model_identity(source: str) -> str:
@@ -219,10 +225,22 @@ def model_identity(source: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _fast_config(args):
+    """The CompressConfig a plain model is compressed with: the fast defaults, with
+    --budgets and --steps."""
+    from dataclasses import replace
+
+    from flexrank.compress.pipeline import fast_compress_config
+
+    config = fast_compress_config(args.budgets)
+    if args.steps is not None:
+        config = replace(config, distill=replace(config.distill, steps=args.steps))
+    return config
+
+
 def load_or_compress(args):
     """An ElasticModel from an elastic folder, or `compress` with fast defaults (cached)."""
     from flexrank.compress.elastic import META_FILE, ElasticModel, resolve_elastic_dir
-    from flexrank.compress.pipeline import fast_compress_config
 
     source = Path(str(args.source)).expanduser()
     if source.is_dir() and (resolve_elastic_dir(source) / META_FILE).is_file():
@@ -240,12 +258,8 @@ def load_or_compress(args):
                          f"({', '.join(ALIASES)})")
     from flexrank.compress.pipeline import compress
 
-    config = fast_compress_config(args.budgets)
-    if args.steps is not None:
-        from dataclasses import replace
-
-        config = replace(config, distill=replace(config.distill, steps=args.steps))
-    work = Path(args.work_dir) if args.work_dir else _default_work_dir(args.source)
+    config = _fast_config(args)
+    work = Path(args.work_dir) if args.work_dir else _default_work_dir(args.source, config)
     print(f"    compressing {args.source} with fast defaults into {work} (cached: a second "
           "run starts at the export)", flush=True)
     elastic, summary = compress(args.source, work, config)
@@ -423,7 +437,8 @@ def checkpoint_folder(args) -> Path | None:
     source = Path(str(args.source)).expanduser()
     if source.is_dir() and (resolve_elastic_dir(source) / META_FILE).is_file():
         return resolve_elastic_dir(source)
-    work = Path(args.work_dir) if args.work_dir else _default_work_dir(args.source)
+    work = Path(args.work_dir) if args.work_dir else _default_work_dir(args.source,
+                                                                      _fast_config(args))
     return work / "elastic"
 
 
