@@ -247,11 +247,13 @@ def test_every_cache_lands_under_flexrank_cache(caches, monkeypatch):
     fast = fast_compress_config()
     work = _default_work_dir("smollm2-135m", fast)  # keyed on the model's identity (issue 21)
     assert work.parent == root / "compress" and work.name.startswith("smollm2-135m-")
-    # and on the settings: other budgets or steps (or other fast defaults) get their own
+    # and on the settings: other budgets (or other fast defaults) get their own
     assert _default_work_dir("smollm2-135m", fast_compress_config()) == work
     assert _default_work_dir("smollm2-135m", fast_compress_config((1.0, 0.5))) != work
-    longer = replace(fast, distill=replace(fast.distill, full_budget="refit"))
-    assert _default_work_dir("smollm2-135m", longer) != work
+    refit = replace(fast, distill=replace(fast.distill, full_budget="refit"))
+    assert _default_work_dir("smollm2-135m", refit) != work
+    more = replace(fast, distill=replace(fast.distill, steps=fast.distill.steps * 2))
+    assert _default_work_dir("smollm2-135m", more) == work  # resumes, trains further
     assert not (caches / "xdg").exists() and not (caches / "home").exists()
 
 

@@ -189,9 +189,9 @@ def _check_output(out: Path) -> None:
 def _default_work_dir(source: str, config) -> Path:
     """The compress cache of `source` with `config` (a CompressConfig), keyed on the model
     it names, not on how it was typed (`model_identity`): `m` in two working folders is two
-    models, two entries; and on the settings' resume signature, so that other budgets,
-    steps beyond what was run, or a release with other fast defaults get a folder of their
-    own instead of one that refuses them."""
+    models, two entries; and on the settings' resume signature, so that other budgets or a
+    release with other fast defaults get a folder of their own instead of one that refuses
+    them (more --steps resume the same folder: steps are not in the signature)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(source)).strip("_") or "model"
     settings = json.dumps(config.signature(""), sort_keys=True)
     tag = hashlib.sha256(settings.encode()).hexdigest()[:8]
