@@ -57,7 +57,7 @@ def test_scales_are_what_xnnpack_stores():
 # remaining cause is not found yet (see BENCHMARKS.md, ExecuTorch 8da4w). strict: an
 # XPASS fails, so the mark goes when the cause is fixed.
 @pytest.mark.xfail(strict=True, reason="random SmolLM2-shaped model: program vs eager 2.1e-2")
-@pytest.mark.parametrize("layers", [2, pytest.param(30, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layers", [2])  # 30 (SmolLM2's depth) once this passes
 def test_program_equals_the_eager_8da4w_model(layers, tmp_path):
     model = smollm2_shaped(layers)
     quantize_8da4w_(model, [], group_size=32, embedding_bits=8)
