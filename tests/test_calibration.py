@@ -124,3 +124,14 @@ def test_real_text_split(tokenizer, monkeypatch):
     calibration_windows = {tuple(ids[s:s + 64].tolist()) for s in range(0, cut - 63, 64)}
     for row in torch.cat([b["input_ids"] for b in batches]).tolist():
         assert tuple(row) in calibration_windows
+
+
+def test_teacher_calibration_of_a_model_that_cannot_generate_is_refused_by_name():
+    from conftest import char_tokenizer, tiny_bert
+
+    bert = tiny_bert()
+    with pytest.raises(CalibrationError, match=r"BertModel cannot generate text .*--calib FILE"):
+        calibration_data(char_tokenizer(), "teacher", model=bert, num_samples=2, seq_len=8)
+    samples = calibration_data(char_tokenizer(), "teacher", model=tiny_llama(), num_samples=2,
+                               seq_len=8)  # a causal LM still samples its own text
+    assert samples[0]["input_ids"].shape == (2, 8)

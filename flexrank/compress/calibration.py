@@ -366,6 +366,12 @@ def calibration_data(tokenizer, source="teacher", model=None, num_samples: int =
     if isinstance(source, str) and source == "teacher":
         if model is None:
             raise CalibrationError("source 'teacher' samples text from the model: pass model=")
+        if not callable(getattr(model, "can_generate", None)) or not model.can_generate():
+            raise CalibrationError(
+                f"source 'teacher' samples text from the model, and "
+                f"{type(model).__name__} cannot generate text (an encoder or classifier): "
+                "calibrate on real text instead (--calib FILE: a text or .jsonl file or a "
+                "datasets folder)")
         samples = teacher_samples(model, tokenizer, num_samples, seq_len, seed, batch_size)
     else:
         stream = token_stream(tokenizer, load_texts(source))
