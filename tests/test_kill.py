@@ -24,7 +24,7 @@ STAGES = 5  # flexrank-export prints "[k/5] <stage> ..." as each stage starts
 def export_command(checkpoint: Path, out: Path, budget: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from flexrank.cli import export_main; "
             "sys.exit(export_main(sys.argv[1:]))", str(checkpoint), "--profile", "pixel8",
-            "--budget", budget, "-o", str(out)]
+            "--format", "onnx", "--budget", budget, "-o", str(out)]
 
 
 def run_and_kill_at(command: list[str], stage: int) -> None:
