@@ -405,7 +405,10 @@ class ElasticSession:
         peak = _status_kib("VmHWM") if self._peak_window else None
         if peak is None:
             return peak_rss_bytes()
-        return max(0, peak - self._rss_before)
+        # a later session in the same process resets VmHWM too; then the window no longer
+        # starts at this load and the difference can be <= 0: report the peak since then
+        # (an upper bound) rather than 0
+        return peak - self._rss_before if peak > self._rss_before else peak
 
     def measure(self, prompt_tokens: int = 64, new_tokens: int = 16, repeats: int = 1) -> dict:
         """Host figures at the current budget: TTFT for a prompt of `prompt_tokens` tokens,

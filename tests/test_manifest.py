@@ -127,7 +127,7 @@ def test_export_hashes_each_file_once_and_writes_the_manifest_once(checkpoint, t
     monkeypatch.setattr(flexrank.io, "write_json_atomic", counting_write)
     dist = tmp_path / "dist"
     assert export_main([str(checkpoint), "--profile", "pixel8", "--budget", "auto",
-                        "--layout", "per-budget", "-o", str(dist)]) == 0
+                        "--format", "onnx", "--layout", "per-budget", "-o", str(dist)]) == 0
     monkeypatch.undo()
 
     manifests = [p for p in written if p.name == MANIFEST_FILE]
