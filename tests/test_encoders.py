@@ -351,3 +351,32 @@ def test_sentence_batches_of_different_lengths():
     assert both["loss"] == pytest.approx((3 * alone[0]["loss"] + 2 * alone[1]["loss"]) / 5)
     distill(student, teacher, elastic.plan, batches,
             DistillConfig(steps=2, batch_size=5, checkpoint_every=0), progress=False)
+
+
+def test_distillation_trims_padding_columns_exactly():
+    """Sentences are padded to the longest of the whole set (here 5 real tokens padded to
+    20); each step's batch is cut to its longest real row: the student never sees a column
+    past it, and the trained weights and losses equal those of the same sentences unpadded."""
+    teacher = bert_encoder()
+    ids = torch.randint(3, 100, (8, 5), generator=torch.Generator().manual_seed(4))
+    narrow = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    wide = {"input_ids": F.pad(ids, (0, 15)), "attention_mask": F.pad(torch.ones_like(ids),
+                                                                       (0, 15))}
+    runs = []
+    for batch in (narrow, wide):
+        student = copy.deepcopy(teacher)
+        factorize_(student, collect_covariances(student, [narrow], progress=False),
+                   progress=False)
+        nested = make_plan(probe(student, teacher, [narrow], ProbeConfig(
+            mode="exact", num_levels=4), progress=False), budgets=(0.5,))
+        widths = []
+        hook = student.embeddings.register_forward_hook(
+            lambda module, args, out, widths=widths: widths.append(out.shape[1]))
+        result = distill(student, teacher, nested, [batch], DistillConfig(
+            steps=2, batch_size=8, checkpoint_every=0, full_budget="train"), progress=False)
+        hook.remove()
+        runs.append((widths, result.losses, student.state_dict()))
+    assert set(runs[1][0]) == {5}, runs[1][0]  # never the 20-wide table
+    assert runs[1][1] == runs[0][1]
+    for name, value in runs[0][2].items():
+        torch.testing.assert_close(runs[1][2][name], value, msg=name)
