@@ -5,17 +5,37 @@ q/k/v projections and o_proj: head split (Reshape, Transpose) ×3, the KV-cache 
 repeat_kv (Unsqueeze, Expand, Reshape) ×2, the scaled QKᵀ, the mask Add, Softmax, its NaN
 guard, PV, and the head merge. `fuse_attention` replaces them with
 
-    RotaryEmbedding(q) , RotaryEmbedding(k)        (on the (B, S, heads·D) projections)
     GroupQueryAttention(q, k, v, past_key_values.i.*, seqlens_k, total_sequence_length,
-                        attention_bias = the exported mask)  -> o_proj input, present.i.*
+                        cos_cache, sin_cache, attention_bias = the exported mask,
+                        do_rotary=1)  -> o_proj input, present.i.*
 
-Semantics are kept exactly as Hugging Face's, padding included: rotary keeps the graph's
-`position_ids` (the op's built-in rotary would derive positions from sequence lengths),
-every row is declared full length (seqlens_k = total - 1) and the exported causal+padding
+(q, k, v: the (B, S, heads·D) projections, or one packed (B, S, (H + 2·H_kv)·D) tensor),
+or, where the op cannot rotate itself, RotaryEmbedding(q), RotaryEmbedding(k) before it.
+
+Every row is declared full length (seqlens_k = total - 1) and the exported causal+padding
 mask goes in as `attention_bias`, its -inf clamped to float32's lowest so that no score row
 is all -inf (the unfused graph guards those rows, left-padding queries, against NaN after
 its Softmax). The cache tensors keep their names and BNSH layout, so optimum's
 ORTModelForCausalLM runs the graph.
+
+Rotary. Where the op can rotate itself (head size a multiple of 16, full rotary, the
+tables initializers: `_rotary_tables`), it does (`do_rotary`, cos_cache/sin_cache = the
+RotaryEmbedding's tables), as onnxruntime-genai's builder does, and where q, k and v are
+then one Split of one projection (`fuse_sibling_matmuls` at β = 1) they go in packed
+(`pack_qkv`): 3 nodes fewer per block (two RotaryEmbedding, one Split). The op's rotary
+does not take Hugging Face's positions in every phase: its `position_ids` input is honoured
+per row on a cached step, but on a first prompt (sequence = total length) the kernel reads
+position_ids[0, 0] only, as an offset for every row (onnxruntime 1.32, measured:
+tests/test_gqa_rotary.py). So, like the builder, the fused graph leaves position_ids
+unread and the op rotates each token by its index in the sequence (past + s). For a row
+whose tokens are contiguous (no padding, or left padding as batched generation pads)
+Hugging Face's positions are that index minus the row's padding p, and attention scores
+depend on position differences only, so every logit is Hugging Face's, prompt and cached
+steps alike; the cached keys of a left-padded row are Hugging Face's rotated by p (values
+and unpadded rows' keys are equal). Not exact: a cache written by another runtime for a
+padded row, and masks with holes inside a row. `fuse_attention(..., rotary_inside=False)`
+(`simplify(rotary_inside=False)`) keeps the RotaryEmbedding nodes on position_ids, exact
+in those cases too; so does a block the op cannot rotate (SmolLM2's 64-wide heads can).
 
 Each block is matched structurally from its `present.<i>.key` / `.value` Concats; a block
 whose subgraph differs from the expected shape is left as it is.
@@ -50,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 _CHAIN_TO_SCORES = ("Unsqueeze", "Expand", "Reshape", "Transpose", "Mul")
 FLOAT32_LOWEST = float(np.finfo(np.float32).min)
+# GroupQueryAttention's own rotary (do_rotary) takes head sizes that are multiples of this
+GQA_ROTARY_HEAD_MULTIPLE = 16
 
 
 class _Graph:
@@ -260,8 +282,32 @@ def _sequence_inputs(graph: onnx.GraphProto) -> tuple[list, str, str]:
     return nodes, p + "seqlens_i32", p + "total_i32"
 
 
-def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int) -> int:
-    """Replace each matched block's attention (see module doc); returns how many."""
+def _rotary_tables(graph: onnx.GraphProto, rotary) -> tuple[str, str, int] | None:
+    """(cos_cache, sin_cache, rotary_interleaved) when GroupQueryAttention can apply the
+    graph's rotary node `rotary` itself (`do_rotary`), else None.
+
+    Its kernel rotates the whole head (full rotary: the match refuses partial rotary) with
+    tables of shape (rows, head_size / 2) and needs head_size to be a multiple of 16
+    (onnxruntime's `CheckRotaryCaches`); the tables must be initializers of that shape and
+    the node's `scale` 1."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
+    if float(attributes.get("scale", 1.0)) != 1.0 or len(rotary.input) != 4:
+        return None
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    cos, sin = rotary.input[2], rotary.input[3]
+    if cos not in dims or dims[cos] != dims.get(sin) or len(dims[cos]) != 2:
+        return None
+    if (2 * dims[cos][1]) % GQA_ROTARY_HEAD_MULTIPLE:
+        return None
+    return cos, sin, int(attributes.get("interleaved", 0))
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int,
+                   rotary_inside: bool = True) -> int:
+    """Replace each matched block's attention (see module doc); returns how many.
+
+    With `rotary_inside`, a block whose rotary GroupQueryAttention can apply
+    (`_rotary_tables`) gets `do_rotary` and no RotaryEmbedding node of its own."""
     graph = model.graph
     if "attention_mask" not in {i.name for i in graph.input} or num_heads <= 0:
         return 0
@@ -289,6 +335,21 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int) -> int
                                               name=f"{name}/Max"))
             finite[block.bias] = name
         p = f"/model/layers.{block.index}/self_attn/gqa/"
+        i = block.index
+        inside = _rotary_tables(graph, block.rotary) if rotary_inside else None
+        if inside is not None:
+            cos, sin, interleaved = inside
+            new_nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [block.q, block.k, block.v, f"past_key_values.{i}.key",
+                 f"past_key_values.{i}.value", seqlens, total, cos, sin, "", finite[block.bias]],
+                [block.out, f"present.{i}.key", f"present.{i}.value"],
+                name=p + "GroupQueryAttention", domain="com.microsoft",
+                num_heads=num_heads, kv_num_heads=kv_heads, scale=block.scale,
+                do_rotary=1, rotary_interleaved=interleaved))
+            for node in block.removed:
+                graph.node.remove(node)
+            continue
         rotated = []
         for which, source in (("q", block.q), ("k", block.k)):
             rotary = helper.make_node("RotaryEmbedding", [source, *block.rotary.input[1:]],
@@ -298,7 +359,6 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int) -> int
                                     if a.name in ("interleaved", "scale"))
             new_nodes.append(rotary)
             rotated.append(rotary.output[0])
-        i = block.index
         new_nodes.append(helper.make_node(
             "GroupQueryAttention",
             [rotated[0], rotated[1], block.v, f"past_key_values.{i}.key",
@@ -313,6 +373,51 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int) -> int
     if "com.microsoft" not in {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(blocks)
+
+
+def _split_sizes(g: _Graph, split) -> list[int] | None:
+    """The sizes of a Split on the last axis of a (B, S, N) tensor, or None."""
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+    if axis not in (-1, 2):
+        return None
+    sizes = next((list(a.ints) for a in split.attribute if a.name == "split"), None)
+    if sizes is None and len(split.input) > 1 and split.input[1]:
+        values = g.constants.get(split.input[1])
+        sizes = None if values is None else [int(v) for v in values.reshape(-1)]
+    return sizes
+
+
+def pack_qkv(graph: onnx.GraphProto) -> int:
+    """GroupQueryAttention nodes with their own rotary (`do_rotary`) whose query, key and
+    value are outputs 0, 1, 2 of one Split of a (B, S, (H + 2·H_kv)·D) projection (q, k and
+    v fused by `fuse_sibling_matmuls`), read by nothing else, take that projection as packed
+    QKV (key and value empty) and the Split goes: one node fewer per block, as
+    onnxruntime-genai's builder does. Same numbers: the op splits the packed tensor into
+    [q | k | v] at H·D and H_kv·D, the Split's sizes (checked). Returns how many."""
+    g = _Graph(graph)
+    outputs = {o.name for o in graph.output}
+    splits = []
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 3:
+            continue
+        attributes = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        if attributes.get("do_rotary") != 1:
+            continue  # rotary nodes between the Split and the op: nothing to pack
+        split = g.op(node.input[0], "Split")
+        if split is None or list(split.output) != list(node.input[:3]) or any(
+                len(g.consumers.get(name, [])) != 1 or name in outputs for name in split.output):
+            continue
+        sizes = _split_sizes(g, split)
+        heads, kv_heads = attributes.get("num_heads", 0), attributes.get("kv_num_heads", 0)
+        if sizes is None or len(sizes) != 3 or not heads or not kv_heads or sizes[0] % heads:
+            continue
+        if sizes[0] // heads * kv_heads != sizes[1] or sizes[1] != sizes[2]:
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        splits.append(split)
+    for split in splits:
+        graph.node.remove(split)
+    return len(splits)
 
 
 CACHE_INPUT = "past_key_values."

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from flexrank.exporters.onnx.attention import fuse_attention, past_length_from_mask
+from flexrank.exporters.onnx.attention import fuse_attention, pack_qkv, past_length_from_mask
 from flexrank.exporters.onnx.graph import (
     PROTOBUF_LIMIT,
     constant_values,
@@ -60,14 +60,17 @@ _FUSIONS_OFF = ("enable_attention", "enable_embed_layer_norm", "enable_qordered_
 
 
 def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
-             kv_heads: int = 0, fuse: bool = True, siblings: bool = True) -> onnx.ModelProto:
+             kv_heads: int = 0, fuse: bool = True, siblings: bool = True,
+             rotary_inside: bool = True) -> onnx.ModelProto:
     """`model` simplified in place, and returned (use the returned graph: with `fuse` it
     may be another ModelProto).
 
     `num_heads` / `hidden_size` (0: detected) are passed to onnxruntime's fusions; with
     `num_heads` and `kv_heads` given, a decoder's attention becomes GroupQueryAttention
-    (`onnx_attention.fuse_attention`); with `siblings`, MatMuls that read the same input
-    become one (`fuse_sibling_matmuls`)."""
+    (`onnx_attention.fuse_attention`, which applies the rotary itself with `rotary_inside`
+    where it can); with `siblings`, MatMuls that read the same input become one
+    (`fuse_sibling_matmuls`), and a fused q/k/v projection goes to GroupQueryAttention
+    packed (`onnx_attention.pack_qkv`)."""
     before = len(model.graph.node)
     done = _clean(model)  # first: onnxruntime's fusions are quadratic in the node count
     if fuse and model.ByteSize() >= PROTOBUF_LIMIT:
@@ -81,11 +84,12 @@ def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
         done += _clean(model)  # the fused nodes' shape chains
         done["rotary positions per row"] = rotary_positions_per_row(model.graph)
         if kv_heads:
-            done["attention blocks"] = fuse_attention(model, num_heads, kv_heads)
+            done["attention blocks"] = fuse_attention(model, num_heads, kv_heads, rotary_inside)
             done["cache length from the mask"] = past_length_from_mask(model.graph)
             done["dead"] += remove_unused(model.graph)
     if siblings:
         done["sibling MatMuls"] = fuse_sibling_matmuls(model)
+        done["packed QKV"] = pack_qkv(model.graph)
     logger.info("graph simplified: %d -> %d nodes (%s)", before, len(model.graph.node),
                 ", ".join(f"{k} {v}" for k, v in done.items()))
     return model
