@@ -1,0 +1,535 @@
+"""The depth axis (issue 18): weight-shared stand-ins for whole blocks, after FlexiGPT.
+
+FlexiGPT (Smith et al., "Pruning and Extending Large Language Models with Low-Rank Weight
+Sharing", NAACL 2025, arXiv:2501.14713) prunes the blocks that change their input least
+(ShortGPT's Block Influence, 1 - cos(input, output)) and replaces each by a stand-in that
+reuses the linear weights of an unpruned block plus block-specific low-rank adapters
+initialised from an SVD of the weight difference, with output feature normalisation.
+
+Here (one generic walk, any architecture whose blocks sit in an nn.ModuleList):
+
+- `SharedLinear`: y = s ⊙ (donor(x) + U_a V_aᵀ x) + b. The donor layer (an nn.Linear,
+  GPT-2 Conv1D or NestedLinear at whatever rank it runs) is held by reference and not
+  registered as a submodule: its weights appear once in `state_dict`, `parameters()` and a
+  safetensors file, under the donor's own name, and training updates them through both
+  paths. U (m, R), V (n, R) are the adapter, ordered like DataSVD factors so that any
+  prefix rank a ≤ R is the best rank-a adapter on the calibration data; `rank` sets a.
+- Adapter init: DataSVD (`whitened_svd`) of D = W_pruned − W_donor with the pruned
+  layer's own input covariance: the rank-a adapter minimises E‖(W_pruned − W_donor −
+  U_a V_aᵀ) x‖² over the pruned block's inputs (exact at a = min(m, n)).
+- Output normalisation: the per-output-channel scale s rescales each output feature of
+  the stand-in to the root-mean-square the original layer gives on the calibration data,
+  s_c = √(w_c Σ w_cᵀ / w̃_c Σ w̃_cᵀ) (w_c, w̃_c: row c of the original and of the
+  stand-in weight at the init rank; Σ the input covariance); s = 1 at full adapter rank.
+  The paper's exact normalisation formula was not available to us (only its abstract and
+  summaries): this is our reading of "output feature normalisation", a learnable vector
+  that starts by matching feature magnitudes and that distillation trains.
+- The stand-in block is a copy of the pruned block (its own norms, attention settings and
+  KV-cache slot) whose linears are SharedLinears of the donor block's.
+- `probe_depth`: per block the cosine score and the KL when it is dropped; per candidate
+  (the lowest cosine scores) its donor (the nearby unpruned block whose whitened weight
+  difference has the least energy beyond the largest adapter rank, FlexiGPT's
+  "low-rank SVD" choice read through DataSVD) and the KL with the stand-in at each adapter
+  rank. Cached in a JSON file keyed by what was measured. The result, `BlockSensitivity`,
+  goes to `flexrank.planning.depth.joint_plan`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexrank.compress.calibration import as_batch, to_device
+from flexrank.compress.config import EIGEN_FLOOR
+from flexrank.compress.covariance import CovarianceStats
+from flexrank.compress.decompose import (
+    COMPUTE_DTYPE,
+    DegenerateCovarianceError,
+    Whitening,
+    plain_svd,
+    whitened_svd,
+)
+from flexrank.compress.layers import NESTED_TYPES, NestedLinear, _NestedFactors, linear_weight
+from flexrank.compress.probe import BlockCache, Damage, _run, _teacher_damage
+from flexrank.compress.select import is_factorizable
+from flexrank.compress.surgery import swap_modules_
+from flexrank.io import write_json_atomic
+from flexrank.planning.depth import BlockSensitivity
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "flexrank-depth-probe"
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    """How the depth probe chooses and measures stand-ins.
+
+    max_replaced: fraction of the blocks that may be replaced (the candidates: those with
+        the lowest cosine score); the others are never replaced and serve as donors.
+    adapter_ranks: candidate adapter ranks, strictly ascending (the plan's levels); the
+        stand-in stores the largest, each linear min(rank, min(m, n)).
+    donor_window: donors considered per candidate: the nearest non-candidate blocks.
+    eigen_floor: relative eigenvalue floor of the whitening (as FactorizeConfig's).
+    """
+
+    max_replaced: float = 0.5
+    adapter_ranks: tuple[int, ...] = (8, 16, 32, 64)
+    donor_window: int = 4
+    eigen_floor: float = EIGEN_FLOOR
+
+    def __post_init__(self):
+        object.__setattr__(self, "adapter_ranks", tuple(int(a) for a in self.adapter_ranks))
+        if not 0 < self.max_replaced < 1:
+            raise ValueError(f"max_replaced = {self.max_replaced} must lie in (0, 1): some "
+                             "blocks must stay to serve as donors")
+        ranks = self.adapter_ranks
+        if not ranks or ranks[0] < 1 or list(ranks) != sorted(set(ranks)):
+            raise ValueError(f"adapter_ranks {ranks} must be positive and strictly ascending")
+        if self.donor_window < 1:
+            raise ValueError(f"donor_window = {self.donor_window} must be >= 1")
+        if not 0 < self.eigen_floor < 1:
+            raise ValueError(f"eigen_floor = {self.eigen_floor} must lie in (0, 1)")
+
+    def to_dict(self) -> dict:
+        return {"version": 1, **asdict(self), "adapter_ranks": list(self.adapter_ranks)}
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, the ModuleList of repeated blocks): the ModuleList of more than one
+    module holding the most linear layers. Raises ValueError when the model has none."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            count = sum(_is_linear(m) for m in module.modules())
+            if count > best_count:
+                best, best_count = (name, module), count
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding "
+                         "linear layers: the depth axis needs a stack of blocks")
+    return best
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return False
+    return isinstance(module, (NestedLinear, SharedLinear)) or is_factorizable(module)
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """{name relative to the block: layer} of its linear layers (Linear, GPT-2 Conv1D,
+    NestedLinear), in order. Raises ValueError for a block with convolutions."""
+    out = {}
+    for name, module in block.named_modules():
+        nested_conv = isinstance(module, NESTED_TYPES) and not isinstance(module, NestedLinear)
+        if nested_conv or isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            raise ValueError(f"block layer {name} is a convolution: stand-ins are built for "
+                             "linear layers only")
+        if _is_linear(module) and name:
+            out[name] = module
+    return out
+
+
+def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W (out, in), bias) that `module` computes: full rank for a NestedLinear."""
+    if isinstance(module, NestedLinear):
+        bias = module.bias.detach() if module.bias is not None else None
+        return module.dense_weight(module.max_rank).detach(), bias
+    if isinstance(module, SharedLinear):
+        bias = module.bias.detach() if module.bias is not None else None
+        return module.weight.detach(), bias
+    return linear_weight(module)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class SharedLinear(_NestedFactors):
+    """y = scale ⊙ (donor(x) + U_r V_rᵀ x) + bias, the donor held by reference.
+
+    U (out, R), V (in, R): the adapter, `rank` r in [1, R] settable at run time; scale
+    (out,): the output normalisation; bias (out,) or None: the pruned layer's bias minus the
+    donor's. Shapes of x and y as nn.Linear: (..., in) -> (..., out).
+    """
+
+    def __init__(self, donor: nn.Module, max_rank: int, bias: bool):
+        weight, _ = dense_weight(donor)
+        m, n = weight.shape
+        super().__init__(m, n, max_rank, bias, weight.device, weight.dtype)
+        self.in_features, self.out_features = n, m
+        self.scale = nn.Parameter(torch.ones(m, device=weight.device, dtype=weight.dtype))
+        # not a registered submodule: the donor's weights live (and are saved) once, in
+        # the donor block; object.__setattr__ bypasses nn.Module's registration
+        object.__setattr__(self, "donor", donor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._rank
+        y = self.donor(x) + F.linear(F.linear(x, self.V[:, :r].T), self.U[:, :r])
+        y = y * self.scale
+        return y if self.bias is None else y + self.bias  # (..., out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective dense weight at the active ranks (bias apart), (out, in)."""
+        donor, _ = linear_weight(self.donor)  # a NestedLinear donor: at its active rank
+        return self.scale[:, None] * (donor + self.dense_weight())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, donor={type(self.donor).__name__}"
+
+
+def adapter_init(pruned: torch.Tensor, donor: torch.Tensor, max_rank: int,
+                 whitening: Whitening | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U (m, R), V (n, R), σ) float64 with U_a V_aᵀ the best rank-a approximation of
+    D = pruned − donor on the data whose whitening is given (DataSVD, DESIGN.md §4.2;
+    plain SVD without one), R = min(max_rank, m, n). σ: all singular values of the
+    (whitened) D, for the donor score."""
+    D = pruned.to(COMPUTE_DTYPE) - donor.to(COMPUTE_DTYPE)
+    factors = whitened_svd(D, whitening=whitening) if whitening is not None else plain_svd(D)
+    R = min(max_rank, *D.shape)
+    return factors.U[:, :R], factors.V[:, :R], factors.sigma
+
+
+def output_scale(original: torch.Tensor, stand_in: torch.Tensor,
+                 cov: torch.Tensor | None) -> torch.Tensor:
+    """(m,) float64: √(w_c Σ w_cᵀ / w̃_c Σ w̃_cᵀ) per output row c (module docstring);
+    Σ = identity without a covariance; 1 where the stand-in's row carries no energy."""
+    W, S = original.to(COMPUTE_DTYPE), stand_in.to(COMPUTE_DTYPE)
+    if cov is None:
+        num, den = W.square().sum(1), S.square().sum(1)
+    else:
+        C = cov.to(COMPUTE_DTYPE)
+        num, den = ((W @ C) * W).sum(1), ((S @ C) * S).sum(1)
+    tiny = torch.finfo(COMPUTE_DTYPE).eps * den.abs().max().clamp_min(1e-300)
+    scale = torch.ones_like(den)
+    ok = (den > tiny) & (num >= 0)
+    scale[ok] = (num[ok] / den[ok]).sqrt()
+    return scale
+
+
+class _Whitenings:
+    """The whitening of each layer's input (by covariance leader: q/k/v share one)."""
+
+    def __init__(self, stats: CovarianceStats | None, floor: float):
+        self.stats, self.floor, self.cache = stats, floor, {}
+
+    def __call__(self, name: str) -> tuple[Whitening | None, torch.Tensor | None]:
+        if self.stats is None or name not in self.stats:
+            return None, None
+        leader = self.stats.leader_of[name]
+        if leader not in self.cache:
+            cov = self.stats.covariance(name)[0]
+            try:
+                self.cache[leader] = (Whitening.of(cov, self.floor), cov)
+            except DegenerateCovarianceError as err:
+                logger.warning("layer %s: %s; its adapter uses plain SVD", name, err)
+                self.cache[leader] = (None, None)
+        return self.cache[leader]
+
+
+@torch.no_grad()
+def build_stand_in(block: nn.Module, donor_block: nn.Module, block_name: str,
+                   stats: CovarianceStats | None, max_rank: int, init_rank: int | None = None,
+                   floor: float = EIGEN_FLOOR, whitenings: _Whitenings | None = None,
+                   ) -> nn.Module:
+    """A copy of `block` whose linears are SharedLinears over `donor_block`'s (same
+    relative names), adapters of rank min(max_rank, m, n), set to `init_rank` (default:
+    max_rank), output scales fitted at that rank.
+
+    `stats`: input covariances of the original model, keyed by qualified layer names
+    (`block_name` + "." + relative name); without them (or for a layer they lack) the
+    adapter is a plain SVD and the scale matches plain row norms, with a warning. Raises
+    ValueError when the blocks' linear layers differ in names or shapes.
+    """
+    init_rank = max_rank if init_rank is None else init_rank
+    whitenings = whitenings or _Whitenings(stats, floor)
+    own, donors = block_linears(block), block_linears(donor_block)
+    if list(own) != list(donors):
+        raise ValueError(f"block {block_name}'s linears {list(own)[:3]}... differ from its "
+                         f"donor's {list(donors)[:3]}...: a donor must have the same layers")
+    if stats is None:
+        logger.warning("block %s: no covariances given; its adapters use plain SVD",
+                       block_name)
+    replacements = {}
+    for rel, layer in own.items():
+        W, bias = dense_weight(layer)
+        Wd, donor_bias = dense_weight(donors[rel])
+        if W.shape != Wd.shape:
+            raise ValueError(f"{block_name}.{rel} is {tuple(W.shape)} but its donor is "
+                             f"{tuple(Wd.shape)}")
+        whitening, cov = whitenings(f"{block_name}.{rel}")
+        U, V, _ = adapter_init(W, Wd, max_rank, whitening)
+        has_bias = bias is not None or donor_bias is not None
+        new = SharedLinear(donors[rel], U.shape[1], has_bias)
+        new.load_factors_(U.to(new.U.dtype), V.to(new.V.dtype),
+                          torch.zeros_like(new.bias) if has_bias else None)  # set below
+        new.rank = min(init_rank, new.max_rank)
+        stand_in = Wd.to(COMPUTE_DTYPE) + new.dense_weight().to(COMPUTE_DTYPE)
+        scale = output_scale(W, stand_in, cov)
+        new.scale.copy_(scale.to(new.scale.dtype))
+        if has_bias:
+            zero = torch.zeros(W.shape[0], dtype=COMPUTE_DTYPE, device=W.device)
+            b = bias.to(COMPUTE_DTYPE) if bias is not None else zero
+            bd = donor_bias.to(COMPUTE_DTYPE) if donor_bias is not None else zero
+            new.bias.copy_((b - scale * bd).to(new.bias.dtype))  # y = s(Wd x + bd + ...) + b'
+        new.train(layer.training)
+        replacements[rel] = new
+    copy_of = _copy_without_linears(block, own)
+    swap_modules_(copy_of, lambda name, _m: replacements.get(name))
+    return copy_of
+
+
+def _copy_without_linears(block: nn.Module, linears: Mapping[str, nn.Module]) -> nn.Module:
+    """deepcopy(block), its linear layers copied as None placeholders' owners (no copy of
+    their weights: they are swapped for SharedLinears right after)."""
+    memo = {id(layer): nn.Identity() for layer in linears.values()}
+    return copy.deepcopy(block, memo)
+
+
+# ----------------------------------------------------------------------------- donors
+
+
+def _donor_error(block: nn.Module, donor_block: nn.Module, block_name: str,
+                 whitenings: _Whitenings, rank: int) -> float:
+    """Σ over linears of the (whitened) energy of W_pruned − W_donor beyond `rank`,
+    relative to the (whitened) energy of W_pruned: the output error of the stand-in at
+    adapter rank `rank` on the calibration data, as a fraction of the layer's output."""
+    own, donors = block_linears(block), block_linears(donor_block)
+    total = 0.0
+    for rel, layer in own.items():
+        W, _ = dense_weight(layer)
+        Wd, _ = dense_weight(donors[rel])
+        whitening, _ = whitenings(f"{block_name}.{rel}")
+        _, _, sigma = adapter_init(W, Wd, 1, whitening)
+        Ww = W.to(COMPUTE_DTYPE)
+        if whitening is not None:
+            Ww = (Ww @ whitening.Q) * whitening.root
+        energy = float(Ww.square().sum())
+        total += float(sigma[rank:].square().sum()) / max(energy, 1e-300)
+    return total
+
+
+def choose_donors(blocks: Sequence[nn.Module], names: Sequence[str], candidates: Sequence[int],
+                  whitenings: _Whitenings, rank: int, window: int) -> list[int]:
+    """Per candidate, the donor among the `window` nearest non-candidate blocks with the
+    least `_donor_error` at `rank` (ties: the nearer, then the earlier block)."""
+    others = [j for j in range(len(blocks)) if j not in set(candidates)]
+    if not others:
+        raise ValueError("every block is a candidate: no donor is left")
+    donors = []
+    for c in candidates:
+        near = sorted(others, key=lambda j: (abs(j - c), j))[:window]
+        errors = {j: _donor_error(blocks[c], blocks[j], names[c], whitenings, rank)
+                  for j in near}
+        donors.append(min(near, key=lambda j: (errors[j], abs(j - c), j)))
+        logger.info("block %s: donor %s (relative residual %s)", names[c], names[donors[-1]],
+                    {names[j]: round(e, 4) for j, e in errors.items()})
+    return donors
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def set_adapter_rank_(stand_in: nn.Module, rank: int) -> None:
+    """Every SharedLinear of `stand_in` at min(rank, its max rank)."""
+    for module in stand_in.modules():
+        if isinstance(module, SharedLinear):
+            module.rank = min(rank, module.max_rank)
+
+
+@torch.no_grad()
+def replace_blocks_(model: nn.Module, replaced: Mapping[int, tuple[int, int]],
+                    stats: CovarianceStats | None, floor: float = EIGEN_FLOOR,
+                    ) -> dict[int, nn.Module]:
+    """In place: block i of the model's block list becomes its stand-in over donor block d
+    with adapters of rank a, for every {i: (d, a)} in `replaced`. Returns {i: stand-in}.
+
+    Stand-ins are built from the blocks as they are before this call (all first, then
+    swapped). Raises ValueError when a donor is itself replaced or an index is out of range.
+    """
+    _, blocks = block_list(model)
+    for i, (d, _a) in replaced.items():
+        if d in replaced or not (0 <= i < len(blocks) and 0 <= d < len(blocks)):
+            raise ValueError(f"block {i} with donor {d}: the donor must be a block that is "
+                             f"kept (replaced: {sorted(replaced)}, {len(blocks)} blocks)")
+    prefix = block_list(model)[0]
+    whitenings = _Whitenings(stats, floor)
+    built = {i: build_stand_in(blocks[i], blocks[d], f"{prefix}.{i}", stats, a, a, floor,
+                               whitenings) for i, (d, a) in replaced.items()}
+    for i, stand_in in built.items():
+        blocks[i] = stand_in
+    return built
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+class _Skip(nn.Module):
+    """A dropped block: returns its hidden-state input, shaped like the block's output."""
+
+    def __init__(self, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def _swapped(blocks: nn.ModuleList, index: int, module: nn.Module):
+    original = blocks[index]
+    blocks[index] = module
+    try:
+        yield
+    finally:
+        blocks[index] = original
+
+
+def _cosine_scores(model, blocks: nn.ModuleList, batches, masks, cache: BlockCache):
+    """(NB,) mean over real tokens of 1 − cos(block input, block output); fills `cache`."""
+    sums = np.zeros(len(blocks))
+    counts = np.zeros(len(blocks))
+    state = {"mask": None}
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            cos = F.cosine_similarity(x.double(), _hidden(output).double(), dim=-1)  # (B, T)
+            mask = state["mask"]
+            weight = mask.to(cos.device).double() if mask is not None else torch.ones_like(cos)
+            sums[index] += float(((1 - cos) * weight).sum())
+            counts[index] += float(weight.sum())
+        return record
+
+    handles = [block.register_forward_hook(hook(i), with_kwargs=True)
+               for i, block in enumerate(blocks)]
+    try:
+        for batch, mask in zip(batches, masks, strict=True):
+            state["mask"] = mask
+            cache.fill(model, [batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums / np.maximum(counts, 1)
+
+
+def _mean_damage(model, batches, damage: Damage, cache: BlockCache, first: int) -> float:
+    total = 0.0
+    for i, batch in enumerate(batches):
+        with cache.skip_before(i, first):
+            total += damage(i, _run(model, batch))
+    return total / len(batches)
+
+
+def _signature(model, blocks, names, config: DepthConfig, masks, batches) -> dict:
+    """What a cached depth probe must match: blocks and their layer shapes, the config,
+    the probe tokens (count and a checksum of their ids) and a checksum of the weights."""
+    tokens = [b["input_ids"] if isinstance(b, Mapping) else b for b in batches]
+    ids = sum(float(t.double().sum()) for t in tokens if torch.is_tensor(t))
+    weights = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    shapes = [[list(dense_weight(m)[0].shape) for m in block_linears(b).values()]
+              for b in blocks]
+    return {"blocks": list(names), "shapes": shapes, "config": config.to_dict(),
+            "tokens": int(sum(m.sum() if m is not None else 0 for m in masks)),
+            "token_checksum": ids, "weight_checksum": round(weights, 3)}
+
+
+@torch.no_grad()
+def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | None,
+                config: DepthConfig | None = None, cache_path: str | os.PathLike | None = None,
+                progress: bool = True) -> BlockSensitivity:
+    """The depth probe (module docstring) of `model` on `batches` (as `probe`'s: dicts with
+    input_ids and attention_mask, or (B, T) id tensors); the reference is `model`'s own
+    output, so nested layers should be at max rank (they are measured as they are).
+
+    `stats`: covariances of the original model (for the adapters' whitening); None: plain
+    SVD. With `cache_path`, a finished probe with the same signature is read back instead
+    of measured, and one with another signature raises ValueError (delete it or choose
+    another path). Returns a BlockSensitivity. Leaves `model` as it was (eval/train mode,
+    blocks). Raises ValueError without batches or without a list of blocks.
+    """
+    config = config or DepthConfig()
+    if not batches:
+        raise ValueError("the depth probe needs at least one batch")
+    prefix, blocks = block_list(model)
+    names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
+    device = next(model.parameters()).device
+    batches = [to_device(as_batch(b, model), device) for b in batches]
+    masks = [b.get("attention_mask") if isinstance(b, Mapping) else None for b in batches]
+    masks = [m.float() if m is not None else None for m in masks]
+    signature = _signature(model, list(blocks), names, config, masks, batches)
+    path = Path(cache_path) if cache_path else None
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("format") != CACHE_FORMAT or data.get("signature") != signature:
+            raise ValueError(f"{path} holds a depth probe of another model, data or "
+                             "configuration; delete it or choose another cache path")
+        return BlockSensitivity.from_dict(data["result"])
+    was_training = model.training
+    model.eval()
+    try:
+        result = _measure(model, blocks, names, batches, masks, stats, config, progress)
+    finally:
+        model.train(was_training)
+    if path is not None:
+        write_json_atomic(path, {"format": CACHE_FORMAT, "signature": signature,
+                                 "result": result.to_dict()})
+    return result
+
+
+def _measure(model, blocks, names, batches, masks, stats, config, progress) -> BlockSensitivity:
+    damage = _teacher_damage(model, batches, masks)
+    cache = BlockCache(list(blocks))
+    cosine = _cosine_scores(model, blocks, batches, masks, cache)
+    tuple_output = isinstance(cache.outputs[0][0], (tuple, list))
+    skip_kl = np.zeros(len(blocks))
+    for b in tqdm(range(len(blocks)), desc="depth probe (drop)", disable=not progress,
+                  unit="block"):
+        with _swapped(blocks, b, _Skip(tuple_output)):
+            skip_kl[b] = _mean_damage(model, batches, damage, cache, b)
+    count = min(len(blocks) - 1, math.floor(config.max_replaced * len(blocks)))
+    if count < 1:
+        raise ValueError(f"max_replaced = {config.max_replaced} of {len(blocks)} blocks "
+                         "leaves no candidate: raise it")
+    candidates = sorted(int(i) for i in np.argsort(cosine, kind="stable")[:count])
+    whitenings = _Whitenings(stats, config.eigen_floor)
+    top = config.adapter_ranks[-1]
+    donors = choose_donors(list(blocks), names, candidates, whitenings, top,
+                           config.donor_window)
+    errors = np.zeros((len(candidates), len(config.adapter_ranks)))
+    shapes = []
+    for c, (i, d) in enumerate(tqdm(list(zip(candidates, donors, strict=True)),
+                                    desc="depth probe (stand-ins)", disable=not progress,
+                                    unit="block")):
+        stand_in = build_stand_in(blocks[i], blocks[d], names[i], stats, top,
+                                  whitenings=whitenings)
+        shapes.append([tuple(dense_weight(m)[0].shape)
+                       for m in block_linears(blocks[i]).values()])
+        with _swapped(blocks, i, stand_in):
+            for k, rank in enumerate(config.adapter_ranks):
+                set_adapter_rank_(stand_in, rank)
+                errors[c, k] = _mean_damage(model, batches, damage, cache, i)
+    return BlockSensitivity(names, cosine, skip_kl, candidates, donors,
+                            np.array(config.adapter_ranks), errors, shapes,
+                            meta={"metric": damage.metric, "config": config.to_dict(),
+                                  "whitened": stats is not None})
