@@ -377,6 +377,105 @@ def replace_blocks_(model: nn.Module, replaced: Mapping[int, tuple[int, int]],
     return built
 
 
+class DepthSwitch(nn.Module):
+    """A block that runs either itself or its stand-in (`replaced`), for the elastic model.
+
+    The block's children (and own parameters) are registered here under their own names,
+    so every layer keeps its qualified name ("model.layers.3.self_attn.q_proj") and the
+    plan's rank table still finds it; the stand-in is the child `depth_stand_in`. The block
+    object itself is held by reference and runs its own forward on those same children.
+    Other attributes (e.g. `attention_type`, read by some models' loops) come from it.
+    """
+
+    def __init__(self, block: nn.Module, stand_in: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in block.named_buffers(recurse=False):
+            self.register_buffer(name, buffer,
+                                 persistent=name not in block._non_persistent_buffers_set)
+        object.__setattr__(self, "block", block)
+        self.depth_stand_in = stand_in
+        self.replaced = False
+
+    def forward(self, *args, **kwargs):
+        return (self.depth_stand_in if self.replaced else self.block)(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> DepthSwitch:
+        super().train(mode)
+        self.block.train(mode)  # not a registered child: its own flag follows by hand
+        return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("block")  # absent while __init__ registers children
+            if block is None:
+                raise
+            return getattr(block, name)
+
+
+def _adapter_ranks_of(plan) -> list[list[int]]:
+    return [list(row) for row in plan.adapter_ranks]
+
+
+@torch.no_grad()
+def make_depth_elastic_(model: nn.Module, plan, stats: CovarianceStats | None,
+                        floor: float = EIGEN_FLOOR) -> dict[int, DepthSwitch]:
+    """In place: every block that `plan` (a JointPlan) replaces at some budget becomes a
+    DepthSwitch over a stand-in whose adapters have the largest rank the plan gives it
+    (the smaller ones are its prefixes). Returns {block index: switch}; `apply_depth_`
+    then sets a budget. Raises ValueError when the plan's blocks are not the model's."""
+    prefix, blocks = block_list(model)
+    names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
+    if list(plan.blocks) != names:
+        raise ValueError(f"the plan's blocks {list(plan.blocks)[:3]}... are not the model's "
+                         f"{names[:3]}...: plan and model do not match")
+    table = np.array(_adapter_ranks_of(plan)).reshape(len(plan.budgets), len(blocks))
+    whitenings = _Whitenings(stats, floor)
+    switches = {}
+    for j in np.flatnonzero(table.max(axis=0) > 0):
+        j, donor = int(j), int(plan.donors[j])
+        stand_in = build_stand_in(blocks[j], blocks[donor], names[j], stats,
+                                  int(table[:, j].max()), floor=floor, whitenings=whitenings)
+        switches[j] = DepthSwitch(blocks[j], stand_in)
+    for j, switch in switches.items():
+        blocks[j] = switch
+    return switches
+
+
+def apply_depth_(model: nn.Module, plan, beta: float) -> dict[str, int]:
+    """Set every DepthSwitch of `model` to `plan`'s choice at `beta` (replaced, adapter
+    rank); returns {block: adapter rank} of the replaced ones. A model without switches is
+    left alone. Raises ValueError for a plan that replaces a block the model cannot switch."""
+    prefix, blocks = block_list(model)
+    row = plan.adapter_ranks[plan.budget_index(beta)]
+    replaced = {}
+    for j, rank in enumerate(row):
+        switch = blocks[j]
+        if not isinstance(switch, DepthSwitch):
+            if rank:
+                raise ValueError(f"the plan replaces block {plan.blocks[j]} at β={beta} but "
+                                 "the model has no stand-in for it: run make_depth_elastic_")
+            continue
+        switch.replaced = bool(rank)
+        if rank:
+            set_adapter_rank_(switch.depth_stand_in, int(rank))
+            replaced[plan.blocks[j]] = int(rank)
+    return replaced
+
+
+def stand_in_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{qualified name: parameter} of every stand-in's own weights (adapters, scales, bias
+    deltas, norms): what distillation trains besides the nested layers."""
+    return {f"{name}.depth_stand_in.{p_name}": p for name, m in model.named_modules()
+            if isinstance(m, DepthSwitch)
+            for p_name, p in m.depth_stand_in.named_parameters()}
+
+
 # ----------------------------------------------------------------------------- the probe
 
 

@@ -44,6 +44,7 @@ from flexrank.compress.anchor import AnchorReport, anchor_full_rank_, shared_col
 from flexrank.compress.calibration import BatchError, as_batch, takes_token_ids, to_device
 from flexrank.compress.config import DistillConfig, Objective
 from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.depth import stand_in_parameters
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.objectives import (
     feature_terms,
@@ -288,7 +289,7 @@ def trainable_parameters(model: nn.Module, train_all: bool) -> dict[str, nn.Para
     for layer_name, layer in nested_layers(model).items():
         for pname, param in layer.named_parameters():
             names[f"{layer_name}.{pname}"] = param
-    return names
+    return names | stand_in_parameters(model)  # a joint plan's stand-in blocks (issue 18)
 
 
 def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],

@@ -129,6 +129,10 @@ class ElasticModel:
     def set_budget(self, beta: float) -> ElasticModel:
         for name, rank in self.layer_ranks(beta).items():
             self.layers[name].rank = rank
+        if hasattr(self.plan, "adapter_ranks"):  # a joint plan (issue 18): blocks switch too
+            from flexrank.compress.depth import apply_depth_  # depth -> calibration -> here
+
+            apply_depth_(self.model, self.plan, beta)
         self.budget = self._match_budget(beta)
         return self
 
