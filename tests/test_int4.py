@@ -299,6 +299,27 @@ def test_budget_cost_counts_five_bits_per_weight(llama):
     assert budget_cost(llama, 1.0, "none").weight_bytes_total == dense_params * 4
 
 
+def test_budget_cost_counts_the_table_in_the_exports_embedding_bits(llama, tmp_path):
+    """The bytes an int4 export stores (its initializers) change with --embedding-bits as
+    budget_cost's total does: the tied table alone changes width."""
+    stored, predicted = {}, {}
+    for bits in (4, 8, 32):
+        entry = export(llama, tmp_path / str(bits), budgets=[1.0], quantize="int4",
+                       config=OnnxExportConfig(int4_embedding_bits=bits, validate=False))
+        assert entry["budgets"][0]["quantization"]["embedding_bits"] == bits
+        graph = onnx.load(str(tmp_path / str(bits) / entry["budgets"][0]["graph"])).graph
+        stored[bits] = sum(numpy_helper.to_array(i).nbytes for i in graph.initializer)
+        predicted[bits] = budget_cost(llama, 1.0, "int4", embedding_bits=bits).weight_bytes_total
+    assert predicted[4] == budget_cost(llama, 1.0, "int4").weight_bytes_total  # the default
+    table = 100 * 128  # vocab × hidden
+    assert predicted[8] - predicted[4] == table * (9 - 5) / 8  # 8-bit codes, same scales
+    assert stored[8] - stored[4] == predicted[8] - predicted[4]
+    # float32: the Reshape constants of the quantized Gather go too (a few int64s)
+    assert 0 <= (predicted[32] - predicted[4]) - (stored[32] - stored[4]) <= 64
+    with pytest.raises(ValueError, match="embedding_bits 2 .* choose 4, 8 or 32"):
+        budget_cost(llama, 1.0, "int4", embedding_bits=2)
+
+
 def test_default_level_agrees_with_float_model(llama, tmp_path):
     """accuracy_level 4 (the default, as onnxruntime-genai's builder): activations in int8
     blocks, so close to the decoded weights' reference, and near the float model."""

@@ -23,6 +23,11 @@ from flexrank.planning.costs import BudgetCost, gauge_fixed_params
 # 8da4w (ExecuTorch/XNNPACK): a 4-bit code plus one bfloat16 scale per group of 32 (XNNPACK
 # stores group-wise scales as bf16, no zero point): 4 + 16/32 = 4.5 bits.
 BITS = {None: 32, "none": 32, "int8": 8, "int4": 5, "8da4w": 4.5}
+# int4 exports (exporters/onnx/int4.py) store a tied embedding/lm_head table once, in
+# `embedding_bits` (OnnxExportConfig.int4_embedding_bits, flexrank-export --embedding-bits):
+# 4 or 8 bits in blocks of INT4_TABLE_BLOCK with a float32 scale each (GatherBlockQuantized),
+# or float32; an untied input embedding stays a float32 Gather (only MatMuls are quantized)
+INT4_TABLE_BLOCK = 32
 ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every export
 
 
@@ -75,13 +80,36 @@ def budget_counts(elastic, beta: float) -> ModelCounts:
     return ModelCounts(factorised, other, embedding, row, tied, dense)
 
 
-def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost:
-    """The `BudgetCost` of one budget: FLOPs and bytes from the plan's ranks, the KV cache
-    from the model's config."""
+def table_bits(quantize: str | None, tied: bool, embedding_bits: int | None = None) -> float:
+    """Bits per stored weight of the input embedding table (tied: the lm_head too).
+
+    int4 (see INT4_TABLE_BLOCK): a tied table in `embedding_bits` (None: the export's
+    default, 4) plus a float32 scale per block of 32, or 32 when `embedding_bits` is 32; an
+    untied table 32. Other schemes: `BITS[quantize]`, as every weight. Raises ValueError
+    for `embedding_bits` other than 4, 8, 32 or None."""
+    if embedding_bits not in (None, 4, 8, 32):
+        raise ValueError(f"embedding_bits {embedding_bits} is not one an int4 export stores; "
+                         "choose 4, 8 or 32")
+    if quantize != "int4":
+        return BITS[quantize]
+    bits = 4 if embedding_bits is None else embedding_bits
+    if not tied or bits == 32:
+        return 32.0
+    return bits + 32 / INT4_TABLE_BLOCK
+
+
+def budget_cost(elastic, beta: float, quantize: str | None = None,
+                embedding_bits: int | None = None) -> BudgetCost:
+    """The `BudgetCost` of one budget: FLOPs and bytes from the plan's ranks (the embedding
+    table's bytes by `table_bits(quantize, tied, embedding_bits)`, the export's setting),
+    the KV cache from the model's config. Raises ValueError for an unknown `quantize`."""
     if quantize not in BITS:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {list(BITS)[1:]}")
     weight_bytes = BITS[quantize] / 8
     counts = budget_counts(elastic, beta)
+    table_bytes = table_bits(quantize, counts.tied, embedding_bits) / 8
+    # the table's weights at its own width: a tied table is in `other` (the head reads it)
+    table = counts.embedding if counts.tied else 0
     config = getattr(elastic.model, "config", None)
     encoder = model_kind(elastic.model) != "decoder"  # a plain module: one forward, no cache
     n_layers = int(getattr(config, "num_hidden_layers", 0) or len(nested_layers(elastic.model)))
@@ -97,20 +125,25 @@ def budget_cost(elastic, beta: float, quantize: str | None = None) -> BudgetCost
     # live per prompt token: residual, normed input, q/k/v/attention out, MLP pair, logits
     activations = (6 * hidden + 2 * intermediate + vocab) * ACTIVATION_BYTES
     matmul = counts.factorised + counts.other
+    stored_once = counts.resident - counts.embedding  # every weight but the table
     return BudgetCost(
         beta=float(beta),
         flops_per_token=2.0 * matmul,
-        weight_bytes_per_token=(matmul + counts.embedding_row) * weight_bytes,
-        weight_bytes_total=counts.resident * weight_bytes,
+        weight_bytes_per_token=((matmul - table) * weight_bytes
+                                + (table + counts.embedding_row) * table_bytes),
+        weight_bytes_total=stored_once * weight_bytes + counts.embedding * table_bytes,
         kv_bytes_per_token=kv,
         n_layers=max(n_layers, 1),
         activation_bytes_per_token=float(activations),
         encoder=encoder,
-        dense_weight_bytes_total=counts.dense_resident * weight_bytes)
+        dense_weight_bytes_total=((counts.dense_resident - counts.embedding) * weight_bytes
+                                  + counts.embedding * table_bytes))
 
 
-def budget_costs(elastic, quantize: str | None = None, budgets=None) -> list[BudgetCost]:
-    return [budget_cost(elastic, beta, quantize) for beta in (budgets or elastic.budgets)]
+def budget_costs(elastic, quantize: str | None = None, budgets=None,
+                 embedding_bits: int | None = None) -> list[BudgetCost]:
+    return [budget_cost(elastic, beta, quantize, embedding_bits)
+            for beta in (budgets or elastic.budgets)]
 
 
 def cost_to_dict(cost: BudgetCost) -> dict:
