@@ -127,6 +127,12 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=whole_number(0), default=None,
                    help="distillation steps when compressing a plain model (default: fast "
                         "defaults, see flexrank.compress.pipeline.fast_compress_config)")
+    p.add_argument("--calib", default=None,
+                   help="calibration data when compressing a plain model: a text or .jsonl "
+                        "file or a datasets folder for a text model (default: text sampled "
+                        "from the model, 'teacher', which encoders and classifiers cannot "
+                        "do); a folder of images or .npy files, or a .npy file (N, ...), for "
+                        "a vision model")
 
 
 def _positive(flag: str):
@@ -235,6 +241,8 @@ def _fast_config(args):
     config = fast_compress_config(args.budgets)
     if args.steps is not None:
         config = replace(config, distill=replace(config.distill, steps=args.steps))
+    if getattr(args, "calib", None):
+        config = replace(config, calib=str(args.calib))
     return config
 
 
@@ -246,7 +254,8 @@ def load_or_compress(args):
     if source.is_dir() and (resolve_elastic_dir(source) / META_FILE).is_file():
         print(f"    elastic checkpoint {source}")
         given = {"--budgets": args.budgets != budget_list(DEFAULT_BUDGETS),
-                 "--steps": args.steps is not None}
+                 "--steps": args.steps is not None,
+                 "--calib": getattr(args, "calib", None) is not None}
         ignored = [name for name, set_by_user in given.items() if set_by_user]
         if ignored:
             print(f"    note: {' and '.join(ignored)} apply when compressing a plain model; "

@@ -337,6 +337,40 @@ def _read_images(files: Sequence[Path], image_size, processor) -> list[torch.Ten
             for p in pictures]
 
 
+def model_input_samples(source, model, model_dir: str | os.PathLike | None,
+                        num_samples: int, seed: int = 0) -> torch.Tensor:
+    """(num_samples, ...) float32 calibration inputs for `model`, a model that does not
+    read text (ViT, a CNN), from `source` as `input_batches` takes it (a .npy file or a
+    folder of .npy/image files), a seeded choice. Images are read as the model expects
+    them: through the image processor saved in `model_dir` (preprocessor_config.json,
+    transformers' AutoImageProcessor) when there is one, else resized to the model's
+    config.image_size and scaled to [0, 1]. Raises CalibrationError for 'teacher' (the
+    model cannot sample text), a missing or unreadable source, or too few samples."""
+    if isinstance(source, str) and source == "teacher":
+        raise CalibrationError(
+            f"{type(model).__name__} does not read text, so it cannot be calibrated on text "
+            "it samples ('teacher'): pass --calib with a folder of images or .npy files (one "
+            "sample each) or a .npy file of samples (N, ...)")
+    processor = None
+    if model_dir is not None and (Path(model_dir) / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    image_size = getattr(getattr(model, "config", None), "image_size", None)
+    batches = input_batches(source, batch_size=num_samples, num_samples=num_samples, seed=seed,
+                            image_size=image_size if processor is None else None,
+                            processor=processor)
+    return torch.cat(batches)
+
+
+def model_batches(samples: torch.Tensor, batch_size: int, model) -> list:
+    """Batches of `samples` in the form `as_batch` takes for `model`: `to_batches`'s
+    {input_ids, attention_mask} for a model that reads token ids, else tensors (B, ...)."""
+    if takes_token_ids(model):
+        return to_batches(samples, batch_size)
+    return list(samples.split(batch_size))
+
+
 def to_batches(samples: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
             for chunk in samples.split(batch_size)]

@@ -111,11 +111,14 @@ def _load_folder(path: Path, dtype=None):
     except Exception as err:  # safetensors raises its own SafetensorError on damage
         raise ModelLoadError(f"could not load the model in {path}: {_first_line(err)} "
                              "(a truncated or corrupt weight file?)") from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError):  # TypeError: a tokenizer class with no files
-        logger.warning("no tokenizer in %s; returning the model without one", path)
-        tokenizer = None
+    tokenizer = None
+    if getattr(model, "main_input_name", "input_ids") == "input_ids":  # not a vision model
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError):
+            # TypeError: a tokenizer class with no files; KeyError: a config class that
+            # transformers maps to no tokenizer
+            logger.warning("no tokenizer in %s; returning the model without one", path)
     model.eval()
     return model, tokenizer
 

@@ -27,7 +27,13 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from flexrank.compress.blockwise import factorize_blockwise_
-from flexrank.compress.calibration import CalibrationError, calibration_data, to_batches
+from flexrank.compress.calibration import (
+    CalibrationError,
+    calibration_data,
+    model_batches,
+    model_input_samples,
+    takes_token_ids,
+)
 from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
 from flexrank.compress.covariance import CovarianceStats, collect_covariances
 from flexrank.compress.distill import distill, evaluate_budgets
@@ -164,14 +170,25 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | Non
                   metadata={"json": json.dumps(meta or {})})
 
 
-def _calibration(stages: Stages, cfg: CompressConfig, model, tokenizer):
+def _calibration(stages: Stages, cfg: CompressConfig, model, tokenizer, model_dir=None):
+    """(train, held-out) samples: token ids (N, seq_len), or for a model that does not
+    read text its inputs (N, ...) from --calib's files (`model_input_samples`; the image
+    processor of `model_dir`), a seeded choice of num_samples + eval_samples of them."""
     path = stages.dir / "calibration.safetensors"
     if stages.done("calibration"):
         data = load_file(str(path))
         return data["train"], data["eval"]
     started = time.perf_counter()
     total = cfg.num_samples + cfg.eval_samples
-    if cfg.calib == "teacher":
+    if not takes_token_ids(model):
+        try:
+            samples = model_input_samples(cfg.calib, model, model_dir, total, cfg.seed)
+        except CalibrationError as err:
+            raise CalibrationError(f"{err} ({cfg.num_samples} calibration + "
+                                   f"{cfg.eval_samples} held-out samples are needed: "
+                                   "flexrank compress --samples, --eval-samples)") from None
+        train, held_out = samples[:cfg.num_samples], samples[cfg.num_samples:]
+    elif cfg.calib == "teacher":
         batches = calibration_data(tokenizer, "teacher", model=model, num_samples=total,
                                    seq_len=cfg.seq_len, seed=cfg.seed, batch_size=cfg.batch_size)
         ids = torch.cat([b["input_ids"] for b in batches])
@@ -267,7 +284,7 @@ def _probe_and_plan(stages: Stages, cfg: CompressConfig, student, teacher, train
         sens = Sensitivity.load(sens_path)
     else:
         started = time.perf_counter()
-        probe_batches = to_batches(train_ids[:cfg.probe_samples], cfg.batch_size)
+        probe_batches = model_batches(train_ids[:cfg.probe_samples], cfg.batch_size, teacher)
         sens = probe(student, teacher, probe_batches, cfg.probe,
                      cache_path=stages.dir / "probe-partial.json")
         sens.save(sens_path)
@@ -318,11 +335,13 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     teacher, tokenizer = load_model(model_spec, dtype=dtype)
     stages.times["load"] = time.perf_counter() - started
     teacher.requires_grad_(False)
-    train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer)
-    train = to_batches(train_ids, config.batch_size)
+    model_dir = model_spec if isinstance(model_spec, (str, os.PathLike)) and \
+        Path(model_spec).is_dir() else None
+    train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer, model_dir)
+    train = model_batches(train_ids, config.batch_size, teacher)
     student = _decompose(stages, config, teacher, train)
     nested = _probe_and_plan(stages, config, student, teacher, train_ids)
-    held_out = to_batches(eval_ids, config.batch_size) if len(eval_ids) else None
+    held_out = model_batches(eval_ids, config.batch_size, teacher) if len(eval_ids) else None
 
     qat = config.distill.qat  # recorded in the checkpoint, for the exporters
     elastic = ElasticModel(student, nested, tokenizer, model_id=model_id,

@@ -1,0 +1,107 @@
+"""Vision models through the command line as a new user runs them (issue 19): a tiny random
+ViTForImageClassification saved with save_pretrained (with its image processor) and a
+folder of PNG files of several sizes; `flexrank compress MODEL --calib FOLDER`, then
+`flexrank-export` of its checkpoint and of the plain model folder with --calib. The
+calibration tensors are the image processor's own pixel values (transformers reads the
+images, not us), and every exported graph's logits equal PyTorch's on new images
+(onnxruntime against the checkpoint's model at that budget)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexrank.cli import export_main, main
+from flexrank.compress.elastic import ElasticModel
+from flexrank.manifest import MANIFEST_FILE
+from flexrank.runtime.kv_cache import make_session
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory):
+    """(model folder, image folder, the model, its processor, the PNG arrays)."""
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, num_labels=5,
+        initializer_range=0.2)).eval()
+    model.save_pretrained(root / "model")
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    processor.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    pictures = []
+    for i in range(40):  # sizes differ: the processor resizes each to 16 × 16
+        picture = rng.integers(0, 256, (12 + i % 3 * 6, 20 + i % 2 * 4, 3), dtype=np.uint8)
+        Image.fromarray(picture).save(root / "images" / f"{i:02d}.png")
+        pictures.append(picture)
+    return root / "model", root / "images", model, processor, pictures
+
+
+def logits_match(bundle, elastic, pixels: torch.Tensor) -> dict[float, float]:
+    """Per exported budget: max |onnxruntime − PyTorch| of the logits on `pixels`."""
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    worst = {}
+    for entry in manifest["budgets"]:
+        session = make_session(bundle / entry["graph"])
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        ours = session.run(["logits"], {"pixel_values": pixels.numpy()})[0]
+        elastic.set_budget(entry["beta"])
+        with torch.no_grad():
+            reference = elastic.model(pixel_values=pixels).logits.numpy()
+        assert ours.shape == reference.shape == (len(pixels), 5)
+        worst[entry["beta"]] = float(np.abs(ours - reference).max())
+    return worst
+
+
+def test_vit_folder_compresses_and_exports_from_the_command_line(vit_folder, tmp_path):
+    model_dir, images, _, processor, pictures = vit_folder
+    out = tmp_path / "compressed"
+    code = main(["compress", str(model_dir), "-o", str(out), "--calib", str(images),
+                 "--samples", "16", "--eval-samples", "4", "--batch-size", "8",
+                 "--budgets", "1,0.5", "--levels", "4", "--probe-samples", "4",
+                 "--steps", "2", "--train-batch", "4"])
+    assert code == 0
+    # the calibration samples are the processor's pixel values of 20 of the 40 images
+    data = load_file(str(out / "stages" / "calibration.safetensors"))
+    assert data["train"].shape == (16, 3, 16, 16) and data["eval"].shape == (4, 3, 16, 16)
+    expected = processor(images=[p for p in pictures], return_tensors="pt")["pixel_values"]
+    for row in torch.cat([data["train"], data["eval"]]):
+        distance = (expected - row).abs().flatten(1).max(1).values
+        assert float(distance.min()) < 1e-6
+    elastic = ElasticModel.from_pretrained(out / "elastic")
+    assert elastic.budgets == [0.5, 1.0]
+
+    bundle = tmp_path / "bundle"
+    assert export_main([str(out), "--budget", "all", "-o", str(bundle)]) == 0
+    new = torch.from_numpy(np.random.default_rng(5).random((3, 3, 16, 16), np.float32) * 4 - 2)
+    worst = logits_match(bundle, elastic, new)
+    assert set(worst) == {0.5, 1.0} and max(worst.values()) < 1e-4, worst
+
+
+def test_flexrank_export_compresses_a_vit_folder_with_calib(vit_folder, tmp_path, capsys):
+    model_dir, images, *_ = vit_folder
+    bundle, work = tmp_path / "bundle", tmp_path / "work"
+    assert export_main([str(model_dir), "--calib", str(images), "--budgets", "1,0.6",
+                        "--steps", "1", "--budget", "0.6", "-o", str(bundle),
+                        "--work-dir", str(work)]) == 0
+    elastic = ElasticModel.from_pretrained(work / "elastic")
+    new = torch.from_numpy(np.random.default_rng(6).random((2, 3, 16, 16), np.float32))
+    worst = logits_match(bundle, elastic, new)
+    assert set(worst) == {0.6} and worst[0.6] < 1e-4, worst
+
+
+def test_vision_model_refuses_teacher_calibration(vit_folder, tmp_path, capsys):
+    model_dir, *_ = vit_folder
+    code = main(["compress", str(model_dir), "-o", str(tmp_path / "out"), "--steps", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "ViTForImageClassification does not read text" in err and "--calib" in err
