@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -83,6 +82,14 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=DistillConfig.lr)
     p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--runs", default="plain,qat",
+                   help="which continuations, in this order: plain, qat (comma-separated)")
+    p.add_argument("--full-budget-plain", default="anchor", choices=("anchor", "refit", "train"),
+                   help="DistillConfig.full_budget of the plain run (default: the compress "
+                        "default, which keeps β = 1 the original model in float)")
+    p.add_argument("--full-budget-qat", default="train", choices=("anchor", "refit", "train"),
+                   help="DistillConfig.full_budget of the QAT run (default train: an anchored "
+                        "full budget is refit in float, not for 4 bits)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -101,11 +108,14 @@ def main() -> None:
     results["runs"]["start"]["seconds"] = time.perf_counter() - started
     plan, model_id, budgets = start.plan, start.model_id, start.budgets
     del start  # each run reads its own copy: one student in memory at a time
-    options = {"full_budget": "train"} if "full_budget" in {f.name for f in fields(DistillConfig)} \
-        else {}  # train β = 1 too: an anchored full budget is refit in float, not for 4 bits
-    for name, qat in (("plain", None), ("qat", args.scheme)):
+    runs = [name.strip() for name in args.runs.split(",") if name.strip()]
+    if not runs or set(runs) - {"plain", "qat"}:
+        p.error(f"--runs {args.runs!r}: give plain and/or qat, comma-separated")
+    for name in runs:
+        qat = args.scheme if name == "qat" else None
+        full_budget = args.full_budget_qat if qat else args.full_budget_plain
         config = DistillConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, qat=qat,
-                               checkpoint_every=0, mixed_precision="no", **options)
+                               checkpoint_every=0, mixed_precision="no", full_budget=full_budget)
         student = ElasticModel.from_pretrained(args.checkpoint).model
         started = time.perf_counter()
         distill(student, teacher, plan, batches, config)
@@ -113,7 +123,7 @@ def main() -> None:
         elastic = ElasticModel(student, plan, tokenizer, model_id,
                                qat={"scheme": qat, "block_size": 32} if qat else None)
         elastic.save_pretrained(args.out / name / "elastic")
-        results["runs"][name] = {"train_seconds": trained,
+        results["runs"][name] = {"train_seconds": trained, "full_budget": full_budget,
                                  "ppl": evaluate(student, elastic, held_out, spec)}
         write_json_atomic(args.out / "results.json", results)
         del student, elastic
@@ -121,11 +131,11 @@ def main() -> None:
     rows = []
     for beta in budgets:
         row = [beta]
-        for name in ("start", "plain", "qat"):
+        for name in ("start", *runs):
             ppl = results["runs"][name]["ppl"][beta]
             row += [ppl["float"], ppl[args.scheme]]
         rows.append(row)
-    headers = ["β"] + [f"{run} {precision}" for run in ("start", "plain", "qat")
+    headers = ["β"] + [f"{run} {precision}" for run in ("start", *runs)
                        for precision in ("fp32", args.scheme)]
     print(format_table(headers, rows, title=f"\nSmolLM2-135M perplexity, {len(held_out)} "
                                             f"held-out tinyshakespeare tokens; {args.steps} "

@@ -54,6 +54,11 @@ def test_block_cache_equals_full_forward(build):
 
 
 def test_exact_entry_is_kl_of_single_truncation():
+    # the untouched layers run as the probe runs them, one dense matmul each
+    # (dense_at_max_rank, equal to the factored forward in float64: test below); in float32
+    # the two forms' rounding moves this ~1e-6 KL by ~0.5 %
+    from flexrank.compress.layers import dense_at_max_rank
+
     model, teacher, data = factorised()
     sens = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4), progress=False)
     name = "model.layers.1.mlp.down_proj"
@@ -61,7 +66,7 @@ def test_exact_entry_is_kl_of_single_truncation():
     layer = model.get_submodule(name)
     layer.rank = int(sens.ranks[row, 1])
     kls = []
-    with torch.no_grad():
+    with torch.no_grad(), dense_at_max_rank(nested_layers(model).values()):
         for b in data:
             p = torch.log_softmax(teacher(**b).logits, -1)
             q = torch.log_softmax(model(**b).logits, -1)
@@ -178,3 +183,29 @@ def test_top_k_kl_against_brute_force():
         layer.rank = layer.max_rank
         assert sens.errors[0, level] == pytest.approx(np.mean(kls), rel=1e-4)
         assert sens.errors[0, level] < exact.errors[0, level]  # the tail's mass is left out
+
+
+def test_dense_at_max_rank_equals_the_factored_forward_and_is_released():
+    """Probing runs the layers at max rank as one dense matmul (W = U Vᵀ formed on entry):
+    the same logits as the two-matmul forward (float64), a lowered rank still reads the
+    factors, and nothing is left behind on exit."""
+    from flexrank.compress.layers import dense_at_max_rank
+
+    model, _, data = factorised()
+    model = model.double()
+    layers = nested_layers(model)
+    name = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        factored = model(**data[0]).logits
+        layers[name].rank = layers[name].max_rank // 2
+        factored_cut = model(**data[0]).logits
+        layers[name].rank = layers[name].max_rank
+        with dense_at_max_rank(layers.values()):
+            dense = model(**data[0]).logits
+            layers[name].rank = layers[name].max_rank // 2
+            dense_cut = model(**data[0]).logits
+            layers[name].rank = layers[name].max_rank
+    torch.testing.assert_close(dense, factored, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense_cut, factored_cut, rtol=1e-10, atol=1e-10)
+    assert not torch.equal(factored_cut, factored)
+    assert all(layer._dense_at_max_rank is None for layer in layers.values())

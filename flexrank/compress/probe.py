@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from flexrank.compress.calibration import as_batch, to_device
 from flexrank.compress.config import Objective, ProbeConfig
-from flexrank.compress.layers import NESTED_TYPES
+from flexrank.compress.layers import NESTED_TYPES, dense_at_max_rank
 from flexrank.compress.objectives import objective_loss, output_tensor, resolve
 from flexrank.compress.select import nested_layers
 from flexrank.io import write_json_atomic
@@ -301,8 +301,6 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     damage = _teacher_damage(teacher, batches, masks, _usable_top_k(model, config))
     blocks = find_blocks(model) if use_block_cache else []
     cache = BlockCache(blocks)
-    if blocks:
-        cache.fill(model, batches)
     block_of = _block_of(layers, blocks)
 
     signature = _signature(layers, ranks, config, masks)
@@ -311,12 +309,18 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     rank_id, world = _dist_info()
     todo = [n for i, n in enumerate(layers) if n not in rows and i % world == rank_id]
     probe_levels = _probe_levels(levels, config)
-    for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress, unit="layer"):
-        measured = {k: _mean_damage(model, layers[name], ranks[name][k], batches, damage,
-                                    cache, block_of[name]) for k in probe_levels}
-        rows[name] = _row(layers[name], ranks[name], measured, config)
-        if path:
-            write_json_atomic(path, {"signature": signature, "rows": rows})
+    # the layers not being probed (at max rank) run as one dense matmul each, the cached
+    # block outputs included
+    with dense_at_max_rank(layers.values()):
+        if blocks:
+            cache.fill(model, batches)
+        for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress,
+                         unit="layer"):
+            measured = {k: _mean_damage(model, layers[name], ranks[name][k], batches, damage,
+                                        cache, block_of[name]) for k in probe_levels}
+            rows[name] = _row(layers[name], ranks[name], measured, config)
+            if path:
+                write_json_atomic(path, {"signature": signature, "rows": rows})
     rows = _gather_rows(rows, list(layers))
     model.train(was_training)
     shapes = [tuple(layer.U.shape[:1]) + tuple(layer.V.shape[:1]) for layer in layers.values()]
