@@ -50,8 +50,14 @@ def llama():
                         model_id="genai_llama")
 
 
-def og_greedy(folder: Path, prompt: np.ndarray, steps: int) -> list[int]:
-    model = og.Model(str(folder))
+def og_greedy(folder: Path, prompt: np.ndarray, steps: int, filename: str | None = None,
+              ) -> list[int]:
+    """og's greedy tokens on the model of `folder`'s genai_config.json, or on the graph
+    `filename` of that folder through a config overlay (the shared layout's budgets)."""
+    config = og.Config(str(folder))
+    if filename is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"filename": filename}}}))
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt.shape[1] + steps, do_sample=False)
     generator = og.Generator(model, params)
@@ -99,6 +105,33 @@ def compare(graph: Path, reference) -> set[int]:
         assert_same_greedy(ours, onnx_greedy(session, prompt, STEPS))
         seen |= set(ours)
     return seen
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_og_runs_every_budget_of_the_shared_layout(llama, tmp_path, quantize):
+    """One genai_config.json in the shared folder (the largest budget's, listed and hashed
+    for every budget); each budget's graph runs from it with a filename overlay: og's
+    greedy tokens are PyTorch's at the budget's ranks (float) and an onnxruntime session's
+    on the same graph."""
+    config = OnnxExportConfig(int4_accuracy_level=0, validate=False)
+    manifest = export(llama, tmp_path, layout="shared", quantize=quantize, config=config)
+    folder = tmp_path / "shared"
+    written = json.loads((folder / GENAI_CONFIG).read_text())
+    assert written["model"]["decoder"]["filename"] == "model-budget-1.onnx"
+    tokens = set()
+    for entry in manifest["budgets"]:
+        assert f"shared/{GENAI_CONFIG}" in entry["files"]
+        graph = tmp_path / entry["graph"]
+        session = make_session(graph, 1)
+        for prompt in PROMPTS:
+            ours = og_greedy(folder, prompt, STEPS, graph.name)
+            assert_same_greedy(ours, onnx_greedy(session, prompt, STEPS))
+            if quantize is None:
+                with at_ranks(llama.model, entry["ranks"]) as reference, torch.no_grad():
+                    assert_same_greedy(ours, torch_greedy(reference, torch.from_numpy(prompt),
+                                                          STEPS))
+            tokens |= set(ours)
+    assert len(tokens) > 10
 
 
 def test_og_runs_the_default_int4_graph(llama, tmp_path):

@@ -296,6 +296,14 @@ def _shared(elastic, out_dir, budgets, kind, sample, config, quantize=None):
                          "plan_ranks": elastic.layer_ranks(beta)} if beta in int4 else {}
                   for beta in budgets}
         write_shared(names, factor_names, folder)
+    support = [folder / f.name for f in support]
+    if kind == "decoder":  # the largest budget's; another is one overlay away (genai.py)
+        top = max(budgets)
+        genai = write_genai_config(elastic.model, graphs[top].graph,
+                                   folder / f"model-{budget_name(top)}.onnx",
+                                   all(flags[beta]["kv_cache_in_place"] for beta in budgets))
+        og_readable_tokenizer_(folder)
+        support += [genai] if genai is not None else []
     entries = []
     for beta in budgets:
         graph = folder / f"model-{budget_name(beta)}.onnx"
@@ -303,7 +311,7 @@ def _shared(elastic, out_dir, budgets, kind, sample, config, quantize=None):
         validation = (validate_graph(elastic, beta, kind, graph, sample, config,
                                      strict=quantize is None, ranks=ranks)
                       if config.validate else None)
-        files = [graph, folder / "weights.bin", *(folder / f.name for f in support)]
+        files = [graph, folder / "weights.bin", *support]
         entries.append(make_budget_entry(elastic, beta, records[beta], files, out_dir, validation,
                                     graph=graph.relative_to(out_dir).as_posix(), **flags[beta],
                                     **extras[beta]))

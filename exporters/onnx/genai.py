@@ -11,6 +11,15 @@ generation config says otherwise).
 `past_present_share_buffer` lets onnxruntime-genai bind each past/present pair to one
 buffer of `max_length` positions, which only a graph whose GroupQueryAttention reads the
 cache length from the attention mask can run (the manifest's `kv_cache_in_place`).
+
+The shared layout keeps every budget's graph in one folder over one weights.bin; its
+genai_config.json names the largest budget's graph, and another budget runs from the same
+folder with one overlay (onnxruntime-genai refuses a `filename` with `..` in it, so a
+subfolder per budget cannot point back at the shared weights):
+
+    config = og.Config("shared")
+    config.overlay('{"model": {"decoder": {"filename": "model-budget-0.5.onnx"}}}')
+    model = og.Model(config)
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import logging
 from pathlib import Path
 
 import onnx
+
+from flexrank.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +161,8 @@ def write_genai_config(model, graph: onnx.GraphProto, graph_path: Path,
         logger.warning("%s: no %s written (%s)", graph_path.parent, GENAI_CONFIG, error)
         return None
     path = graph_path.parent / GENAI_CONFIG
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 
