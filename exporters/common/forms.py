@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexrank.compress.config import _checked_dict
+from flexrank.compress.depth import relink_donors_
 from flexrank.compress.layers import NestedLinear
 from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import swap_modules_
@@ -266,4 +267,5 @@ def deployable_model(model: nn.Module, ranks: dict[str, int], factors_only: bool
         return module
 
     swap_modules_(copied, deployed)
+    relink_donors_(copied)  # a replaced block's shared layers: the donor's deployed form
     return copied.eval(), records

@@ -168,7 +168,7 @@ class SharedLinear(_NestedFactors):
     donor's. Shapes of x and y as nn.Linear: (..., in) -> (..., out).
     """
 
-    def __init__(self, donor: nn.Module, max_rank: int, bias: bool):
+    def __init__(self, donor: nn.Module, max_rank: int, bias: bool, donor_name: str = ""):
         weight, _ = dense_weight(donor)
         m, n = weight.shape
         super().__init__(m, n, max_rank, bias, weight.device, weight.dtype)
@@ -177,12 +177,16 @@ class SharedLinear(_NestedFactors):
         # not a registered submodule: the donor's weights live (and are saved) once, in
         # the donor block; object.__setattr__ bypasses nn.Module's registration
         object.__setattr__(self, "donor", donor)
+        self.donor_name = donor_name  # qualified, for `relink_donors_` after a module swap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self._rank
-        y = self.donor(x) + F.linear(F.linear(x, self.V[:, :r].T), self.U[:, :r])
-        y = y * self.scale
-        return y if self.bias is None else y + self.bias  # (..., out)
+        # s ⊙ (donor(x) + U Vᵀ x) with s applied to the donor's output and to U's rows,
+        # so that the last op is an Add: onnxruntime's QuickGelu fusion takes any Mul
+        # feeding a Sigmoid (SiLU) for its scalar pattern and fails on a vector
+        adapter = F.linear(F.linear(x, self.V[:, :r].T), self.U[:, :r] * self.scale[:, None],
+                           self.bias)
+        return self.donor(x) * self.scale + adapter  # (..., out)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -247,7 +251,7 @@ class _Whitenings:
 def build_stand_in(block: nn.Module, donor_block: nn.Module, block_name: str,
                    stats: CovarianceStats | None, max_rank: int, init_rank: int | None = None,
                    floor: float = EIGEN_FLOOR, whitenings: _Whitenings | None = None,
-                   ) -> nn.Module:
+                   donor_name: str = "") -> nn.Module:
     """A copy of `block` whose linears are SharedLinears over `donor_block`'s (same
     relative names), adapters of rank min(max_rank, m, n), set to `init_rank` (default:
     max_rank), output scales fitted at that rank.
@@ -255,7 +259,8 @@ def build_stand_in(block: nn.Module, donor_block: nn.Module, block_name: str,
     `stats`: input covariances of the original model, keyed by qualified layer names
     (`block_name` + "." + relative name); without them (or for a layer they lack) the
     adapter is a plain SVD and the scale matches plain row norms, with a warning. Raises
-    ValueError when the blocks' linear layers differ in names or shapes.
+    ValueError when the blocks' linear layers differ in names or shapes. `donor_name`: the
+    donor block's qualified name, recorded for `relink_donors_`.
     """
     init_rank = max_rank if init_rank is None else init_rank
     whitenings = whitenings or _Whitenings(stats, floor)
@@ -276,7 +281,8 @@ def build_stand_in(block: nn.Module, donor_block: nn.Module, block_name: str,
         whitening, cov = whitenings(f"{block_name}.{rel}")
         U, V, _ = adapter_init(W, Wd, max_rank, whitening)
         has_bias = bias is not None or donor_bias is not None
-        new = SharedLinear(donors[rel], U.shape[1], has_bias)
+        new = SharedLinear(donors[rel], U.shape[1], has_bias,
+                           f"{donor_name}.{rel}" if donor_name else "")
         new.load_factors_(U.to(new.U.dtype), V.to(new.V.dtype),
                           torch.zeros_like(new.bias) if has_bias else None)  # set below
         new.rank = min(init_rank, new.max_rank)
@@ -346,6 +352,24 @@ def choose_donors(blocks: Sequence[nn.Module], names: Sequence[str], candidates:
 # ----------------------------------------------------------------------------- surgery
 
 
+def relink_donors_(model: nn.Module) -> int:
+    """Point every SharedLinear of `model` at the module now registered under its donor's
+    name (after a swap replaced the donor layer, e.g. by its deployment form, so that the
+    donor's weights stay shared). Returns how many were relinked. Raises ValueError for a
+    donor name the model lacks."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SharedLinear) and module.donor_name:
+            try:
+                donor = model.get_submodule(module.donor_name)
+            except AttributeError as err:
+                raise ValueError(f"a stand-in's donor {module.donor_name} is not in the "
+                                 "model: was the donor block replaced?") from err
+            object.__setattr__(module, "donor", donor)
+            count += 1
+    return count
+
+
 def set_adapter_rank_(stand_in: nn.Module, rank: int) -> None:
     """Every SharedLinear of `stand_in` at min(rank, its max rank)."""
     for module in stand_in.modules():
@@ -371,7 +395,7 @@ def replace_blocks_(model: nn.Module, replaced: Mapping[int, tuple[int, int]],
     prefix = block_list(model)[0]
     whitenings = _Whitenings(stats, floor)
     built = {i: build_stand_in(blocks[i], blocks[d], f"{prefix}.{i}", stats, a, a, floor,
-                               whitenings) for i, (d, a) in replaced.items()}
+                               whitenings, f"{prefix}.{d}") for i, (d, a) in replaced.items()}
     for i, stand_in in built.items():
         blocks[i] = stand_in
     return built
@@ -440,7 +464,8 @@ def make_depth_elastic_(model: nn.Module, plan, stats: CovarianceStats | None,
     for j in np.flatnonzero(table.max(axis=0) > 0):
         j, donor = int(j), int(plan.donors[j])
         stand_in = build_stand_in(blocks[j], blocks[donor], names[j], stats,
-                                  int(table[:, j].max()), floor=floor, whitenings=whitenings)
+                                  int(table[:, j].max()), floor=floor, whitenings=whitenings,
+                                  donor_name=names[donor])
         switches[j] = DepthSwitch(blocks[j], stand_in)
     for j, switch in switches.items():
         blocks[j] = switch
