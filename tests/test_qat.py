@@ -395,3 +395,24 @@ def test_compress_signature_names_qat_only_when_set():
         DistillConfig(qat="8da4w", qat_block_size=16)
     with pytest.raises(ValueError, match="qat 'int2' is not one of"):
         DistillConfig(qat="int2")
+
+
+def test_cli_full_budget_is_trained_under_qat_and_anchored_otherwise():
+    """`--full-budget auto`: an anchored β = 1 is refit to the original weights in float,
+    which would undo QAT's training of β = 1 for its 4-bit weights; so auto trains it under
+    --qat and anchors it otherwise; an explicit choice wins. The probe flags reach the
+    config."""
+    import argparse
+
+    from flexrank.cli.compress import add_compress_args, compress_config
+
+    parser = argparse.ArgumentParser()
+    add_compress_args(parser)
+    base = []
+    parse = parser.parse_args
+    assert compress_config(parse(base)).distill.full_budget == "anchor"
+    assert compress_config(parse([*base, "--qat", "int4"])).distill.full_budget == "train"
+    assert compress_config(parse([*base, "--qat", "8da4w", "--full-budget", "anchor"])
+                           ).distill.full_budget == "anchor"
+    probe = compress_config(parse([*base, "--probe-points", "2", "--probe-top-k", "256"])).probe
+    assert (probe.probe_points, probe.top_k) == (2, 256)

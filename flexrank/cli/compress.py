@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from flexrank.compress.aliases import DEFAULT_MODEL
-from flexrank.compress.config import CompressConfig, DistillConfig, check_budgets
+from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig, check_budgets
 
 
 def budget_list(text: str) -> tuple[float, ...]:
@@ -52,8 +52,6 @@ def positive_number(text: str) -> float:
 
 
 def compress_config(args) -> CompressConfig:
-    from flexrank.compress.config import ProbeConfig
-
     if args.probe_samples > args.samples:
         raise ValueError(f"--probe-samples {args.probe_samples} is more than --samples "
                          f"{args.samples}: the probe runs on some of the calibration sequences")
@@ -61,13 +59,24 @@ def compress_config(args) -> CompressConfig:
         calib=args.calib, num_samples=args.samples, seq_len=args.seq_len,
         eval_samples=args.eval_samples, batch_size=args.batch_size, budgets=args.budgets,
         probe=ProbeConfig(mode=args.probe_mode, num_levels=args.levels,
-                          rank_multiple=args.rank_multiple),
+                          rank_multiple=args.rank_multiple, probe_points=args.probe_points,
+                          top_k=args.probe_top_k),
         probe_samples=args.probe_samples,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
                               sampler=args.sampler, grad_accum=args.grad_accum,
                               seed=args.seed, qat=args.qat,
-                              qat_block_size=args.qat_block_size),
+                              qat_block_size=args.qat_block_size,
+                              full_budget=full_budget(args)),
         seed=args.seed)
+
+
+def full_budget(args) -> str:
+    """--full-budget, with 'auto' resolved: 'train' under --qat (an anchored β = 1 is refit
+    to the original weights in float, which undoes its training for the 4-bit weights it
+    ships with), else 'anchor' (β = 1 stays the original model: issue 17)."""
+    if args.full_budget != "auto":
+        return args.full_budget
+    return "train" if args.qat else "anchor"
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +89,13 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=whole_number(2), default=16, help="candidate ranks per layer")
     p.add_argument("--rank-multiple", type=whole_number(1), default=8)
     p.add_argument("--probe-samples", type=whole_number(1), default=4)
+    p.add_argument("--probe-points", type=whole_number(1), default=ProbeConfig.probe_points,
+                   help="ranks measured per layer in fast mode; the others are interpolated "
+                        f"(default {ProbeConfig.probe_points})")
+    p.add_argument("--probe-top-k", type=whole_number(0), default=ProbeConfig.top_k,
+                   help="language models: probe KL over each token's top-k teacher tokens "
+                        "(0: the whole vocabulary; 256 loses little and skips most of the LM "
+                        "head, BENCHMARKS.md issue 20)")
     p.add_argument("--steps", type=whole_number(0), default=200,
                    help="distillation steps (sandwich: the largest, the smallest and one other "
                         "budget each step)")
@@ -93,6 +109,11 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                         "8da4w: ExecuTorch, for --quantize 8da4w); recorded in the checkpoint")
     p.add_argument("--qat-block-size", type=whole_number(1), default=DistillConfig.qat_block_size,
                    help="the export's int4 block size or 8da4w group size (default 32)")
+    p.add_argument("--full-budget", choices=("auto", "anchor", "refit", "train"), default="auto",
+                   help="β = 1 in distillation: anchor (trained, then refit to the original "
+                        "weights: β = 1 stays the original model), refit (not trained, refit), "
+                        "train (trained like the others); auto: train with --qat (β = 1 "
+                        "trained for its 4-bit weights), anchor otherwise")
 
 
 def cmd_compress(args) -> int:
