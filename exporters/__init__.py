@@ -20,6 +20,7 @@ nothing an export did not write is ever deleted.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -233,8 +234,46 @@ def staged_bundle(out_dir: str | os.PathLike) -> Iterator[Path]:
             yield folder
 
 
+def qat_mismatch(qat: dict | None, quantize: str | None, config=None) -> str | None:
+    """Why an export does not ship the weights a quantization-aware checkpoint was trained
+    for, or None when it does (or the checkpoint is not QAT-trained).
+
+    `qat`: the checkpoint's record (`ElasticModel.qat`, {"scheme": "int4" | "8da4w",
+    "block_size": int}); `quantize`: the export's ("int4", "8da4w", "int8" or None);
+    `config`: the exporter's config (OnnxExportConfig: int4_block_size, int4_algorithm;
+    ExecutorchExportConfig: group_size), None for its defaults. QAT's fake quantization
+    equals onnxruntime's RTN MatMulNBits and torchao's 8da4w at that block / group size
+    (compress/qat.py), nothing else."""
+    if not qat:
+        return None
+    scheme, block = qat.get("scheme"), qat.get("block_size")
+    trained = f"trained for {scheme} weights in blocks of {block} (--qat {scheme})"
+    if quantize != scheme:
+        shipped = "float weights" if quantize is None else f"{quantize} weights"
+        return (f"this checkpoint was {trained}, but the export ships {shipped}: "
+                f"--quantize {scheme} ships what it was trained for")
+    size = getattr(config, "int4_block_size" if scheme == "int4" else "group_size", 32)
+    if size != block:
+        fix = (f"--block-size {block}" if scheme == "int4"
+               else f"ExecutorchExportConfig(group_size={block})")
+        return (f"this checkpoint was {trained}, but the export quantizes in blocks of "
+                f"{size}: {fix} ships what it was trained for")
+    algorithm = getattr(config, "int4_algorithm", "rtn") if scheme == "int4" else "rtn"
+    if algorithm != "rtn":
+        return (f"this checkpoint was {trained} with round-to-nearest, but the export "
+                f"quantizes with {algorithm}: --int4-algo rtn ships what it was trained for")
+    return None
+
+
 def export_files(elastic_model, folder: Path, request: ExportRequest, **options) -> Manifest:
-    """Run the exporter of `request.format` into `folder`; its manifest, not yet written."""
+    """Run the exporter of `request.format` into `folder`; its manifest, not yet written.
+    Logs a warning when a quantization-aware checkpoint is exported with other weights
+    than it was trained for (`qat_mismatch`)."""
+    mismatch = qat_mismatch(getattr(elastic_model, "qat", None),
+                            None if request.quantize is None else str(request.quantize),
+                            options.get("config"))
+    if mismatch:
+        logging.getLogger(__name__).warning(mismatch)
     exporter = exporters()[request.format]
     manifest = exporter(elastic_model, folder, layout=str(request.layout),
                         budgets=list(request.budgets),

@@ -416,3 +416,26 @@ def test_cli_full_budget_is_trained_under_qat_and_anchored_otherwise():
                            ).distill.full_budget == "anchor"
     probe = compress_config(parse([*base, "--probe-points", "2", "--probe-top-k", "256"])).probe
     assert (probe.probe_points, probe.top_k) == (2, 256)
+
+
+def test_export_warns_when_it_ships_other_weights_than_qat_trained_for():
+    """A QAT checkpoint exported with another scheme, block size or int4 algorithm (or in
+    float) loses what QAT trained for: the export says so, naming the fix; a matching
+    export and a checkpoint without QAT say nothing."""
+    from flexrank.exporters import qat_mismatch
+    from flexrank.exporters.executorch.export import ExecutorchExportConfig
+    from flexrank.exporters.onnx.convert import OnnxExportConfig
+
+    int4 = {"scheme": "int4", "block_size": 32}
+    assert qat_mismatch(None, "int4") is None
+    assert qat_mismatch(int4, "int4") is None
+    assert qat_mismatch(int4, "int4", OnnxExportConfig(int4_block_size=32)) is None
+    assert "ships float weights: --quantize int4" in qat_mismatch(int4, None)
+    assert "ships 8da4w weights: --quantize int4" in qat_mismatch(int4, "8da4w")
+    assert "blocks of 64: --block-size 32" in qat_mismatch(
+        int4, "int4", OnnxExportConfig(int4_block_size=64))
+    assert "with hqq: --int4-algo rtn" in qat_mismatch(
+        int4, "int4", OnnxExportConfig(int4_algorithm="hqq"))
+    w8da4w = {"scheme": "8da4w", "block_size": 64}
+    assert "ExecutorchExportConfig(group_size=64)" in qat_mismatch(w8da4w, "8da4w")
+    assert qat_mismatch(w8da4w, "8da4w", ExecutorchExportConfig(group_size=64)) is None
