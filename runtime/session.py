@@ -413,19 +413,30 @@ class ElasticSession:
     def measure(self, prompt_tokens: int = 64, new_tokens: int = 16, repeats: int = 1) -> dict:
         """Host figures at the current budget: TTFT for a prompt of `prompt_tokens` tokens,
         decode ms/token (median, p90), load time and peak memory (`peak_rss_mb`: the
-        session's, `ElasticSession.peak_rss_bytes`). Best TTFT of `repeats`."""
+        session's, `ElasticSession.peak_rss_bytes`). Best TTFT of `repeats`.
+
+        An encoder or classifier has no decode: its figure is the latency per inference,
+        one forward pass of one input (batch 1: `prompt_tokens` token ids, or one seeded
+        image at the model's size), timed `max(new_tokens, repeats)` times after a warm-up
+        run: "latency_ms" (median), "latency_ms_p90", "inferences" (how many were
+        timed) and "input" (what one inference was fed)."""
         vocab_low = 3  # skip the usual special ids
         prompt = (np.arange(prompt_tokens) % 97 + vocab_low).astype(np.int64)
         if self.kind != "decoder":
+            what = f"{prompt_tokens} token ids"
             if "pixel_values" in self._inputs:  # one image at the model's size
                 prompt = self._pixel_sample()
+                what = f"pixel_values {tuple(prompt.shape)}"
+            self.encode(prompt)  # warm-up, not timed
             times = []
-            for _ in range(repeats + 1):  # the first run warms up
+            for _ in range(max(new_tokens, repeats, 1)):
                 start = time.perf_counter()
                 self.encode(prompt)
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start) * 1e3)
             return {"label": "measured on host", "beta": self.beta, "threads": self.threads,
-                    "prompt_tokens": prompt_tokens, "latency_ms": min(times[1:]) * 1e3,
+                    "prompt_tokens": prompt_tokens, "input": what, "inferences": len(times),
+                    "latency_ms": statistics.median(times),
+                    "latency_ms_p90": float(np.percentile(times, 90)),
                     "load_s": self.load_s, "peak_rss_mb": self.peak_rss_bytes() / 2**20}
         # timing only: a profile's prompt may pass a tiny model's positions; tokens unused
         self.generate(prompt[:8], max_new_tokens=2, stop_at_eos=False, within_positions=False)

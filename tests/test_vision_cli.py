@@ -9,6 +9,7 @@ images, not us), and every exported graph's logits equal PyTorch's on new images
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,14 +63,23 @@ def logits_match(bundle, elastic, pixels: torch.Tensor) -> dict[float, float]:
     return worst
 
 
-def test_vit_folder_compresses_and_exports_from_the_command_line(vit_folder, tmp_path):
-    model_dir, images, _, processor, pictures = vit_folder
-    out = tmp_path / "compressed"
+@pytest.fixture(scope="module")
+def compressed(vit_folder, tmp_path_factory):
+    """`flexrank compress` of the ViT folder on its images: the output folder."""
+    model_dir, images, *_ = vit_folder
+    out = tmp_path_factory.mktemp("compressed") / "out"
     code = main(["compress", str(model_dir), "-o", str(out), "--calib", str(images),
                  "--samples", "16", "--eval-samples", "4", "--batch-size", "8",
                  "--budgets", "1,0.5", "--levels", "4", "--probe-samples", "4",
                  "--steps", "2", "--train-batch", "4"])
     assert code == 0
+    return out
+
+
+def test_vit_folder_compresses_and_exports_from_the_command_line(vit_folder, compressed,
+                                                                 tmp_path):
+    _, _, _, processor, pictures = vit_folder
+    out = compressed
     # the calibration samples are the processor's pixel values of 20 of the 40 images
     data = load_file(str(out / "stages" / "calibration.safetensors"))
     assert data["train"].shape == (16, 3, 16, 16) and data["eval"].shape == (4, 3, 16, 16)
@@ -105,3 +115,47 @@ def test_vision_model_refuses_teacher_calibration(vit_folder, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "ViTForImageClassification does not read text" in err and "--calib" in err
+
+
+def test_bench_table_of_a_classifier_shows_measured_ms_per_inference(compressed, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Encoders' targets are latency per inference (DESIGN.md §6): the decision and the
+    bench table show ms per inference, and the host figure is the timing of real
+    onnxruntime inferences: under a clock that only advances when an inference has run
+    (the k-th by k ms), the table shows exactly the median and p90 of the timed ones."""
+    import flexrank.runtime.session as session_module
+
+    bundle = tmp_path / "bundle"
+    assert export_main([str(compressed), "--profile", "laptop-x86", "-o", str(bundle)]) == 0
+    decision = capsys.readouterr().out
+    assert "ms/inference" in decision and "tok/s" not in decision.split("Chosen:")[0]
+    clock = {"now": 0.0, "runs": 0, "shapes": []}
+    real_encode = session_module.ElasticSession.encode
+
+    def encode(self, inputs):
+        out = real_encode(self, inputs)  # onnxruntime runs the graph
+        clock["shapes"].append(out["logits"].shape)
+        clock["runs"] += 1
+        clock["now"] += clock["runs"] / 1e3  # the k-th inference "takes" k ms
+        return out
+
+    monkeypatch.setattr(session_module.ElasticSession, "encode", encode)
+    monkeypatch.setattr(session_module, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    assert main(["bench", str(bundle), "--profiles", "laptop-x86", "--tokens", "5"]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("profile"))
+    for column in ("host ms/inference med", "host ms/inference p90", "pred. ms/inference",
+                   "target ms/inference"):
+        assert column in header
+    assert "ms/tok" not in header and "TTFT" not in header
+    # one warm-up (1 ms) and 5 timed inferences of 2-6 ms: median 4, p90 5.6 (numpy)
+    assert clock["runs"] == 6 and set(clock["shapes"]) == {(1, 5)}
+    row = next(line.split() for line in table.splitlines()
+               if line.split()[:3] == ["laptop-x86", "laptop", "1"])
+    cells = dict(zip(header.split("  "), row, strict=False))
+    assert row[6:8] == ["4.00", f"{np.percentile([2, 3, 4, 5, 6], 90):.2f}"], (cells, row)
+    assert row[10] == "100"  # the profile's targets.encoder_latency_ms
+    report = json.loads((bundle / "bench" / "bench.json").read_text())
+    measured = report["tiers"][0]["rows"][0]["measured"]
+    assert measured["inferences"] == 5 and measured["latency_ms"] == pytest.approx(4.0)
+    assert measured["input"] == "pixel_values (1, 3, 16, 16)"

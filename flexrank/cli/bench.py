@@ -14,6 +14,8 @@ from flexrank.runtime.bench import DEFAULT_PROFILES, bench
 
 
 def bench_table(report: dict) -> str:
+    if report.get("kind", "decoder") != "decoder":
+        return _encoder_table(report)
     header = ["profile", "tier", "beta", "whole kept", "weights MB", "host thr", "host TTFT s",
               "host ms/tok med", "host ms/tok p90", "pred. TTFT s", "pred. tok/s", "pred. GB",
               "target tok/s", "fits (pred.)"]
@@ -34,6 +36,45 @@ def bench_table(report: dict) -> str:
     lines.append(f"host = measured on {report['host']} in onnxruntime (threads capped to the "
                  "profile's and the host's cores; '-' = budget not in the bundle); pred. = "
                  "predicted for the device by flexrank.device.predict, not measured")
+    lines.append(BETA_LABEL)
+    for tier in report["tiers"]:
+        d = tier.get("decision")
+        if d:
+            chosen = "nothing fits" if d["chosen_beta"] is None else \
+                f"β {d['chosen_beta']:g} {d['chosen_precision']}"
+            lines.append(f"{tier['profile']} ({d['runtime']}): {chosen}. {d['explanation']}")
+    return "\n".join(lines)
+
+
+def _encoder_table(report: dict) -> str:
+    """`bench_table` for an encoder or classifier bundle: latency per inference (one
+    forward of one input, batch 1; DESIGN.md §6), measured on the host (median and p90 of
+    `ElasticSession.measure`'s timed runs) and predicted on the device, against the
+    profile's targets.encoder_latency_ms."""
+    header = ["profile", "tier", "beta", "whole kept", "weights MB", "host thr",
+              "host ms/inference med", "host ms/inference p90", "pred. ms/inference",
+              "pred. GB", "target ms/inference", "fits (pred.)"]
+    body = []
+    for tier in report["tiers"]:
+        target = tier["targets"].get("encoder_latency_ms")
+        for row in tier["rows"]:
+            m, p = row["measured"], row["predicted"]
+            body.append([tier["profile"], tier["tier"], f"{row['beta']:g}",
+                         *_weights(row.get("weights")), str(tier["threads"]),
+                         _f(m, "latency_ms", "{:.2f}"), _f(m, "latency_ms_p90", "{:.2f}"),
+                         f"{p['ttft_s'] * 1e3:.2f}", f"{p['memory_gb']:.2f}",
+                         "-" if target is None else f"{target:g}",
+                         "yes" if p["fits"] else "no"])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]
+    inputs = {m["input"] for t in report["tiers"] for r in t["rows"]
+              if (m := r["measured"]) and "input" in m}
+    lines.append("ms/inference = one forward pass of one input (batch 1"
+                 + (f": {', '.join(sorted(inputs))}" if inputs else "") + "); host = measured on "
+                 f"{report['host']} in onnxruntime (threads capped to the profile's and the "
+                 "host's cores; '-' = budget not in the bundle); pred. = predicted for the "
+                 "device by flexrank.device.predict, not measured; target = the profile's "
+                 "targets.encoder_latency_ms ('-': it has none)")
     lines.append(BETA_LABEL)
     for tier in report["tiers"]:
         d = tier.get("decision")

@@ -586,9 +586,13 @@ def measure_bundle(folder: Path, manifest, beta: float, profile, fmt: str) -> di
 
 
 def describe_host(h: dict) -> str:
-    if "latency_ms" in h:
-        return (f"measured on host ({h['threads']} threads): {h['latency_ms']:.1f} ms per "
-                f"forward of {h['prompt_tokens']} tokens, peak RSS {h['peak_rss_mb']:.0f} MiB")
+    if "latency_ms" in h:  # an encoder or classifier: latency per inference (batch 1)
+        timed = f"median of {h['inferences']}, p90 {h['latency_ms_p90']:.2f} ms; " \
+            if "inferences" in h else ""
+        return (f"measured on host ({h['threads']} threads): {h['latency_ms']:.2f} ms per "
+                f"inference ({timed}one input: "
+                f"{h.get('input', str(h['prompt_tokens']) + ' token ids')}), peak RSS "
+                f"{h['peak_rss_mb']:.0f} MiB")
     return (f"measured on host ({h['threads']} threads): TTFT {h['ttft_s']:.3f} s for "
             f"{h['prompt_tokens']} tokens, decode {h['decode_ms_median']:.1f} ms/token median, "
             f"{h['decode_ms_p90']:.1f} p90 ({h['decode_tokens_per_s']:.1f} tok/s), load "

@@ -272,13 +272,18 @@ class Decision:
                             f"{_UNITS[name][0]} ({lim.source})"
                             for name, lim in self.limits.items())
         effs = "; ".join(f"{prec}: {eff.source}" for prec, eff in self.efficiencies.items())
+        # an encoder's target is the latency per inference: one forward of one input
+        per_input = (f"latency per inference = one forward pass of one input of "
+                     f"{p.targets.prompt_tokens} tokens (batch 1)" if "latency" in self.limits
+                     else f"TTFT for {p.targets.prompt_tokens} prompt tokens, memory with the "
+                          f"KV cache for {p.context_tokens} tokens")
         lines = [f"Predicted on {p.name} ({p.tier}; {p.runtime}/{p.backend}, {p.threads} "
                  f"threads). Efficiency: {effs}.",
-                 f"Targets: {targets}; TTFT for {p.targets.prompt_tokens} prompt tokens, "
-                 f"memory with the KV cache for {p.context_tokens} tokens."]
+                 f"Targets: {targets}; {per_input}."]
         names = [c.target for c in self.rows[0].checks] if self.rows else []
         header = ["beta", "precision", "ppl", "KL",
-                  *[f"{n} {_UNITS[n][0]}" for n in names], "fits", "whole kept",
+                  *["ms/inference" if n == "latency" else f"{n} {_UNITS[n][0]}"
+                    for n in names], "fits", "whole kept",
                   *([] if "size" in names else ["weights MB"]), ""]
         body = []
         for r in self.rows:
