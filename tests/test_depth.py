@@ -246,7 +246,7 @@ def test_depth_probe_against_independent_references(probed):
         got = logits(model, probe_batches)
         blocks[i] = original
         expected = np.mean([kl(t, s) for t, s in zip(reference, got, strict=True)])
-        assert depth.errors[c, k] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+        assert depth.errors[c, k] == pytest.approx(expected, rel=1e-4, abs=1e-6)  # f32 noise
     assert depth.errors[c, -1] < 1e-6  # rank 32 = full rank of a 32-wide model
     assert depth.errors[c, 0] > depth.errors[c, -1]
 

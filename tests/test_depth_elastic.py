@@ -92,3 +92,39 @@ def test_distillation_trains_the_stand_ins(elastic_setup):
     assert any(".U" in k for k in changed) and any(".scale" in k for k in changed)
     assert held_out_kl() < 0.9 * kl_before
     assert isinstance(model.model.layers[int(changed[0].split(".")[2])], DepthSwitch)
+
+
+def test_switched_model_saves_each_weight_once_and_reloads(elastic_setup, tmp_path):
+    """safetensors' save_model/load_model (what ElasticModel.save_pretrained uses): the
+    stand-ins' weights under their own names, donors' once; a fresh model given the same
+    switches (no covariances: the values come from the file) computes the same logits."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model, save_model
+
+    _, factorised, batches, stats, plan = elastic_setup
+    model = copy.deepcopy(factorised)
+    make_depth_elastic_(model, plan, stats)
+    save_model(model, str(tmp_path / "w.safetensors"))
+    with safe_open(tmp_path / "w.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert any("depth_stand_in" in k and k.endswith(".U") for k in keys)
+    assert not any(".donor." in k for k in keys)
+    stored = sum(_numels(tmp_path / "w.safetensors"))
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert stored == sum(unique.values())
+    fresh = copy.deepcopy(factorised)
+    make_depth_elastic_(fresh, plan, None)
+    load_model(fresh, str(tmp_path / "w.safetensors"))
+    beta = plan.budgets[0]
+    ElasticModel(model, plan).set_budget(beta)
+    ElasticModel(fresh, plan).set_budget(beta)
+    for a, b in zip(logits(fresh, batches[:1]), logits(model, batches[:1]), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _numels(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return [int(torch.Size(f.get_slice(k).get_shape()).numel())
+                for k in f.keys()]  # noqa: SIM118  (safe_open is not iterable)
