@@ -42,8 +42,7 @@ from flexrank.compress.surgery import (
     LayerReport,
     WhiteningCache,
     factorize_,
-    factorize_layer,
-    swap_modules_,
+    factorize_targets_,
 )
 
 logger = logging.getLogger(__name__)
@@ -272,17 +271,7 @@ def _swap(root: nn.Module, prefix: str, targets, stats, config, bar,
         logger.warning("%d target layers never ran in the calibration forward passes "
                        "(e.g. %s); they will use plain SVD", len(missing), missing[:3])
     cache = WhiteningCache(stats, config.eigen_floor)
-    reports = []
-
-    def replace(name: str, module: nn.Module) -> nn.Module | None:
-        if name not in targets:
-            return None
-        new, report = factorize_layer(name, module, stats, config, cache)
-        reports.append(report)
-        bar.update()
-        return new
-
-    swap_modules_(root, replace, prefix)
+    reports = factorize_targets_(root, targets, stats, config, cache, bar, prefix)
     clamped.clamped.update(cache.clamped)
     return reports
 

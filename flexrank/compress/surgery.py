@@ -152,8 +152,21 @@ def factorize_(model: nn.Module, stats: CovarianceStats | None = None,
         raise ValueError(f"the model is itself a {type(model).__name__}: factorize_ replaces "
                          "layers inside a model, in place; wrap it, e.g. nn.Sequential(layer)")
     cache = WhiteningCache(stats, config.eigen_floor) if stats is not None else None
-    reports = []
     bar = tqdm(total=len(targets), desc="decompose", disable=not progress, unit="layer")
+
+    with bar:
+        reports = factorize_targets_(model, targets, stats, config, cache, bar)
+    if cache is not None:
+        cache.warn_rank_deficient()
+    return reports
+
+
+def factorize_targets_(root: nn.Module, targets, stats, config: FactorizeConfig, cache,
+                       bar, prefix: str = "") -> list[LayerReport]:
+    """Replace each module of `root` named in `targets` (qualified names, `prefix` before
+    them) by its factorised layer (`factorize_layer`), in place, one `bar` step each;
+    their reports in the order of `root.named_modules()`."""
+    reports = []
 
     def replace(name: str, module: nn.Module) -> nn.Module | None:
         if name not in targets:
@@ -163,8 +176,5 @@ def factorize_(model: nn.Module, stats: CovarianceStats | None = None,
         bar.update()
         return new
 
-    with bar:
-        swap_modules_(model, replace)
-    if cache is not None:
-        cache.warn_rank_deficient()
+    swap_modules_(root, replace, prefix)
     return reports
