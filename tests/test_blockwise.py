@@ -137,6 +137,19 @@ def test_compress_in_bf16_and_resume_only_as_bf16(tmp_path):
     assert (got - want).norm() / want.norm() < 4 * bf16_eps
     with pytest.raises(CompressError, match="differs in: dtype"):
         compress(tmp_path / "model", tmp_path / "out", config)
+    # the command line: --dtype bfloat16 gives the same bf16 checkpoint
+    from flexrank.cli import main
+    from flexrank.compress.elastic import ElasticModel
+
+    assert main(["compress", str(tmp_path / "model"), "-o", str(tmp_path / "cli"),
+                 "--dtype", "bfloat16", "--calib", str(text), "--samples", "16",
+                 "--seq-len", "32", "--eval-samples", "0", "--batch-size", "4",
+                 "--budgets", "1,0.7", "--levels", "4", "--probe-points", "1",
+                 "--probe-samples", "2", "--steps", "0"]) == 0
+    saved = ElasticModel.from_pretrained(tmp_path / "cli" / "elastic").model
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(tensor, student.state_dict()[name], rtol=0, atol=0)
 
     shared = student_copy(teacher, share=True)
     assert shared.model.embed_tokens.weight is teacher.model.embed_tokens.weight

@@ -70,6 +70,18 @@ def compress_config(args) -> CompressConfig:
         seed=args.seed)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model_dtype(name: str):
+    """--dtype as a torch dtype, None for auto (the checkpoint's own)."""
+    if name == "auto":
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
 def full_budget(args) -> str:
     """--full-budget, with 'auto' resolved: 'train' under --qat (an anchored β = 1 is refit
     to the original weights in float, which undoes its training for the 4-bit weights it
@@ -119,7 +131,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
 def cmd_compress(args) -> int:
     from flexrank.compress.pipeline import compress
 
-    _, summary = compress(args.model, args.output, compress_config(args))
+    _, summary = compress(args.model, args.output, compress_config(args),
+                          dtype=model_dtype(args.dtype))
     print(summary)
     print(f"\nelastic checkpoint: {args.output}/elastic")
     return 0
@@ -140,5 +153,10 @@ def add_parser(sub) -> None:
                                         "checkpoint (resumable)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("-o", "--output", required=True, help="output folder (resumes if present)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="load the model in this dtype: bfloat16/float16 halve the memory of "
+                        "a large model (covariances, eigendecompositions and SVDs still run "
+                        "in float64 per layer; factors keep the model's dtype); auto: the "
+                        "checkpoint's own (float32 for the GGUF alias) (default: auto)")
     add_compress_args(p)
     p.set_defaults(func=cmd_compress)

@@ -175,6 +175,9 @@ class ElasticModel:
         if model is None:
             model, tokenizer = _skeleton_from_config(directory, meta["model_class"])
         restructure_(model, meta["layers"])
+        stored = _stored_float_dtype(directory / WEIGHTS_FILE)
+        if stored is not None:  # a bf16 checkpoint loads as bf16, not upcast to the default
+            model.to(stored)
         try:
             missing, unexpected = load_safetensors_model(model, str(directory / WEIGHTS_FILE),
                                                          strict=False)
@@ -257,6 +260,27 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 # tokenizers write one of the others).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "vocab.txt")
+
+
+_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _stored_float_dtype(path: Path):
+    """The one floating dtype of every floating tensor in safetensors file `path` (from
+    its header), or None when they differ, there are none, or the file cannot be read (the
+    load that follows reports that)."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kinds = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118
+    except (OSError, ValueError, RuntimeError):
+        return None
+    floats = kinds & set(_SAFETENSORS_FLOATS)
+    if len(floats) != 1:
+        return None
+    return getattr(torch, _SAFETENSORS_FLOATS[floats.pop()])
 
 
 def _skeleton_from_config(directory: Path, model_class: str):
