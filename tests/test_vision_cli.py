@@ -159,3 +159,35 @@ def test_bench_table_of_a_classifier_shows_measured_ms_per_inference(compressed,
     measured = report["tiers"][0]["rows"][0]["measured"]
     assert measured["inferences"] == 5 and measured["latency_ms"] == pytest.approx(4.0)
     assert measured["input"] == "pixel_values (1, 3, 16, 16)"
+
+
+def test_resnet_folder_with_npy_calibration_exports_from_the_command_line(tmp_path):
+    """A torchvision-style CNN the command line can name: transformers' ResNet saved with
+    save_pretrained (no input embeddings: get_input_embeddings raises; a 3×3 conv and a
+    1×1 shortcut read one tensor as patches of different sizes; no config.image_size),
+    calibrated on a folder of .npy samples; its logits in onnxruntime equal PyTorch's on
+    inputs of another size."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+        layer_type="basic", num_labels=5)).eval().save_pretrained(tmp_path / "resnet")
+    (tmp_path / "npy").mkdir()
+    samples = np.random.default_rng(1).standard_normal((40, 3, 20, 20)).astype(np.float32)
+    for i, sample in enumerate(samples):
+        np.save(tmp_path / "npy" / f"{i:02d}.npy", sample)
+    bundle, work = tmp_path / "bundle", tmp_path / "work"
+    assert export_main([str(tmp_path / "resnet"), "--calib", str(tmp_path / "npy"),
+                        "--budgets", "1,0.6", "--steps", "1", "--budget", "all",
+                        "-o", str(bundle), "--work-dir", str(work)]) == 0
+    calibration = load_file(str(work / "stages" / "calibration.safetensors"))["train"]
+    rows = [int(np.argmin(np.abs(samples - r.numpy()).reshape(40, -1).max(1)))
+            for r in calibration]
+    np.testing.assert_array_equal(calibration.numpy(), samples[rows])  # the files, as saved
+    elastic = ElasticModel.from_pretrained(work / "elastic")
+    assert any(name.endswith("shortcut.convolution") for name in elastic.layer_ranks(0.6))
+    new = torch.from_numpy(np.random.default_rng(7).standard_normal((2, 3, 28, 28),
+                                                                    ).astype(np.float32))
+    worst = logits_match(bundle, elastic, new)
+    assert set(worst) == {0.6, 1.0} and max(worst.values()) < 1e-4, worst

@@ -46,10 +46,14 @@ def sample_for(kind: str, model: nn.Module, tokenizer, sample_inputs, config):
     return inputs
 
 
+DEFAULT_IMAGE_SIZE = 224  # ImageNet's, what ResNet, ViT and ConvNeXt were trained at
+
+
 def pixel_sample(config, batch: int = 2) -> torch.Tensor:
     """Seeded standard-normal pixel values (batch, num_channels, H, W) at the config's
-    image_size (an int or (H, W)): a vision model's normalised input, for validation."""
-    size = config.image_size
+    image_size (an int or (H, W); 224 for a model that takes any size and names none, such
+    as transformers' ResNet): a vision model's normalised input, for validation."""
+    size = getattr(config, "image_size", None) or DEFAULT_IMAGE_SIZE
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return torch.randn(batch, config.num_channels, height, width,
                        generator=torch.Generator().manual_seed(0))

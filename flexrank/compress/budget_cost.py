@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flexrank.compress.models import model_kind
-from flexrank.compress.select import nested_layers
+from flexrank.compress.select import model_embeddings, nested_layers
 from flexrank.planning.costs import BudgetCost, gauge_fixed_params
 
 # bits per stored weight after --quantize. int4 (MatMulNBits, symmetric, block 32): a 4-bit
@@ -64,8 +64,7 @@ def budget_counts(elastic, beta: float) -> ModelCounts:
     # a nested layer's factors are counted above; its bias (kept at every rank) is not
     nested_ids = {id(layer.U) for layer in layers.values()} | {id(layer.V)
                                                                 for layer in layers.values()}
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed, head = model_embeddings(model)
     embed_weight = getattr(embed, "weight", None)
     tied = head is not None and embed_weight is not None and head.weight is embed_weight
     other = 0

@@ -90,6 +90,16 @@ class CovarianceStats:
         return cls(dict(state["sums"]), dict(state["counts"]), dict(state["leader_of"]))
 
 
+def input_rows_kind(module: nn.Module) -> tuple:
+    """What `layer_inputs` makes of a tensor for `module`: layers that read one tensor
+    share a covariance only when it is the same (a ResNet block's 3×3 conv and its 1×1
+    shortcut read one tensor as patches of different sizes)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return (type(module).__name__, module.kernel_size, module.dilation, module.padding,
+                module.stride)
+    return ("rows",)
+
+
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows (tokens or conv patches) of its flattened fan-in."""
     if isinstance(module, nn.Conv2d):
@@ -113,7 +123,8 @@ class CovarianceCollector:
         self.offload = offload
         self.gram_dtype = ACCUMULATE_DTYPE if precise else GRAM_DTYPE
         self.token_mask: torch.Tensor | None = None  # (B, T) bool for the current batch
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (ref, leader)
+        # (id(input), input_rows_kind) -> (ref, leader)
+        self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
         self._handles = []
 
     def __enter__(self) -> CovarianceCollector:
@@ -133,11 +144,12 @@ class CovarianceCollector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            seen = self._seen.get(id(x))
-            if seen is not None and seen[0]() is x:  # same tensor as an earlier layer
+            key = (id(x), input_rows_kind(module))
+            seen = self._seen.get(key)
+            if seen is not None and seen[0]() is x:  # same rows as an earlier layer's
                 self._record_leader(name, seen[1])
                 return
-            self._seen[id(x)] = (weakref.ref(x), name)
+            self._seen[key] = (weakref.ref(x), name)
             self._record_leader(name, name)
             self._accumulate(name, module, x)
         return hook

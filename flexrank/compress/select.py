@@ -19,13 +19,24 @@ def is_factorizable(module: nn.Module) -> bool:
     return False
 
 
+def model_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input token embedding, output embedding / LM head) of a transformers model, None
+    for each it lacks: a vision model (ResNet) has none, and transformers raises
+    NotImplementedError from get_input_embeddings instead of returning None."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            found.append(get() if callable(get) else None)
+        except (NotImplementedError, AttributeError):
+            found.append(None)
+    return found[0], found[1]
+
+
 def output_embedding_names(model: nn.Module) -> set[str]:
     """Names of the LM head (and of anything sharing the input embedding's weight)."""
     heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    get_in = getattr(model, "get_input_embeddings", None)
-    emb = get_in() if callable(get_in) else None
+    emb, out = model_embeddings(model)
     emb_weight = getattr(emb, "weight", None)
     for name, module in model.named_modules():
         if module is out and out is not None:
