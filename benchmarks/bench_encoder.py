@@ -15,7 +15,10 @@ sentence; medians and ratios to dense.
 
 Writes results.json to --out and prints the tables. The distilled checkpoint is saved in
 --out/elastic with the figures so far (results-distilled.json): a rerun with the same --out
-starts from there (export and measurement only).
+starts from there (export and measurement only). The DataSVD + plan student (before
+distillation) is saved in --start (default --out/start) with its figures: runs that try
+other distillation settings from the same start pass the same --start and skip
+calibration, DataSVD and probing (the calibration and probe settings must be the same).
 """
 
 from __future__ import annotations
@@ -131,6 +134,16 @@ def main():
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--probe-batches", type=int, default=4, help="calibration batches probed")
     parser.add_argument("--probe-points", type=int, default=3, help="ranks probed per layer")
+    parser.add_argument("--start", type=Path, default=None,
+                        help="folder of the DataSVD + plan student (default OUT/start)")
+    parser.add_argument("--full-budget", default="refit", choices=["refit", "anchor", "train"],
+                        help="DistillConfig.full_budget")
+    parser.add_argument("--sampler", default="sandwich", help="DistillConfig.sampler")
+    parser.add_argument("--budget-weights", default=None,
+                        help="DistillConfig.budget_weights, comma-separated, ascending budgets")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="held-out figures and a checkpoint (OUT/distill) every N "
+                             "distillation steps: a stopped run resumes there")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
@@ -156,14 +169,34 @@ def main():
         elastic = ElasticModel.from_pretrained(saved, copy.deepcopy(teacher))
         elastic.tokenizer = tokenizer
     else:
-        elastic = compress_and_distill(teacher, tokenizer, train, held_out, args, results)
+        elastic = compress_and_distill(teacher, tokenizer, train, held_out, args, results,
+                                       args.start or args.out / "start")
         elastic.save_pretrained(saved)
         with atomic_path(args.out / "results-distilled.json") as tmp:
             tmp.write_text(json.dumps(results, indent=1, default=str))
     report(elastic, teacher, tokenizer, held_texts, args, results)
 
 
-def compress_and_distill(teacher, tokenizer, train, held_out, args, results) -> ElasticModel:
+START_KEYS = ("calib", "probe_batches", "probe_points", "heldout")  # what --start depends on
+
+
+def start_student(teacher, tokenizer, train, held_out, args, results, start: Path
+                  ) -> ElasticModel:
+    """The DataSVD + plan student and its held-out figures: from `start` when it holds one
+    made with the same calibration and probe settings, else made and saved there."""
+    settings = {k: str(getattr(args, k)) for k in START_KEYS}
+    if (start / "start.json").is_file():
+        saved = json.loads((start / "start.json").read_text())
+        if saved["settings"] != settings:
+            raise SystemExit(f"--start {start} was made with {saved['settings']}, not "
+                             f"{settings}: pass another --start")
+        results["stages"].update(saved["stages"])
+        results["before"] = saved["before"]
+        results["before"]["torch_cosine"] = {float(k): v for k, v in
+                                             saved["before"]["torch_cosine"].items()}
+        elastic = ElasticModel.from_pretrained(start / "elastic", copy.deepcopy(teacher))
+        elastic.tokenizer = tokenizer
+        return elastic
     student = copy.deepcopy(teacher)
     with stage(results["stages"], "covariance+DataSVD"):
         factorize_(student, collect_covariances(student, train))
@@ -174,15 +207,34 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results) -> 
     elastic = ElasticModel(student, nested, tokenizer, model_id="all-minilm-l6-v2")
     results["before"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
                          "eval": evaluate_budgets(elastic, teacher, held_out)}
+    elastic.save_pretrained(start / "elastic")
+    with atomic_path(start / "start.json") as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "stages": results["stages"],
+                                   "before": results["before"]}, indent=1, default=str))
+    return elastic
+
+
+def compress_and_distill(teacher, tokenizer, train, held_out, args, results, start: Path
+                         ) -> ElasticModel:
+    elastic = start_student(teacher, tokenizer, train, held_out, args, results, start)
+    student, nested = elastic.model, elastic.plan
     with atomic_path(args.out / "results-before.json") as tmp:  # a long run's first figures
         tmp.write_text(json.dumps(results, indent=1, default=str))
+    weights = tuple(float(w) for w in args.budget_weights.split(",")) \
+        if args.budget_weights else None
     config = DistillConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
                            warmup_steps=max(1, args.steps // 20), objective="feature",
-                           checkpoint_every=0)
+                           checkpoint_every=args.eval_every, full_budget=args.full_budget,
+                           sampler=args.sampler, budget_weights=weights,
+                           eval_every=args.eval_every)
     with stage(results["stages"], "distill"):
         run = distill(student, teacher, nested, train, config,
+                      eval_batches=held_out if args.eval_every else None,
                       output_dir=args.out / "distill")
     results["loss_first_last"] = [run.losses[0], run.losses[-1]]
+    results["evals"] = [{"step": e["step"], "cosine": {b: v["cosine"]
+                                                       for b, v in e["budgets"].items()}}
+                        for e in run.evals]
     results["after"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
                         "eval": evaluate_budgets(elastic, teacher, held_out)}
     return elastic
