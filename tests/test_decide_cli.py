@@ -86,7 +86,7 @@ def test_each_user_constraint_reaches_the_decision(work, capsys):
 
 def test_bad_constraints_are_refused(work, capsys):
     base = [str(work / "elastic"), "--profile", "server-x86", "--dry-run"]
-    for argv, message in ((["--max-size", "-3"], "--max-size -3: must be a positive number"),
+    for argv, message in ((["--max-size", "-3"], "--max-size: -3.0 is out of range: must be > 0"),
                           (["--quality-tolerance", "2"],
                            "--quality-tolerance 2: must be in [0, 1)")):
         with pytest.raises(SystemExit) as exited:  # argparse's usage error

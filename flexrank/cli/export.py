@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexrank.cli.compress import budget_list, whole_number
+from flexrank.cli.compress import budget_list, positive_number, whole_number
 from flexrank.compress.aliases import ALIASES, DEFAULT_MODEL
 from flexrank.device.decide import DEFAULT_QUALITY_TOLERANCE
 from flexrank.device.host import host_threads
@@ -82,14 +82,14 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-tolerance", type=_fraction, default=DEFAULT_QUALITY_TOLERANCE,
                    help="candidates within this fraction of the best perplexity count as "
                         "equally good; the smallest of them ships (default: 0.01 = 1 %%)")
-    p.add_argument("--max-size", type=_positive("--max-size"), metavar="MB",
+    p.add_argument("--max-size", type=positive_number, metavar="MB",
                    help="largest download (weights as deployed), MB; replaces the profile's")
-    p.add_argument("--max-memory", type=_positive("--max-memory"), metavar="GB",
+    p.add_argument("--max-memory", type=positive_number, metavar="GB",
                    help="memory for the model (weights, KV cache, activations), GB; replaces "
                         "the profile's")
-    p.add_argument("--min-decode", type=_positive("--min-decode"), metavar="TOK/S",
+    p.add_argument("--min-decode", type=positive_number, metavar="TOK/S",
                    help="slowest acceptable decode, tokens/s; replaces the profile's")
-    p.add_argument("--max-ttft", type=_positive("--max-ttft"), metavar="S",
+    p.add_argument("--max-ttft", type=positive_number, metavar="S",
                    help="longest acceptable time to first token, s; replaces the profile's")
     p.add_argument("--format", choices=[str(f) for f in Format], default=None,
                    help="onnx, ort (onnxruntime's mobile format) or executorch (.pte for "
@@ -133,18 +133,6 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "from the model, 'teacher', which encoders and classifiers cannot "
                         "do); a folder of images or .npy files, or a .npy file (N, ...), for "
                         "a vision model")
-
-
-def _positive(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: give a number") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"{flag} {text}: must be a positive number")
-        return value
-    return parse
 
 
 def _fraction(text: str) -> float:
