@@ -157,6 +157,8 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-export", action="store_true", help="quality only")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="depth probe and plans only: predicted errors, no training")
     parser.add_argument("--out", type=Path, default=Path("bench-depth"))
     args = parser.parse_args()
     if args.smoke == (args.stages is not None):
@@ -186,6 +188,12 @@ def main() -> int:
     report["depth_probe_s"] = time.perf_counter() - started
     report["depth"] = depth.to_dict()
     plans = make_plans(sens, depth, budgets)
+    if args.plan_only:
+        report["plans"] = {name: p.to_dict() for name, p in plans.items()}
+        (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        print(depth_table(depth))
+        print(plan_table(plans, budgets))
+        return 0
     graphs: dict[float, dict[str, Path]] = {}
     for name in VARIANTS:
         if name not in plans:
@@ -218,6 +226,42 @@ def main() -> int:
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(table(report))
     return 0
+
+
+def depth_table(depth) -> str:
+    """Per block: cosine score, KL when dropped, and for candidates the donor and the KL of
+    the stand-in at each adapter rank."""
+    rows = []
+    for j, name in enumerate(depth.blocks):
+        row = [name, f"{depth.cosine[j]:.4f}", f"{depth.skip_kl[j]:.4g}"]
+        if j in depth.candidates:
+            c = depth.candidates.index(j)
+            row += [depth.blocks[depth.donors[c]].rsplit(".", 1)[-1],
+                    *[f"{e:.4g}" for e in depth.errors[c]]]
+        else:
+            row += [""] * (1 + len(depth.adapter_ranks))
+        rows.append(row)
+    return format_table(["block", "1 - cos", "KL dropped", "donor",
+                         *[f"KL a={a}" for a in depth.adapter_ranks]], rows)
+
+
+def plan_table(plans: dict, budgets) -> str:
+    """Per budget and variant: the planned (predicted) error, params, replaced blocks."""
+    rows = []
+    for beta in budgets:
+        for name in VARIANTS:
+            plan = plans.get(name)
+            if plan is None or not any(abs(b - beta) < 1e-9 for b in plan.budgets):
+                rows.append([f"{beta:g}", name, "unreachable", "", "", ""])
+                continue
+            b = plan.budget_index(beta)
+            replaced = plan.replaced_for(beta) if hasattr(plan, "replaced_for") else {}
+            rows.append([f"{beta:g}", name, f"{plan.predicted_error[b]:.4g}",
+                         f"{plan.dp_error[b]:.4g}", f"{plan.params[b]:,}",
+                         " ".join(f"{k.rsplit('.', 1)[-1]}<{v[0].rsplit('.', 1)[-1]}@{v[1]}"
+                                  for k, v in replaced.items()) or "-"])
+    return format_table(["β", "variant", "pred. error", "DP optimum", "params",
+                         "replaced (block<donor@rank)"], rows)
 
 
 def table(report: dict) -> str:
