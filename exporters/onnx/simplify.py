@@ -21,7 +21,9 @@ one. `simplify` removes them, in this order:
    layout); step 1 again on what the fusions leave. SmolLM2: 1,224 nodes.
 3. Decoders: attention → GroupQueryAttention (`onnx_attention`), with Hugging Face's
    `past_key_values.*` / `present.*` kept, and the cached length read from the mask so
-   that the cache can be updated in place. SmolLM2: 511 nodes, 211 of them MatMul.
+   that the cache can be updated in place; the op applies the rotary itself where it can
+   (`do_rotary`; attention.py says how positions stay Hugging Face's). SmolLM2: 511 nodes
+   with 60 RotaryEmbedding, 211 of them MatMul; 451 with the rotary inside.
 4. Sibling MatMuls (`fuse_sibling_matmuls`, any graph): the MatMuls that read the same
    activation with their own constant weight (q/k/v, gate/up; with factors, their first
    stages) become one MatMul over the weights side by side and a Split. Decoding one token
@@ -29,7 +31,9 @@ one. `simplify` removes them, in this order:
    memory bandwidth it reaches on a large one (a fixed latency per MatMul): SmolLM2 dense
    211 -> 121 MatMuls, β = 0.5 421 -> 331; decode 0.986x and 0.976x (BENCHMARKS.md). Off
    for the shared and elastic layouts, whose graphs must read the nested factors as they
-   are stored, and for int8 exports.
+   are stored, and for int8 exports. A fused q/k/v projection then goes to
+   GroupQueryAttention packed, without its Split (`onnx_attention.pack_qkv`): SmolLM2 int4
+   β = 1 484 -> 394 nodes with step 3's rotary (BENCHMARKS.md, issue 15).
 
 Every exported budget is still validated against PyTorch afterwards.
 """
