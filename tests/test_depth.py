@@ -305,3 +305,21 @@ def test_joint_plan_of_a_probed_model_equals_brute_force(probed):
     assert not nesting_problems(np.array(plan.ranks), np.array(plan.adapter_ranks))
     assert any(a != KEPT for a in plan.adapter_ranks[0])  # replacement pays at the bottom
     assert all(a == KEPT for a in plan.adapter_ranks[-1])
+
+
+def test_depth_probe_on_gpt2_blocks_returning_tuples():
+    """GPT-2's blocks return tuples: dropping one, its KL equals a model without it."""
+    model = tiny_gpt2(seed=1)
+    batches = token_batches(100, num=2, batch=2, seq=12, seed=4)
+    depth = probe_depth(model, batches, None, DepthConfig(max_replaced=0.5, adapter_ranks=(4,)),
+                        progress=False)
+    reference = logits(model, batches)
+    for i in range(2):
+        short = copy.deepcopy(model)
+        del short.transformer.h[i]
+        short.config.n_layer = 1
+        expected = np.mean([kl(t, s) for t, s in zip(reference, logits(short, batches),
+                                                     strict=True)])
+        assert depth.skip_kl[i] == pytest.approx(expected, rel=1e-4)
+    assert depth.candidates == [int(np.argmin(depth.cosine))] and depth.donors == [
+        1 - depth.candidates[0]]
