@@ -263,6 +263,8 @@ def test_depth_probe_cache(probed, tmp_path):
     np.testing.assert_array_equal(again.errors, depth.errors)
     with pytest.raises(ValueError, match="another model, data or configuration"):
         probe_depth(model, batches[2:4], stats, config, cache_path=path, progress=False)
+    with pytest.raises(ValueError, match="another model, data or configuration"):
+        probe_depth(model, batches[:2], None, config, cache_path=path, progress=False)
 
 
 def test_joint_plan_of_a_probed_model_equals_brute_force(probed):

@@ -565,15 +565,19 @@ def _mean_damage(model, batches, damage: Damage, cache: BlockCache, first: int) 
     return total / len(batches)
 
 
-def _signature(model, blocks, names, config: DepthConfig, masks, batches) -> dict:
+def _signature(model, blocks, names, config: DepthConfig, masks, batches, stats) -> dict:
     """What a cached depth probe must match: blocks and their layer shapes, the config,
-    the probe tokens (count and a checksum of their ids) and a checksum of the weights."""
+    the probe tokens (count and a checksum of their ids), a checksum of the weights and
+    of the covariances (None: plain SVD adapters)."""
     tokens = [b["input_ids"] if isinstance(b, Mapping) else b for b in batches]
     ids = sum(float(t.double().sum()) for t in tokens if torch.is_tensor(t))
     weights = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
     shapes = [[list(dense_weight(m)[0].shape) for m in block_linears(b).values()]
               for b in blocks]
+    covariance = None if stats is None else round(
+        sum(float(t.double().abs().sum()) for t in stats.sums.values()), 3)
     return {"blocks": list(names), "shapes": shapes, "config": config.to_dict(),
+            "covariance_checksum": covariance,
             "tokens": int(sum(m.sum() if m is not None else 0 for m in masks)),
             "token_checksum": ids, "weight_checksum": round(weights, 3)}
 
@@ -601,7 +605,7 @@ def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | No
     batches = [to_device(as_batch(b, model), device) for b in batches]
     masks = [b.get("attention_mask") if isinstance(b, Mapping) else None for b in batches]
     masks = [m.float() if m is not None else None for m in masks]
-    signature = _signature(model, list(blocks), names, config, masks, batches)
+    signature = _signature(model, list(blocks), names, config, masks, batches, stats)
     path = Path(cache_path) if cache_path else None
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
