@@ -252,16 +252,17 @@ def plan_table(plans: dict, budgets) -> str:
         for name in VARIANTS:
             plan = plans.get(name)
             if plan is None or not any(abs(b - beta) < 1e-9 for b in plan.budgets):
-                rows.append([f"{beta:g}", name, "unreachable", "", "", ""])
+                rows.append([f"{beta:g}", name, "unreachable", "", "", "", ""])
                 continue
             b = plan.budget_index(beta)
             replaced = plan.replaced_for(beta) if hasattr(plan, "replaced_for") else {}
+            read = plan.read_params[b] if hasattr(plan, "read_params") else plan.params[b]
             rows.append([f"{beta:g}", name, f"{plan.predicted_error[b]:.4g}",
-                         f"{plan.dp_error[b]:.4g}", f"{plan.params[b]:,}",
+                         f"{plan.dp_error[b]:.4g}", f"{plan.params[b]:,}", f"{read:,}",
                          " ".join(f"{k.rsplit('.', 1)[-1]}<{v[0].rsplit('.', 1)[-1]}@{v[1]}"
                                   for k, v in replaced.items()) or "-"])
     return format_table(["β", "variant", "pred. error", "DP optimum", "params",
-                         "replaced (block<donor@rank)"], rows)
+                         "read/token", "replaced (block<donor@rank)"], rows)
 
 
 def table(report: dict) -> str:

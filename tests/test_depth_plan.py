@@ -161,6 +161,11 @@ def test_predicted_error_and_cost_recomputed_from_the_tables():
                 cost += costs[i, k]
         assert plan.predicted_error[b] == pytest.approx(error)
         assert plan.cost[b] == pytest.approx(cost)
+        read = plan.params[b] + sum(  # a replaced block reads its donor's layers again
+            ParamsCost()(*sens.shapes[i], plan.ranks[b][i])
+            for j, a in enumerate(plan.adapter_ranks[b]) if a != KEPT
+            for i in range(plan.donors[j] * L, (plan.donors[j] + 1) * L))
+        assert plan.read_params[b] == read
 
 
 def test_replacement_is_chosen_when_cheap_and_harmless():

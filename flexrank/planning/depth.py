@@ -233,6 +233,25 @@ class JointPlan:
         return self.budgets.index(match_budget(beta, self.budgets,
                                                "in this joint plan; its budgets are"))
 
+    @property
+    def read_params(self) -> tuple[int, ...]:
+        """Per budget, the parameters one decoded token reads: `params` plus, for every
+        replaced block, its donor's layers again at their planned ranks (a stand-in runs
+        them; stored once, read twice). What decode time follows on a memory-bound device
+        when the donor's weights are not in cache: depth saves storage, not reads."""
+        out = []
+        for b, row in enumerate(self.adapter_ranks):
+            extra = 0
+            for j, a in enumerate(row):
+                if a == KEPT:
+                    continue
+                prefix = self.blocks[self.donors[j]] + "."
+                extra += sum(gauge_fixed_params(m, n, r) for name, (m, n), r in
+                             zip(self.layer_names, self.shapes, self.ranks[b], strict=True)
+                             if name.startswith(prefix))
+            out.append(self.params[b] + extra)
+        return tuple(out)
+
     def ranks_for(self, beta: float) -> dict[str, int]:
         """{layer: rank} at `beta` (a replaced block's layers: see the class docstring)."""
         return dict(zip(self.layer_names, self.ranks[self.budget_index(beta)], strict=True))
