@@ -164,8 +164,10 @@ class SharedLinear(_NestedFactors):
     """y = scale ⊙ (donor(x) + U_r V_rᵀ x) + bias, the donor held by reference.
 
     U (out, R), V (in, R): the adapter, `rank` r in [1, R] settable at run time; scale
-    (out,): the output normalisation; bias (out,) or None: the pruned layer's bias minus the
-    donor's. Shapes of x and y as nn.Linear: (..., in) -> (..., out).
+    (out,): the output normalisation; bias (out,) or None: b − scale ⊙ b_donor (b: the
+    pruned layer's bias), so that the output's bias is b. Shapes of x and y as nn.Linear:
+    (..., in) -> (..., out). The scale is fitted at one adapter rank (`build_stand_in`'s
+    init_rank) and kept at the others.
     """
 
     def __init__(self, donor: nn.Module, max_rank: int, bias: bool, donor_name: str = ""):
