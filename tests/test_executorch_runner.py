@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import token_batches
 from elastic_fixtures import nested_plan
+from test_executorch_8da4w import random_norms_
 
 import flexrank.exporters.executorch.export  # noqa: F401  (registers "executorch")
 from flexrank.compress.covariance import collect_covariances
@@ -59,6 +60,10 @@ def elastic():
                          max_position_embeddings=128, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, initializer_range=0.2)
     model = LlamaForCausalLM(config).eval()
+    # RMSNorm weights of a trained model, not exactly 1: with unit weights the 8-bit
+    # embedding's rows stay on a lattice and layer 0's int8 activations meet exact
+    # rounding ties, which two correct runtimes break differently (test_executorch_8da4w)
+    random_norms_(model)
     batches = token_batches(vocab, num=16)
     factorize_(model, collect_covariances(model, batches, progress=False), progress=False)
     return ElasticModel(model, nested_plan(model, (0.5, 1.0)), tokenizer=tokenizer,
@@ -79,16 +84,17 @@ def runner_text(folder, prompt: str) -> str:
 @torch.no_grad()
 def eager_text(model, tokenizer, prompt: str) -> str:
     """Greedy decoding in PyTorch, full forward each step (no cache), stopping at EOS as
-    the runner does."""
+    the runner does: the runner hands the EOS token's text to the callback too, then
+    stops."""
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     new = []
     for _ in range(NEW_TOKENS):
         token = int(model(input_ids=ids).logits[0, -1].argmax())
+        new.append(token)
         if token == tokenizer.eos_token_id:
             break
-        new.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return tokenizer.decode(new)
+    return tokenizer.decode(new, skip_special_tokens=False)
 
 
 def eager_8da4w(elastic, ranks, config):
@@ -112,9 +118,7 @@ def test_runner_reads_the_llm_export_metadata(elastic, tmp_path):
     assert metadata["get_eos_ids"] in (2, [2])
 
 
-@pytest.mark.parametrize("quantize", [None, pytest.param("8da4w", marks=pytest.mark.xfail(
-    strict=True, reason="open: on random models the 8da4w program differs from its eager "
-    "twin (test_executorch_8da4w); the runner's text departs after 3 tokens"))])
+@pytest.mark.parametrize("quantize", [None, "8da4w"])
 def test_runner_generates_the_eager_models_greedy_text(elastic, tmp_path, quantize):
     config = ExecutorchExportConfig(max_seq_len=64)
     manifest = export(elastic, tmp_path, format="executorch", quantize=quantize,
