@@ -74,7 +74,9 @@ def runner_text(folder, prompt: str) -> str:
     import executorch.kernels.quantized  # noqa: F401  (8da4w's quantized embedding op)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    data = folder / "model.ptd"  # a tied float table's program keeps its weights there
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"),
+                           str(data) if data.is_file() else None)
     pieces = []
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=NEW_TOKENS,
                                              temperature=0.0), token_callback=pieces.append)

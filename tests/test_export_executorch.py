@@ -191,8 +191,54 @@ def test_constants_are_segments_outside_the_flatbuffer(llama_bundle):
     entry = manifest["budgets"][-1]
     layout = segment_layout(out / entry["graph"])
     assert layout == entry["program"]
-    # the weights (about 17k float32 numbers, ~70 kB) live in segments after the flatbuffer
-    assert layout["segment_bytes"] > 60_000 > layout["flatbuffer_bytes"]
+    # the weights (about 17k float32 numbers, ~70 kB) live outside the flatbuffer: this
+    # tied Llama keeps them in model.ptd (test_tied_table_is_stored_once)
+    assert layout["data_file"] == "model.ptd"
+    assert layout["segment_bytes"] + layout["data_bytes"] > 60_000 > layout["flatbuffer_bytes"]
+
+
+def test_tied_table_is_stored_once(tmp_path):
+    """A tied 4096 × 32 float table (512 KiB of the model's 585 KiB): the program and its
+    weights file hold each weight once (one .pte held the table twice: 1.82× the unique
+    bytes with a 4096 × 64 table), and the two files still compute the PyTorch model (the
+    exporter's strict float check: logits and greedy tokens)."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=4096)
+    model.model.embed_tokens.weight.data = torch.randn(4096, 32) * 0.02
+    unique = 4 * sum(p.numel() for p in model.parameters())  # a tied tensor counted once
+    factorize_(model, collect_covariances(model, token_batches(4096), progress=False),
+               progress=False)
+    em = ElasticModel(model, nested_plan(model, (1.0,)), tokenizer=char_tokenizer())
+    manifest = export(em, tmp_path, format="executorch",
+                      config=ExecutorchExportConfig(max_seq_len=64))
+    (entry,) = manifest["budgets"]
+    assert entry["forms"] == {"dense": 14}  # the dense weights, as the model's
+    assert entry["validation"]["generation_match"] is True
+    names = {f.rsplit("/", 1)[1] for f in entry["files"]}
+    assert {"model.pte", "model.ptd"} <= names
+    program = entry["program"]
+    # every weight once (the table twice would be + 88 %), alignment aside
+    assert unique <= program["data_bytes"] < 1.02 * unique, (program, unique)
+    assert program["segment_bytes"] < 0.1 * unique  # the XNNPACK graph, no weights
+
+
+def test_untied_decoder_stays_one_file(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    factorize_(model, collect_covariances(model, token_batches(100), progress=False),
+               progress=False)
+    em = ElasticModel(model, nested_plan(model, (1.0,)), tokenizer=char_tokenizer())
+    manifest = export(em, tmp_path, format="executorch",
+                      config=ExecutorchExportConfig(max_seq_len=64))
+    (entry,) = manifest["budgets"]
+    assert "data_file" not in entry["program"]
+    assert not any(f.endswith(".ptd") for f in entry["files"])
 
 
 def test_executorch_refuses_other_layouts_and_quantizations(llama, tmp_path):

@@ -8,6 +8,9 @@ each validated in `executorch.runtime` against PyTorch (DESIGN.md §5).
 Bundle layout (`out_dir`):
 
     budget-<β>/model.pte        gauge-fixed factors (the per-layer forms of the ONNX path)
+    budget-<β>/model.ptd        float decoders with a tied embedding/lm_head: the program's
+                                constants, the table once (program.py, "Tied tables");
+                                load with data_path (TextLLMRunner's third argument)
     budget-<β>/tokenizer files  decoders and encoders with a tokenizer
     flexrank-manifest.json      written last by `flexrank.exporters.export`
 
@@ -117,6 +120,18 @@ def exported_ranks(elastic, beta: float, quantize: str | None, group_size: int) 
     return block_aligned_ranks(elastic, beta, group_size, "8da4w")
 
 
+def tied_table(model) -> bool:
+    """True when the output embedding's weight is the input embedding's tensor."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return False
+    table, head = get_in(), get_out()
+    weight = getattr(head, "weight", None)
+    return (isinstance(weight, torch.Tensor) and table is not None
+            and weight.data_ptr() == table.weight.data_ptr())
+
+
 def _positional(kind: str, sample) -> tuple:
     """The program's inputs in order (encoders: input_ids, attention_mask[, token_type_ids])."""
     if kind == "encoder":
@@ -150,8 +165,13 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
     else:
         module, traced_inputs = deployed, _positional(kind, sample)
     path = folder / PROGRAM_FILE
+    # a float decoder whose lm_head reads the embedding's table: every constant in
+    # model.ptd, the table once (program.py, "Tied tables"); 8da4w quantizes the two
+    # differently (8-bit rows for the lookup, int4 groups for the head), nothing to share
+    weights_file = kind == "decoder" and quantize is None and tied_table(deployed)
     program = trace_and_lower(module, kind, traced_inputs, config.max_seq_len,
-                              config.max_batch, path, metadata, quantized=quantize is not None)
+                              config.max_batch, path, metadata, quantized=quantize is not None,
+                              weights_file=weights_file)
     if elastic.tokenizer is not None and kind != "module":
         save_tokenizer(elastic.tokenizer, folder)
     extra = {"program": segment_layout(path), "dynamic_axes": dynamic_axes(program),

@@ -49,13 +49,22 @@ def runtime():
     return Runtime.get()
 
 
+def load_program(path: Path):
+    """The program at `path` with its weights file beside it when there is one
+    (`program.weights_path`: a tied table's program keeps every constant there)."""
+    from flexrank.exporters.executorch.program import weights_path
+
+    data = weights_path(path)
+    return runtime().load_program(Path(path), data_path=data if data.is_file() else None)
+
+
 def load_method(path: Path, name: str = "forward"):
-    return runtime().load_program(Path(path)).load_method(name)
+    return load_program(path).load_method(name)
 
 
 def constant_methods(path: Path) -> dict:
     """{name: value} of every method other than `forward` (the stored metadata)."""
-    program = runtime().load_program(Path(path))
+    program = load_program(path)
     values = {}
     for name in sorted(program.method_names - {"forward"}):
         out = list(program.load_method(name).execute([]))
