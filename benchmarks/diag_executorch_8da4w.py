@@ -3,6 +3,8 @@ and activations, eager torchao 8da4w against the XNNPACK program in ExecuTorch's
 
     cd benchmarks && ../.venv/bin/python diag_executorch_8da4w.py linears [--scales fp32|bf16]
     cd benchmarks && ../.venv/bin/python diag_executorch_8da4w.py model --layers 2 [--scales ...]
+    cd benchmarks && ../.venv/bin/python diag_executorch_8da4w.py random --norms unit|random \
+        [--layers 2] [--vocab 49152] [--tokens 32]
 
 `linears`: each listed nn.Linear alone (its real weight, its real input on 48 held-out
 tinyshakespeare tokens) quantized int4/group 32 with the scales as torchao computes them
@@ -11,6 +13,11 @@ program vs the eager quantized layer, and of the eager quantized layer vs float.
 `model`: the model truncated to `--layers` decoder layers, every linear quantized (the
 exporter's `quantize_8da4w_` for bf16, torchao's default config for fp32), through the
 exporter's decoder wrapper and lowering; logits of program vs eager: ‖Δ‖/‖eager‖, top-1.
+`random`: the random SmolLM2-shaped model of tests/test_executorch_8da4w.py (8-bit
+embedding, all linears 8da4w), RMSNorm weights transformers' ones (`unit`) or random;
+prints the eager model against itself with the RMSNorm computed in float64 (how far two
+correct float implementations land apart), every linear input element within 1e-4 int8
+steps of a rounding boundary (token, distance), then the program vs eager per position.
 """
 
 from __future__ import annotations
@@ -93,13 +100,81 @@ def truncated(model, ids, layers, scales, folder: Path) -> None:
           f"{relative(got, eager, eager):.3g}, top-1 {top1:.3f}", flush=True)
 
 
+def random_model(layers: int, vocab: int, tokens: int, norms: str, folder: Path) -> None:
+    import sys
+
+    from transformers.models.llama import modeling_llama
+
+    from flexrank.exporters.executorch.program import (
+        decoder_metadata,
+        decoder_wrapper,
+        trace_and_lower,
+    )
+    from flexrank.exporters.executorch.quant import quantize_8da4w_
+    from flexrank.exporters.executorch.validate import load_method
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_executorch_8da4w import smollm2_shaped
+
+    model = smollm2_shaped(layers, vocab, unit_norms=norms == "unit")
+    quantize_8da4w_(model, [], 32, embedding_bits=8)
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+    near = {}
+
+    def record(name, x):
+        x = x.double().reshape(-1, x.shape[-1])
+        low = x.min(-1, keepdim=True).values.clamp(max=0)
+        high = x.max(-1, keepdim=True).values.clamp(min=0)
+        steps = x / ((high - low) / 255)
+        distance = ((steps - steps.floor()) - 0.5).abs().min(-1).values
+        near[name] = [(t, f"{d:.1e}") for t, d in enumerate(distance.tolist()) if d < 1e-4]
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, i[0]))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    for hook in hooks:
+        hook.remove()
+    float32_norm = modeling_llama.LlamaRMSNorm.forward
+
+    def float64_norm(self, hidden):
+        h = hidden.double()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.double() * h).to(hidden.dtype)
+
+    modeling_llama.LlamaRMSNorm.forward = float64_norm
+    with torch.no_grad():
+        eager64 = model(input_ids=ids).logits
+    modeling_llama.LlamaRMSNorm.forward = float32_norm
+    print(f"{norms} norms: eager vs eager with a float64 RMSNorm "
+          f"{relative(eager64, eager, eager):.3g}", flush=True)
+    for name, found in near.items():
+        if found:
+            print(f"  {name}: {found}")
+    path = folder / "model.pte"
+    trace_and_lower(decoder_wrapper(model, 64), "decoder", ids, 64, 1, path,
+                    decoder_metadata(model, 64), quantized=True)
+    got = load_method(path).execute([ids, torch.arange(ids.shape[1])])[0]
+    per_position = ((got - eager).norm(dim=-1) / eager.norm(dim=-1))[0]
+    print(f"program vs eager {relative(got, eager, eager):.3g}; per position "
+          + " ".join(f"{v:.0e}" for v in per_position.tolist()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("linears", "model"))
+    parser.add_argument("mode", choices=("linears", "model", "random"))
     parser.add_argument("--scales", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--names", default=LINEARS)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--norms", choices=("unit", "random"), default="random")
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.mode == "random":
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            random_model(args.layers, args.vocab, args.tokens, args.norms, Path(tmp))
+        return
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)

@@ -22,10 +22,14 @@ but float rounding, and the tolerance can be tight.
 And why the RMSNorm weights are random (as a trained model's are), not transformers'
 initial ones: the 8-bit embedding's rows are integer multiples of one scale per row, and
 RMSNorm with a weight of exactly 1 keeps them on that lattice, so the first layer's
-q/k/v quantizer meets *exact* ties on every token. Eager PyTorch with the RMSNorm
-computed in float64 instead of float32 then differs from itself by 1.4e-2 of the logits,
-the program by 2.1e-2 (the strict xfail this test carried until 2026-12-01; not a fault
-of the export). `test_unit_norms_meet_exact_ties` shows the lattice.
+q/k/v quantizer meets exact ties (96 elements on 32 tokens here) and ties within 1e-6
+steps. Float rounding of that one RMSNorm decides them, and a flipped k/v code reaches
+every later position through attention: eager PyTorch with only the first RMSNorm in
+float64 differs from itself by 2.1e-2 of the logits, exactly 0 before the first such
+token and 2e-2 at every position after it (the other four RMSNorms in float64: 1e-7);
+the program differed by the same 2.1e-2 (the strict xfail this test carried until
+2026-12-01; not a fault of the export). `test_unit_norms_meet_exact_ties` shows the
+lattice; `benchmarks/diag_executorch_8da4w.py random` the figures.
 """
 
 from __future__ import annotations
