@@ -19,9 +19,11 @@ COMMANDS = (decompose, compress, export, bench, profiles, evaluate)  # in --help
 
 
 # Libraries that log at WARNING about their own optional parts when merely imported
-# (torchao: its CUDA kernels and triton; torch's pytree: enum registration deprecations):
-# nothing a FlexRank user can act on, so they are shown with -v only.
-QUIET_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree")
+# (torchao: its CUDA kernels and triton; torch's pytree: enum registration deprecations),
+# or about their own defaults (onnxruntime's transformer optimizer, run by the ONNX
+# simplifier on every graph: "Please specify parameters of num_heads and hidden_size for
+# model_type gpt2" on a CNN): nothing a FlexRank user can act on, so shown with -v only.
+QUIET_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree", "onnxruntime.transformers.optimizer")
 # Libraries' notes about their own next versions, e.g. torch's pytree "isinstance(treespec,
 # LeafSpec) is deprecated" while ExecuTorch exports: shown with -v only.
 QUIET_WARNINGS = (FutureWarning,)
