@@ -334,14 +334,17 @@ def _donor_error(block: nn.Module, donor_block: nn.Module, block_name: str,
 
 
 def choose_donors(blocks: Sequence[nn.Module], names: Sequence[str], candidates: Sequence[int],
-                  whitenings: _Whitenings, rank: int, window: int) -> list[int]:
+                  whitenings: _Whitenings, rank: int, window: int,
+                  progress: bool = False) -> list[int]:
     """Per candidate, the donor among the `window` nearest non-candidate blocks with the
-    least `_donor_error` at `rank` (ties: the nearer, then the earlier block)."""
+    least `_donor_error` at `rank` (ties: the nearer, then the earlier block). One SVD per
+    linear per (candidate, donor) pair: SmolLM2-135M, 15 candidates x 4 donors, minutes."""
     others = [j for j in range(len(blocks)) if j not in set(candidates)]
     if not others:
         raise ValueError("every block is a candidate: no donor is left")
     donors = []
-    for c in candidates:
+    for c in tqdm(candidates, desc="depth probe (donors)", disable=not progress,
+                  unit="block"):
         near = sorted(others, key=lambda j: (abs(j - c), j))[:window]
         errors = {j: _donor_error(blocks[c], blocks[j], names[c], whitenings, rank)
                   for j in near}
@@ -645,7 +648,7 @@ def _measure(model, blocks, names, batches, masks, stats, config, progress) -> B
     whitenings = _Whitenings(stats, config.eigen_floor)
     top = config.adapter_ranks[-1]
     donors = choose_donors(list(blocks), names, candidates, whitenings, top,
-                           config.donor_window)
+                           config.donor_window, progress)
     errors = np.zeros((len(candidates), len(config.adapter_ranks)))
     shapes = []
     for c, (i, d) in enumerate(tqdm(list(zip(candidates, donors, strict=True)),
