@@ -481,7 +481,7 @@ def _decide(elastic, job: ExportJob, costs: dict, folder: Path | None):
     for precision, plan_costs in costs.items():
         for cost in plan_costs:
             row = measured.get((float(cost.beta), precision))
-            quality = None if row is None else Quality(row["ppl"], row.get("kl"), note)
+            quality = None if row is None else Quality.from_row(row, note)
             candidates.append(Candidate(cost, precision, quality))
     return decide(candidates, job.profile, job.constraints)
 
@@ -514,7 +514,8 @@ def _precision(job: ExportJob, decision, beta: float, request) -> str:
     at = [r for r in decision.rows if r.beta == beta and r.fits]
     if not at:
         return "fp32"
-    return min(at, key=lambda r: (r.quality.ppl if r.quality else math.inf, r.size_mb)).precision
+    return min(at, key=lambda r: (r.quality.rank() if r.quality else (math.inf,),
+                                  r.size_mb)).precision
 
 
 def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice: Choice):

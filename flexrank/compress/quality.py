@@ -16,9 +16,20 @@ quantized export does:
   prefill); the tied lm_head stays float, as the exporter leaves it. Factorised layers
   ship plain (Vᵣᵀ then Uᵣ) or dense, never gauge-fixed (`qat.deployed_form`).
 
-Figures per (β, precision): perplexity of the held-out sequences and the mean per-token
-KL(original ‖ candidate) in nats, with top-1 agreement (Hinton et al. 2015 for the KL
-form; perplexity = exp(mean next-token NLL)).
+Figures per (β, precision), by the objective of the model's kind (`objectives.resolve` on
+the original's output; `objective` in each row):
+
+- token_kl (causal LMs): perplexity of the held-out sequences and the mean per-token
+  KL(original ‖ candidate) in nats, with top-1 agreement (Hinton et al. 2015 for the KL
+  form; perplexity = exp(mean next-token NLL));
+- feature (encoders without a head): "cosine", the mean over inputs of the cosine of the
+  candidate's mean-pooled last hidden state (over real tokens; sentence-transformers'
+  sentence embedding) to the original's, and "loss", the feature objective
+  (`objectives.feature_loss`, σ per batch), averaged over inputs;
+- class_kl (classifiers): "top1", the share of inputs whose top class is the original's,
+  and "kl", KL(original ‖ candidate) of the class distributions, nats per input.
+
+The feature and class figures need the original model (they are distances to it).
 """
 
 from __future__ import annotations
@@ -37,8 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexrank.compress.calibration import as_batch, to_batches
+from flexrank.compress.calibration import as_batch, model_batches, takes_token_ids, to_batches
+from flexrank.compress.config import Objective
 from flexrank.compress.layers import NestedLinear
+from flexrank.compress.objectives import class_kl, feature_terms, output_tensor
 from flexrank.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -168,34 +181,92 @@ def _figures(model: nn.Module, batches: Sequence[dict], teacher_logp: list | Non
     return out
 
 
+def model_objective(model: nn.Module, samples: torch.Tensor) -> Objective:
+    """The objective of `model`'s kind, from its output on the first held-out sample
+    (`objectives.resolve`): token_kl, class_kl or feature."""
+    from flexrank.compress.distill import resolve_objective, stack_batches
+
+    data, positional = stack_batches(model_batches(samples[:1], 1, model), model)
+    return resolve_objective(Objective.AUTO, model, data, positional)
+
+
+@torch.no_grad()
+def _output_figures(model: nn.Module, tables: list[dict], positional: bool,
+                    objective: Objective, reference: list[torch.Tensor]) -> dict:
+    """feature: {cosine, loss}; class_kl: {top1, kl}; per batch, weighted by its inputs."""
+    from flexrank.compress.distill import call
+
+    sums: dict[str, float] = {}
+    count = 0
+    for table, t_out in zip(tables, reference, strict=True):
+        s_out = output_tensor(call(model, table, positional), objective).float()
+        if objective == Objective.CLASS_KL:
+            figures = {"top1": float((s_out.argmax(-1) == t_out.argmax(-1)).float().mean()),
+                       "kl": float(class_kl(s_out, t_out))}
+        else:
+            terms = feature_terms(s_out, t_out, table.get("attention_mask"))
+            figures = {"cosine": 1 - float(terms["pooled_cos"]),
+                       "loss": float(sum(terms.values()))}
+        for key, value in figures.items():
+            sums[key] = sums.get(key, 0.0) + value * len(t_out)
+        count += len(t_out)
+    return {key: value / count for key, value in sums.items()}
+
+
 def measure_quality(elastic, ids: torch.Tensor, teacher: nn.Module | None = None,
                     precisions: Sequence[str] = PRECISIONS, budgets=None,
                     batch_size: int = 4) -> list[dict]:
-    """[{beta, precision, ppl[, kl, top1]}] for every budget × precision, on held-out
-    token sequences `ids` (N, T), each scored from its second token. KL and top-1 need
-    `teacher`, the original model. The model's budget is left at the largest."""
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise ValueError(f"held-out ids must be (sequences, tokens >= 2), got {tuple(ids.shape)}")
+    """[{beta, precision, objective, figures...}] for every budget × precision on held-out
+    samples `ids`: token ids (N, T) for a model that reads text, else its inputs (N, ...)
+    (images). Figures by objective (module docstring): token_kl {ppl[, kl, top1]}, each
+    sequence scored from its second token; feature {cosine, loss}; class_kl {top1, kl}.
+    KL and top-1, and every feature and class figure, need `teacher`, the original model
+    (ValueError without it for an encoder or a classifier). The model's budget is left at
+    the largest."""
     model = elastic.model
-    batches = [as_batch(b, model) for b in to_batches(ids, batch_size)]
+    if takes_token_ids(model) and (ids.ndim != 2 or ids.shape[1] < 2):
+        raise ValueError(f"held-out ids must be (sequences, tokens >= 2), got {tuple(ids.shape)}")
     was_training = model.training
     model.eval()
-    teacher_logp = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logp = [F.log_softmax(teacher(**b).logits.float()[:, :-1], -1)
-                            for b in batches]
-    rows = []
     budgets = list(budgets or elastic.budgets)
     pairs = [(p, b) for p in precisions for b in budgets]
     specs = {p: export_spec(p) for p in precisions if p in ("int4", "8da4w")}
     try:
+        objective = model_objective(teacher if teacher is not None else model, ids)
+        if objective == Objective.TOKEN_KL:
+            batches = [as_batch(b, model) for b in to_batches(ids, batch_size)]
+            reference = None
+            if teacher is not None:
+                with torch.no_grad():
+                    reference = [F.log_softmax(teacher(**b).logits.float()[:, :-1], -1)
+                                 for b in batches]
+
+            def figures():
+                return _figures(model, batches, reference)
+        else:
+            if teacher is None:
+                raise ValueError(f"the quality of a model measured by {objective.value} "
+                                 "(an encoder or a classifier) is its distance to the "
+                                 "original model: pass teacher=")
+            from flexrank.compress.distill import call, stack_batches
+
+            tables, positional = [], False
+            for b in model_batches(ids, batch_size, model):
+                table, positional = stack_batches([b], model)
+                tables.append(table)
+            with torch.no_grad():
+                reference = [output_tensor(call(teacher, t, positional), objective).float()
+                             for t in tables]
+
+            def figures():
+                return _output_figures(model, tables, positional, objective, reference)
+        rows = []
         for precision, beta in tqdm(pairs, desc="quality per budget and precision",
                                     leave=False):
             elastic.set_budget(beta)
             with as_exported(model, precision, specs.get(precision)):
                 rows.append({"beta": float(beta), "precision": precision,
-                             **_figures(model, batches, teacher_logp)})
+                             "objective": objective.value, **figures()})
     finally:
         elastic.set_budget(max(elastic.budgets))
         model.train(was_training)
@@ -203,18 +274,35 @@ def measure_quality(elastic, ids: torch.Tensor, teacher: nn.Module | None = None
 
 
 def ids_digest(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    """sha256 of the held-out samples: token ids as int64, other inputs (images) as their
+    own dtype and bytes."""
+    data = ids.to(torch.int64) if not ids.is_floating_point() else ids.contiguous()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+# What each objective's figures are, stored with them.
+FIGURES = {"token_kl": "ppl: perplexity of the held-out text; kl: KL(original || candidate), "
+                       "nats per token; top1: share of tokens whose top prediction is the "
+                       "original's",
+           "feature": "cosine: mean over inputs of the cosine of the mean-pooled last "
+                      "hidden state to the original's; loss: the feature objective "
+                      "(objectives.feature_loss), mean over inputs",
+           "class_kl": "top1: share of inputs whose top class is the original's; kl: "
+                       "KL(original || candidate) of the class distributions, nats per input"}
 
 
 def save_quality(directory: str | Path, rows: list[dict], ids: torch.Tensor, text_source: str,
                  original: str | None) -> Path:
     """Write `flexrank-quality.json` into an elastic checkpoint folder (atomically)."""
     path = Path(directory) / QUALITY_FILE
+    objectives = sorted({r.get("objective", "token_kl") for r in rows})
     write_json_atomic(path, {
         "format": "flexrank-quality", "format_version": FORMAT_VERSION,
         "text": {"source": text_source, "sequences": int(ids.shape[0]),
-                 "tokens_per_sequence": int(ids.shape[1]), "sha256": ids_digest(ids)},
+                 "tokens_per_sequence": int(ids.shape[1]), "shape": list(ids.shape),
+                 "sha256": ids_digest(ids)},
         "original": original, "kl": "KL(original || candidate), nats per token",
+        "figures": {o: FIGURES[o] for o in objectives if o in FIGURES},
         "settings": EXPORT_DEFAULTS,
         "rows": rows})
     return path
@@ -245,8 +333,8 @@ def held_out_ids(checkpoint_dir: str | Path) -> tuple[torch.Tensor, str] | None:
     for stages in (folder / "stages", folder.parent / "stages"):
         path = stages / "calibration.safetensors"
         if path.is_file():
-            held = load_file(str(path)).get("eval")
-            if held is not None and held.ndim == 2 and held.shape[0] > 0:
+            held = load_file(str(path)).get("eval")  # token ids (N, T) or inputs (N, ...)
+            if held is not None and held.ndim >= 2 and held.shape[0] > 0:
                 return held, f"held-out calibration sequences of {path}"
     return None
 
@@ -256,7 +344,8 @@ def quality_rows(elastic, folder: str | Path | None, precisions: Sequence[str],
     """The stored quality rows of the checkpoint in `folder` for every budget × `precisions`,
     measuring (and storing) the missing ones once when the held-out text that `compress`
     kept beside it exists. Returns (rows, a note on where they come from). The original
-    model for KL is `teacher_loader()` (None, or a loader that fails: perplexity only)."""
+    model for KL is `teacher_loader()` (None, or a loader that fails: perplexity only for
+    an LM, nothing measured for an encoder or a classifier)."""
     folder = None if folder is None else Path(folder)
     stored = load_quality(folder) if folder is not None else None
     if stored and stored.get("settings") != json.loads(json.dumps(EXPORT_DEFAULTS)):
@@ -281,6 +370,10 @@ def quality_rows(elastic, folder: str | Path | None, precisions: Sequence[str],
             teacher = teacher_loader()
         except (OSError, ValueError) as err:
             logger.warning("original model not loadable (%s): quality without KL", err)
+    if teacher is None and model_objective(elastic.model, ids) != Objective.TOKEN_KL:
+        return rows, ("not measured for " + ", ".join(missing) + ": an encoder's or a "
+                      "classifier's quality is its distance to the original model, which "
+                      "could not be loaded")
     budgets = [b for b in elastic.budgets]
     for precision in missing:
         todo = [b for b in budgets if (float(b), precision) not in have]

@@ -5,10 +5,14 @@ device (`flexrank.device.predict`) and checked against the targets: the profile'
 the user's `Constraints` replacing them where given. The rule (DESIGN.md §6):
 
 1. keep the candidates that meet every target (decode, TTFT, memory, download size);
-2. among them find the best quality: the lowest held-out perplexity, measured per budget
-   and precision (`Quality`, stored with the checkpoint; `flexrank.compress.quality`);
-3. among those within `quality_tolerance` of it (perplexity ≤ best × (1 + tolerance)),
-   ship the smallest, then the fastest.
+2. among them find the best quality, measured per budget and precision (`Quality`,
+   stored with the checkpoint; `flexrank.compress.quality`) by the objective of the
+   model's kind: for an LM the lowest held-out perplexity; for an encoder the highest
+   mean cosine of the pooled embedding to the original's; for a classifier the highest
+   top-1 agreement with the original (ties: the lower class KL);
+3. among those within `quality_tolerance` of it, ship the smallest, then the fastest.
+   The tolerance is relative to the best in every case: perplexity ≤ best × (1 + tol);
+   cosine or agreement ≥ best × (1 − tol) (0.01: within 1 % of the best).
 
 Without measured quality the rule falls back to the largest budget at the highest
 precision, and says so. When nothing fits, the explanation names each target that no
@@ -50,18 +54,82 @@ DEFAULT_QUALITY_TOLERANCE = 0.01  # 1 % perplexity (issue 17)
 
 @dataclass(frozen=True)
 class Quality:
-    """Held-out quality of one (β, precision): perplexity of the held-out text and the
-    mean per-token KL(original ‖ candidate) in nats (None when the original was absent)."""
+    """Held-out quality of one (β, precision), by model kind (exactly one of ppl, cosine,
+    top1 is the decision's measure, `metric`):
 
-    ppl: float
+    - LM: `ppl`, perplexity of the held-out text, and `kl`, the mean per-token
+      KL(original ‖ candidate) in nats (None when the original was absent);
+    - encoder: `cosine`, mean cosine of the pooled embedding to the original's, in
+      [−1, 1], and `loss`, the feature objective (`objectives.feature_loss`);
+    - classifier: `top1`, the share of inputs whose top class is the original's, in
+      [0, 1], and `kl`, the class KL(original ‖ candidate), nats per input.
+
+    Raises ValueError for a value out of its range, or none of ppl, cosine, top1."""
+
+    ppl: float | None = None
     kl: float | None = None
     source: str = "measured"  # what was evaluated, on which text
+    cosine: float | None = None
+    top1: float | None = None
+    loss: float | None = None
 
     def __post_init__(self):
-        if not (math.isfinite(self.ppl) and self.ppl >= 1):
+        if self.ppl is not None and not (math.isfinite(self.ppl) and self.ppl >= 1):
             raise ValueError(f"Quality.ppl = {self.ppl} must be a finite perplexity >= 1")
         if self.kl is not None and not (math.isfinite(self.kl) and self.kl >= -1e-6):
             raise ValueError(f"Quality.kl = {self.kl} must be a finite KL >= 0")
+        if self.cosine is not None and not (math.isfinite(self.cosine)
+                                            and -1 - 1e-6 <= self.cosine <= 1 + 1e-6):
+            raise ValueError(f"Quality.cosine = {self.cosine} must be a cosine in [-1, 1]")
+        if self.top1 is not None and not (math.isfinite(self.top1) and 0 <= self.top1 <= 1):
+            raise ValueError(f"Quality.top1 = {self.top1} must be a share in [0, 1]")
+        if self.ppl is None and self.cosine is None and self.top1 is None:
+            raise ValueError("Quality needs ppl (an LM), cosine (an encoder) or top1 (a "
+                             "classifier)")
+
+    @classmethod
+    def from_row(cls, row: dict, source: str = "measured") -> Quality:
+        """From a `flexrank.compress.quality` row (its objective decides the measure; a
+        class_kl row's top1 is the decision's measure, a token_kl row's the perplexity)."""
+        objective = row.get("objective", "token_kl")
+        if objective == "feature":
+            return cls(cosine=row["cosine"], loss=row.get("loss"), source=source)
+        if objective == "class_kl":
+            return cls(top1=row["top1"], kl=row.get("kl"), source=source)
+        return cls(row["ppl"], row.get("kl"), source)
+
+    @property
+    def metric(self) -> str:
+        """The decision's measure: "ppl" (lower is better), "cosine" or "top1" (higher)."""
+        return "ppl" if self.ppl is not None else "cosine" if self.cosine is not None \
+            else "top1"
+
+    @property
+    def value(self) -> float:
+        return getattr(self, self.metric)
+
+    def rank(self) -> tuple[float, float]:
+        """A sort key, best first: the measure (negated when higher is better), then the
+        KL or feature loss where known."""
+        second = self.kl if self.kl is not None else self.loss
+        value = self.value if self.metric == "ppl" else -self.value
+        return value, math.inf if second is None else second
+
+    def bound(self, tolerance: float) -> float:
+        """The worst value within `tolerance` of this one (relative): ppl × (1 + tol), or
+        cosine / top1 × (1 − tol)."""
+        return self.value * (1 + tolerance) if self.metric == "ppl" \
+            else self.value * (1 - tolerance)
+
+    def within(self, bound: float) -> bool:
+        slack = AT_TARGET_RTOL * abs(bound)
+        return self.value <= bound + slack if self.metric == "ppl" \
+            else self.value >= bound - slack
+
+    def describe(self) -> str:
+        """'ppl 47.1', 'cosine 0.9752', 'top-1 0.96'."""
+        name = {"ppl": "ppl", "cosine": "cosine", "top1": "top-1"}[self.metric]
+        return f"{name} {self.value:.4g}"
 
 
 @dataclass(frozen=True)
@@ -112,7 +180,8 @@ class Constraints:
                 raise ValueError(f"{flag} {value} must be a positive number")
         if not (math.isfinite(self.quality_tolerance) and 0 <= self.quality_tolerance < 1):
             raise ValueError(f"--quality-tolerance {self.quality_tolerance} must be in [0, 1) "
-                             "(a fraction of the best perplexity: 0.01 = 1 %)")
+                             "(a fraction of the best quality: 0.01 = within 1 % of the best "
+                             "perplexity, cosine or top-1 agreement)")
 
 
 @dataclass(frozen=True)
@@ -234,7 +303,7 @@ class BudgetRow:
 
     def brief(self) -> str:
         """'β 0.8 int4 (ppl 47.1, 62 MB, 80 tok/s)'."""
-        parts = [] if self.quality is None else [f"ppl {self.quality.ppl:.4g}"]
+        parts = [] if self.quality is None else [self.quality.describe()]
         parts.append(f"{self.size_mb:.3g} MB")
         if self.prediction.decode_tokens_per_s is not None:
             parts.append(f"{self.prediction.decode_tokens_per_s:.3g} tok/s")
@@ -281,16 +350,21 @@ class Decision:
                  f"threads). Efficiency: {effs}.",
                  f"Targets: {targets}; {per_input}."]
         names = [c.target for c in self.rows[0].checks] if self.rows else []
-        header = ["beta", "precision", "ppl", "KL",
+        metric = next((r.quality.metric for r in self.rows if r.quality is not None), "ppl")
+        # the measure and its second figure, by model kind (Quality)
+        first, second = {"ppl": ("ppl", "KL"), "cosine": ("cosine", "feat. loss"),
+                         "top1": ("top-1", "KL")}[metric]
+        header = ["beta", "precision", first, second,
                   *["ms/inference" if n == "latency" else f"{n} {_UNITS[n][0]}"
                     for n in names], "fits", "whole kept",
                   *([] if "size" in names else ["weights MB"]), ""]
         body = []
         for r in self.rows:
             q = r.quality
+            extra = None if q is None else q.loss if metric == "cosine" else q.kl
             body.append([f"{r.beta:g}", r.precision,
-                         "-" if q is None else f"{q.ppl:.4g}",
-                         "-" if q is None or q.kl is None else f"{q.kl:.3g}",
+                         "-" if q is None else f"{q.value:.4g}",
+                         "-" if extra is None else f"{extra:.3g}",
                          *[f"{c.predicted:.3g} {'ok' if c.passed else 'FAIL'}"
                            for c in r.checks],
                          "yes" if r.fits else "no",
@@ -300,9 +374,15 @@ class Decision:
         for row in [header, *body]:
             lines.append("  ".join(cell.rjust(w) for cell, w in
                                    zip(row, widths, strict=True)).rstrip())
+        measured = {"ppl": "ppl/KL = measured on held-out text (KL to the original model, "
+                           "nats/token)",
+                    "cosine": "cosine = mean cosine of the pooled embedding to the original "
+                              "model's, feat. loss = the feature objective, measured on "
+                              "held-out inputs",
+                    "top1": "top-1 = share of held-out inputs whose top class is the "
+                            "original model's, KL = class KL to it (nats/input)"}[metric]
         lines.append(BETA_LABEL.replace("weights MB", "size/weights MB")
-                     + "; ppl/KL = measured on held-out text (KL to the original model, "
-                     "nats/token); the rest predicted")
+                     + f"; {measured}; the rest predicted")
         chosen = "none" if self.chosen is None else self.chosen.label()
         lines.append(f"Chosen: {chosen}. {self.explanation}")
         return "\n".join(lines)
@@ -418,17 +498,23 @@ def _choose(rows: list[BudgetRow], name: str, tolerance: float,
     if not measured:
         chosen = fitting[0]  # rows are ordered largest β, highest precision first
         return chosen, _explain_unmeasured(rows, chosen, name)
-    best = min(measured, key=lambda r: (r.quality.ppl, -r.beta))
-    bound = best.quality.ppl * (1 + tolerance)
-    near = [r for r in measured if r.quality.ppl <= bound * (1 + AT_TARGET_RTOL)]
-    chosen = min(near, key=lambda r: (r.size_mb, -_speed_key(r), r.quality.ppl))
+    metrics = {r.quality.metric for r in measured}
+    if len(metrics) > 1:
+        raise ValueError(f"candidates measured by {sorted(metrics)}: one model's candidates "
+                         "share one measure (ppl, cosine or top1)")
+    best = min(measured, key=lambda r: (*r.quality.rank(), -r.beta))
+    bound = best.quality.bound(tolerance)
+    near = [r for r in measured if r.quality.within(bound)]
+    chosen = min(near, key=lambda r: (r.size_mb, -_speed_key(r), r.quality.rank()))
+    op = "<=" if best.quality.metric == "ppl" else ">="
+    measure = best.quality.describe().split(" ")[0]
     parts = [f"{chosen.brief()} ships on {name}."]
     parts.append(f"{len(fitting)} of {len(rows)} candidates meet every target; the best "
                  f"quality among them is {best.brief()}.")
     if chosen is not best:
         others = len(near) - 1
         parts.append(f"{chosen.label()} is within the {tolerance:.3g} quality tolerance of it "
-                     f"(ppl {chosen.quality.ppl:.4g} <= {bound:.4g}) and the smallest and "
+                     f"({chosen.quality.describe()} {op} {bound:.4g}) and the smallest and "
                      f"fastest of the {others + 1} that are ({chosen.size_mb:.3g} MB against "
                      f"{best.size_mb:.3g} MB).")
     elif len(near) > 1:
@@ -436,9 +522,10 @@ def _choose(rows: list[BudgetRow], name: str, tolerance: float,
                      f"{tolerance:.3g} quality tolerance.")
     else:
         parts.append(f"No other fitting candidate is within the {tolerance:.3g} quality "
-                     f"tolerance (ppl <= {bound:.4g}).")
+                     f"tolerance ({measure} {op} {bound:.4g}).")
     better = [r for r in rows if not r.fits and r.quality is not None
-              and r.quality.ppl < chosen.quality.ppl]
+              and r.quality.metric == chosen.quality.metric
+              and r.quality.rank()[0] < chosen.quality.rank()[0]]
     if better:
         shown = "; ".join(f"{r.brief()}: {', '.join(c.describe() for c in r.failures)}"
                           for r in better[:3])
