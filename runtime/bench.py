@@ -35,7 +35,7 @@ def manifest_candidates(deployment) -> list[Candidate]:
             if not row.get("cost"):
                 continue
             q = row.get("quality")
-            quality = None if not q else Quality(q["ppl"], q.get("kl"), q.get("source", ""))
+            quality = None if not q else Quality.from_row(q)
             key = (row["beta"], row.get("precision", "fp32"))
             found.setdefault(key, Candidate(BudgetCost(**row["cost"]), key[1], quality))
     return list(found.values())

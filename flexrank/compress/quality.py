@@ -299,7 +299,8 @@ def save_quality(directory: str | Path, rows: list[dict], ids: torch.Tensor, tex
     write_json_atomic(path, {
         "format": "flexrank-quality", "format_version": FORMAT_VERSION,
         "text": {"source": text_source, "sequences": int(ids.shape[0]),
-                 "tokens_per_sequence": int(ids.shape[1]), "shape": list(ids.shape),
+                 "tokens_per_sequence": int(ids.shape[1]) if ids.ndim == 2 else None,
+                 "shape": list(ids.shape),
                  "sha256": ids_digest(ids)},
         "original": original, "kl": "KL(original || candidate), nats per token",
         "figures": {o: FIGURES[o] for o in objectives if o in FIGURES},

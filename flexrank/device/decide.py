@@ -88,10 +88,16 @@ class Quality:
                              "classifier)")
 
     @classmethod
-    def from_row(cls, row: dict, source: str = "measured") -> Quality:
+    def from_row(cls, row: dict, source: str | None = None) -> Quality:
         """From a `flexrank.compress.quality` row (its objective decides the measure; a
-        class_kl row's top1 is the decision's measure, a token_kl row's the perplexity)."""
-        objective = row.get("objective", "token_kl")
+        class_kl row's top1 is the decision's measure, a token_kl row's the perplexity),
+        or from `asdict(Quality)` as a manifest stores it (no objective: the figure
+        present decides). `source`: None keeps the row's ("measured" if it has none)."""
+        objective = row.get("objective")
+        if objective is None:
+            objective = "token_kl" if row.get("ppl") is not None else "feature" \
+                if row.get("cosine") is not None else "class_kl"
+        source = source if source is not None else row.get("source", "measured")
         if objective == "feature":
             return cls(cosine=row["cosine"], loss=row.get("loss"), source=source)
         if objective == "class_kl":
