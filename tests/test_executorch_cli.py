@@ -48,7 +48,10 @@ def test_8da4w_from_the_command_line(checkpoint, tmp_path, capsys):
         manifest = json.loads((out / "flexrank-manifest.json").read_text())
         assert manifest["quantize"] == (None if quantize == "none" else "8da4w")
         (entry,) = manifest["budgets"]
-        sizes[quantize] = (out / entry["graph"]).stat().st_size
+        program = entry["program"]  # the float tied table's weights are in model.ptd
+        sizes[quantize] = program["bytes"] + program.get("data_bytes", 0)
+        assert sizes[quantize] == sum((out / f).stat().st_size for f in entry["files"]
+                                      if f.endswith((".pte", ".ptd")))
         cost = manifest["budget_costs"][-1]
         sizes[quantize, "cost"] = cost["weight_bytes_total"]
     assert sizes["8da4w", "cost"] == pytest.approx(sizes["none", "cost"] * 4.5 / 32)
