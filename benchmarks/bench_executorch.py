@@ -104,7 +104,8 @@ def main() -> None:
               flush=True)
         for entry in manifest["budgets"]:
             result = {"label": label, "beta": entry["beta"], "forms": entry["forms"],
-                      "file_mb": entry["program"]["bytes"] / 1e6,
+                      "file_mb": (entry["program"]["bytes"]  # + model.ptd: a tied table's
+                                  + entry["program"].get("data_bytes", 0)) / 1e6,
                       "prefill_ms": float("inf"), "decode_ms": float("inf"),
                       "validation": entry["validation"],
                       "quantized": len((entry["quantization"] or {}).get("quantized", []))}
