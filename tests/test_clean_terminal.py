@@ -50,3 +50,41 @@ def test_library_info_and_future_warnings_only_with_v():
     assert "our info" in runs["quiet"].stderr and "our info" in runs["verbose"].stderr
     for needle in ("library info", "LeafSpec"):
         assert needle not in runs["quiet"].stderr and needle in runs["verbose"].stderr
+
+
+def test_first_gguf_conversion_is_quiet_by_default_and_shown_with_v(tmp_path):
+    """The first run on a fresh machine converts SmolLM2's GGUF file: transformers' own
+    progress bar and its tokenizer's 'legacy' notice are hidden by default (a real
+    conversion, in a process of its own); with FlexRank at DEBUG (-v) nothing is patched,
+    and the patch is undone afterwards."""
+    import logging
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from flexrank.compress.aliases import DEFAULT_MODEL
+    from flexrank.compress.models import _quiet_gguf_conversion, alias_path
+
+    code = ("import logging, sys; from pathlib import Path; "
+            "from flexrank.compress.models import _load_gguf; logging.basicConfig(); "
+            "logging.getLogger('flexrank').setLevel(logging.INFO); _load_gguf(Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(alias_path(DEFAULT_MODEL))],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for needle in ("Converting and de-quantizing GGUF tensors", "legacy"):
+        assert needle not in done.stderr, done.stderr[-3000:]
+    assert "converting" in done.stderr  # FlexRank's own line says what the wait is
+
+    bar, verbosity = gguf_utils.tqdm, hf_logging.get_verbosity()
+    flexrank_logger = logging.getLogger("flexrank")
+    level = flexrank_logger.level
+    try:
+        for debug in (False, True):
+            flexrank_logger.setLevel(logging.DEBUG if debug else logging.INFO)
+            with _quiet_gguf_conversion():
+                assert (gguf_utils.tqdm is bar) == debug
+                assert (hf_logging.get_verbosity() == hf_logging.ERROR) != debug or \
+                    verbosity == hf_logging.ERROR
+            assert gguf_utils.tqdm is bar and hf_logging.get_verbosity() == verbosity
+    finally:
+        flexrank_logger.setLevel(level)

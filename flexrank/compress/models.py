@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -173,6 +174,31 @@ def _load_gguf_cached(path: Path, dtype=None):
     return _load_folder(folder, dtype)
 
 
+@contextmanager
+def _quiet_gguf_conversion():
+    """transformers' GGUF reader draws its own progress bar (tqdm.auto directly, which its
+    progress-bar switch does not reach) and its tokenizer prints a notice about its 'legacy'
+    behaviour: neither is anything a FlexRank user acts on, so both are hidden unless
+    FlexRank logs at DEBUG (`-v`); transformers' errors still show."""
+    if logging.getLogger("flexrank").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), gguf_utils.tqdm
+    hf_logging.set_verbosity_error()
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        hf_logging.set_verbosity(verbosity)
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,11 +208,13 @@ def _load_gguf(path: Path):
         if f.read(4) != b"GGUF":
             raise ModelLoadError(f"{path} does not start with the GGUF magic: not a GGUF "
                                  "file, or corrupt")
+    logger.info("converting %s to a transformers model (once; cached)", path.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
-                                                  local_files_only=True)
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                      local_files_only=True)
     except Exception as err:  # gguf raises bare ValueError/IndexError/struct.error on damage
         raise ModelLoadError(f"could not read GGUF file {path}: {_first_line(err)} "
                              "(truncated or corrupt?)") from err
