@@ -475,7 +475,12 @@ def _decide(elastic, job: ExportJob, costs: dict, folder: Path | None):
         return load_model(elastic.model_id)[0].eval()
 
     rows, note = quality_rows(elastic, folder, job.precisions, original)
-    print(f"    quality (held-out perplexity, KL to the original): {note}")
+    kinds = {"feature": "held-out cosine of the pooled embedding and feature loss, to the "
+                        "original",
+             "class_kl": "held-out top-1 agreement and class KL, to the original"}
+    label = kinds.get(rows[0].get("objective") if rows else None,
+                      "held-out perplexity, KL to the original")
+    print(f"    quality ({label}): {note}")
     measured = {(float(r["beta"]), r["precision"]): r for r in rows}
     candidates = []
     for precision, plan_costs in costs.items():
