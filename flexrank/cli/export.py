@@ -80,7 +80,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "runtime ships: onnxruntime fp32, int8, int4; executorch fp32, "
                         "8da4w) or one of them (default: auto; fp32 without a profile)")
     p.add_argument("--quality-tolerance", type=_fraction, default=DEFAULT_QUALITY_TOLERANCE,
-                   help="candidates within this fraction of the best perplexity count as "
+                   help="candidates within this fraction of the best quality (perplexity; "
+                        "an encoder's cosine, a classifier's top-1 agreement) count as "
                         "equally good; the smallest of them ships (default: 0.01 = 1 %%)")
     p.add_argument("--max-size", type=positive_number, metavar="MB",
                    help="largest download (weights as deployed), MB; replaces the profile's")
@@ -143,7 +144,7 @@ def _fraction(text: str) -> float:
                                          "0.01") from None
     if not (math.isfinite(value) and 0 <= value < 1):
         raise argparse.ArgumentTypeError(f"--quality-tolerance {text}: must be in [0, 1) (a "
-                                         "fraction of the best perplexity: 0.01 = 1 %)")
+                                         "fraction of the best quality: 0.01 = 1 %)")
     return value
 
 
