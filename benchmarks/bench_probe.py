@@ -12,6 +12,12 @@ measured per-layer cost, stated as such. Block caching is timed against no cachi
 
 times the default probe with the full-vocabulary KL against the top-k KL (issue 20),
 layer by layer, interleaved, and compares the measured entries.
+
+    .venv/bin/python benchmarks/bench_probe.py --out DIR --dense-check [--rounds 5]
+
+times one forward of the decomposed model at max rank (what every probe pass runs for the
+layers it does not cut) with the factors (two matmuls per layer) against
+`dense_at_max_rank` (one), interleaved, and reports the logits' difference.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0,
                         help="instead: full-vocabulary KL against top-k KL, interleaved")
     parser.add_argument("--samples", type=int, default=2, help="probe sequences of 256")
+    parser.add_argument("--dense-check", action="store_true",
+                        help="instead: a max-rank forward, factored against dense_at_max_rank")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(2)
     teacher, tokenizer = flexrank.load_model("smollm2-135m")
@@ -55,6 +64,8 @@ def main() -> None:
     names = list(nested_layers(student))
     if args.top_k:
         return compare_top_k(student, teacher, batches, names[:args.layers], args)
+    if args.dense_check:
+        return compare_dense(student, batches, args.rounds)
     rows = []
     for mode, cached in (("fast", True), ("exact", True), ("exact", False)):
         start = time.perf_counter()
@@ -95,6 +106,47 @@ def compare_top_k(student, teacher, batches, names, args) -> None:
     print(f"measured entries: {full.size}; Spearman rank correlation {spearman:.4f}; "
           f"top-k / full median {np.median(top / full):.3f} "
           f"(range {np.min(top / full):.3f}-{np.max(top / full):.3f})")
+
+
+@torch.no_grad()
+def compare_dense(student, batches, rounds: int) -> None:
+    """Median seconds of a whole forward at max rank, factored vs dense, in turns; the
+    dense weights formed once, as a probe does (their cost is reported apart)."""
+    from flexrank.compress.layers import dense_at_max_rank
+
+    student.eval()
+    batch = batches[0]
+    with dense_at_max_rank(nested_layers(student).values()):
+        pass  # warm-up of the allocation
+    start = time.perf_counter()
+    context = dense_at_max_rank(nested_layers(student).values())
+    context.__enter__()
+    formed = time.perf_counter() - start
+    layers = [layer for layer in nested_layers(student).values()
+              if layer._dense_at_max_rank is not None]
+    dense_weights = [layer._dense_at_max_rank for layer in layers]
+    seconds = {"factored": [], "dense": []}
+    logits = {}
+    try:
+        for _ in range(rounds):
+            for label in seconds:
+                for layer, weight in zip(layers, dense_weights, strict=True):
+                    layer._dense_at_max_rank = weight if label == "dense" else None
+                start = time.perf_counter()
+                logits[label] = student(**batch).logits
+                seconds[label].append(time.perf_counter() - start)
+    finally:
+        context.__exit__(None, None, None)
+    factored, dense = (float(np.median(seconds[k])) for k in ("factored", "dense"))
+    tokens = batch["input_ids"].numel()
+    diff = float((logits["dense"] - logits["factored"]).abs().max())
+    print(format_table(["forward at max rank", "median s", "runs (s)"],
+                       [[label, float(np.median(v)), " ".join(f"{x:.2f}" for x in v)]
+                        for label, v in seconds.items()],
+                       title=f"\nSmolLM2-135M decomposed, {tokens} tokens, {rounds} rounds "
+                             "in turns"))
+    print(f"factored / dense: {factored / dense:.2f}; forming the dense weights once: "
+          f"{formed:.2f} s; max |Δ logits| {diff:.2e}")
 
 
 if __name__ == "__main__":
