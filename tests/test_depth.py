@@ -325,3 +325,32 @@ def test_depth_probe_on_gpt2_blocks_returning_tuples():
         assert depth.skip_kl[i] == pytest.approx(expected, rel=1e-4)
     assert depth.candidates == [int(np.argmin(depth.cosine))] and depth.donors == [
         1 - depth.candidates[0]]
+
+
+def test_interrupted_depth_probe_resumes(probed, tmp_path, monkeypatch):
+    """A probe stopped after its first stand-in resumes from the file and ends with the
+    same figures as an uninterrupted one, measuring only the stand-ins left."""
+    import flexrank.compress.depth as depth_module
+
+    _, model, batches, stats, depth, _ = probed
+    config = DepthConfig(max_replaced=0.5, adapter_ranks=(2, 8, 32), donor_window=2)
+    path = tmp_path / "depth.json"
+    built = []
+    original = depth_module.build_stand_in
+
+    def stop_after_one(*args, **kwargs):
+        if built:
+            raise KeyboardInterrupt
+        built.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(depth_module, "build_stand_in", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        probe_depth(model, batches[:2], stats, config, cache_path=path, progress=False)
+    monkeypatch.setattr(depth_module, "build_stand_in", lambda *a, **k: (
+        built.append(a[2]), original(*a, **k))[1])
+    resumed = probe_depth(model, batches[:2], stats, config, cache_path=path, progress=False)
+    assert built == [f"model.layers.{i}" for i in depth.candidates]  # the second once
+    np.testing.assert_allclose(resumed.errors, depth.errors, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(resumed.skip_kl, depth.skip_kl, rtol=1e-9)
+    assert resumed.donors == depth.donors

@@ -597,9 +597,11 @@ def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | No
 
     `stats`: covariances of the original model (for the adapters' whitening); None: plain
     SVD. With `cache_path`, a finished probe with the same signature is read back instead
-    of measured, and one with another signature raises ValueError (delete it or choose
-    another path). Returns a BlockSensitivity. Leaves `model` as it was (eval/train mode,
-    blocks). Raises ValueError without batches or without a list of blocks.
+    of measured (an interrupted one resumes after its last finished step: the drop pass,
+    the donor choice, each candidate's stand-in), and one with another signature raises
+    ValueError (delete it or choose another path). Returns a BlockSensitivity. Leaves
+    `model` as it was (eval/train mode, blocks). Raises ValueError without batches or
+    without a list of blocks.
     """
     config = config or DepthConfig()
     if not batches:
@@ -612,16 +614,26 @@ def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | No
     masks = [m.float() if m is not None else None for m in masks]
     signature = _signature(model, list(blocks), names, config, masks, batches, stats)
     path = Path(cache_path) if cache_path else None
+    partial: dict = {}
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
         if data.get("format") != CACHE_FORMAT or data.get("signature") != signature:
             raise ValueError(f"{path} holds a depth probe of another model, data or "
                              "configuration; delete it or choose another cache path")
-        return BlockSensitivity.from_dict(data["result"])
+        if "result" in data:
+            return BlockSensitivity.from_dict(data["result"])
+        partial = data.get("partial", {})  # an interrupted probe: resume after its last step
+
+    def save(part: dict) -> None:
+        if path is not None:
+            write_json_atomic(path, {"format": CACHE_FORMAT, "signature": signature,
+                                     "partial": part})
+
     was_training = model.training
     model.eval()
     try:
-        result = _measure(model, blocks, names, batches, masks, stats, config, progress)
+        result = _measure(model, blocks, names, batches, masks, stats, config, progress,
+                          partial, save)
     finally:
         model.train(was_training)
     if path is not None:
@@ -630,16 +642,23 @@ def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | No
     return result
 
 
-def _measure(model, blocks, names, batches, masks, stats, config, progress) -> BlockSensitivity:
+def _measure(model, blocks, names, batches, masks, stats, config, progress, partial: dict,
+             save) -> BlockSensitivity:
+    """The probe's steps; `partial` holds finished ones (skip_kl, donors, rows of errors
+    by candidate) and `save(partial)` is called after each step."""
     damage = _teacher_damage(model, batches, masks)
     cache = BlockCache(list(blocks))
     cosine = _cosine_scores(model, blocks, batches, masks, cache)
     tuple_output = isinstance(cache.outputs[0][0], (tuple, list))
-    skip_kl = np.zeros(len(blocks))
-    for b in tqdm(range(len(blocks)), desc="depth probe (drop)", disable=not progress,
-                  unit="block"):
-        with _swapped(blocks, b, _Skip(tuple_output)):
-            skip_kl[b] = _mean_damage(model, batches, damage, cache, b)
+    if "skip_kl" not in partial:
+        skip_kl = np.zeros(len(blocks))
+        for b in tqdm(range(len(blocks)), desc="depth probe (drop)", disable=not progress,
+                      unit="block"):
+            with _swapped(blocks, b, _Skip(tuple_output)):
+                skip_kl[b] = _mean_damage(model, batches, damage, cache, b)
+        partial["skip_kl"] = skip_kl.tolist()
+        save(partial)
+    skip_kl = np.array(partial["skip_kl"])
     count = min(len(blocks) - 1, math.floor(config.max_replaced * len(blocks)))
     if count < 1:
         raise ValueError(f"max_replaced = {config.max_replaced} of {len(blocks)} blocks "
@@ -647,21 +666,28 @@ def _measure(model, blocks, names, batches, masks, stats, config, progress) -> B
     candidates = sorted(int(i) for i in np.argsort(cosine, kind="stable")[:count])
     whitenings = _Whitenings(stats, config.eigen_floor)
     top = config.adapter_ranks[-1]
-    donors = choose_donors(list(blocks), names, candidates, whitenings, top,
-                           config.donor_window, progress)
-    errors = np.zeros((len(candidates), len(config.adapter_ranks)))
-    shapes = []
-    for c, (i, d) in enumerate(tqdm(list(zip(candidates, donors, strict=True)),
-                                    desc="depth probe (stand-ins)", disable=not progress,
-                                    unit="block")):
+    if "donors" not in partial:
+        partial["donors"] = choose_donors(list(blocks), names, candidates, whitenings, top,
+                                          config.donor_window, progress)
+        save(partial)
+    donors = [int(d) for d in partial["donors"]]
+    rows = partial.setdefault("errors", {})  # candidate block index (str) -> (K,) KL
+    shapes = [[tuple(dense_weight(m)[0].shape) for m in block_linears(blocks[i]).values()]
+              for i in candidates]
+    for i, d in tqdm(list(zip(candidates, donors, strict=True)),
+                     desc="depth probe (stand-ins)", disable=not progress, unit="block"):
+        if str(i) in rows:
+            continue
         stand_in = build_stand_in(blocks[i], blocks[d], names[i], stats, top,
                                   whitenings=whitenings)
-        shapes.append([tuple(dense_weight(m)[0].shape)
-                       for m in block_linears(blocks[i]).values()])
+        row = []
         with _swapped(blocks, i, stand_in):
-            for k, rank in enumerate(config.adapter_ranks):
+            for rank in config.adapter_ranks:
                 set_adapter_rank_(stand_in, rank)
-                errors[c, k] = _mean_damage(model, batches, damage, cache, i)
+                row.append(_mean_damage(model, batches, damage, cache, i))
+        rows[str(i)] = row
+        save(partial)
+    errors = np.array([rows[str(i)] for i in candidates])
     return BlockSensitivity(names, cosine, skip_kl, candidates, donors,
                             np.array(config.adapter_ranks), errors, shapes,
                             meta={"metric": damage.metric, "config": config.to_dict(),
