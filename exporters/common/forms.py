@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexrank.compress.config import _checked_dict
-from flexrank.compress.depth import relink_donors_
+from flexrank.compress.depth_layers import relink_donors_
 from flexrank.compress.layers import NestedLinear
 from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import swap_modules_

@@ -44,7 +44,7 @@ from flexrank.compress.anchor import AnchorReport, anchor_full_rank_, shared_col
 from flexrank.compress.calibration import BatchError, as_batch, takes_token_ids, to_device
 from flexrank.compress.config import DistillConfig, Objective
 from flexrank.compress.covariance import collect_covariances
-from flexrank.compress.depth import stand_in_parameters
+from flexrank.compress.depth_layers import stand_in_parameters
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.objectives import (
     feature_terms,

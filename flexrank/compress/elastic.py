@@ -22,6 +22,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from flexrank.budget import match_budget
+from flexrank.compress.depth_layers import apply_depth_
 from flexrank.compress.layers import NestedConv1d, NestedConv2d, NestedLinear
 from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import swap_modules_
@@ -130,8 +131,6 @@ class ElasticModel:
         for name, rank in self.layer_ranks(beta).items():
             self.layers[name].rank = rank
         if hasattr(self.plan, "adapter_ranks"):  # a joint plan (issue 18): blocks switch too
-            from flexrank.compress.depth import apply_depth_  # depth -> calibration -> here
-
             apply_depth_(self.model, self.plan, beta)
         self.budget = self._match_budget(beta)
         return self

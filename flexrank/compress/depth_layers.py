@@ -1,0 +1,197 @@
+"""The depth axis's modules (issue 18): `SharedLinear` (a donor layer held by reference plus
+a low-rank adapter and an output scale), `DepthSwitch` (a block that runs itself or its
+stand-in) and the walks over them. Apart from `flexrank.compress.depth` (the probe and the
+stand-ins' construction), which imports calibration, so that ElasticModel, distillation and
+the exporters can use these without an import cycle. See depth.py's docstring for the
+method (FlexiGPT, Smith et al., NAACL 2025, arXiv:2501.14713).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexrank.compress.layers import NESTED_TYPES, NestedLinear, _NestedFactors, linear_weight
+from flexrank.compress.select import is_factorizable
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, the ModuleList of repeated blocks): the ModuleList of more than one
+    module holding the most linear layers. Raises ValueError when the model has none."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            count = sum(_is_linear(m) for m in module.modules())
+            if count > best_count:
+                best, best_count = (name, module), count
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding "
+                         "linear layers: the depth axis needs a stack of blocks")
+    return best
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return False
+    return isinstance(module, (NestedLinear, SharedLinear)) or is_factorizable(module)
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """{name relative to the block: layer} of its linear layers (Linear, GPT-2 Conv1D,
+    NestedLinear), in order. Raises ValueError for a block with convolutions."""
+    out = {}
+    for name, module in block.named_modules():
+        nested_conv = isinstance(module, NESTED_TYPES) and not isinstance(module, NestedLinear)
+        if nested_conv or isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            raise ValueError(f"block layer {name} is a convolution: stand-ins are built for "
+                             "linear layers only")
+        if _is_linear(module) and name:
+            out[name] = module
+    return out
+
+
+def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W (out, in), bias) that `module` computes: full rank for a NestedLinear."""
+    if isinstance(module, NestedLinear):
+        bias = module.bias.detach() if module.bias is not None else None
+        return module.dense_weight(module.max_rank).detach(), bias
+    if isinstance(module, SharedLinear):
+        bias = module.bias.detach() if module.bias is not None else None
+        return module.weight.detach(), bias
+    return linear_weight(module)
+
+
+class SharedLinear(_NestedFactors):
+    """y = scale ⊙ (donor(x) + U_r V_rᵀ x) + bias, the donor held by reference.
+
+    U (out, R), V (in, R): the adapter, `rank` r in [1, R] settable at run time; scale
+    (out,): the output normalisation; bias (out,) or None: b − scale ⊙ b_donor (b: the
+    pruned layer's bias), so that the output's bias is b. Shapes of x and y as nn.Linear:
+    (..., in) -> (..., out). The scale is fitted at one adapter rank (`build_stand_in`'s
+    init_rank) and kept at the others.
+    """
+
+    def __init__(self, donor: nn.Module, max_rank: int, bias: bool, donor_name: str = ""):
+        weight, _ = dense_weight(donor)
+        m, n = weight.shape
+        super().__init__(m, n, max_rank, bias, weight.device, weight.dtype)
+        self.in_features, self.out_features = n, m
+        self.scale = nn.Parameter(torch.ones(m, device=weight.device, dtype=weight.dtype))
+        # not a registered submodule: the donor's weights live (and are saved) once, in
+        # the donor block; object.__setattr__ bypasses nn.Module's registration
+        object.__setattr__(self, "donor", donor)
+        self.donor_name = donor_name  # qualified, for `relink_donors_` after a module swap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._rank
+        # s ⊙ (donor(x) + U Vᵀ x) with s applied to the donor's output and to U's rows,
+        # so that the last op is an Add: onnxruntime's QuickGelu fusion takes any Mul
+        # feeding a Sigmoid (SiLU) for its scalar pattern and fails on a vector
+        adapter = F.linear(F.linear(x, self.V[:, :r].T), self.U[:, :r] * self.scale[:, None],
+                           self.bias)
+        return self.donor(x) * self.scale + adapter  # (..., out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective dense weight at the active ranks (bias apart), (out, in)."""
+        donor, _ = linear_weight(self.donor)  # a NestedLinear donor: at its active rank
+        return self.scale[:, None] * (donor + self.dense_weight())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, donor={type(self.donor).__name__}"
+
+
+class DepthSwitch(nn.Module):
+    """A block that runs either itself or its stand-in (`replaced`), for the elastic model.
+
+    The block's children (and own parameters) are registered here under their own names,
+    so every layer keeps its qualified name ("model.layers.3.self_attn.q_proj") and the
+    plan's rank table still finds it; the stand-in is the child `depth_stand_in`. The block
+    object itself is held by reference and runs its own forward on those same children.
+    Other attributes (e.g. `attention_type`, read by some models' loops) come from it.
+    """
+
+    def __init__(self, block: nn.Module, stand_in: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in block.named_buffers(recurse=False):
+            self.register_buffer(name, buffer,
+                                 persistent=name not in block._non_persistent_buffers_set)
+        object.__setattr__(self, "block", block)
+        self.depth_stand_in = stand_in
+        self.replaced = False
+
+    def forward(self, *args, **kwargs):
+        return (self.depth_stand_in if self.replaced else self.block)(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> DepthSwitch:
+        super().train(mode)
+        self.block.train(mode)  # not a registered child: its own flag follows by hand
+        return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("block")  # absent while __init__ registers children
+            if block is None:
+                raise
+            return getattr(block, name)
+
+
+def relink_donors_(model: nn.Module) -> int:
+    """Point every SharedLinear of `model` at the module now registered under its donor's
+    name (after a swap replaced the donor layer, e.g. by its deployment form, so that the
+    donor's weights stay shared). Returns how many were relinked. Raises ValueError for a
+    donor name the model lacks."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SharedLinear) and module.donor_name:
+            try:
+                donor = model.get_submodule(module.donor_name)
+            except AttributeError as err:
+                raise ValueError(f"a stand-in's donor {module.donor_name} is not in the "
+                                 "model: was the donor block replaced?") from err
+            object.__setattr__(module, "donor", donor)
+            count += 1
+    return count
+
+
+def set_adapter_rank_(stand_in: nn.Module, rank: int) -> None:
+    """Every SharedLinear of `stand_in` at min(rank, its max rank)."""
+    for module in stand_in.modules():
+        if isinstance(module, SharedLinear):
+            module.rank = min(rank, module.max_rank)
+
+
+def apply_depth_(model: nn.Module, plan, beta: float) -> dict[str, int]:
+    """Set every DepthSwitch of `model` to `plan`'s choice at `beta` (replaced, adapter
+    rank); returns {block: adapter rank} of the replaced ones. A model without switches is
+    left alone. Raises ValueError for a plan that replaces a block the model cannot switch."""
+    prefix, blocks = block_list(model)
+    row = plan.adapter_ranks[plan.budget_index(beta)]
+    replaced = {}
+    for j, rank in enumerate(row):
+        switch = blocks[j]
+        if not isinstance(switch, DepthSwitch):
+            if rank:
+                raise ValueError(f"the plan replaces block {plan.blocks[j]} at β={beta} but "
+                                 "the model has no stand-in for it: run make_depth_elastic_")
+            continue
+        switch.replaced = bool(rank)
+        if rank:
+            set_adapter_rank_(switch.depth_stand_in, int(rank))
+            replaced[plan.blocks[j]] = int(rank)
+    return replaced
+
+
+def stand_in_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{qualified name: parameter} of every stand-in's own weights (adapters, scales, bias
+    deltas, norms): what distillation trains besides the nested layers."""
+    return {f"{name}.depth_stand_in.{p_name}": p for name, m in model.named_modules()
+            if isinstance(m, DepthSwitch)
+            for p_name, p in m.depth_stand_in.named_parameters()}
