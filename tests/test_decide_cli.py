@@ -153,3 +153,25 @@ def test_export_ships_the_decision_and_bench_plots_each_tiers_choice(work, tmp_p
     laptop = report["tiers"][0]["decision"]
     assert (laptop["chosen_beta"], laptop["chosen_precision"]) == (beta, precision)
     assert (dist / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_embedding_bits_reach_the_sizes_the_decision_weighs(work, capsys):
+    """--embedding-bits sets the int4 table's bits in the candidates' sizes: a --max-size
+    between β 1 int4's size with a 4-bit table and with an 8-bit one lets it ship in the
+    first case only (sizes from the export's byte count, tests/test_int4.py)."""
+    from flexrank.compress.budget_cost import budget_cost
+
+    elastic = ElasticModel.from_pretrained(work / "elastic")
+    sizes = {bits: budget_cost(elastic, 1.0, "int4", bits).weight_bytes_total / 1e6
+             for bits in (4, 8)}
+    assert sizes[4] < sizes[8]
+    limit = f"{(sizes[4] + sizes[8]) / 2:.6f}"
+    base = [str(work / "elastic"), "--profile", "server-x86", "--dry-run", "--precision",
+            "int4", "--max-size", limit]
+    fits = {}
+    for bits in (4, 8):
+        assert export_main([*base, "--embedding-bits", str(bits)]) == 0
+        row = next(line.split() for line in capsys.readouterr().out.splitlines()
+                   if line.split()[:2] == ["1", "int4"])
+        fits[bits] = row[-2]  # the "fits" column (the last is "whole kept")
+    assert fits == {4: "yes", 8: "no"}, fits

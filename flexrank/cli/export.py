@@ -455,7 +455,10 @@ def _decision_stage(stages: Stages, elastic, job: ExportJob, folder: Path | None
 
     profile = job.profile
     stages.start("budget decision" + (f" for {profile.name}" if profile else ""))
-    costs = {p: budget_costs(elastic, None if p == "fp32" else p) for p in job.precisions}
+    embedding_bits = job.int4.get("int4_embedding_bits") if job.int4 else None
+    costs = {p: budget_costs(elastic, None if p == "fp32" else p,
+                             embedding_bits=embedding_bits if p == "int4" else None)
+             for p in job.precisions}
     decision = _decide(elastic, job, costs, folder) if profile else None
     request = job.request
     if isinstance(request, float):
