@@ -135,7 +135,11 @@ def build_peer(out: Path, max_seq_len: int) -> Path:
                    "--max_context_length", str(max_seq_len), "--metadata", metadata,
                    "--output-dir", str(tmp), "--output_name", "model.pte"]
         with open(tmp / "export.log", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:  # the staged folder (and its log) goes when this raises
+            tail = (tmp / "export.log").read_text(errors="replace")[-4000:]
+            raise SystemExit(f"ExecuTorch's export_llama exited {done.returncode}; the end "
+                             f"of its output:\n{tail}")
         checkpoint.unlink()  # 540 MB, only the export needs it
         (tmp / "command.json").write_text(json.dumps(command[1:]))
     print(f"peer export: {time.perf_counter() - started:.0f} s", file=sys.stderr)
