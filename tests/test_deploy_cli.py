@@ -119,7 +119,14 @@ def test_profiles_command_lists_every_profile(capsys):
         assert name in out
 
 
-def test_plain_model_is_compressed_once_then_reused(tmp_path, capsys):
+def test_plain_model_is_compressed_once_then_reused(tmp_path, capsys, caplog):
+    """... and the fast defaults' few-calibration-tokens warnings (their choice, not the
+    user's) are DEBUG lines, one note saying so instead."""
+    import logging
+
+    from flexrank.cli.export import FEW_TOKEN_LOGGERS
+
+    caplog.set_level(logging.DEBUG)
     model = tiny_llama(init_std=0.2)
     model.save_pretrained(tmp_path / "model")
     char_tokenizer().save_pretrained(tmp_path / "model")
@@ -127,7 +134,18 @@ def test_plain_model_is_compressed_once_then_reused(tmp_path, capsys):
     common = [str(tmp_path / "model"), "--profile", "pixel8", "--work-dir", str(work),
               "--budgets", "1,0.7", "--steps", "2", "--dry-run"]
     assert export_main(common) == 0
-    assert "compressing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compressing" in out and "the fast defaults calibrate on few tokens" in out
+    def few_token_records():
+        return [r for r in caplog.records if r.name in FEW_TOKEN_LOGGERS]
+
+    assert not [r for r in few_token_records() if r.levelno >= logging.WARNING]
+    caplog.clear()  # with -v they are there, as DEBUG lines
+    assert export_main([*common[:4], str(tmp_path / "work-v"), *common[5:], "-v"]) == 0
+    shown = few_token_records()
+    assert any("are recommended" in r.getMessage() for r in shown), shown
+    assert all(r.levelno == logging.DEBUG for r in shown)
+    capsys.readouterr()
     state = json.loads((work / STATE_FILE).read_text())
     assert export_main(common) == 0
     again = json.loads((work / STATE_FILE).read_text())["done"]

@@ -17,11 +17,12 @@ import argparse
 import hashlib
 import importlib
 import json
+import logging
 import math
 import re
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,9 +261,42 @@ def load_or_compress(args):
     work = Path(args.work_dir) if args.work_dir else _default_work_dir(args.source, config)
     print(f"    compressing {args.source} with fast defaults into {work} (cached: a second "
           "run starts at the export)", flush=True)
-    elastic, summary = compress(args.source, work, config)
+    with _few_token_warnings_at_debug():
+        elastic, summary = compress(args.source, work, config)
     print(summary)
     return elastic
+
+
+# What the calibration and DataSVD say about too few calibration tokens: advice to whoever
+# chose the token count, which under flexrank-export's fast defaults is not the user
+FEW_TOKEN_LOGGERS = ("flexrank.compress.calibration", "flexrank.compress.covariance",
+                     "flexrank.compress.surgery")
+
+
+class _AtDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+@contextmanager
+def _few_token_warnings_at_debug():
+    """While the fast defaults compress, the few-calibration-tokens warnings are DEBUG
+    lines (shown with -v): the fast defaults chose the count, and `flexrank compress
+    --samples` is the way to more. One line says so instead."""
+    print("    (the fast defaults calibrate on few tokens, so small budgets are rough; "
+          "`flexrank compress --samples N` makes a better checkpoint; -v shows the details)")
+    loggers = [logging.getLogger(name) for name in FEW_TOKEN_LOGGERS]
+    note = _AtDebug()
+    for logger in loggers:
+        logger.addFilter(note)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(note)
 
 
 def _budgets_to_export(elastic, request, decision, layout: str) -> list[float]:
