@@ -37,13 +37,19 @@ def bench_table(report: dict) -> str:
                  "profile's and the host's cores; '-' = budget not in the bundle); pred. = "
                  "predicted for the device by flexrank.device.predict, not measured")
     lines.append(BETA_LABEL)
+    return "\n".join(lines + _decision_lines(report))
+
+
+def _decision_lines(report: dict) -> list[str]:
+    """One line per tier that has a decision: what it chose and why."""
+    lines = []
     for tier in report["tiers"]:
         d = tier.get("decision")
         if d:
             chosen = "nothing fits" if d["chosen_beta"] is None else \
                 f"β {d['chosen_beta']:g} {d['chosen_precision']}"
             lines.append(f"{tier['profile']} ({d['runtime']}): {chosen}. {d['explanation']}")
-    return "\n".join(lines)
+    return lines
 
 
 def _encoder_table(report: dict) -> str:
@@ -76,13 +82,7 @@ def _encoder_table(report: dict) -> str:
                  "device by flexrank.device.predict, not measured; target = the profile's "
                  "targets.encoder_latency_ms ('-': it has none)")
     lines.append(BETA_LABEL)
-    for tier in report["tiers"]:
-        d = tier.get("decision")
-        if d:
-            chosen = "nothing fits" if d["chosen_beta"] is None else \
-                f"β {d['chosen_beta']:g} {d['chosen_precision']}"
-            lines.append(f"{tier['profile']} ({d['runtime']}): {chosen}. {d['explanation']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _decision_lines(report))
 
 
 def _weights(weights: dict | None) -> list[str]:
