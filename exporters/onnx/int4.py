@@ -194,13 +194,39 @@ def quantized_graph(model: onnx.ModelProto, algorithm: str, block: int, bits: in
     names; GPTQ ignores it) quantized by `algorithm` ("rtn", "hqq", "gptq"; `feeds`:
     calibration input dicts for GPTQ)."""
     q = _quantizer_module()
+    work = copy.deepcopy(model)
+    unread = _unread_inputs(work)
+    if unread and algorithm == "gptq":
+        # GPTQ's calibration pass (the library's neural-compressor port) looks up every graph
+        # input's consumers and fails on one that has none: position_ids once
+        # GroupQueryAttention rotates by itself (attention.py). Hidden from it, put back after.
+        names = {i.name for i in unread}
+        kept = [i for i in work.graph.input if i.name not in names]
+        del work.graph.input[:]
+        work.graph.input.extend(kept)
+        feeds = [{k: v for k, v in feed.items() if k not in names} for feed in feeds or ()]
     config = _algorithm_config(algorithm, block, bits, symmetric, feeds)
-    quantizer = q.MatMulNBitsQuantizer(copy.deepcopy(model), bits=bits, block_size=block,
+    quantizer = q.MatMulNBitsQuantizer(work, bits=bits, block_size=block,
                                        is_symmetric=symmetric, nodes_to_exclude=list(exclude),
                                        algo_config=config)
     with _quiet_quantizer():
         quantizer.process()
-    return quantizer.model.model
+    result = quantizer.model.model
+    if unread and algorithm == "gptq":
+        order = [i.name for i in model.graph.input]
+        present = {i.name: i for i in result.graph.input}
+        present.update({i.name: i for i in unread})
+        del result.graph.input[:]
+        result.graph.input.extend(present[name] for name in order)
+    return result
+
+
+def _unread_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that no node reads, subgraphs included (copies)."""
+    from flexrank.exporters.onnx.graph import outer_inputs
+
+    read = {name for node in model.graph.node for name in outer_inputs(node)}
+    return [copy.deepcopy(i) for i in model.graph.input if i.name not in read]
 
 
 def dequantized(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
