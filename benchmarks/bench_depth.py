@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--adapter-ranks", default="8,16,32,64")
     parser.add_argument("--max-replaced", type=float, default=0.5)
+    parser.add_argument("--donor-window", type=int, default=4,
+                        help="DepthConfig.donor_window: donors tried per candidate block")
     parser.add_argument("--text-windows", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
@@ -183,7 +185,8 @@ def main() -> int:
     started = time.perf_counter()
     depth = probe_depth(student, probe_batches, stats,
                         DepthConfig(max_replaced=args.max_replaced,
-                                    adapter_ranks=adapter_ranks),
+                                    adapter_ranks=adapter_ranks,
+                                    donor_window=args.donor_window),
                         cache_path=args.out / "depth-probe.json")
     report["depth_probe_s"] = time.perf_counter() - started
     report["depth"] = depth.to_dict()
@@ -214,8 +217,8 @@ def main() -> int:
             "params": dict(zip(map(str, plan.budgets), plan.params, strict=True)),
             "quality": {str(b): v for b, v in quality.items()}}
         if not args.no_export:
-            for beta, path in export_variant(name, elastic, list(plan.budgets),
-                                             args.out).items():
+            compared = [b for b in plan.budgets if b < 1]  # β = 1 is the same model in all three
+            for beta, path in export_variant(name, elastic, compared, args.out).items():
                 graphs.setdefault(beta, {})[name] = path
         (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
         print(f"{name}: distilled in {seconds:.0f} s", file=sys.stderr)
