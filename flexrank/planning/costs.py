@@ -51,6 +51,17 @@ class BudgetCost:
     # The uncompressed model's resident weights at the same precision (0: not known), for
     # the whole-model fraction that tables show beside β (`whole_kept`).
     dense_weight_bytes_total: float = 0.0
+    # One forward pass of one input, counted by forward hooks at this budget's ranks
+    # (`flexrank.compress.inference_cost`; encoders and vision models): the device model
+    # prices an inference from these (`flexrank.device.predict.inference_seconds`). 0: not
+    # counted (older manifests), and the per-token figures above stand in.
+    inference_flops: float = 0.0  # 2 × multiply-adds, attention's QKᵀ and AV included
+    inference_attention_flops: float = 0.0  # the part in QKᵀ and AV: quadratic in tokens
+    inference_bytes: float = 0.0  # weights read (as deployed) + activations read/written
+    inference_weight_bytes: float = 0.0  # the weights' part: the same for any input size
+    inference_attention_bytes: float = 0.0  # the attention scores' part: quadratic in tokens
+    inference_tokens: int = 0  # tokens of the counted input (text); 0: a fixed-size image
+    inference_input: str = ""  # what was counted, e.g. "pixel_values (1, 3, 224, 224)"
 
     @property
     def whole_kept(self) -> float | None:
@@ -68,13 +79,24 @@ class BudgetCost:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"BudgetCost.{name} = {value} must be positive (beta {self.beta})")
         for name in ("kv_bytes_per_token", "activation_bytes_per_token", "head_flops_per_token",
-                     "dense_weight_bytes_total"):
+                     "dense_weight_bytes_total", "inference_flops", "inference_attention_flops",
+                     "inference_bytes", "inference_weight_bytes", "inference_attention_bytes",
+                     "inference_tokens"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"BudgetCost.{name} = {value} must be >= 0 (beta {self.beta})")
         if self.head_flops_per_token > self.flops_per_token:
             raise ValueError(f"BudgetCost.head_flops_per_token = {self.head_flops_per_token:g} "
                              f"exceeds flops_per_token = {self.flops_per_token:g}")
+        if self.inference_attention_flops > self.inference_flops or \
+                self.inference_weight_bytes + self.inference_attention_bytes \
+                > self.inference_bytes * (1 + 1e-9):
+            raise ValueError(f"BudgetCost (beta {self.beta}): the parts of one inference exceed "
+                             f"its totals (flops {self.inference_flops:g}, of them attention "
+                             f"{self.inference_attention_flops:g}; bytes "
+                             f"{self.inference_bytes:g}, of them weights "
+                             f"{self.inference_weight_bytes:g} and attention "
+                             f"{self.inference_attention_bytes:g})")
         if self.n_layers < 1:
             raise ValueError(f"BudgetCost.n_layers = {self.n_layers} must be >= 1")
 
