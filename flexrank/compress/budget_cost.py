@@ -4,7 +4,9 @@ for the device model of `flexrank.device`).
 Counting (DESIGN.md §3, §6): a factorised layer at rank r costs r(m+n−r) multiply-adds
 and weights (gauge-fixed), never more than the dense m·n; everything else is counted as
 the dense model has it. Per decoded token every weight is read once, except the input
-embedding, of which one row is read; a tied embedding/lm_head is stored once.
+embedding, of which one row is read; a tied embedding/lm_head is stored once. Encoders
+and vision models also get the work of one inference, counted with forward hooks
+(`flexrank.compress.inference_cost`), which the device model prices per inference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flexrank.compress.inference_cost import inference_fields
 from flexrank.compress.models import model_kind
 from flexrank.compress.select import model_embeddings, nested_layers
 from flexrank.planning.costs import BudgetCost, gauge_fixed_params
@@ -125,6 +128,8 @@ def budget_cost(elastic, beta: float, quantize: str | None = None,
     activations = (6 * hidden + 2 * intermediate + vocab) * ACTIVATION_BYTES
     matmul = counts.factorised + counts.other
     stored_once = counts.resident - counts.embedding  # every weight but the table
+    # encoders and vision models: one inference's work, counted by forward hooks
+    per_inference = inference_fields(elastic, beta, BITS[quantize]) if encoder else {}
     return BudgetCost(
         beta=float(beta),
         flops_per_token=2.0 * matmul,
@@ -136,7 +141,8 @@ def budget_cost(elastic, beta: float, quantize: str | None = None,
         activation_bytes_per_token=float(activations),
         encoder=encoder,
         dense_weight_bytes_total=((counts.dense_resident - counts.embedding) * weight_bytes
-                                  + counts.embedding * table_bytes))
+                                  + counts.embedding * table_bytes),
+        **per_inference)
 
 
 def budget_costs(elastic, quantize: str | None = None, budgets=None,

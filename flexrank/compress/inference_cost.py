@@ -256,3 +256,33 @@ def sample_input(model: nn.Module, tokens: int = DEFAULT_TOKENS) -> tuple[dict, 
         inputs["token_type_ids"] = torch.zeros_like(ids)
     return inputs, f"{tokens} token ids", tokens
 
+
+
+def inference_fields(elastic, beta: float, matmul_bits: float = 32,
+                     tokens: int = DEFAULT_TOKENS) -> dict:
+    """The `BudgetCost.inference_*` fields of budget `beta` of an `ElasticModel`: the work
+    of one `sample_input` (an image at the config's size, or `tokens` token ids) counted at
+    that budget's ranks, linear/conv weights priced at `matmul_bits` per element. Empty for
+    a model without a transformers config (its input is not known). The elastic model's
+    ranks are put back as they were."""
+    model = elastic.model
+    if getattr(model, "config", None) is None:
+        return {}
+    inputs, described, counted_tokens = sample_input(model, tokens)
+    before = elastic.budget
+    ranks = {name: layer.rank for name, layer in elastic.layers.items()}
+    try:
+        elastic.set_budget(beta)
+        work = count_work(model, inputs)
+    finally:
+        if before is not None:
+            elastic.set_budget(before)
+        else:
+            for name, rank in ranks.items():
+                elastic.layers[name].rank = rank
+    return {"inference_flops": float(work.flops),
+            "inference_attention_flops": float(2 * work.attention_macs),
+            "inference_bytes": work.bytes(matmul_bits),
+            "inference_weight_bytes": work.weight_bytes(matmul_bits),
+            "inference_attention_bytes": float(work.attention_activations * ACTIVATION_BYTES),
+            "inference_tokens": counted_tokens, "inference_input": described}

@@ -13,6 +13,19 @@ the prompt's length), C and W: the profile's peak compute and bandwidth, L: laye
 the efficiency factors e_c, e_w, o of the runtime (`Efficiency`). Attention's own FLOPs,
 quadratic in the prompt, are left out: under 1 % for ≤ 1B models at prompts ≤ 256 tokens.
 
+Encoders and vision models (one forward per input, no decode) are priced per inference
+from the work of one forward pass, counted with forward hooks at the budget's ranks
+(`flexrank.compress.inference_cost`; `BudgetCost.inference_*`), by the same roofline:
+
+    inference = max(F_inf / (C × e_c), B_inf / (W × e_w)) + L × o
+
+F_inf: FLOPs of one input (2 × multiply-adds of every linear, conv and attention: a conv's
+scale with its output's H·W), B_inf: bytes of its weights (as deployed) plus the
+activations its kernels read and write. A text encoder's work was counted at
+`inference_tokens` T₀; at the profile's prompt_tokens T it is rescaled exactly as the
+kernels scale, with s = T / T₀: attention's part by s², the weights not at all, the rest
+by s. Costs without a count (older manifests) fall back to a prefill of the prompt.
+
 Quantized kernels that multiply int8 by int8 have a higher compute peak than fp32
 (`Efficiency.compute_scale`). Known limit: decode is predicted at the prompt's length,
 not at a full context.
@@ -171,6 +184,8 @@ class Prediction:
     decode_bound: str | None  # "memory" or "compute"
     memory_bytes: float
 
+    inference_bound: str | None = None  # encoders priced per inference: "memory"/"compute"
+
     @property
     def decode_tokens_per_s(self) -> float | None:
         return None if self.decode_s_per_token is None else 1.0 / self.decode_s_per_token
@@ -199,6 +214,37 @@ def decode_seconds(cost: BudgetCost, profile: DeviceProfile, eff: Efficiency,
     return max(memory_s, compute_s) + cost.n_layers * eff.overhead_per_layer_s, bound
 
 
+def inference_work(cost: BudgetCost, tokens: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one inference of an input of `tokens` tokens (ignored for an image:
+    `inference_tokens` 0), from the counted work (module docstring). Raises ValueError for
+    a cost without a count (`inference_flops` 0) or `tokens` < 1 for a text input."""
+    if not cost.inference_flops:
+        raise ValueError(f"BudgetCost beta {cost.beta:g} has no counted inference (its "
+                         "inference_flops is 0): count it with flexrank.compress.budget_cost")
+    if not cost.inference_tokens:
+        return cost.inference_flops, cost.inference_bytes
+    if tokens < 1:
+        raise ValueError(f"tokens = {tokens} must be >= 1 for a text encoder's inference")
+    s = tokens / cost.inference_tokens
+    attention = cost.inference_attention_flops
+    flops = (cost.inference_flops - attention) * s + attention * s * s
+    fixed, quadratic = cost.inference_weight_bytes, cost.inference_attention_bytes
+    linear = cost.inference_bytes - fixed - quadratic
+    return flops, fixed + linear * s + quadratic * s * s
+
+
+def inference_seconds(cost: BudgetCost, profile: DeviceProfile, eff: Efficiency,
+                      tokens: int) -> tuple[float, str]:
+    """Seconds for one inference (batch 1) of an encoder or vision model, and the bound
+    ("memory" or "compute"): the roofline of the module docstring over the counted work.
+    `profile` must be resolved (`resolve_measured`); raises ValueError as `inference_work`."""
+    flops, read = inference_work(cost, tokens)
+    compute_s = flops / (value_of(profile.compute_gflops) * GB * eff.compute_factor)
+    memory_s = read / (value_of(profile.memory_bandwidth_gbps) * GB * eff.bandwidth)
+    bound = "memory" if memory_s >= compute_s else "compute"
+    return max(compute_s, memory_s) + cost.n_layers * eff.overhead_per_layer_s, bound
+
+
 def memory_bytes(cost: BudgetCost, profile: DeviceProfile, prompt_tokens: int) -> float:
     """Weights + the KV cache allocated for the profile's whole context + activations."""
     kv = 0.0 if cost.encoder else cost.kv_bytes_per_token * profile.context_tokens
@@ -207,10 +253,16 @@ def memory_bytes(cost: BudgetCost, profile: DeviceProfile, prompt_tokens: int) -
 
 def predict(cost: BudgetCost, profile: DeviceProfile, efficiency: Efficiency | None = None,
             ) -> Prediction:
-    """Predicted TTFT, decode time and memory of one budget on a profile (its prompt)."""
+    """Predicted TTFT, decode time and memory of one budget on a profile (its prompt); for
+    an encoder or vision model with a counted inference, the latency of one inference (in
+    `ttft_s`) at the profile's prompt_tokens (text) or the counted image."""
     profile = resolve_measured(profile)
     eff = efficiency or default_efficiency(profile)
     prompt = profile.targets.prompt_tokens
+    if cost.encoder and cost.inference_flops:  # priced per inference from its counted work
+        latency, bound = inference_seconds(cost, profile, eff, prompt)
+        return Prediction(cost.beta, latency, None, None, memory_bytes(cost, profile, prompt),
+                          bound)
     ttft = prefill_seconds(cost, profile, eff, prompt)  # an encoder's whole forward pass
     decode, bound = (None, None) if cost.encoder else decode_seconds(cost, profile, eff, prompt)
     return Prediction(cost.beta, ttft, decode, bound, memory_bytes(cost, profile, prompt))
