@@ -36,7 +36,6 @@ Here (one generic walk, any architecture whose blocks sit in an nn.ModuleList):
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -64,17 +63,18 @@ from flexrank.compress.decompose import (
 )
 from flexrank.compress.depth_layers import (  # re-exported: the depth axis's one import
     DepthSwitch,
-    SharedLinear,
+    SharedLinear,  # noqa: F401
     apply_depth_,  # noqa: F401
     block_linears,
     block_list,
     dense_weight,
+    depth_switches_,
     relink_donors_,  # noqa: F401
     set_adapter_rank_,
     stand_in_parameters,  # noqa: F401
+    stand_in_skeleton,
 )
 from flexrank.compress.probe import BlockCache, Damage, _run, _teacher_damage
-from flexrank.compress.surgery import swap_modules_
 from flexrank.io import write_json_atomic
 from flexrank.planning.depth import BlockSensitivity
 
@@ -186,48 +186,28 @@ def build_stand_in(block: nn.Module, donor_block: nn.Module, block_name: str,
     """
     init_rank = max_rank if init_rank is None else init_rank
     whitenings = whitenings or _Whitenings(stats, floor)
-    own, donors = block_linears(block), block_linears(donor_block)
-    if list(own) != list(donors):
-        raise ValueError(f"block {block_name}'s linears {list(own)[:3]}... differ from its "
-                         f"donor's {list(donors)[:3]}...: a donor must have the same layers")
+    copy_of = stand_in_skeleton(block, donor_block, max_rank, block_name, donor_name)
     if stats is None:
         logger.warning("block %s: no covariances given; its adapters use plain SVD",
                        block_name)
-    replacements = {}
+    own, shared = block_linears(block), block_linears(copy_of)
     for rel, layer in own.items():
+        new = shared[rel]
         W, bias = dense_weight(layer)
-        Wd, donor_bias = dense_weight(donors[rel])
-        if W.shape != Wd.shape:
-            raise ValueError(f"{block_name}.{rel} is {tuple(W.shape)} but its donor is "
-                             f"{tuple(Wd.shape)}")
+        Wd, donor_bias = dense_weight(new.donor)
         whitening, cov = whitenings(f"{block_name}.{rel}")
         U, V, _ = adapter_init(W, Wd, max_rank, whitening)
-        has_bias = bias is not None or donor_bias is not None
-        new = SharedLinear(donors[rel], U.shape[1], has_bias,
-                           f"{donor_name}.{rel}" if donor_name else "")
-        new.load_factors_(U.to(new.U.dtype), V.to(new.V.dtype),
-                          torch.zeros_like(new.bias) if has_bias else None)  # set below
+        new.load_factors_(U.to(new.U.dtype), V.to(new.V.dtype), new.bias)  # bias: below
         new.rank = min(init_rank, new.max_rank)
         stand_in = Wd.to(COMPUTE_DTYPE) + new.dense_weight().to(COMPUTE_DTYPE)
         scale = output_scale(W, stand_in, cov)
         new.scale.copy_(scale.to(new.scale.dtype))
-        if has_bias:
+        if new.bias is not None:
             zero = torch.zeros(W.shape[0], dtype=COMPUTE_DTYPE, device=W.device)
             b = bias.to(COMPUTE_DTYPE) if bias is not None else zero
             bd = donor_bias.to(COMPUTE_DTYPE) if donor_bias is not None else zero
             new.bias.copy_((b - scale * bd).to(new.bias.dtype))  # y = s(Wd x + bd + ...) + b'
-        new.train(layer.training)
-        replacements[rel] = new
-    copy_of = _copy_without_linears(block, own)
-    swap_modules_(copy_of, lambda name, _m: replacements.get(name))
     return copy_of
-
-
-def _copy_without_linears(block: nn.Module, linears: Mapping[str, nn.Module]) -> nn.Module:
-    """deepcopy(block), its linear layers copied as None placeholders' owners (no copy of
-    their weights: they are swapped for SharedLinears right after)."""
-    memo = {id(layer): nn.Identity() for layer in linears.values()}
-    return copy.deepcopy(block, memo)
 
 
 # ----------------------------------------------------------------------------- donors
@@ -312,23 +292,14 @@ def make_depth_elastic_(model: nn.Module, plan, stats: CovarianceStats | None,
     DepthSwitch over a stand-in whose adapters have the largest rank the plan gives it
     (the smaller ones are its prefixes). Returns {block index: switch}; `apply_depth_`
     then sets a budget. Raises ValueError when the plan's blocks are not the model's."""
-    prefix, blocks = block_list(model)
-    names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
-    if list(plan.blocks) != names:
-        raise ValueError(f"the plan's blocks {list(plan.blocks)[:3]}... are not the model's "
-                         f"{names[:3]}...: plan and model do not match")
-    table = np.array(_adapter_ranks_of(plan)).reshape(len(plan.budgets), len(blocks))
+    _, blocks = block_list(model)
     whitenings = _Whitenings(stats, floor)
-    switches = {}
-    for j in np.flatnonzero(table.max(axis=0) > 0):
-        j, donor = int(j), int(plan.donors[j])
-        stand_in = build_stand_in(blocks[j], blocks[donor], names[j], stats,
-                                  int(table[:, j].max()), floor=floor, whitenings=whitenings,
-                                  donor_name=names[donor])
-        switches[j] = DepthSwitch(blocks[j], stand_in)
-    for j, switch in switches.items():
-        blocks[j] = switch
-    return switches
+
+    def build(j: int, donor: int, rank: int, names: list[str]) -> nn.Module:
+        return build_stand_in(blocks[j], blocks[donor], names[j], stats, rank, floor=floor,
+                              whitenings=whitenings, donor_name=names[donor])
+
+    return depth_switches_(model, plan, build)
 
 
 # ----------------------------------------------------------------------------- the probe

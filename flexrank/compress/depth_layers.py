@@ -8,12 +8,15 @@ method (FlexiGPT, Smith et al., NAACL 2025, arXiv:2501.14713).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flexrank.compress.layers import NESTED_TYPES, NestedLinear, _NestedFactors, linear_weight
 from flexrank.compress.select import is_factorizable
+from flexrank.compress.surgery import swap_modules_
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -141,6 +144,87 @@ class DepthSwitch(nn.Module):
             if block is None:
                 raise
             return getattr(block, name)
+
+
+def _copy_without_linears(block: nn.Module, linears: dict[str, nn.Module]) -> nn.Module:
+    """deepcopy(block), its linear layers copied as nn.Identity placeholders (no copy of
+    their weights: they are swapped for SharedLinears right after)."""
+    memo = {id(layer): nn.Identity() for layer in linears.values()}
+    return copy.deepcopy(block, memo)
+
+
+@torch.no_grad()
+def stand_in_skeleton(block: nn.Module, donor_block: nn.Module, max_rank: int,
+                      block_name: str = "", donor_name: str = "") -> nn.Module:
+    """The structure of `block`'s stand-in, without data: a copy of `block` (its norms,
+    attention settings, KV-cache slot) whose linears are SharedLinears over `donor_block`'s
+    layers of the same relative names, each with an adapter of rank min(max_rank, m, n)
+    (U, V zero), scale 1 and a bias (zero) when the block's or the donor's layer has one.
+
+    `flexrank.compress.depth.build_stand_in` fills the values from calibration data;
+    `ElasticModel.from_pretrained` loads them from a checkpoint. `block_name` names the
+    block in errors; `donor_name` (the donor block's qualified name) is recorded for
+    `relink_donors_`. Raises ValueError when the blocks' linear layers differ in names
+    or shapes, or for max_rank < 1.
+    """
+    if max_rank < 1:
+        raise ValueError(f"block {block_name}: adapter rank {max_rank} must be >= 1")
+    own, donors = block_linears(block), block_linears(donor_block)
+    if list(own) != list(donors):
+        raise ValueError(f"block {block_name}'s linears {list(own)[:3]}... differ from its "
+                         f"donor's {list(donors)[:3]}...: a donor must have the same layers")
+    replacements = {}
+    for rel, layer in own.items():
+        W, bias = dense_weight(layer)
+        Wd, donor_bias = dense_weight(donors[rel])
+        if W.shape != Wd.shape:
+            raise ValueError(f"{block_name}.{rel} is {tuple(W.shape)} but its donor is "
+                             f"{tuple(Wd.shape)}: a donor must have the same shapes")
+        new = SharedLinear(donors[rel], min(max_rank, *W.shape),
+                           bias is not None or donor_bias is not None,
+                           f"{donor_name}.{rel}" if donor_name else "")
+        new.U.zero_()
+        new.V.zero_()
+        new.train(layer.training)
+        replacements[rel] = new
+    copy_of = _copy_without_linears(block, own)
+    swap_modules_(copy_of, lambda name, _m: replacements.get(name))
+    return copy_of
+
+
+def depth_switches_(model: nn.Module, plan, build=None) -> dict[int, DepthSwitch]:
+    """In place: every block that `plan` (a JointPlan) replaces at some budget becomes a
+    DepthSwitch over a stand-in whose adapters have the largest rank the plan gives it.
+
+    `build(j, donor, rank, names)` makes block j's stand-in (names: the blocks' qualified
+    names); None: `stand_in_skeleton` (no data, values to load). Returns {block index:
+    switch}. Raises ValueError when the plan's blocks are not the model's, or when a block
+    to switch already is a DepthSwitch (pass a model that is not depth-elastic yet).
+    """
+    prefix, blocks = block_list(model)
+    names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
+    if list(plan.blocks) != names:
+        raise ValueError(f"the plan's blocks {list(plan.blocks)[:3]}... ({len(plan.blocks)}) "
+                         f"are not the model's {names[:3]}... ({len(names)}): plan and model "
+                         "do not match")
+    top = [max(int(row[j]) for row in plan.adapter_ranks) for j in range(len(blocks))]
+    switches = {}
+    for j, rank in enumerate(top):
+        if rank <= 0:
+            continue
+        if isinstance(blocks[j], DepthSwitch):
+            raise ValueError(f"block {names[j]} already is a DepthSwitch: pass a model that "
+                             "is not depth-elastic yet")
+        donor = int(plan.donors[j])
+        if build is None:
+            stand_in = stand_in_skeleton(blocks[j], blocks[donor], rank, names[j],
+                                         names[donor])
+        else:
+            stand_in = build(j, donor, rank, names)
+        switches[j] = DepthSwitch(blocks[j], stand_in)
+    for j, switch in switches.items():  # all built first: donors are the blocks as they were
+        blocks[j] = switch
+    return switches
 
 
 def relink_donors_(model: nn.Module) -> int:

@@ -3,11 +3,13 @@ columns each layer keeps. Saved as a folder every exporter reads:
 
     config.json, tokenizer files        the base model (Hugging Face models)
     flexrank-elastic.safetensors        all weights, factors at max rank, tied tensors once
-    flexrank-plan.json                  the NestedPlan
+    flexrank-plan.json                  the NestedPlan, or a JointPlan (depth axis, issue 18)
     flexrank-elastic.json               format version, model id, nested layer structure
 
 `from_pretrained` rebuilds the module from its config alone (no original model needed);
-for a bare `nn.Module` pass a skeleton of the same architecture as `model=`.
+for a bare `nn.Module` pass a skeleton of the same architecture as `model=`. Under a
+JointPlan the stand-ins' modules are rebuilt from the plan (`depth_switches_`: donors
+linked by reference, so their weights are stored once) before the weights load.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from flexrank.budget import match_budget
-from flexrank.compress.depth_layers import apply_depth_
+from flexrank.compress.depth_layers import apply_depth_, depth_switches_
 from flexrank.compress.layers import NestedConv1d, NestedConv2d, NestedLinear
 from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import swap_modules_
@@ -174,6 +176,12 @@ class ElasticModel:
         if model is None:
             model, tokenizer = _skeleton_from_config(directory, meta["model_class"])
         restructure_(model, meta["layers"])
+        if hasattr(plan, "adapter_ranks"):  # a joint plan: its stand-ins' skeletons, to load
+            try:
+                depth_switches_(model, plan)
+            except ValueError as err:
+                raise ValueError(f"{directory / PLAN_FILE} does not fit the checkpoint's "
+                                 f"model ({err}); {REMAKE}") from None
         stored = _stored_float_dtype(directory / WEIGHTS_FILE)
         if stored is not None:  # a bf16 checkpoint loads as bf16, not upcast to the default
             model.to(stored)
@@ -202,10 +210,21 @@ REMAKE = ("restore the file from a copy, or re-create the checkpoint with `flexr
 
 
 def _load_plan(path: Path):
+    """The plan in `path`: a NestedPlan ("format": "flexrank-plan") or, for a depth-elastic
+    checkpoint, a JointPlan ("flexrank-joint-plan"). Raises ValueError naming the file for
+    a damaged one (JSON syntax, another format, a missing field, a bad value)."""
+    from flexrank.planning.depth import JointPlan
     from flexrank.planning.planner import NestedPlan
 
     try:
-        return NestedPlan.load(path)
+        data = json.loads(path.read_text())
+        kind = data.get("format") if isinstance(data, dict) else None
+        if kind == "flexrank-joint-plan":
+            return JointPlan.from_dict(data)
+        if kind != "flexrank-plan":
+            raise ValueError(f"format {kind!r} is neither 'flexrank-plan' nor "
+                             "'flexrank-joint-plan'")
+        return NestedPlan.from_dict(data)
     except (ValueError, KeyError, TypeError) as err:  # JSON syntax, a missing field, a bad value
         raise ValueError(f"{path} is damaged or was edited by hand ({type(err).__name__}: "
                          f"{err}); {REMAKE}") from None
