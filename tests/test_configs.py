@@ -33,7 +33,7 @@ DISTILL = DistillConfig(steps=7, batch_size=2, grad_accum=3, lr=1e-3, weight_dec
                         sampler="weighted", budget_weights=(1.0, 2.5), uncertainty_weights=True,
                         train_all=True, eval_every=5, checkpoint_every=3,
                         mixed_precision="bf16", seed=4, objective="feature", qat="8da4w",
-                        qat_block_size=64, full_budget="refit")
+                        qat_block_size=64, full_budget="refit", intermediate_weight=0.5)
 FACTORIZE = FactorizeConfig(method="plain", eigen_floor=1e-6, include_lm_head=True)
 
 # One instance per config, every field other than `version` away from its default.

@@ -184,6 +184,9 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     objective: Objective = Objective.AUTO  # "auto": by what the teacher returns
+    # > 0: adds this weight × per-block hidden-state matching (objectives.layer_loss) to
+    # the output objective; for models whose forward takes output_hidden_states
+    intermediate_weight: float = 0.0
     sampler: Sampler = Sampler.SANDWICH  # the largest anchors the factors
     # sampler="weighted": the probability of each budget (ascending, as the plan's);
     # "sandwich": of each budget as the random middle one (0: never trained)
@@ -231,6 +234,8 @@ class DistillConfig:
                 ("lr", self.lr, self.lr > 0, "> 0"),
                 ("temperature", self.temperature, self.temperature > 0, "> 0"),
                 ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                ("intermediate_weight", self.intermediate_weight,
+                 self.intermediate_weight >= 0, ">= 0"),
                 ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
                 ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0")):
             if not (valid and math.isfinite(value)):

@@ -47,7 +47,9 @@ from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.depth_layers import stand_in_parameters
 from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.objectives import (
+    block_states,
     feature_terms,
+    layer_loss,
     objective_loss,
     output_tensor,
     resolve,
@@ -405,6 +407,10 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     _freeze_(teacher)
     teacher.eval()
     objective = resolve_objective(config.objective, teacher, data, positional)
+    if config.intermediate_weight and positional:
+        raise ValueError(f"DistillConfig.intermediate_weight {config.intermediate_weight} needs "
+                         f"a model called by keyword (output_hidden_states=True); "
+                         f"{type(model).__name__} takes its inputs positionally: set it to 0")
     half = _upcast_half_(model)
     quantized = qat_start_(model, config)  # DistillConfig.qat: each budget as it ships
     try:
@@ -594,11 +600,13 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
     for micro in range(config.grad_accum):
         batch = _local_batch(run, step * config.grad_accum + micro)
         with torch.no_grad():
-            teacher_logits = output_tensor(call(run.teacher, batch, run.positional),
-                                           run.objective)
+            raw = call(run.teacher, _with_states(batch, config), run.positional)
+            teacher_logits = output_tensor(raw, run.objective)
+            teacher_states = block_states(raw) if config.intermediate_weight else None
         for position, k in enumerate(chosen):
             last = micro == config.grad_accum - 1 and position == len(chosen) - 1
-            loss = _backward(run, batch, teacher_logits, k, len(chosen), sync=last)
+            loss = _backward(run, batch, teacher_logits, k, len(chosen), sync=last,
+                             teacher_states=teacher_states)
             if not math.isfinite(loss):
                 _loss_error(run, step, run.elastic.budgets[k], loss, teacher_logits)
             step_losses[run.elastic.budgets[k]] = loss
@@ -673,17 +681,27 @@ def _trim_padding(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _with_states(batch: dict[str, torch.Tensor], config: DistillConfig) -> dict:
+    """`batch`, asking for the blocks' hidden states when intermediate matching is on."""
+    return batch | {"output_hidden_states": True} if config.intermediate_weight else batch
+
+
 def _backward(run: _Run, batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
-              k: int, num_chosen: int, sync: bool) -> float:
-    """Accumulate the gradient of budget k's loss on `batch`; gradients are synchronised
-    across processes only on the step's last backward (`sync`). Returns the raw loss."""
+              k: int, num_chosen: int, sync: bool,
+              teacher_states: tuple[torch.Tensor, ...] | None = None) -> float:
+    """Accumulate the gradient of budget k's loss on `batch` (plus intermediate_weight ×
+    `layer_loss` to `teacher_states` when given); gradients are synchronised across
+    processes only on the step's last backward (`sync`). Returns the raw output loss."""
     config, accelerator = run.config, run.accelerator
     run.elastic.set_budget(run.elastic.budgets[k])
     with accelerator.autocast():
-        output = output_tensor(call(run.wrapped, batch, run.positional), run.objective)
-        loss = objective_loss(run.objective, output, teacher_logits,
-                              batch.get("attention_mask"), config.temperature)
+        out = call(run.wrapped, _with_states(batch, config), run.positional)
+        loss = objective_loss(run.objective, output_tensor(out, run.objective),
+                              teacher_logits, batch.get("attention_mask"), config.temperature)
     raw = float(loss.detach())
+    if teacher_states is not None:
+        loss = loss + config.intermediate_weight * layer_loss(
+            block_states(out), teacher_states, batch.get("attention_mask"))
     if run.log_vars is not None:  # Σ_k exp(−s_k)·L_k + s_k
         loss = torch.exp(-run.log_vars[k]) * loss + run.log_vars[k]
     loss = loss / (config.grad_accum * num_chosen)

@@ -15,6 +15,15 @@ kind (DistillConfig.objective; "auto" picks from the teacher's output).
   of the Projector in Knowledge Distillation"), so the few huge-magnitude dimensions of
   BERT-style hidden states do not drown the others.
 
+Intermediate blocks (DistillConfig.intermediate_weight, any objective): `layer_loss`
+matches each block's output hidden state, token by token, with the feature objective's
+per-token terms (1 − cosine + per-feature-normalised MSE), averaged over blocks: the
+layer-to-layer hidden-state transfer of TinyBERT (Jiao et al. 2020, §3.1, "hidden-states-
+based distillation", an MSE per layer) and Patient KD (Sun et al. 2019, every layer's
+output, normalised), which give the early blocks a direct signal; student and teacher have
+the same blocks here (the student is the teacher factorised), so no layer mapping or
+projection is needed.
+
 Pure tensor functions; `flexrank.compress.distill` and `flexrank.compress.probe` use them.
 """
 
@@ -125,6 +134,40 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """The feature objective: the sum of `feature_terms` (0 when the features are equal)."""
     return sum(feature_terms(student, teacher, mask).values())
+
+
+def block_states(output) -> tuple[torch.Tensor, ...]:
+    """The output hidden states of every block but the last, (B, T, D) each, from a model's
+    raw output under `output_hidden_states=True` (Hugging Face's `hidden_states`: the
+    embeddings, then each block's output; the last block's is what the output objective
+    already compares, after any final norm). Raises ValueError when the output has none."""
+    states = getattr(output, "hidden_states", None)
+    if not isinstance(states, (tuple, list)) or len(states) < 2:
+        raise ValueError(f"intermediate matching needs the blocks' hidden states, but the "
+                         f"model's {type(output).__name__} output has none (a Hugging Face "
+                         "model called with output_hidden_states=True returns them); set "
+                         "DistillConfig.intermediate_weight=0 for this model")
+    return tuple(states[1:-1])
+
+
+def layer_loss(student_states, teacher_states, mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Mean over blocks of token_cos + token_mse (`feature_terms`) between each block's
+    student and teacher hidden states: sequences of (B, T, D) tensors, the same number
+    and shapes; mask (B, T) of 1 for real tokens. A 0-d float32 tensor, 0 when they are
+    equal (and for no blocks). Raises ValueError when the block counts differ (a student
+    with blocks removed: match by layer mapping, not supported)."""
+    if len(student_states) != len(teacher_states):
+        raise ValueError(f"the student has {len(student_states)} intermediate blocks and the "
+                         f"teacher {len(teacher_states)}: intermediate matching needs the "
+                         "same depth; set DistillConfig.intermediate_weight=0")
+    if not student_states:
+        return torch.zeros((), dtype=torch.float32)
+    total = 0
+    for s, t in zip(student_states, teacher_states, strict=True):
+        terms = feature_terms(s, t, mask)
+        total = total + terms["token_cos"] + terms["token_mse"]
+    return total / len(student_states)
 
 
 # ---- choosing and applying an objective ------------------------------------------------
