@@ -126,6 +126,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--calib", type=int, default=512, help="calibration sentences")
+    parser.add_argument("--distill-sentences", type=int, default=None,
+                        help="distillation sentences (default --calib): the calibration "
+                             "sentences and the next ones of the same shuffled 80 %%")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -141,6 +144,15 @@ def main():
     parser.add_argument("--sampler", default="sandwich", help="DistillConfig.sampler")
     parser.add_argument("--budget-weights", default=None,
                         help="DistillConfig.budget_weights, comma-separated, ascending budgets")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="warm-up steps (default steps // 20)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="DistillConfig.max_grad_norm (gradient clipping)")
+    parser.add_argument("--intermediate-weight", type=float, default=0.0,
+                        help="DistillConfig.intermediate_weight: per-block hidden-state "
+                             "matching (objectives.layer_loss)")
+    parser.add_argument("--no-export", action="store_true",
+                        help="stop after distillation (no export, no onnxruntime figures)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="held-out figures and a checkpoint (OUT/distill) every N "
                              "distillation steps: a stopped run resumes there")
@@ -153,11 +165,16 @@ def main():
     text = SHAKESPEARE.read_text()
     train_texts = sentences(text, (0.0, 0.8))
     rng = np.random.default_rng(0)
-    train_texts = [train_texts[i] for i in rng.permutation(len(train_texts))[:args.calib]]
+    order = rng.permutation(len(train_texts))
+    distill_texts = [train_texts[i] for i in order[:max(args.calib, args.distill_sentences
+                                                        or args.calib)]]
+    train_texts = distill_texts[:args.calib]
     held_texts = sentences(text, (0.9, 1.0))[:args.heldout]
     train = batches_of(tokenizer, train_texts, args.batch)
+    args.distill_batches = batches_of(tokenizer, distill_texts, args.batch)
     held_out = batches_of(tokenizer, held_texts, 32)
-    results["sentences"] = {"calibration": len(train_texts), "held_out": len(held_texts)}
+    results["sentences"] = {"calibration": len(train_texts), "distillation": len(distill_texts),
+                            "held_out": len(held_texts)}
 
     saved = args.out / "elastic"
     if (args.out / "results-distilled.json").is_file() and saved.is_dir():
@@ -174,6 +191,9 @@ def main():
         elastic.save_pretrained(saved)
         with atomic_path(args.out / "results-distilled.json") as tmp:
             tmp.write_text(json.dumps(results, indent=1, default=str))
+    print_evals(results)
+    if args.no_export:
+        return
     report(elastic, teacher, tokenizer, held_texts, args, results)
 
 
@@ -223,12 +243,15 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
     weights = tuple(float(w) for w in args.budget_weights.split(",")) \
         if args.budget_weights else None
     config = DistillConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
-                           warmup_steps=max(1, args.steps // 20), objective="feature",
+                           warmup_steps=args.warmup if args.warmup is not None
+                           else max(1, args.steps // 20), objective="feature",
+                           max_grad_norm=args.max_grad_norm,
+                           intermediate_weight=args.intermediate_weight,
                            checkpoint_every=args.eval_every, full_budget=args.full_budget,
                            sampler=args.sampler, budget_weights=weights,
                            eval_every=args.eval_every)
     with stage(results["stages"], "distill"):
-        run = distill(student, teacher, nested, train, config,
+        run = distill(student, teacher, nested, args.distill_batches, config,
                       eval_batches=held_out if args.eval_every else None,
                       output_dir=args.out / "distill")
     results["loss_first_last"] = [run.losses[0], run.losses[-1]]
@@ -238,6 +261,17 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
     results["after"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
                         "eval": evaluate_budgets(elastic, teacher, held_out)}
     return elastic
+
+
+def print_evals(results) -> None:
+    """The held-out cosine every --eval-every steps, a row per budget."""
+    evals = results.get("evals") or []
+    if not evals:
+        return
+    rows = [[f"β {beta:g}", *(e["cosine"].get(beta, e["cosine"].get(str(beta))) for e in evals)]
+            for beta in REPORTED]
+    print(format_table(["step", *(str(e["step"]) for e in evals)], rows,
+                       title="held-out cosine during distillation"))
 
 
 def report(elastic, teacher, tokenizer, held_texts, args, results) -> None:
