@@ -354,3 +354,41 @@ def test_interrupted_depth_probe_resumes(probed, tmp_path, monkeypatch):
     np.testing.assert_allclose(resumed.errors, depth.errors, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(resumed.skip_kl, depth.skip_kl, rtol=1e-9)
     assert resumed.donors == depth.donors
+
+
+@pytest.mark.parametrize("target, stop, saved", [
+    ("_mean_damage", 2, 2),  # the drop pass: stopped after 2 of the 4 blocks
+    ("_donor_error", 3, 2),  # donors (window 2): inside the second candidate's choice
+    ("_mean_damage", 8, 7),  # 4 dropped blocks, the first stand-in's 3 ranks, 1 of the next
+])
+def test_depth_probe_resumes_mid_pass(probed, tmp_path, monkeypatch, target, stop, saved):
+    """Stopped inside a pass after `stop` measurements, of which `saved` belong to items
+    finished (and written) before the stop, the rerun makes only the measurements the file
+    lacks and ends with the uninterrupted probe's figures."""
+    import flexrank.compress.depth as depth_module
+
+    _, model, batches, stats, depth, _ = probed
+    config = DepthConfig(max_replaced=0.5, adapter_ranks=(2, 8, 32), donor_window=2)
+    path = tmp_path / "depth.json"
+    original = getattr(depth_module, target)
+    calls, limit = [], [stop]
+
+    def counted(*args, **kwargs):
+        if limit and len(calls) == limit[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(depth_module, target, counted)
+    with pytest.raises(KeyboardInterrupt):
+        probe_depth(model, batches[:2], stats, config, cache_path=path, progress=False)
+    assert len(calls) == stop
+    calls.clear()
+    limit.clear()
+    resumed = probe_depth(model, batches[:2], stats, config, cache_path=path, progress=False)
+    # uninterrupted: 4 dropped blocks + 2 stand-ins x 3 ranks; 2 candidates x 2 donors
+    total = 4 + 2 * 3 if target == "_mean_damage" else 2 * 2
+    assert len(calls) == total - saved
+    np.testing.assert_allclose(resumed.errors, depth.errors, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(resumed.skip_kl, depth.skip_kl, rtol=1e-9)
+    assert resumed.donors == depth.donors

@@ -235,22 +235,32 @@ def _donor_error(block: nn.Module, donor_block: nn.Module, block_name: str,
 
 def choose_donors(blocks: Sequence[nn.Module], names: Sequence[str], candidates: Sequence[int],
                   whitenings: _Whitenings, rank: int, window: int,
-                  progress: bool = False) -> list[int]:
+                  progress: bool = False, known: Mapping[int, int] | None = None,
+                  on_donor=None) -> list[int]:
     """Per candidate, the donor among the `window` nearest non-candidate blocks with the
     least `_donor_error` at `rank` (ties: the nearer, then the earlier block). One SVD per
-    linear per (candidate, donor) pair: SmolLM2-135M, 15 candidates x 4 donors, minutes."""
+    linear per (candidate, donor) pair: SmolLM2-135M, 15 candidates x 4 donors, minutes.
+
+    `known`: {candidate: donor} already chosen (a resumed probe), not measured again;
+    `on_donor(candidate, donor)` is called after each one measured (to save it)."""
     others = [j for j in range(len(blocks)) if j not in set(candidates)]
     if not others:
         raise ValueError("every block is a candidate: no donor is left")
+    known = known or {}
     donors = []
     for c in tqdm(candidates, desc="depth probe (donors)", disable=not progress,
                   unit="block"):
+        if c in known:
+            donors.append(int(known[c]))
+            continue
         near = sorted(others, key=lambda j: (abs(j - c), j))[:window]
         errors = {j: _donor_error(blocks[c], blocks[j], names[c], whitenings, rank)
                   for j in near}
         donors.append(min(near, key=lambda j: (errors[j], abs(j - c), j)))
         logger.info("block %s: donor %s (relative residual %s)", names[c], names[donors[-1]],
                     {names[j]: round(e, 4) for j, e in errors.items()})
+        if on_donor is not None:
+            on_donor(c, donors[-1])
     return donors
 
 
@@ -393,11 +403,11 @@ def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | No
 
     `stats`: covariances of the original model (for the adapters' whitening); None: plain
     SVD. With `cache_path`, a finished probe with the same signature is read back instead
-    of measured (an interrupted one resumes after its last finished step: the drop pass,
-    the donor choice, each candidate's stand-in), and one with another signature raises
-    ValueError (delete it or choose another path). Returns a BlockSensitivity. Leaves
-    `model` as it was (eval/train mode, blocks). Raises ValueError without batches or
-    without a list of blocks.
+    of measured (an interrupted one resumes after its last measured item: each dropped
+    block, each candidate's donor, each candidate's stand-in), and one with another
+    signature raises ValueError (delete it or choose another path). Returns a
+    BlockSensitivity. Leaves `model` as it was (eval/train mode, blocks). Raises ValueError
+    without batches or without a list of blocks.
     """
     config = config or DepthConfig()
     if not batches:
@@ -440,19 +450,25 @@ def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | No
 
 def _measure(model, blocks, names, batches, masks, stats, config, progress, partial: dict,
              save) -> BlockSensitivity:
-    """The probe's steps; `partial` holds finished ones (skip_kl, donors, rows of errors
-    by candidate) and `save(partial)` is called after each step."""
+    """The probe's steps; `partial` holds finished ones and `save(partial)` is called after
+    each measured item: "skip_by_block" {block (str): KL} while the drop pass runs, then
+    "skip_kl" (NB,); "donor_of" {candidate (str): donor} while donors are chosen, then
+    "donors" (C,); "errors" {candidate (str): (K,) KL} per stand-in."""
     damage = _teacher_damage(model, batches, masks)
     cache = BlockCache(list(blocks))
     cosine = _cosine_scores(model, blocks, batches, masks, cache)
     tuple_output = isinstance(cache.outputs[0][0], (tuple, list))
     if "skip_kl" not in partial:
-        skip_kl = np.zeros(len(blocks))
+        done = partial.setdefault("skip_by_block", {})
         for b in tqdm(range(len(blocks)), desc="depth probe (drop)", disable=not progress,
                       unit="block"):
+            if str(b) in done:
+                continue
             with _swapped(blocks, b, _Skip(tuple_output)):
-                skip_kl[b] = _mean_damage(model, batches, damage, cache, b)
-        partial["skip_kl"] = skip_kl.tolist()
+                done[str(b)] = _mean_damage(model, batches, damage, cache, b)
+            save(partial)
+        partial["skip_kl"] = [done[str(b)] for b in range(len(blocks))]
+        del partial["skip_by_block"]
         save(partial)
     skip_kl = np.array(partial["skip_kl"])
     count = min(len(blocks) - 1, math.floor(config.max_replaced * len(blocks)))
@@ -463,8 +479,16 @@ def _measure(model, blocks, names, batches, masks, stats, config, progress, part
     whitenings = _Whitenings(stats, config.eigen_floor)
     top = config.adapter_ranks[-1]
     if "donors" not in partial:
+        chosen = partial.setdefault("donor_of", {})
+
+        def record(candidate: int, donor: int) -> None:
+            chosen[str(candidate)] = donor
+            save(partial)
+
         partial["donors"] = choose_donors(list(blocks), names, candidates, whitenings, top,
-                                          config.donor_window, progress)
+                                          config.donor_window, progress,
+                                          {int(c): int(d) for c, d in chosen.items()}, record)
+        del partial["donor_of"]
         save(partial)
     donors = [int(d) for d in partial["donors"]]
     rows = partial.setdefault("errors", {})  # candidate block index (str) -> (K,) KL
