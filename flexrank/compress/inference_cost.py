@@ -280,6 +280,7 @@ def inference_fields(elastic, beta: float, matmul_bits: float = 32,
         else:
             for name, rank in ranks.items():
                 elastic.layers[name].rank = rank
+            elastic.budget = None
     return {"inference_flops": float(work.flops),
             "inference_attention_flops": float(2 * work.attention_macs),
             "inference_bytes": work.bytes(matmul_bits),
