@@ -67,7 +67,10 @@ def tier_decision(candidates: list[Candidate], shipped) -> dict | None:
                             "decode_tokens_per_s": r.prediction.decode_tokens_per_s,
                             "ttft_s": r.prediction.ttft_s, "size_mb": r.size_mb,
                             "ppl": None if r.quality is None else r.quality.ppl,
-                            "kl": None if r.quality is None else r.quality.kl}
+                            "kl": None if r.quality is None else r.quality.kl,
+                            # the decision's measure by model kind: ppl, cosine or top1
+                            "metric": None if r.quality is None else r.quality.metric,
+                            "quality": None if r.quality is None else r.quality.value}
                            for r in decision.rows]}
 
 
