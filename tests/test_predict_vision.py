@@ -246,3 +246,48 @@ def test_text_encoder_work_rescales_to_the_profiles_tokens():
     assert flops == pytest.approx(w32.flops, rel=1e-2)
     assert read == pytest.approx(w32.bytes(), rel=1e-2)
     assert inference_work(at16, 16) == (pytest.approx(w16.flops), pytest.approx(w16.bytes()))
+
+
+def test_bench_quality_plot_of_a_tiny_bert_is_cosine_against_ms_per_inference():
+    """`flexrank bench`'s quality panel for an encoder (issue 19): per tier, every
+    candidate's held-out cosine to the original (float64 NumPy, test_quality_kinds)
+    against its predicted ms per inference (the roofline written out over a hook count at
+    pixel8's 64 tokens), the tier's choice marked."""
+    from test_encoders import bert_encoder, elastic_student
+    from test_quality_kinds import bert_reference
+
+    from flexrank.cli.bench import quality_plot_data
+    from flexrank.compress.budget_cost import budget_costs
+    from flexrank.compress.quality import measure_quality
+    from flexrank.device.decide import Candidate, Quality
+    from flexrank.runtime.bench import tier_decision
+
+    student, teacher, plan, _, _ = elastic_student(bert_encoder)
+    elastic = ElasticModel(student, plan)
+    ids = torch.randint(1, 100, (8, 10), generator=torch.Generator().manual_seed(7))
+    rows = {r["beta"]: r for r in measure_quality(elastic, ids, teacher, ["fp32"])}
+    candidates = [Candidate(c, "fp32", Quality.from_row(rows[c.beta]))
+                  for c in budget_costs(elastic)]
+    profile = resolve_measured(load_profile("pixel8"))
+    report = {"kind": "encoder",
+              "tiers": [{"profile": "pixel8", "decision": tier_decision(candidates, profile)}]}
+    data = quality_plot_data(report)
+    assert data["metric"] == "cosine" and "cosine" in data["y_label"]
+    assert data["x_label"].startswith("ms per inference")
+    points = data["tiers"][0]["points"]
+    assert sorted(p["beta"] for p in points) == sorted(elastic.budgets)
+    eff = default_efficiency(profile)
+    for p in points:
+        reference = bert_reference(elastic, teacher, ids, p["beta"])
+        assert p["y"] == pytest.approx(reference["cosine"], abs=1e-5)
+        inputs, _, tokens = sample_input(elastic.set_budget(p["beta"]).model, 64)
+        work = count_work(elastic.model, inputs)
+        seconds = max(work.flops / (206.9e9 * eff.compute),
+                      work.bytes() / (68.3e9 * eff.bandwidth)) + 2 * eff.overhead_per_layer_s
+        assert p["x"] == pytest.approx(seconds * 1e3, rel=1e-9)
+    chosen = [p for p in points if p["chosen"]]
+    decision = report["tiers"][0]["decision"]
+    assert len(chosen) == 1 and chosen[0]["beta"] == decision["chosen_beta"]
+    assert all(p["fits"] for p in points)  # a tiny BERT meets pixel8's 100 ms
+    by_beta = sorted(points, key=lambda p: p["beta"])
+    assert by_beta[0]["x"] < by_beta[-1]["x"] and by_beta[0]["y"] < by_beta[-1]["y"]

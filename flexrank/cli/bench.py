@@ -100,16 +100,18 @@ def _f(measured: dict | None, key: str, fmt: str) -> str:
 
 
 def bench_plot(report: dict, path: Path) -> Path:
-    """Left: budget vs decode ms/token per tier (predicted line, measured host points,
-    target). Right: held-out perplexity against predicted decode ms/token of every
-    (β, precision) candidate per tier, each tier's choice ringed (when the manifest holds
-    the export's candidates and their quality)."""
+    """Left: budget vs decode ms/token (LMs) or ms per inference (encoders, classifiers)
+    per tier (predicted line, measured host points, target). Right: measured quality
+    against predicted latency of every (β, precision) candidate per tier, each tier's
+    choice ringed (`quality_plot_data`; when the manifest holds the export's candidates
+    and their quality)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality = any(_quality_points(t) for t in report["tiers"])
+    data = quality_plot_data(report)
+    quality = any(t["points"] for t in data["tiers"])
     fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(13 if quality else 7, 4.8))
     ax = axes[0] if quality else axes
     for i, tier in enumerate(report["tiers"]):
@@ -131,12 +133,12 @@ def bench_plot(report: dict, path: Path) -> Path:
             ax.axhline(target, color=color, linestyle="--", linewidth=1,
                        label=f"{tier['profile']} target")
     ax.set_xlabel("budget β (kept fraction of factorised parameters)")
-    ax.set_ylabel("decode ms/token" if report["kind"] == "decoder" else "latency ms")
+    ax.set_ylabel("decode ms/token" if report["kind"] == "decoder" else "ms per inference")
     ax.set_title("FlexRank budgets per device tier")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     if quality:
-        _quality_panel(axes[1], report)
+        _quality_panel(axes[1], data)
     fig.tight_layout()
     with atomic_path(path) as tmp:  # a full disk leaves no half PNG
         fig.savefig(tmp, format="png", dpi=120)
@@ -144,20 +146,56 @@ def bench_plot(report: dict, path: Path) -> Path:
     return path
 
 
-def _quality_points(tier: dict) -> list[dict]:
-    d = tier.get("decision") or {}
-    return [c for c in d.get("candidates", [])
-            if c["ppl"] is not None and c["decode_tokens_per_s"]]
+# y-axis label of each quality measure (flexrank.device.decide.Quality.metric)
+QUALITY_LABELS = {"ppl": "held-out perplexity (measured)",
+                  "cosine": "held-out mean cosine of the pooled embedding to the original's "
+                            "(measured)",
+                  "top1": "held-out top-1 agreement with the original (measured)"}
 
 
-def _quality_panel(ax, report: dict) -> None:
-    """Perplexity (measured) vs decode ms/token (predicted): filled = meets every target
-    of the tier, hollow = does not; the tier's choice ringed and labelled."""
+def quality_plot_data(report: dict) -> dict:
+    """What the quality panel plots, per tier: every candidate of its decision with a
+    measured quality, x = its predicted latency on the tier (decode ms/token for an LM, ms
+    per inference, batch 1, for an encoder or classifier), y = its quality by the model's
+    kind (perplexity, cosine to the original, or top-1 agreement), whether it meets the
+    tier's targets and whether it is the tier's choice.
+
+    Returns {"x_label", "y_label", "metric", "tiers": [{"profile", "points": [{"beta",
+    "precision", "x", "y", "fits", "chosen"}]}]}; a report from before the quality measure
+    was stored per candidate (LMs: "ppl" only) reads as perplexity."""
+    decoder = report.get("kind", "decoder") == "decoder"
+    metrics, tiers = set(), []
+    for tier in report["tiers"]:
+        points = []
+        for c in (tier.get("decision") or {}).get("candidates", []):
+            metric = c.get("metric") or ("ppl" if c.get("ppl") is not None else None)
+            value = c.get("quality", c.get("ppl")) if metric else None
+            latency = (1e3 / c["decode_tokens_per_s"] if c.get("decode_tokens_per_s")
+                       else None) if decoder else c["ttft_s"] * 1e3
+            if value is None or latency is None:
+                continue
+            metrics.add(metric)
+            points.append({"beta": c["beta"], "precision": c["precision"], "x": latency,
+                           "y": value, "fits": c["fits"], "chosen": c["chosen"]})
+        tiers.append({"profile": tier["profile"], "points": points})
+    if len(metrics) > 1:
+        raise ValueError(f"the bench report's candidates are measured by {sorted(metrics)}: "
+                         "one bundle's candidates share one measure")
+    metric = metrics.pop() if metrics else ("ppl" if decoder else None)
+    return {"metric": metric,
+            "x_label": ("decode ms/token" if decoder else "ms per inference, batch 1")
+            + " (predicted on the tier, log)",
+            "y_label": QUALITY_LABELS.get(metric, "quality (measured)"), "tiers": tiers}
+
+
+def _quality_panel(ax, data: dict) -> None:
+    """Quality (measured) vs latency (predicted), `quality_plot_data`: filled = meets
+    every target of the tier, hollow = does not; the tier's choice ringed and labelled."""
     markers = {"fp32": "o", "int8": "s", "int4": "^", "8da4w": "D"}
-    for i, tier in enumerate(report["tiers"]):
+    for i, tier in enumerate(data["tiers"]):
         color = f"C{i}"
-        for c in _quality_points(tier):
-            x, y = 1e3 / c["decode_tokens_per_s"], c["ppl"]
+        for c in tier["points"]:
+            x, y = c["x"], c["y"]
             ax.plot(x, y, markers.get(c["precision"], "o"), color=color, markersize=6,
                     markerfacecolor=color if c["fits"] else "none")
             if c["chosen"]:
@@ -170,8 +208,8 @@ def _quality_panel(ax, report: dict) -> None:
     for precision, marker in markers.items():
         ax.plot([], [], marker, color="gray", markerfacecolor="none", label=precision)
     ax.set_xscale("log")
-    ax.set_xlabel("decode ms/token (predicted on the tier, log)")
-    ax.set_ylabel("held-out perplexity (measured)")
+    ax.set_xlabel(data["x_label"])
+    ax.set_ylabel(data["y_label"])
     ax.set_title("Quality vs latency; filled = meets the tier's targets, ring = its choice")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
