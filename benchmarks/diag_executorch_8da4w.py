@@ -114,7 +114,7 @@ def random_model(layers: int, vocab: int, tokens: int, norms: str, folder: Path)
     from flexrank.exporters.executorch.validate import load_method
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_executorch_8da4w import smollm2_shaped
+    from test_executorch_8da4w import row_tie_distances, smollm2_shaped
 
     model = smollm2_shaped(layers, vocab, unit_norms=norms == "unit")
     quantize_8da4w_(model, [], 32, embedding_bits=8)
@@ -122,11 +122,7 @@ def random_model(layers: int, vocab: int, tokens: int, norms: str, folder: Path)
     near = {}
 
     def record(name, x):
-        x = x.double().reshape(-1, x.shape[-1])
-        low = x.min(-1, keepdim=True).values.clamp(max=0)
-        high = x.max(-1, keepdim=True).values.clamp(min=0)
-        steps = x / ((high - low) / 255)
-        distance = ((steps - steps.floor()) - 0.5).abs().min(-1).values
+        distance = row_tie_distances(x)
         near[name] = [(t, f"{d:.1e}") for t, d in enumerate(distance.tolist()) if d < 1e-4]
 
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, i[0]))

@@ -72,6 +72,17 @@ def smollm2_shaped(layers: int, vocab: int = VOCAB, unit_norms: bool = False):
     return model if unit_norms else random_norms_(model)
 
 
+def row_tie_distances(x: torch.Tensor) -> torch.Tensor:
+    """(tokens,) float64: per token (row of x, (..., features)), the smallest distance of
+    any element, in units of torchao's per-token int8 activation step ((max - min) / 255,
+    the range widened to hold 0), to a rounding boundary (x / step ending in .5)."""
+    x = x.double().reshape(-1, x.shape[-1])
+    low = x.min(-1, keepdim=True).values.clamp(max=0)
+    high = x.max(-1, keepdim=True).values.clamp(min=0)
+    steps = x / ((high - low) / 255)
+    return ((steps - steps.floor()) - 0.5).abs().min(-1).values
+
+
 def boundary_distances(model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
     """{linear: the smallest distance, in units of the int8 step, from any of its input
     elements to a rounding boundary of torchao's per-token int8 activation quantizer}
@@ -80,11 +91,7 @@ def boundary_distances(model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
     distances = {}
 
     def record(name, x):
-        x = x.double().reshape(-1, x.shape[-1])
-        low = x.min(-1, keepdim=True).values.clamp(max=0)
-        high = x.max(-1, keepdim=True).values.clamp(min=0)
-        steps = x / ((high - low) / 255)
-        distances[name] = float(((steps - steps.floor()) - 0.5).abs().min())
+        distances[name] = float(row_tie_distances(x).min())
 
     hooks = [module.register_forward_hook(lambda m, i, o, n=name: record(n, i[0]))
              for name, module in model.named_modules() if isinstance(module, nn.Linear)]
