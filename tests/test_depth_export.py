@@ -10,9 +10,11 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from conftest import char_tokenizer, token_batches
 from onnx import numpy_helper
+from test_depth_checkpoint import HIDDEN, INTERMEDIATE, KV, LINEAR_SHAPES
 from test_depth_elastic import elastic_setup  # noqa: F401  (the module-scoped fixture)
 
 from flexrank.compress.depth import make_depth_elastic_
@@ -22,19 +24,33 @@ from flexrank.exporters import export
 logging.getLogger("optimum").setLevel(logging.ERROR)
 
 
-def test_replaced_budget_exports_equal_to_pytorch_with_shared_weights_once(
-        elastic_setup, tmp_path):  # noqa: F811
-    from optimum.onnxruntime import ORTModelForCausalLM
-
+@pytest.fixture(scope="module")
+def exported(elastic_setup, tmp_path_factory):  # noqa: F811
+    """The smallest budget (blocks replaced) exported per-budget to ONNX; norm weights
+    made distinct (random) so that no two initializers are equal by chance (the exporter
+    stores equal constants once, which would hide a weight stored twice)."""
     _, factorised, _, stats, plan = elastic_setup
     beta = plan.budgets[0]
-    replaced = plan.replaced_for(beta)
-    assert replaced, plan.adapter_ranks
     model = copy.deepcopy(factorised)
     make_depth_elastic_(model, plan, stats)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
     elastic = ElasticModel(model, plan, tokenizer=char_tokenizer(), model_id="tiny-depth")
-    manifest = export(elastic, tmp_path, layout="per-budget", budgets=[beta])
-    graph_path = tmp_path / manifest["budgets"][0]["graph"]
+    out = tmp_path_factory.mktemp("depth-export")
+    manifest = export(elastic, out, layout="per-budget", budgets=[beta])
+    return elastic, plan, beta, manifest, out / manifest["budgets"][0]["graph"]
+
+
+def test_replaced_budget_exports_equal_to_pytorch_with_shared_weights_once(exported):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    elastic, plan, beta, manifest, graph_path = exported
+    model = elastic.model
+    replaced = plan.replaced_for(beta)
+    assert replaced, plan.adapter_ranks
 
     ort_model = ORTModelForCausalLM.from_pretrained(graph_path.parent, local_files_only=True)
     elastic.set_budget(beta)
@@ -63,3 +79,48 @@ def test_replaced_budget_exports_equal_to_pytorch_with_shared_weights_once(
             contents[(array.shape, array.tobytes())].append(init.name)
     assert not [names for names in contents.values() if len(names) > 1]
     assert np.isfinite(manifest["budgets"][0]["validation"]["max_abs_diff"])
+
+
+def _by_form(m: int, n: int, rank: int, form: str) -> int:
+    """Numbers a layer of shape (m, n) at `rank` stores in each form, written out."""
+    return {"dense": m * n, "plain": rank * (m + n), "gauge": rank * (m + n - rank)}[form]
+
+
+def test_manifest_counts_a_stand_in_as_shared_weights_plus_adapters(exported):
+    """The budget's manifest entry against a count made by hand from the tiny Llama's
+    dimensions (a replaced block: its stand-in's adapters U_a, V_a and output scales, the
+    donor's weights not again; its own layers and norms not at all) and against the
+    numbers the ONNX graph stores."""
+    _, plan, beta, manifest, graph_path = exported
+    entry = manifest["budgets"][0]
+    replaced = plan.replaced_for(beta)
+    layers = {layer["name"]: layer for layer in entry["layers"]}
+    blocks = [f"model.layers.{i}" for i in range(4)]
+    factorised = 0
+    for block in blocks:
+        for rel, (m, n) in LINEAR_SHAPES.items():
+            if block in replaced:
+                assert f"{block}.{rel}" not in layers  # not deployed at this budget
+                a = min(replaced[block][1], m, n)
+                layer = layers[f"{block}.depth_stand_in.{rel}"]
+                assert (layer["form"], layer["rank"], layer["params"]) == (
+                    "shared", a, a * (m + n) + m)
+            else:
+                layer = layers[f"{block}.{rel}"]
+                assert layer["params"] == _by_form(m, n, layer["rank"], layer["form"])
+            factorised += layer["params"]
+    assert len(layers) == 4 * len(LINEAR_SHAPES)
+    assert entry["forms"]["shared"] == len(replaced) * len(LINEAR_SHAPES)
+    params = entry["params"]
+    assert params["factorised"] == factorised
+    assert params["factorised_dense"] == 4 * (2 * HIDDEN * HIDDEN + 2 * KV * HIDDEN
+                                              + 3 * INTERMEDIATE * HIDDEN)
+    # embeddings (tied head) + final norm + two norms per block (a stand-in's own)
+    assert params["other"] == 100 * HIDDEN + HIDDEN + 4 * 2 * HIDDEN
+    assert params["whole_model"] == factorised + params["other"]
+    # the graph: every stored float weight (RoPE tables and scalar constants apart)
+    graph = onnx.load(graph_path)
+    stored = sum(int(np.prod(init.dims)) for init in graph.graph.initializer
+                 if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+                 and init.name not in ("cos_cache", "sin_cache") and len(init.dims) > 0)
+    assert stored == params["whole_model"]

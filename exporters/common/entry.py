@@ -6,7 +6,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from flexrank.compress.depth_layers import deployed_depth
 from flexrank.compress.select import nested_layers
+from flexrank.exporters.common.forms import LayerExport
 from flexrank.manifest import BudgetEntry, json_ready
 
 
@@ -30,10 +32,26 @@ def at_budget(elastic, beta: float):
             elastic.budget = previous_budget
 
 
-def other_params(model) -> int:
-    """Parameters outside the nested layers (embeddings, norms, a tied head counted once)."""
+def other_params(model, exclude: frozenset[int] = frozenset()) -> int:
+    """Parameters outside the nested layers (embeddings, norms, a tied head counted once),
+    but those whose id is in `exclude`."""
     nested = {id(p) for layer in nested_layers(model).values() for p in layer.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in nested)
+    return sum(p.numel() for p in model.parameters()
+               if id(p) not in nested and id(p) not in exclude)
+
+
+def _with_depth(elastic, beta, records: list) -> tuple[list, frozenset[int]]:
+    """Under a joint plan (issue 18): the records without the replaced blocks' layers,
+    plus one "shared" record per active stand-in layer (adapter + output scale; its donor's
+    weights are counted in the donor), and the parameter ids the budget does not store
+    besides (`deployed_depth`). Unchanged records and no ids otherwise."""
+    depth = deployed_depth(elastic.model, elastic.plan, beta)
+    if depth is None:
+        return records, frozenset()
+    kept = [r for r in records if depth.deploys(r.name)]
+    shared = [LayerExport(s.name, s.shape, s.rank, "shared", None, s.params)
+              for s in depth.stand_in_layers]
+    return kept + shared, depth.idle
 
 
 # What the manifest's `kept` (= β) is a fraction of, written beside it.
@@ -46,9 +64,11 @@ def make_budget_entry(elastic, beta, records, files, out_dir: Path, validation,
     total size, parameter counts and forms from the layer `records`, the `validation`
     report, and `extra` fields of the format (`graph`, `kv_cache_in_place`, ...; see
     `flexrank.manifest.BudgetEntry`)."""
-    factorised = sum(r.params for r in records)
+    # β's dense reference: every nested layer, replaced or not (as the joint plan's)
     dense = sum(r.shape[0] * r.shape[1] for r in records)
-    other = other_params(elastic.model)
+    records, idle = _with_depth(elastic, beta, records)
+    factorised = sum(r.params for r in records)
+    other = other_params(elastic.model, idle)
     paths = sorted({f.relative_to(out_dir).as_posix() for f in files})
     return BudgetEntry(**json_ready({
         "beta": beta,

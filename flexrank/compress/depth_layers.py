@@ -9,6 +9,7 @@ method (FlexiGPT, Smith et al., NAACL 2025, arXiv:2501.14713).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -279,3 +280,74 @@ def stand_in_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{name}.depth_stand_in.{p_name}": p for name, m in model.named_modules()
             if isinstance(m, DepthSwitch)
             for p_name, p in m.depth_stand_in.named_parameters()}
+
+
+@dataclass(frozen=True)
+class StandInLayer:
+    """One SharedLinear of a stand-in as a budget deploys it (for the export manifest).
+
+    name: qualified ("model.layers.2.depth_stand_in.mlp.up_proj"); shape: (out m, in n);
+    rank: the adapter rank a at the budget; params: the numbers the budget stores for it,
+    a·(m + n) (U_a, V_a) + m (the output scale), bias excluded; the donor's weights are
+    not counted: they are stored once, in the donor block.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    params: int
+
+
+@dataclass(frozen=True)
+class DepthDeployment:
+    """What a joint plan's budget deploys of the depth axis (`deployed_depth`).
+
+    replaced: qualified names of the replaced blocks (their own layers are not deployed);
+    stand_in_layers: the active stand-ins' SharedLinears; idle: ids of the parameters the
+    budget does not run, besides a replaced block's nested layers (the replaced blocks'
+    own norms and other weights, the stand-ins of kept blocks), plus the active stand-ins'
+    SharedLinear parameters (counted in `stand_in_layers`, not among the other weights).
+    """
+
+    replaced: frozenset[str]
+    stand_in_layers: tuple[StandInLayer, ...]
+    idle: frozenset[int]
+
+    def deploys(self, layer_name: str) -> bool:
+        """Whether a nested layer of this name is deployed (not in a replaced block)."""
+        return not any(layer_name.startswith(block + ".") for block in self.replaced)
+
+
+def deployed_depth(model: nn.Module, plan, beta: float) -> DepthDeployment | None:
+    """The depth part of budget `beta` of `model` under `plan`: None for a plan without
+    a depth axis (a NestedPlan) or a model without DepthSwitches. Reads the plan, not the
+    switches' current state. Raises ValueError (apply_depth_'s) when the plan replaces a
+    block that has no stand-in, or for a budget the plan lacks."""
+    if not hasattr(plan, "adapter_ranks"):
+        return None
+    prefix, blocks = block_list(model)
+    if not any(isinstance(block, DepthSwitch) for block in blocks):
+        return None
+    row = plan.adapter_ranks[plan.budget_index(beta)]
+    replaced, layers, idle = set(), [], set()
+    for j, switch in enumerate(blocks):
+        if not isinstance(switch, DepthSwitch):
+            if row[j]:
+                raise ValueError(f"the plan replaces block {plan.blocks[j]} at β={beta} but "
+                                 "the model has no stand-in for it: run make_depth_elastic_")
+            continue
+        stand_in = {id(p) for p in switch.depth_stand_in.parameters()}
+        if not row[j]:
+            idle |= stand_in
+            continue
+        name = f"{prefix}.{j}" if prefix else str(j)
+        replaced.add(name)
+        idle |= {id(p) for p in switch.parameters()} - stand_in
+        for rel, module in switch.depth_stand_in.named_modules():
+            if isinstance(module, SharedLinear):
+                m, n = module.out_features, module.in_features
+                a = min(int(row[j]), module.max_rank)
+                layers.append(StandInLayer(f"{name}.depth_stand_in.{rel}", (m, n), a,
+                                           a * (m + n) + m))
+                idle |= {id(p) for p in module.parameters()}
+    return DepthDeployment(frozenset(replaced), tuple(layers), frozenset(idle))
