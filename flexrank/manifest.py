@@ -179,8 +179,11 @@ class BudgetEntry(_ReadsLikeJson):
     files: list[str]  # POSIX paths relative to the bundle folder
     bytes: int  # of `files` together
     params: dict  # factorised, factorised_dense, kept (= β, of kept_of), other, whole_model*
-    forms: dict  # {layer form: count}
-    ranks: dict  # {layer: rank}
+    # {layer form: count}; a joint plan's stand-in layer is "shared" (the donor's weights
+    # plus its adapter: `params` counts the adapter and output scale; a replaced block's
+    # own layers are not listed), flexrank.compress.depth_layers.deployed_depth
+    forms: dict
+    ranks: dict  # {layer: rank} of the layers deployed (a stand-in layer: its adapter rank)
     layers: list  # per layer: name, shape, rank, form, condition, params
     validation: dict | None  # against PyTorch (None: exported without validation)
     graph: str  # the file a runtime loads
