@@ -22,10 +22,14 @@ Bytes (counted here as elements; `InferenceWork.bytes` prices them): the weights
 module reads, and the activations the matmul, conv and attention kernels read and write
 (their inputs and outputs, a factorised layer's rank-r intermediate, and the attention
 scores, written by QKᵀ and read by AV). Elementwise layers (norms, activations, batch norm)
-add no activations: onnxruntime fuses them into the neighbouring kernels (its graph
-optimisations: Conv+BatchNorm, Conv+activation, MatMul+Add, BiasGelu, SkipLayerNorm); their
-parameters are read. torch's FlopCounterMode is not used: it misses CPU sdpa attention and
-counts the nested layers' `.weight` property (U_r V_rᵀ) as work.
+are not counted as work, only their parameters as read: onnxruntime folds batch norm and
+ReLU into a dense conv before them (FusedConv) and merges residual adds into its
+SkipLayerNormalization and bias into BiasGelu, but these still run. Measured on a
+ViT-Tiny shape in onnxruntime, one thread, they are about 40 % of the time, and they do not
+shrink with the rank (BENCHMARKS.md, "Latency per inference of vision models"): the
+roofline over the counted work overstates a small budget's speed-up. torch's
+FlopCounterMode is not used: it misses CPU sdpa attention and counts the nested layers'
+`.weight` property (U_r V_rᵀ) as work.
 
 Known limits: `nn.MultiheadAttention` runs its projections functionally and is counted as
 self-attention from its own shapes; other functional matmuls outside modules are not seen.
