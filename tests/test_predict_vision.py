@@ -171,6 +171,11 @@ def test_budget_cost_of_a_factorised_vit_is_the_hand_count_at_its_ranks():
     assert fp32.inference_bytes - int8.inference_bytes == 3 * matmul_weights
     assert elastic.budget is None and all(layer.rank == layer.max_rank
                                           for layer in elastic.layers.values())
+    # the decision table names the image an inference is priced for, not "64 tokens"
+    from flexrank.device.decide import Candidate, decide
+
+    table = decide([Candidate(fp32)], "pixel8").table()
+    assert "one input of pixel_values (1, 3, 16, 16) (batch 1)" in table
 
 
 def resnet(size):

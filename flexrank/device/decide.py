@@ -349,7 +349,7 @@ class Decision:
         effs = "; ".join(f"{prec}: {eff.source}" for prec, eff in self.efficiencies.items())
         # an encoder's target is the latency per inference: one forward of one input
         per_input = (f"latency per inference = one forward pass of one input of "
-                     f"{p.targets.prompt_tokens} tokens (batch 1)" if "latency" in self.limits
+                     f"{self._input_described()} (batch 1)" if "latency" in self.limits
                      else f"TTFT for {p.targets.prompt_tokens} prompt tokens, memory with the "
                           f"KV cache for {p.context_tokens} tokens")
         lines = [f"Predicted on {p.name} ({p.tier}; {p.runtime}/{p.backend}, {p.threads} "
@@ -392,6 +392,15 @@ class Decision:
         chosen = "none" if self.chosen is None else self.chosen.label()
         lines.append(f"Chosen: {chosen}. {self.explanation}")
         return "\n".join(lines)
+
+    def _input_described(self) -> str:
+        """The input one inference is priced for: an image as counted ("pixel_values (1,
+        3, 224, 224)"), else the profile's prompt_tokens tokens."""
+        for row in self.rows:
+            if row.cost is not None and row.cost.inference_input \
+                    and not row.cost.inference_tokens:
+                return row.cost.inference_input
+        return f"{self.profile.targets.prompt_tokens} tokens"
 
     def to_dict(self) -> dict:
         """JSON-serialisable; latency and memory are predictions, quality is measured."""
