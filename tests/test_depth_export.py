@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from test_depth_checkpoint import HIDDEN, INTERMEDIATE, KV, LINEAR_SHAPES
 from test_depth_elastic import elastic_setup  # noqa: F401  (the module-scoped fixture)
 
-from flexrank.compress.depth import make_depth_elastic_
+from flexrank.compress.depth import DepthSwitch, make_depth_elastic_
 from flexrank.compress.elastic import ElasticModel
 from flexrank.exporters import export
 
@@ -39,6 +39,7 @@ def exported(elastic_setup, tmp_path_factory):  # noqa: F811
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
     elastic = ElasticModel(model, plan, tokenizer=char_tokenizer(), model_id="tiny-depth")
+    elastic.set_budget(1.0)  # no block replaced: the export must switch them by itself
     out = tmp_path_factory.mktemp("depth-export")
     manifest = export(elastic, out, layout="per-budget", budgets=[beta])
     return elastic, plan, beta, manifest, out / manifest["budgets"][0]["graph"]
@@ -51,6 +52,10 @@ def test_replaced_budget_exports_equal_to_pytorch_with_shared_weights_once(expor
     model = elastic.model
     replaced = plan.replaced_for(beta)
     assert replaced, plan.adapter_ranks
+    # exported at β's blocks the first time (a graph of other blocks fails validation and
+    # is exported again with fewer gauge-fixed layers, or raises when it has none)
+    assert "form_fallbacks" not in manifest["budgets"][0]
+    assert not any(s.replaced for s in model.modules() if isinstance(s, DepthSwitch))
 
     ort_model = ORTModelForCausalLM.from_pretrained(graph_path.parent, local_files_only=True)
     elastic.set_budget(beta)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from flexrank.compress.config import _checked_dict
+from flexrank.compress.depth_layers import depth_at
 from flexrank.compress.models import model_kind
 from flexrank.exporters import register_exporter
 from flexrank.exporters.common.entry import budget_name, make_budget_entry
@@ -244,12 +245,15 @@ def export_executorch(elastic, out_dir, *, layout, budgets, quantize, sample_inp
     for beta in budgets:
         folder = out_dir / budget_name(beta)
         shutil.rmtree(folder, ignore_errors=True)
-        with torch.no_grad():
-            records, ranks, extra, twin = _export_budget(elastic, beta, kind, sample, folder,
-                                                         config, quantize)
-        path = folder / PROGRAM_FILE
-        validation = (_validate(elastic, kind, sample, path, ranks, config, twin, quantize,
-                                extra["dynamic_axes"]) if config.validate else None)
+        # the ranks alone do not say which blocks β replaces (issue 18): the plan does
+        with depth_at(elastic.model, getattr(elastic, "plan", None), beta):
+            with torch.no_grad():
+                records, ranks, extra, twin = _export_budget(elastic, beta, kind, sample,
+                                                             folder, config, quantize)
+            path = folder / PROGRAM_FILE
+            validation = (_validate(elastic, kind, sample, path, ranks, config, twin,
+                                    quantize, extra["dynamic_axes"])
+                          if config.validate else None)
         files = [f for f in folder.rglob("*") if f.is_file()]
         entries.append(make_budget_entry(elastic, beta, records, files, out_dir, validation,
                                     graph=path.relative_to(out_dir).as_posix(), **extra))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from flexrank.compress.config import _checked_dict
+from flexrank.compress.depth_layers import depth_at
 from flexrank.compress.models import max_positions
 from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import FormPolicy, deployable_model
@@ -463,8 +464,9 @@ def export_budget_graph(elastic, beta: float, kind: str, folder: Path, sample_in
     arrays {"<layer>.Vt": (r, n), "<layer>.Ut": (r, m)} when `factors_only`, else {}.
     """
     ranks = elastic.layer_ranks(beta) if ranks is None else ranks
-    deployed, records = deployable_model(elastic.model, ranks, factors_only, config.forms,
-                                         layer_forms)
+    with depth_at(elastic.model, getattr(elastic, "plan", None), beta):  # blocks β replaces
+        deployed, records = deployable_model(elastic.model, ranks, factors_only,
+                                             config.forms, layer_forms)
     factors = {}
     if factors_only:
         for record in records:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from flexrank.compress.depth_layers import depth_at
 from flexrank.compress.models import model_kind
 from flexrank.compress.select import nested_layers
 from flexrank.exporters import register_exporter
@@ -82,7 +83,8 @@ def validate_graph(elastic, beta, kind, graph: Path, sample, config: OnnxExportC
     exported with when they differ from the plan's)."""
     session = make_session(graph, config.threads)
     at = at_budget(elastic, beta) if ranks is None else at_ranks(elastic.model, ranks)
-    with at as model:
+    # at_ranks sets ranks only: which blocks β replaces (issue 18) comes from the plan
+    with depth_at(elastic.model, getattr(elastic, "plan", None), beta), at as model:
         if kind == "decoder":
             report = validate_decoder(session, model, sample, config.tolerance, strict,
                                       config.generate, feed_extra)

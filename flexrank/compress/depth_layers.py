@@ -9,6 +9,7 @@ method (FlexiGPT, Smith et al., NAACL 2025, arXiv:2501.14713).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -351,3 +352,28 @@ def deployed_depth(model: nn.Module, plan, beta: float) -> DepthDeployment | Non
                                            a * (m + n) + m))
                 idle |= {id(p) for p in module.parameters()}
     return DepthDeployment(frozenset(replaced), tuple(layers), frozenset(idle))
+
+
+@contextmanager
+def depth_at(model: nn.Module, plan, beta: float):
+    """`model` with its DepthSwitches as `plan` has them at `beta` (`apply_depth_`); their
+    previous states (replaced, adapter ranks) are restored afterwards. Does nothing for a
+    plan without a depth axis (a NestedPlan) or a model without switches. For code that
+    sets ranks by hand (an exporter at rounded ranks, a copy of the model to deploy): the
+    ranks alone do not say which blocks a budget replaces."""
+    if not hasattr(plan, "adapter_ranks"):
+        yield model
+        return
+    switches = [m for m in model.modules() if isinstance(m, DepthSwitch)]
+    shared = [m for s in switches for m in s.depth_stand_in.modules()
+              if isinstance(m, SharedLinear)]
+    previous = [s.replaced for s in switches], [m.rank for m in shared]
+    if switches:
+        apply_depth_(model, plan, beta)
+    try:
+        yield model
+    finally:
+        for switch, replaced in zip(switches, previous[0], strict=True):
+            switch.replaced = replaced
+        for module, rank in zip(shared, previous[1], strict=True):
+            module.rank = rank
