@@ -153,6 +153,11 @@ def main():
                              "matching (objectives.layer_loss)")
     parser.add_argument("--no-export", action="store_true",
                         help="stop after distillation (no export, no onnxruntime figures)")
+    parser.add_argument("--skip-refit", action="store_true",
+                        help="with --no-export, for trials: no refit of the columns only "
+                             "β = 1 reads (it collects covariances over every distillation "
+                             "sentence: ~8 min for 8192 here); the smaller budgets, which it "
+                             "does not touch, are measured as they are; β = 1 is not")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="held-out figures and a checkpoint (OUT/distill) every N "
                              "distillation steps: a stopped run resumes there")
@@ -250,6 +255,12 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
                            checkpoint_every=args.eval_every, full_budget=args.full_budget,
                            sampler=args.sampler, budget_weights=weights,
                            eval_every=args.eval_every)
+    if args.skip_refit:
+        if not args.no_export:
+            raise SystemExit("--skip-refit leaves β = 1 unrefit: only with --no-export")
+        import flexrank.compress.distill as distill_module
+
+        distill_module._anchor_full_budget = lambda run, progress: None
     with stage(results["stages"], "distill"):
         run = distill(student, teacher, nested, args.distill_batches, config,
                       eval_batches=held_out if args.eval_every else None,
