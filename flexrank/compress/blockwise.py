@@ -6,7 +6,9 @@ once up to the first block, whose inputs are kept; then, block after block, the 
 runs on its kept inputs with covariance hooks on its layers, its outputs become the next
 block's inputs, its layers are factorised and its covariances freed. Peak memory is one
 block's float64 covariances + the calibration set's hidden states + the weights, instead
-of every layer's covariances at once (Llama-3-8B: ~2 GB instead of ~44 GB).
+of every layer's covariances at once (Llama-3-8B: ~2 GB instead of ~44 GB). The hidden
+states can live on disk instead, one batch in memory at a time (`offload_dir`;
+flexrank.compress.offload), which leaves one block's covariances + the weights.
 
 The numbers are those of `collect_covariances` + `factorize_` on the whole model: every
 block runs the same operations on the same inputs (the dense model's hidden states; a
@@ -22,9 +24,12 @@ the all-at-once path.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +42,7 @@ from flexrank.compress.covariance import (
     collect_covariances,
     warn_few_tokens,
 )
+from flexrank.compress.offload import AUTO, HiddenStates, should_offload
 from flexrank.compress.select import FilterFn, find_targets
 from flexrank.compress.surgery import (
     LayerReport,
@@ -84,9 +90,9 @@ def _hidden_of(output) -> torch.Tensor:
 
 
 def _like(template, hidden: torch.Tensor):
-    """`hidden` in the form of a block's output `template` (a tensor, or a tuple/list
-    whose first element is the hidden states)."""
-    if torch.is_tensor(template):
+    """`hidden` in the form of a block's output `template` (None or a tensor: `hidden`
+    itself; a tuple/list: `hidden` in place of its first element)."""
+    if template is None or torch.is_tensor(template):
         return hidden
     return type(template)((hidden, *template[1:]))
 
@@ -122,19 +128,21 @@ def _token_mask(batch) -> torch.Tensor | None:
 
 
 def _capture_block_calls(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence,
-                         ) -> tuple[list[_BlockCall], list[list[_BlockCall]]]:
+                         store: HiddenStates, offload: _Offload) -> list[list[_BlockCall]]:
     """Run every batch up to the first block (which runs once, for the form of a block's
-    output); blocks after it are stood in for and only record their call.
+    output); blocks after it are stood in for and only record their call. Each batch's
+    input hidden states of the first block go to `store`, opened on the first batch
+    (`_open_store`).
 
-    Returns (the first block's calls per batch, [batch][block] calls of every block; for
-    blocks 1..N-1 the hidden states are stand-ins: only their other arguments are used)."""
-    first_calls, later_calls = [], []
+    Returns [batch][block] calls of every block without their hidden states (None in their
+    place: `with_hidden` puts them back)."""
+    calls_of = []
     # transformers' base model (no LM head: 128k-wide logits are not needed here) when it
     # holds the blocks; the model itself otherwise
     runner = getattr(model, "base_model", model)
     if not any(module is blocks[0] for module in runner.modules()):
         runner = model
-    for batch in batches:
+    for b, batch in enumerate(batches):
         calls: list = [None] * len(blocks)
         output: list = [None]
 
@@ -164,16 +172,53 @@ def _capture_block_calls(model: nn.Module, blocks: Sequence[nn.Module], batches:
             raise RuntimeError(f"blocks {missing[:3]} did not run in the model's forward: "
                                "block-sequential calibration needs every block called once "
                                "per forward; use blockwise=False")
-        first_calls.append(calls[0])
-        later_calls.append(calls)
-    return first_calls, later_calls
+        hidden = calls[0].hidden()
+        if b == 0:
+            _open_store(store, offload, hidden.numel() * hidden.element_size() * len(batches))
+        store.put(b, hidden)
+        # the stand-ins' hidden states (the first block's outputs) are not kept
+        calls_of.append([call.with_hidden(None) for call in calls])
+        del calls, output, hidden
+    return calls_of
+
+
+def _open_store(store: HiddenStates, offload: _Offload, estimated_bytes: int) -> None:
+    """Open `store` in `offload.folder` (or in memory: None; for "auto", when the hidden
+    states fit in memory) once the first batch's hidden states tell their size:
+    `estimated_bytes`, that batch's bytes times the number of batches."""
+    folder = offload.folder
+    if offload.auto and not should_offload(estimated_bytes, store.device):
+        folder = None
+    store.open(folder)
+    store.check_space(estimated_bytes)
+
+
+@dataclass(frozen=True)
+class _Offload:
+    """Where the hidden states go: `folder` (None: memory); `auto`: only when they would
+    not fit (offload.should_offload)."""
+
+    folder: Path | None
+    auto: bool
+
+    @classmethod
+    def of(cls, offload_dir, auto_dir) -> _Offload:
+        if offload_dir is None:
+            return cls(None, False)
+        if isinstance(offload_dir, str) and offload_dir == AUTO:
+            return cls(Path(auto_dir) if auto_dir is not None else
+                       Path(tempfile.gettempdir()), True)
+        if isinstance(offload_dir, str) and not offload_dir.strip():
+            raise ValueError("offload_dir '' is not a folder: give a folder, 'auto' or None")
+        return cls(Path(offload_dir), False)
 
 
 @torch.no_grad()
 def factorize_blockwise_(model: nn.Module, batches: Iterable,
                          config: FactorizeConfig | None = None,
                          filter_fn: FilterFn | None = None, precise: bool = False,
-                         progress: bool = True) -> list[LayerReport]:
+                         progress: bool = True, offload_dir: str | os.PathLike | None = None,
+                         auto_dir: str | os.PathLike | None = None) -> list[LayerReport]:
     """`collect_covariances` + `factorize_` (DataSVD) one block at a time, in place.
 
     Same arguments and result as `factorize_(model, collect_covariances(model, batches,
@@ -184,15 +229,28 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     `flexrank.compress.calibration.as_batch`. Under torch.distributed each process passes
     its shard; each block's sums are all-reduced before it is factorised. Weights keep
     their dtype (a bf16 model stays bf16; the maths per layer runs in float64, see
-    decompose.COMPUTE_DTYPE). Raises ValueError for a model without target layers or for
-    config.method 'plain' (no calibration is needed: use factorize_), BatchError for a
-    batch in another form, RuntimeError for a model whose forward does not call each block
-    once per batch.
+    decompose.COMPUTE_DTYPE).
+
+    `offload_dir`: None keeps the hidden states in memory (on the model's device); a folder
+    keeps them in files there, one batch in memory at a time (`flexrank.compress.offload`:
+    the same bytes, so the same factors); "auto" does so, in `auto_dir` (default
+    `tempfile.gettempdir()`; a RAM-backed /tmp saves nothing: give a folder on a disk),
+    when they would take more than offload.AUTO_OFFLOAD_FRACTION of the available memory.
+    The files are removed at the end, also on an error. The other arguments of each
+    block's call (attention masks, position embeddings, typically shared by the blocks)
+    stay in memory.
+
+    Raises ValueError for a model without target layers or for config.method 'plain' (no
+    calibration is needed: use factorize_), BatchError for a batch in another form,
+    RuntimeError for a model whose forward does not call each block once per batch,
+    flexrank.io.WriteError for an offload folder that cannot be written or has too little
+    free space.
     """
     config = config or FactorizeConfig()
     if config.method != "data":
         raise ValueError(f"factorize_blockwise_ calibrates for DataSVD; method "
                          f"{config.method.value!r} needs no calibration: use factorize_")
+    offload = _Offload.of(offload_dir, auto_dir)
     targets = find_targets(model, filter_fn, config.include_lm_head)
     if not targets:
         raise ValueError("the model has no layer FlexRank can factorise (Linear, Conv1d, "
@@ -207,16 +265,18 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     device = next(model.parameters()).device
     batches = [to_device(as_batch(b, model), device) for b in batches]
     masks = [_token_mask(b) for b in batches]
+    outside = {n: m for n, m in targets.items() if not _inside(n, blocks_name)}
     was_training = model.training
     model.eval()
     try:
-        first_calls, later_calls = _capture_block_calls(model, blocks, batches)
-        reports, seen = _factorize_blocks(blocks, blocks_name, targets, first_calls,
-                                          later_calls, masks, config, precise, progress)
-        outside = {n: m for n, m in targets.items() if not _inside(n, blocks_name)}
-        if outside:  # after the blocks: their inputs need the blocks' outputs
-            reports = _factorize_outside(model, blocks, outside, batches, masks,
-                                         first_calls, config, precise, seen) + reports
+        with HiddenStates(device) as store:
+            calls_of = _capture_block_calls(model, blocks, batches, store, offload)
+            reports, seen, templates = _factorize_blocks(
+                blocks, blocks_name, targets, calls_of, store, masks, config, precise,
+                progress, keep_last=bool(outside))
+            if outside:  # after the blocks: their inputs need the blocks' outputs
+                reports = _factorize_outside(model, blocks, outside, batches, masks, store,
+                                             templates, config, precise, seen) + reports
     finally:
         model.train(was_training)
     warn_few_tokens(seen)
@@ -228,40 +288,44 @@ def _inside(name: str, blocks_name: str) -> bool:
     return name.startswith(f"{blocks_name}.") if blocks_name else True
 
 
-def _factorize_blocks(blocks, blocks_name, targets, first_calls, later_calls, masks,
-                      config, precise, progress):
-    """Each block in turn: covariances on its inputs, its outputs kept as the next block's
-    inputs, its layers factorised, its covariances freed."""
-    calls = list(first_calls)
+def _factorize_blocks(blocks, blocks_name, targets, calls_of, store: HiddenStates, masks,
+                      config, precise, progress, keep_last: bool):
+    """Each block in turn: covariances on its inputs (taken from `store`), its outputs put
+    in `store` as the next block's inputs, its layers factorised, its covariances freed.
+    One batch's hidden states are held at a time (with `store` on disk).
+
+    Returns (reports, tokens seen per leader, each batch's last-block output form for
+    `_like`); the last block's outputs stay in `store` when `keep_last`."""
     reports: list[LayerReport] = []
+    templates: list = [None] * len(calls_of)
     clamped = WhiteningCache(None, config.eigen_floor)  # rank-deficient inputs, for one warning
     seen: dict[str, tuple[int, int]] = {}  # leader -> (tokens, width), for the warning
     bar = tqdm(total=len(targets), desc="calibrate + decompose (by block)",
                disable=not progress, unit="layer")
     with bar:
         for index, block in enumerate(blocks):
+            last = index + 1 == len(blocks)
             prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
             mine = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")}
             with CovarianceCollector(mine, precise=precise) as collector:
-                for b, call in enumerate(calls):
+                for b, calls in enumerate(calls_of):
                     collector.token_mask = masks[b]
+                    call = calls[index].with_hidden(store.take(b))
                     output = block(*call.args, **call.kwargs)
+                    del call  # this batch's inputs: freed before the next batch is read
                     collector.end_batch()
-                    if index + 1 < len(blocks):
-                        calls[b] = later_calls[b][index + 1].with_hidden(_hidden_of(output))
-                    else:
-                        calls[b] = output  # the last block's dense outputs, kept
+                    if not last or keep_last:
+                        store.put(b, _hidden_of(output))
+                    if last and not torch.is_tensor(output):
+                        templates[b] = type(output)((None, *output[1:]))
+                    del output
             stats = collector.stats.all_reduce_()
             seen.update({leader: (count, stats.sums[leader].shape[0])
                          for leader, count in stats.counts.items()})
             reports += _swap(block, prefix, mine, stats, config, bar, clamped)
             del stats, collector  # this block's covariances
     clamped.warn_rank_deficient()
-    for b, output in enumerate(calls):  # hand the last outputs to the caller
-        first_calls[b] = output
-    return reports, seen
-
-
+    return reports, seen, templates
 def _swap(root: nn.Module, prefix: str, targets, stats, config, bar,
           clamped: WhiteningCache) -> list[LayerReport]:
     """Factorise `targets` under `root`; their inputs' clamped eigenvalue counts go to
@@ -276,13 +340,14 @@ def _swap(root: nn.Module, prefix: str, targets, stats, config, bar,
     return reports
 
 
-def _factorize_outside(model, blocks, outside, batches, masks, last_outputs,
-                       config, precise, seen) -> list[LayerReport]:
+def _factorize_outside(model, blocks, outside, batches, masks, store: HiddenStates,
+                       templates, config, precise, seen) -> list[LayerReport]:
     """Layers outside the blocks: one pass of the whole model in which every block returns
-    the dense output of the last block (already computed), then factorised."""
+    the dense output of the last block (already computed, in `store`, in the form of
+    `templates`), then factorised."""
     with CovarianceCollector(outside, precise=precise) as collector:
         for b, batch in enumerate(batches):
-            output = last_outputs[b]
+            output = _like(templates[b], store.take(b))
 
             def replay(*args, _output=output, **kwargs):
                 return _output
@@ -290,6 +355,7 @@ def _factorize_outside(model, blocks, outside, batches, masks, last_outputs,
             with _replaced_forwards(blocks, lambda i, _f=replay: _f):
                 _run_model(model, batch)
             collector.end_batch()
+            del output, replay
     stats = collector.stats.all_reduce_()
     seen.update({leader: (count, stats.sums[leader].shape[0])
                  for leader, count in stats.counts.items()})
