@@ -153,3 +153,43 @@ def test_available_memory_without_psutil_reads_meminfo(monkeypatch):
     from_meminfo = offload.available_memory(torch.device("cpu"))
     # the same kernel figure read twice, moments apart, on a host shared with other jobs
     assert abs(from_meminfo - with_psutil) < 0.2 * with_psutil
+
+
+def test_compress_offloads_where_told_and_resumes_either_way(tmp_path, monkeypatch):
+    """`flexrank compress --offload-hidden DIR`: the decomposed factors equal those of a
+    run in memory, bit for bit, DIR is left empty, and the setting is no part of the
+    resume signature (where hidden states were kept changes no number)."""
+    from conftest import char_tokenizer
+    from safetensors.torch import load_file
+
+    from flexrank.cli import main
+    from flexrank.compress.config import CompressConfig
+
+    tiny_llama(init_std=0.2).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"{i} the quick brown fox jumps over the lazy dog\n"
+                            for i in range(200)))
+    args = ["compress", str(tmp_path / "model"), "--calib", str(text), "--samples", "8",
+            "--seq-len", "32", "--eval-samples", "0", "--batch-size", "4", "--budgets",
+            "1,0.7", "--levels", "4", "--probe-points", "1", "--probe-samples", "2",
+            "--steps", "0"]
+    assert main([*args, "-o", str(tmp_path / "memory")]) == 0
+    tracker = Tracker(monkeypatch)
+    assert main([*args, "-o", str(tmp_path / "disk"),
+                 "--offload-hidden", str(tmp_path / "hidden")]) == 0
+    assert tracker.saves == tracker.loads > 0 and tracker.alive_elsewhere == []
+    want = load_file(tmp_path / "memory" / "stages" / "decomposed.safetensors")
+    got = load_file(tmp_path / "disk" / "stages" / "decomposed.safetensors")
+    assert want.keys() == got.keys() and any(k.endswith(".U") for k in got)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert list((tmp_path / "hidden").iterdir()) == []
+    # a finished folder resumes with the other setting: nothing is redone
+    decomposed = tmp_path / "memory" / "stages" / "decomposed.safetensors"
+    written = decomposed.stat().st_mtime_ns
+    assert main([*args, "-o", str(tmp_path / "memory"), "--offload-hidden", "auto"]) == 0
+    assert decomposed.stat().st_mtime_ns == written
+    assert "offload_hidden" not in CompressConfig(offload_hidden="auto").signature("m")
+    with pytest.raises(ValueError, match="offload_hidden '' must be None, 'auto' or"):
+        CompressConfig(offload_hidden="")

@@ -67,7 +67,7 @@ def compress_config(args) -> CompressConfig:
                               seed=args.seed, qat=args.qat,
                               qat_block_size=args.qat_block_size,
                               full_budget=full_budget(args)),
-        seed=args.seed)
+        seed=args.seed, offload_hidden=args.offload_hidden)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -126,6 +126,11 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                         "weights: β = 1 stays the original model), refit (not trained, refit), "
                         "train (trained like the others); auto: train with --qat (β = 1 "
                         "trained for its 4-bit weights), anchor otherwise")
+    p.add_argument("--offload-hidden", metavar="DIR|auto", default=None,
+                   help="keep the calibration hidden states of DataSVD in files in DIR, one "
+                        "batch in memory at a time (the same factors); auto: in the output "
+                        "folder when they would take over a quarter of the available memory "
+                        "(default: in memory)")
 
 
 def cmd_compress(args) -> int:

@@ -263,10 +263,18 @@ class CompressConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
     seed: int = 0
+    # DataSVD's calibration hidden states: None in memory, a folder (one batch in memory
+    # at a time; blockwise.factorize_blockwise_), "auto" (in the output folder when they
+    # would not fit in memory). Not part of the resume signature: the factors are the same
+    offload_hidden: str | None = None
     version: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
+        if self.offload_hidden is not None and (not isinstance(self.offload_hidden, str)
+                                                or not self.offload_hidden.strip()):
+            raise ValueError(f"offload_hidden {self.offload_hidden!r} must be None, 'auto' "
+                             "or the path of a folder")
         check_budgets(self.budgets)
         # seq_len >= 2: the held-out perplexity predicts each next token of a sequence
         _at_least(self, {"num_samples": 1, "seq_len": 2, "eval_samples": 0, "batch_size": 1,
@@ -299,6 +307,7 @@ class CompressConfig:
         """What must match for a resume (distillation steps may grow)."""
         data = json.loads(json.dumps(asdict(self)))
         data.pop("version")
+        data.pop("offload_hidden")  # where hidden states are kept changes no number
         data["distill"].pop("steps")
         data["distill"].pop("eval_every")
         data["distill"].pop("checkpoint_every")

@@ -261,7 +261,9 @@ def _decompose(stages: Stages, cfg: CompressConfig, teacher, train_batches):
     if saved_sums:
         factorize_(student, _covariance(stages, teacher, train_batches), cfg.factorize)
     elif cfg.factorize.method == "data":
-        factorize_blockwise_(student, train_batches, cfg.factorize)
+        # "auto" offloads into the output folder (a disk, where /tmp may be RAM-backed)
+        factorize_blockwise_(student, train_batches, cfg.factorize,
+                             offload_dir=cfg.offload_hidden, auto_dir=stages.dir)
     else:
         factorize_(student, None, cfg.factorize)
     with atomic_path(path) as tmp:
