@@ -30,6 +30,7 @@ from flexrank.exporters.common.validate import torch_greedy
 from flexrank.exporters.executorch.validate import at_ranks
 from flexrank.exporters.onnx.convert import OnnxExportConfig
 from flexrank.exporters.onnx.genai import GENAI_CONFIG, og_readable_tokenizer_
+from flexrank.formats import RANK_LEVEL
 from flexrank.io import save_tokenizer
 from flexrank.runtime.kv_cache import make_session, onnx_greedy
 
@@ -51,9 +52,10 @@ def llama():
 
 
 def og_greedy(folder: Path, prompt: np.ndarray, steps: int, filename: str | None = None,
-              ) -> list[int]:
+              rank_level: int | None = None) -> list[int]:
     """og's greedy tokens on the model of `folder`'s genai_config.json, or on the graph
-    `filename` of that folder through a config overlay (the shared layout's budgets)."""
+    `filename` of that folder through a config overlay (the shared layout's budgets), with
+    the elastic graph's `rank_level` input set when given (the elastic layout's budgets)."""
     config = og.Config(str(folder))
     if filename is not None:
         config.overlay(json.dumps({"model": {"decoder": {"filename": filename}}}))
@@ -61,6 +63,8 @@ def og_greedy(folder: Path, prompt: np.ndarray, steps: int, filename: str | None
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt.shape[1] + steps, do_sample=False)
     generator = og.Generator(model, params)
+    if rank_level is not None:
+        generator.set_model_input(RANK_LEVEL, np.array([rank_level], np.int64))
     generator.append_tokens(prompt)
     tokens = []
     while not generator.is_done():
@@ -132,6 +136,34 @@ def test_og_runs_every_budget_of_the_shared_layout(llama, tmp_path, quantize):
                                                           STEPS))
             tokens |= set(ours)
     assert len(tokens) > 10
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_og_runs_every_budget_of_the_elastic_layout(llama, tmp_path, quantize):
+    """One graph for every budget: og.Model(elastic/) reads its genai_config.json, and
+    `generator.set_model_input("rank_level", [level])` picks the budget; og's greedy tokens
+    are PyTorch's at the budget's ranks (float) and an onnxruntime session's fed the same
+    level, and they differ between budgets."""
+    config = OnnxExportConfig(int4_accuracy_level=0, validate=False)
+    manifest = export(llama, tmp_path, layout="elastic", quantize=quantize, config=config)
+    folder = tmp_path / "elastic"
+    written = json.loads((folder / GENAI_CONFIG).read_text())
+    assert written["model"]["decoder"]["filename"] == "model.onnx"
+    session = make_session(folder / "model.onnx", 1)
+    by_level = {}
+    for entry in manifest["budgets"]:
+        assert f"elastic/{GENAI_CONFIG}" in entry["files"]
+        level = entry["rank_level"]
+        for prompt in PROMPTS:
+            ours = og_greedy(folder, prompt, STEPS, rank_level=level)
+            assert_same_greedy(ours, onnx_greedy(session, prompt, STEPS,
+                                                 {RANK_LEVEL: np.array([level], np.int64)}))
+            if quantize is None:
+                with at_ranks(llama.model, entry["ranks"]) as reference, torch.no_grad():
+                    assert_same_greedy(ours, torch_greedy(reference, torch.from_numpy(prompt),
+                                                          STEPS))
+            by_level.setdefault(level, []).extend(ours)
+    assert len({tuple(tokens) for tokens in by_level.values()}) > 1  # the level is read
 
 
 def test_og_runs_the_default_int4_graph(llama, tmp_path):

@@ -11,7 +11,8 @@ Bundle layout (`out_dir`):
     shared       shared/model-budget-<β>.onnx over shared/weights.bin (rank prefixes;
                  int4: of the 4-bit blocks too, `int4_layouts`)
     elastic      elastic/model.onnx with an int64 input `rank_level` ([1]; 0 = smallest β;
-                 int4: one If branch per level)
+                 int4: one If branch per level); decoders: genai_config.json (og sets
+                 `rank_level` with generator.set_model_input)
     (all)        flexrank-manifest.json, written last by `flexrank.exporters.export`
 """
 
@@ -360,6 +361,9 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort, quantize=None
     save_model(model, graph, config.external_data)
     if ort:
         graph = convert_to_ort(folder)[0]
+    if kind == "decoder":  # og runs a budget with generator.set_model_input(RANK_LEVEL, …)
+        write_genai_config(elastic.model, model.graph, graph, flag["kv_cache_in_place"])
+        og_readable_tokenizer_(folder)
     entries = []
     for level, beta in enumerate(budgets):
         feed = {RANK_LEVEL: np.array([level], np.int64)}

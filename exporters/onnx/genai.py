@@ -20,6 +20,14 @@ subfolder per budget cannot point back at the shared weights):
     config = og.Config("shared")
     config.overlay('{"model": {"decoder": {"filename": "model-budget-0.5.onnx"}}}')
     model = og.Model(config)
+
+The elastic layout's one graph takes the budget as its int64 input `rank_level` ([1]; the
+manifest's `rank_level` of each budget, 0 = the smallest), which onnxruntime-genai passes
+through as an extra model input (tests/test_genai.py):
+
+    model = og.Model("elastic")
+    generator = og.Generator(model, og.GeneratorParams(model))
+    generator.set_model_input("rank_level", numpy.array([level], numpy.int64))
 """
 
 from __future__ import annotations
