@@ -296,3 +296,21 @@ def test_bench_quality_plot_of_a_tiny_bert_is_cosine_against_ms_per_inference():
     assert all(p["fits"] for p in points)  # a tiny BERT meets pixel8's 100 ms
     by_beta = sorted(points, key=lambda p: p["beta"])
     assert by_beta[0]["x"] < by_beta[-1]["x"] and by_beta[0]["y"] < by_beta[-1]["y"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_text_encoder_attention_is_counted_once_per_block(kind):
+    """QKᵀ and AV of T tokens in each of 2 blocks, 4 heads of width 8: 2·4·T²·8 MACs a
+    block, beside the block's linears (4·32² + 2·32·64 MACs a token)."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    model = tiny_bert() if kind == "bert" else DistilBertModel(DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+        max_position_embeddings=64)).eval()
+    tokens = 10
+    inputs, _, _ = sample_input(model, tokens)
+    work = count_work(model, inputs)
+    attention = 2 * (2 * 4 * tokens * tokens * 8)
+    assert work.attention_macs == attention
+    pooler = 32 * 32 if kind == "bert" else 0  # BERT's pooler reads the [CLS] token
+    assert work.macs == attention + 2 * tokens * (4 * 32 * 32 + 2 * 32 * 64) + pooler

@@ -14,8 +14,9 @@ counts what its kernel does (MACs = multiply-adds; FLOPs = 2 × MACs):
   for 2-d; k = kernel positions); `NestedConv*` at rank r: its rank-r conv, N·r·S_out·C_in·k,
   then its 1×1 conv, N·C_out·S_out·r (or the dense conv under the same rule as linears);
 - attention (a module with `num_attention_heads` and `attention_head_size`, as BERT's and
-  ViT's self-attention, or `num_heads` and `head_dim`): QKᵀ and AV, 2·B·heads·T²·head_dim
-  MACs for T tokens (its q, k, v projections are linears, counted as such);
+  ViT's self-attention, `num_heads` and `head_dim`, or `n_heads` and `dim`): QKᵀ and AV,
+  2·B·heads·T²·head_dim MACs for T tokens (its q, k, v projections are linears, counted
+  as such);
 - `nn.Embedding`: the rows looked up (one per input id), read as activations.
 
 Bytes (counted here as elements; `InferenceWork.bytes` prices them): the weights each
@@ -87,28 +88,44 @@ def factor_macs(m: int, n: int, rank: int) -> int:
     return m * n if plain > DENSE_ABOVE * m * n else plain
 
 
-def _first_tensor(args, kwargs, name: str = "hidden_states") -> torch.Tensor | None:
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    """A module's main input: its first positional argument, else the keyword the encoders
+    pass it by (hidden_states; DistilBERT's attention: query), else the first tensor."""
     if args and torch.is_tensor(args[0]):
         return args[0]
-    value = kwargs.get(name)
-    return value if torch.is_tensor(value) else None
+    for name in ("hidden_states", "query", "x", "input"):
+        if torch.is_tensor(kwargs.get(name)):
+            return kwargs[name]
+    return next((v for v in kwargs.values() if torch.is_tensor(v)), None)
 
 
 def _attention_heads(module: nn.Module) -> tuple[int, int] | None:
-    """(heads, head dim) of a self-attention module, None for other modules."""
-    for heads, dim in (("num_attention_heads", "attention_head_size"),
-                       ("num_heads", "head_dim")):
+    """(heads, head dim) of a self-attention module by the attributes transformers' encoders
+    give it (BERT, RoBERTa, ViT, DeiT, Swin, DeBERTa: num_attention_heads and
+    attention_head_size; CLIP, Whisper: num_heads and head_dim; DistilBERT: n_heads and the
+    width dim), None for other modules."""
+    for heads, dim, per_head in (("num_attention_heads", "attention_head_size", True),
+                                 ("num_heads", "head_dim", True), ("n_heads", "dim", False)):
         h, d = getattr(module, heads, None), getattr(module, dim, None)
         if isinstance(h, int) and isinstance(d, int) and h > 0 and d > 0:
-            return h, d
+            return h, d if per_head else d // h
     return None
+
+
+def _attention_modules(model: nn.Module) -> set[int]:
+    """ids of the innermost modules `_attention_heads` recognises (a wrapper that carries
+    the same attributes as the attention inside it is not counted twice)."""
+    found = {id(m) for m in model.modules() if _attention_heads(m) is not None}
+    return {id(m) for m in model.modules() if id(m) in found
+            and not any(id(c) in found for c in m.modules() if c is not m)}
 
 
 class _Counter:
     """The hooks' shared state: one `InferenceWork`, filled as the forward runs."""
 
-    def __init__(self):
+    def __init__(self, attention: set[int]):
         self.work = InferenceWork()
+        self.attention = attention  # ids of the modules whose QKᵀ and AV are counted
 
     def add(self, name: str, macs: int = 0, matmul_weights: int = 0, other_weights: int = 0,
             activations: int = 0) -> None:
@@ -147,9 +164,9 @@ class _Counter:
             self._multihead(name, mod, x)
         else:
             self.add(name, other_weights=sum(p.numel() for p in mod.parameters(recurse=False)))
-            heads = _attention_heads(mod)
-            if heads is not None and x is not None and x.dim() == 3:
-                self._attention(f"{name}:attention", x.shape[0], x.shape[1], *heads)
+            if id(mod) in self.attention and x is not None and x.dim() == 3:
+                self._attention(f"{name}:attention", x.shape[0], x.shape[1],
+                                *_attention_heads(mod))
 
     def _nested_linear(self, name: str, mod: NestedLinear, x) -> None:
         m, n, r = mod.out_features, mod.in_features, mod.rank
@@ -207,7 +224,7 @@ def count_work(model: nn.Module, inputs) -> InferenceWork:
     call: pass a batch of one to price one inference (counts scale with the batch).
 
     The hooks are removed afterwards, also when the forward raises."""
-    counter = _Counter()
+    counter = _Counter(_attention_modules(model))
     inside = _leaves_of_counted(model)
     handles = []
     try:
