@@ -429,30 +429,12 @@ def calibration_ids(elastic, config, sample) -> list[np.ndarray]:
     """Token id batches ((≤ 8, T) int64 each, `config.int4_calibration_samples` rows of
     `config.int4_calibration_tokens` in all, T cut to the model's positions) for GPTQ and
     the error measurements: windows of `config.int4_calibration` text, else the export's
-    sample and sequences sampled from the model; random ids without a tokenizer."""
-    import torch
+    sample and sequences sampled from the model; random ids without a tokenizer
+    (`exporters.common.form_choice.calibration_ids`, shared with ExecuTorch 8da4w)."""
+    from flexrank.exporters.common.form_choice import calibration_ids as shared
 
-    from flexrank.compress.calibration import load_texts, pack, teacher_samples, token_stream
-    from flexrank.compress.models import max_positions
-
-    count = config.int4_calibration_samples
-    length = min(config.int4_calibration_tokens, max_positions(elastic.model) or 10**9)
-    tokenizer = elastic.tokenizer
-    if config.int4_calibration is not None:
-        if tokenizer is None:
-            raise ValueError("int4_calibration text needs the model's tokenizer; the elastic "
-                             "model has none: pass token ids as sample_inputs instead")
-        stream = token_stream(tokenizer, load_texts(config.int4_calibration))
-        rows = pack(stream, count, length, seed=0, what=str(config.int4_calibration))
-    elif tokenizer is not None:
-        rows = teacher_samples(elastic.model, tokenizer, count, length, seed=0, progress=False)
-    else:
-        vocab = elastic.model.config.vocab_size
-        rows = torch.randint(0, vocab, (count, length), generator=torch.Generator().manual_seed(0))
-    batches = [rows[i:i + 8].numpy().astype(np.int64) for i in range(0, len(rows), 8)]
-    if torch.is_tensor(sample):
-        batches.append(sample.numpy().astype(np.int64))
-    return batches
+    return shared(elastic, sample, config.int4_calibration, config.int4_calibration_samples,
+                  config.int4_calibration_tokens)
 
 
 def decoder_feeds(path: Path, batches: list[np.ndarray], threads: int = 2) -> list[dict]:
