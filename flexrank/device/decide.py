@@ -424,6 +424,7 @@ class Decision:
                 "ttft_s": r.prediction.ttft_s,
                 "decode_tokens_per_s": r.prediction.decode_tokens_per_s,
                 "decode_bound": r.prediction.decode_bound,
+                "inference_bound": r.prediction.inference_bound,
                 "memory_gb": r.prediction.memory_bytes / GB,
                 "size_mb": r.size_mb if r.cost is not None else None,
                 "quality": None if r.quality is None else asdict(r.quality),
