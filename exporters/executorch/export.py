@@ -22,7 +22,11 @@ listed in `executorch_program.decoder_metadata`, plus `get_flexrank_budget`,
 `quantize="8da4w"`: int8 dynamic activations, int4 weights in groups of
 `config.group_size` (torchao); ranks are first rounded to multiples of the group size
 (`exporters.common.ranks.aligned_ranks`) so that every factorised layer is quantized; the
-manifest lists the quantized layers and the ranks actually exported.
+manifest lists the quantized layers and the ranks actually exported. With
+`config.form_slack` (decoders) each layer below full rank ships as the cheapest of dense,
+plain and gauge-fixed whose measured 8da4w output error is within that factor of the
+best (`forms_8da4w.py`); the manifest's `quantization.forms` gives per layer
+{"form", "errors", "params"}, as ONNX int4's `int4_form_slack` does.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from flexrank.compress.depth_layers import depth_at
 from flexrank.compress.models import model_kind
 from flexrank.exporters import register_exporter
 from flexrank.exporters.common.entry import budget_name, make_budget_entry
+from flexrank.exporters.common.form_choice import calibration_ids
 from flexrank.exporters.common.forms import FormPolicy, deployable_model, quantized_policy
 from flexrank.exporters.common.precision import in_export_precision
 from flexrank.exporters.common.ranks import block_aligned_ranks
 from flexrank.exporters.common.sample import SAMPLE_TEXT, sample_for
 from flexrank.exporters.common.validate import DEFAULT_TOLERANCE, GENERATION_TOKENS
+from flexrank.exporters.executorch.forms_8da4w import choose_forms_8da4w
 from flexrank.exporters.executorch.program import (
     decoder_metadata,
     decoder_wrapper,
@@ -85,6 +91,11 @@ class ExecutorchExportConfig:
     generate: bool = True  # decoders: greedy 20 tokens must equal PyTorch's (float32)
     sample_text: str = SAMPLE_TEXT
     forms: FormPolicy = FormPolicy()  # per-layer dense / gauge-fixed / plain, as for ONNX
+    # 8da4w decoders: per layer below full rank, the cheapest of dense / plain / gauge-fixed
+    # whose measured 8da4w output error is within this factor of the best form's
+    # (`forms_8da4w.choose_forms_8da4w`, on the model's own hidden states for token ids
+    # sampled from it); None: plain factors or dense by cost (`forms.quantized_policy`)
+    form_slack: float | None = None
     version: int = 1
 
     def __post_init__(self):
@@ -100,6 +111,9 @@ class ExecutorchExportConfig:
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size {self.group_size} is not supported by 8da4w; choose "
                              f"one of {list(GROUP_SIZES)}")
+        if self.form_slack is not None and not self.form_slack >= 1:
+            raise ValueError(f"form_slack {self.form_slack} must be >= 1 (1: each layer's "
+                             "form of least error) or None")
 
     def to_dict(self) -> dict:
         """JSON-ready, with a type and version tag (`forms` nested, see FormPolicy.to_dict)."""
@@ -142,20 +156,31 @@ def _positional(kind: str, sample) -> tuple:
     return sample if isinstance(sample, tuple) else (sample,)
 
 
-def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
+def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize,
+                   calibration=None):
     """Write `folder/model.pte` for `beta`; returns (records, ranks, extra manifest fields,
-    the deployed PyTorch module that was exported)."""
+    the deployed PyTorch module that was exported). `calibration`: token id batches for
+    `config.form_slack` (8da4w decoders)."""
     ranks = exported_ranks(elastic, beta, quantize, config.group_size)
     # 8da4w: plain factors or dense, never gauge-fixed (`quantized_policy` says why; tiny
     # Llama, hidden 64, β = 0.4: max |Δlogits| to float32 0.87 gauge-fixed vs 0.11 plain,
-    # top-1 0.81 vs 1.0). `forms.force_form` still overrides this (benchmarks).
+    # top-1 0.81 vs 1.0). `forms.force_form` still overrides this (benchmarks); with
+    # `form_slack` each layer's form is the one its measured 8da4w error chooses.
     policy = config.forms if quantize is None else quantized_policy(config.forms)
-    deployed, records = deployable_model(elastic.model, ranks, policy=policy)
+    forms = None
+    if calibration is not None and quantize == QUANTIZE_8DA4W and config.form_slack is not None:
+        forms = choose_forms_8da4w(elastic.model, ranks, calibration, config.form_slack,
+                                   config.group_size)
+    deployed, records = deployable_model(
+        elastic.model, ranks, policy=policy,
+        layer_forms={name: choice["form"] for name, choice in (forms or {}).items()})
     quantization = None
     if quantize == QUANTIZE_8DA4W:
         linear_forms_(deployed)
         quantization = quantize_8da4w_(deployed, list(ranks), config.group_size,
-                                       config.embedding_bits)
+                                       config.embedding_bits).to_dict()
+        if forms is not None:
+            quantization["forms"] = forms
     metadata = flexrank_metadata(beta, ranks, quantize)
     if kind == "decoder":
         metadata.update(decoder_metadata(elastic.model, config.max_seq_len))
@@ -176,7 +201,7 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize):
     if elastic.tokenizer is not None and kind != "module":
         save_tokenizer(elastic.tokenizer, folder)
     extra = {"program": segment_layout(path), "dynamic_axes": dynamic_axes(program),
-             "quantization": None if quantization is None else quantization.to_dict()}
+             "quantization": quantization}
     if kind == "decoder":
         extra["max_seq_len"] = config.max_seq_len
     if quantize is not None:
@@ -230,6 +255,10 @@ def _check_arguments(layout, quantize, kind, sample, config):
             raise ValueError(f"max_seq_len {config.max_seq_len} is too short to validate: the "
                              f"sample prompt ({sample.shape[1]} tokens) plus {GENERATION_TOKENS} "
                              f"generated tokens need {needed}")
+    if quantize == QUANTIZE_8DA4W and config.form_slack is not None and kind != "decoder":
+        raise ValueError(f"form_slack {config.form_slack} measures each layer's forms on a "
+                         f"decoder's hidden states for token ids; this model is a {kind}: "
+                         "export it with form_slack=None (plain factors or dense by cost)")
 
 
 @register_exporter("executorch")
@@ -241,6 +270,8 @@ def export_executorch(elastic, out_dir, *, layout, budgets, quantize, sample_inp
     kind = model_kind(elastic.model)
     sample = sample_for(kind, elastic.model, elastic.tokenizer, sample_inputs, config)
     _check_arguments(layout, quantize, kind, sample, config)
+    calibration = (calibration_ids(elastic, sample)
+                   if quantize == QUANTIZE_8DA4W and config.form_slack is not None else None)
     entries = []
     for beta in budgets:
         folder = out_dir / budget_name(beta)
@@ -249,7 +280,8 @@ def export_executorch(elastic, out_dir, *, layout, budgets, quantize, sample_inp
         with depth_at(elastic.model, getattr(elastic, "plan", None), beta):
             with torch.no_grad():
                 records, ranks, extra, twin = _export_budget(elastic, beta, kind, sample,
-                                                             folder, config, quantize)
+                                                             folder, config, quantize,
+                                                             calibration)
             path = folder / PROGRAM_FILE
             validation = (_validate(elastic, kind, sample, path, ranks, config, twin,
                                     quantize, extra["dynamic_axes"])
