@@ -118,6 +118,15 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-bits", type=int, choices=(4, 8, 32), default=4,
                    help="int4: bits of the tied embedding/lm_head table, stored once "
                         "(32: float) (default: 4)")
+    p.add_argument("--form-slack", type=_slack, default=None, metavar="X",
+                   help="int4 (onnx/ort) and 8da4w (executorch) decoders: per layer below "
+                        "full rank, ship the cheapest of dense / plain factors / gauge-fixed "
+                        "whose output error, measured with the quantized weights on "
+                        "calibration text, is within X (>= 1) times the best form's; the "
+                        "manifest records each layer's errors; with --precision auto it "
+                        "applies when the decision picks int4 or 8da4w; refused for fp32 "
+                        "and int8 (default: plain factors or dense by cost, never "
+                        "gauge-fixed)")
     p.add_argument("-o", "--output", default="dist", help="bundle folder (must be empty)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the budget decision and write nothing")
@@ -146,6 +155,17 @@ def _fraction(text: str) -> float:
     if not (math.isfinite(value) and 0 <= value < 1):
         raise argparse.ArgumentTypeError(f"--quality-tolerance {text}: must be in [0, 1) (a "
                                          "fraction of the best quality: 0.01 = 1 %)")
+    return value
+
+
+def _slack(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"--form-slack {text}: give a factor >= 1 (1: each "
+                                         "layer's form of least error; 1.25: within 25 %)")
     return value
 
 
@@ -322,6 +342,7 @@ class ExportJob:
     precisions: tuple[str, ...] = ("fp32",)  # the candidates' precisions
     constraints: object | None = None  # flexrank.device.decide.Constraints
     int4: dict | None = None  # OnnxExportConfig int4_* fields from --int4-algo etc.
+    form_slack: float | None = None  # --form-slack: int4's int4_form_slack, 8da4w's form_slack
 
 
 @dataclass(frozen=True)
@@ -392,6 +413,12 @@ def _checked_job(args) -> ExportJob:
     fixed = _fixed_quantize(args, fmt_name)
     if fixed is not None:
         _quantize_fits(fmt_name, fixed)
+    form_slack = getattr(args, "form_slack", None)
+    if form_slack is not None and fixed in ("none", "int8"):
+        raise ValueError(f"--form-slack {form_slack} chooses forms by their int4 / 8da4w "
+                         f"error; with {'fp32' if fixed == 'none' else fixed} weights it means "
+                         "nothing: add --quantize int4 (onnx/ort) or 8da4w (executorch), or "
+                         "drop --form-slack")
     fmt, layout, quantize = checked_options(fmt_name, args.layout, fixed)
     precisions = _candidate_precisions(fmt, layout, fixed, profile)
     if profile is not None:
@@ -406,9 +433,10 @@ def _checked_job(args) -> ExportJob:
                               args.quality_tolerance)
     int4 = {"int4_algorithm": getattr(args, "int4_algo", "rtn"),
             "int4_block_size": getattr(args, "block_size", 32),
-            "int4_embedding_bits": getattr(args, "embedding_bits", 4)}
+            "int4_embedding_bits": getattr(args, "embedding_bits", 4),
+            "int4_form_slack": form_slack}
     return ExportJob(request, profile, fmt, layout, quantize, out, args.dry_run, precisions,
-                     constraints, int4)
+                     constraints, int4, form_slack)
 
 
 # Which runtime runs each format, and the format a runtime's profile gets by default.
@@ -572,6 +600,10 @@ def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice:
         from flexrank.exporters.onnx.convert import OnnxExportConfig
 
         options["config"] = OnnxExportConfig(**job.int4)
+    elif str(choice.quantize) == "8da4w" and job.form_slack is not None:
+        from flexrank.exporters.executorch.export import ExecutorchExportConfig
+
+        options["config"] = ExecutorchExportConfig(form_slack=job.form_slack)
     manifest = export_files(elastic, folder, request, **options)
     stages.done()
     for entry in manifest.budgets:
