@@ -129,3 +129,44 @@ def test_manifest_counts_a_stand_in_as_shared_weights_plus_adapters(exported):
                  if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
                  and init.name not in ("cos_cache", "sin_cache") and len(init.dims) > 0)
     assert stored == params["whole_model"]
+
+
+@pytest.mark.slow
+def test_replaced_budget_runs_in_executorch_with_shared_weights_once(elastic_setup,  # noqa: F811
+                                                                     tmp_path):
+    """The same budget as an ExecuTorch program: the exporter's strict float check in
+    ExecuTorch's own runtime (logits and greedy tokens against PyTorch) passes, and the
+    weights file holds the numbers the manifest counts (each donor weight once)."""
+    pytest.importorskip("executorch.runtime")
+    import flexrank.exporters.executorch.export  # noqa: F401  (registers "executorch")
+    from flexrank.exporters.executorch.export import ExecutorchExportConfig
+    from flexrank.exporters.executorch.validate import load_method
+
+    _, factorised, _, stats, plan = elastic_setup
+    beta = plan.budgets[0]
+    replaced = plan.replaced_for(beta)
+    model = copy.deepcopy(factorised)
+    make_depth_elastic_(model, plan, stats)
+    elastic = ElasticModel(model, plan, tokenizer=char_tokenizer(), model_id="tiny-depth")
+    elastic.set_budget(1.0)  # no block replaced: the export must switch them by itself
+    manifest = export(elastic, tmp_path, format="executorch", budgets=[beta],
+                      config=ExecutorchExportConfig(max_seq_len=64))
+    (entry,) = manifest["budgets"]
+    assert entry["validation"]["generation_match"] is True
+    # and against PyTorch at β, run here: the program holds β's stand-ins
+    forward = load_method(tmp_path / entry["graph"])
+    elastic.set_budget(beta)
+    for ids in token_batches(100, num=1, batch=2, seq=12, seed=5)[0]["input_ids"]:
+        got = forward.execute([ids[None], torch.arange(len(ids))])[0]
+        with torch.no_grad():
+            expected = model(input_ids=ids[None], use_cache=False).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert entry["forms"]["shared"] == len(replaced) * len(LINEAR_SHAPES)
+    # float32: 4 bytes a number; the weights file pads to 4 KiB pages (90112 bytes for
+    # 80256 here). A donor block stored again would add its kept layers' numbers
+    data = entry["program"]["data_bytes"]
+    whole = 4 * entry["params"]["whole_model"]
+    donor_block = min(sum(layer["params"] for layer in entry["layers"]
+                          if layer["name"].startswith(donor + "."))
+                      for donor, _rank in replaced.values())
+    assert whole <= data < whole + 4 * donor_block, (data, whole, donor_block)
