@@ -16,6 +16,7 @@ within a slack factor of the best form's (`cheapest_within`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import numpy as np
@@ -25,6 +26,8 @@ from flexrank.compress.layers import NestedLinear
 from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import FormPolicy, deploy_layer
 from flexrank.exporters.executorch.validate import at_ranks
+
+logger = logging.getLogger(__name__)
 
 FORMS = ("dense", "plain", "gauge")
 ERROR_ROWS = 512  # input rows per layer on which the forms' errors are measured
@@ -101,10 +104,17 @@ def low_rank_layers(model, ranks: dict[str, int], inputs: dict) -> dict[str, tup
 
 def form_modules(name: str, layer, rank: int, dtype=torch.float64) -> dict[str, tuple]:
     """{form: (module, LayerExport)}: `layer` at `rank` deployed in each of `FORMS`
-    (`forms.deploy_layer`), copied to `dtype`, without its bias (added alike in every form)."""
+    (`forms.deploy_layer`), copied to `dtype`, without its bias (added alike in every form);
+    no "gauge" entry when U[:r, :r] is singular."""
     modules = {}
     for form in FORMS:
-        module, record = deploy_layer(name, layer, rank, policy=FormPolicy(force_form=form))
+        try:
+            module, record = deploy_layer(name, layer, rank, policy=FormPolicy(force_form=form))
+        except ValueError as err:  # `gauge.gauge_fix`: a singular pivot block
+            if form != "gauge":
+                raise
+            logger.info("%s at rank %d: no gauge-fixed form (%s)", name, rank, err)
+            continue
         module = copy.deepcopy(module).to(dtype)
         module.bias = None
         modules[form] = (module, record)
