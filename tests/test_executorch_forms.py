@@ -182,3 +182,45 @@ def test_program_has_the_recorded_forms(elastic, tmp_path):
     got = load_method(tmp_path / entry["graph"]).execute([ids, torch.arange(ids.shape[1])])[0]
     relative = (got - expected).norm(dim=-1) / expected.norm(dim=-1)
     assert float(relative.max()) < 1e-5, relative
+
+
+# ---- flexrank-export --form-slack ----------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["none", "int8"])
+def test_cli_refuses_form_slack_where_it_means_nothing(precision, tmp_path, capsys):
+    from flexrank.cli import export_main
+
+    # refused before the (missing) checkpoint is looked at
+    assert export_main([str(tmp_path / "missing"), "--budget", "1", "--quantize", precision,
+                        "--form-slack", "1.2", "-o", str(tmp_path / "dist")]) == 2
+    err = capsys.readouterr().err
+    assert f"--form-slack 1.2 chooses forms by their int4 / 8da4w error; with " \
+           f"{'fp32' if precision == 'none' else 'int8'} weights it means nothing" in err
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path), "--form-slack", "0.5"])
+    assert "--form-slack 0.5: give a factor >= 1" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fmt, quantize, field", [("onnx", "int4", "int4_form_slack"),
+                                                  ("executorch", "8da4w", "form_slack")])
+def test_cli_form_slack_reaches_the_exporter_config(checkpoint, tmp_path, monkeypatch, fmt,
+                                                    quantize, field):
+    import flexrank.exporters
+    from flexrank.cli import export_main
+
+    seen = {}
+
+    def export_files(elastic, folder, request, **options):
+        seen.update(request=request, **options)
+        raise _Stop
+
+    monkeypatch.setattr(flexrank.exporters, "export_files", export_files)
+    with pytest.raises(_Stop):
+        export_main([str(checkpoint), "--budget", "0.8", "--format", fmt, "--quantize",
+                     quantize, "--form-slack", "1.3", "-o", str(tmp_path / "dist")])
+    assert str(seen["request"].quantize) == quantize
+    assert getattr(seen["config"], field) == 1.3
