@@ -59,7 +59,8 @@ CONFIGS = {
     "ExecutorchExportConfig": ExecutorchExportConfig(max_seq_len=64, max_batch=4, group_size=64,
                                                      validate=False, tolerance=5e-3,
                                                      generate=False, sample_text="hi",
-                                                     forms=POLICY, embedding_bits=4),
+                                                     forms=POLICY, embedding_bits=4,
+                                                     form_slack=1.25),
 }
 
 
