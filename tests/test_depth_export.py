@@ -170,3 +170,14 @@ def test_replaced_budget_runs_in_executorch_with_shared_weights_once(elastic_set
                           if layer["name"].startswith(donor + "."))
                       for donor, _rank in replaced.values())
     assert whole <= data < whole + 4 * donor_block, (data, whole, donor_block)
+
+
+def test_elastic_layout_refuses_a_plan_that_replaces_blocks(elastic_setup, tmp_path):  # noqa: F811
+    """One graph picks its budget by an input and cannot switch blocks: refused up front
+    (it used to fail validation with a bare logits mismatch)."""
+    _, factorised, _, stats, plan = elastic_setup
+    model = copy.deepcopy(factorised)
+    make_depth_elastic_(model, plan, stats)
+    elastic = ElasticModel(model, plan, tokenizer=char_tokenizer(), model_id="tiny-depth")
+    with pytest.raises(ValueError, match="elastic layout .* cannot switch blocks.* per-budget"):
+        export(elastic, tmp_path, layout="elastic", budgets=[plan.budgets[0], 1.0])

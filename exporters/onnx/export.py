@@ -413,6 +413,14 @@ def _export(elastic, out_dir: Path, *, layout, budgets, quantize, ort: bool,
     if ort and layout == "shared":
         raise ValueError("the ORT format embeds weights in each file: use --layout per-budget "
                          "or elastic with --format ort")
+    plan = getattr(elastic, "plan", None)
+    if layout == "elastic" and hasattr(plan, "replaced_for"):  # a joint plan (issue 18)
+        replacing = [b for b in (budgets or plan.budgets) if plan.replaced_for(b)]
+        if replacing:
+            raise ValueError(f"the elastic layout is one graph whose rank_level input picks "
+                             f"the budget: it cannot switch blocks to their stand-ins, which "
+                             f"the joint plan does at β = {', '.join(map(str, replacing))}; "
+                             "use --layout per-budget or shared")
     elastic, _ = in_export_precision(elastic)
     kind = model_kind(elastic.model)
     check_supported(elastic.model, kind)
