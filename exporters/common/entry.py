@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from flexrank.compress.depth_layers import deployed_depth
+from flexrank.compress.depth_layers import deployed_depth, depth_at
 from flexrank.compress.select import nested_layers
 from flexrank.exporters.common.forms import LayerExport
 from flexrank.manifest import BudgetEntry, json_ready
@@ -18,18 +18,20 @@ def budget_name(beta: float) -> str:
 
 @contextmanager
 def at_budget(elastic, beta: float):
-    """The PyTorch model at `beta`; the layers' previous ranks are restored afterwards."""
+    """The PyTorch model at `beta`; the layers' previous ranks (and a joint plan's block
+    switches) are restored afterwards."""
     layers = nested_layers(elastic.model)
     previous = {name: layer.rank for name, layer in layers.items()}
     previous_budget = getattr(elastic, "budget", None)
-    elastic.set_budget(beta)
-    try:
-        yield elastic.model
-    finally:
-        for name, rank in previous.items():
-            layers[name].rank = rank
-        if hasattr(elastic, "budget"):
-            elastic.budget = previous_budget
+    with depth_at(elastic.model, getattr(elastic, "plan", None), beta):
+        elastic.set_budget(beta)
+        try:
+            yield elastic.model
+        finally:
+            for name, rank in previous.items():
+                layers[name].rank = rank
+            if hasattr(elastic, "budget"):
+                elastic.budget = previous_budget
 
 
 def other_params(model, exclude: frozenset[int] = frozenset()) -> int:
