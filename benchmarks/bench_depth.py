@@ -203,13 +203,21 @@ def main() -> int:
             report["variants"][name] = {"unreachable": True}
             continue
         plan = plans[name]
-        model = copy.deepcopy(student)
-        if hasattr(plan, "adapter_ranks"):
-            make_depth_elastic_(model, plan, stats)
-        started = time.perf_counter()
-        distill(model, teacher, plan, train, distill_config, progress=not args.smoke)
-        seconds = time.perf_counter() - started
-        elastic = ElasticModel(model, plan, tokenizer=tokenizer, model_id=name)
+        saved = args.out / "checkpoints" / name  # a rerun reuses a variant distilled before
+        if (saved / "distill.json").is_file():
+            elastic = ElasticModel.from_pretrained(saved, model=copy.deepcopy(teacher))
+            elastic.tokenizer = tokenizer
+            seconds = json.loads((saved / "distill.json").read_text())["distill_s"]
+        else:
+            model = copy.deepcopy(student)
+            if hasattr(plan, "adapter_ranks"):
+                make_depth_elastic_(model, plan, stats)
+            started = time.perf_counter()
+            distill(model, teacher, plan, train, distill_config, progress=not args.smoke)
+            seconds = time.perf_counter() - started
+            elastic = ElasticModel(model, plan, tokenizer=tokenizer, model_id=name)
+            elastic.save_pretrained(saved)
+            (saved / "distill.json").write_text(json.dumps({"distill_s": seconds}))
         quality = evaluate_budgets(elastic, teacher, held_out)
         report["variants"][name] = {
             "distill_s": seconds, "plan": plan.to_dict(),
