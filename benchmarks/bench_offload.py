@@ -1,7 +1,7 @@
 """Issue 20 benchmark: peak RSS of block-sequential covariance + DataSVD with the
 calibration hidden states in memory against on disk (`factorize_blockwise_(offload_dir=)`).
 
-    .venv/bin/python benchmarks/bench_offload.py --samples 128 --seq-len 256
+    .venv/bin/python benchmarks/bench_offload.py [--before 83501ef]
 
 Runs the two in two child processes, one after the other (in memory first, then on disk;
 `--rounds 2` alternates them twice), each on one thread: a randomly initialised Llama with
@@ -78,14 +78,15 @@ def _blockwise_at(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("blockwise_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.factorize_blockwise_
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
