@@ -251,6 +251,47 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class DepthConfig:
+    """How the depth probe chooses and measures stand-ins (issue 18; flexrank.compress.depth).
+
+    max_replaced: fraction of the blocks that may be replaced (the candidates: those with
+        the lowest cosine score); the others are never replaced and serve as donors.
+    adapter_ranks: candidate adapter ranks, strictly ascending (the plan's levels); the
+        stand-in stores the largest, each linear min(rank, min(m, n)).
+    donor_window: donors considered per candidate: the nearest non-candidate blocks.
+    eigen_floor: relative eigenvalue floor of the whitening (as FactorizeConfig's).
+    """
+
+    max_replaced: float = 0.5
+    adapter_ranks: tuple[int, ...] = (8, 16, 32, 64)
+    donor_window: int = 4
+    eigen_floor: float = EIGEN_FLOOR
+
+    def __post_init__(self):
+        object.__setattr__(self, "adapter_ranks", tuple(int(a) for a in self.adapter_ranks))
+        if not 0 < self.max_replaced < 1:
+            raise ValueError(f"max_replaced = {self.max_replaced} must lie in (0, 1): some "
+                             "blocks must stay to serve as donors")
+        ranks = self.adapter_ranks
+        if not ranks or ranks[0] < 1 or list(ranks) != sorted(set(ranks)):
+            raise ValueError(f"adapter_ranks {ranks} must be positive and strictly ascending")
+        if self.donor_window < 1:
+            raise ValueError(f"donor_window = {self.donor_window} must be >= 1")
+        if not 0 < self.eigen_floor < 1:
+            raise ValueError(f"eigen_floor = {self.eigen_floor} must lie in (0, 1)")
+
+    def to_dict(self) -> dict:
+        """{"version": 1, fields...}: the form the depth probe's cache is keyed by."""
+        return {"version": 1, **asdict(self), "adapter_ranks": list(self.adapter_ranks)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DepthConfig:
+        data = _checked_dict(cls, data)
+        data.pop("version", None)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     calib: str = "teacher"  # 'teacher', a text/.jsonl file or a datasets folder
     num_samples: int = 128
@@ -267,6 +308,9 @@ class CompressConfig:
     # at a time; blockwise.factorize_blockwise_), "auto" (in the output folder when they
     # would not fit in memory). Not part of the resume signature: the factors are the same
     offload_hidden: str | None = None
+    # the depth axis (issue 18): None plans ranks only; a DepthConfig adds the depth stage
+    # (weight-shared stand-ins for whole blocks) and a joint plan
+    depth: DepthConfig | None = None
     version: int = 1
 
     def __post_init__(self):
@@ -297,7 +341,8 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, data: dict) -> CompressConfig:
         data = _checked_dict(cls, data)
-        nested = {"probe": ProbeConfig, "distill": DistillConfig, "factorize": FactorizeConfig}
+        nested = {"probe": ProbeConfig, "distill": DistillConfig, "factorize": FactorizeConfig,
+                  "depth": DepthConfig}
         for key, kind in nested.items():
             if isinstance(data.get(key), dict):
                 data[key] = kind.from_dict({"type": kind.__name__, **data[key]})

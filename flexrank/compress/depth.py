@@ -42,7 +42,6 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexrank.compress.calibration import as_batch, to_device
-from flexrank.compress.config import EIGEN_FLOOR
+from flexrank.compress.config import EIGEN_FLOOR, DepthConfig  # noqa: F401 (re-exported)
 from flexrank.compress.covariance import CovarianceStats
 from flexrank.compress.decompose import (
     COMPUTE_DTYPE,
@@ -81,40 +80,6 @@ from flexrank.planning.depth import BlockSensitivity
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "flexrank-depth-probe"
-
-
-@dataclass(frozen=True)
-class DepthConfig:
-    """How the depth probe chooses and measures stand-ins.
-
-    max_replaced: fraction of the blocks that may be replaced (the candidates: those with
-        the lowest cosine score); the others are never replaced and serve as donors.
-    adapter_ranks: candidate adapter ranks, strictly ascending (the plan's levels); the
-        stand-in stores the largest, each linear min(rank, min(m, n)).
-    donor_window: donors considered per candidate: the nearest non-candidate blocks.
-    eigen_floor: relative eigenvalue floor of the whitening (as FactorizeConfig's).
-    """
-
-    max_replaced: float = 0.5
-    adapter_ranks: tuple[int, ...] = (8, 16, 32, 64)
-    donor_window: int = 4
-    eigen_floor: float = EIGEN_FLOOR
-
-    def __post_init__(self):
-        object.__setattr__(self, "adapter_ranks", tuple(int(a) for a in self.adapter_ranks))
-        if not 0 < self.max_replaced < 1:
-            raise ValueError(f"max_replaced = {self.max_replaced} must lie in (0, 1): some "
-                             "blocks must stay to serve as donors")
-        ranks = self.adapter_ranks
-        if not ranks or ranks[0] < 1 or list(ranks) != sorted(set(ranks)):
-            raise ValueError(f"adapter_ranks {ranks} must be positive and strictly ascending")
-        if self.donor_window < 1:
-            raise ValueError(f"donor_window = {self.donor_window} must be >= 1")
-        if not 0 < self.eigen_floor < 1:
-            raise ValueError(f"eigen_floor = {self.eigen_floor} must lie in (0, 1)")
-
-    def to_dict(self) -> dict:
-        return {"version": 1, **asdict(self), "adapter_ranks": list(self.adapter_ranks)}
 
 
 # ----------------------------------------------------------------------------- stand-ins
@@ -393,6 +358,38 @@ def _signature(model, blocks, names, config: DepthConfig, masks, batches, stats)
             "token_checksum": ids, "weight_checksum": round(weights, 3)}
 
 
+def _candidates(cosine: np.ndarray, config: DepthConfig) -> list[int]:
+    """The floor(max_replaced x NB) blocks (at most NB - 1) of lowest cosine score, ascending."""
+    count = min(len(cosine) - 1, math.floor(config.max_replaced * len(cosine)))
+    if count < 1:
+        raise ValueError(f"max_replaced = {config.max_replaced} of {len(cosine)} blocks "
+                         "leaves no candidate: raise it")
+    return sorted(int(i) for i in np.argsort(cosine, kind="stable")[:count])
+
+
+@torch.no_grad()
+def depth_candidates(model: nn.Module, batches: Sequence,
+                     config: DepthConfig | None = None) -> list[int]:
+    """The block indices `probe_depth(model, batches, ..., config)` will take as candidates
+    (the same cosine pass, one forward of `batches`), so that a caller can collect the
+    covariances of those blocks' layers only. Raises ValueError as `probe_depth`."""
+    config = config or DepthConfig()
+    if not batches:
+        raise ValueError("the depth probe needs at least one batch")
+    _, blocks = block_list(model)
+    device = next(model.parameters()).device
+    batches = [to_device(as_batch(b, model), device) for b in batches]
+    masks = [b.get("attention_mask") if isinstance(b, Mapping) else None for b in batches]
+    masks = [m.float() if m is not None else None for m in masks]
+    was_training = model.training
+    model.eval()
+    try:
+        cosine = _cosine_scores(model, blocks, batches, masks, BlockCache(list(blocks)))
+    finally:
+        model.train(was_training)
+    return _candidates(cosine, config)
+
+
 @torch.no_grad()
 def probe_depth(model: nn.Module, batches: Sequence, stats: CovarianceStats | None,
                 config: DepthConfig | None = None, cache_path: str | os.PathLike | None = None,
@@ -471,11 +468,7 @@ def _measure(model, blocks, names, batches, masks, stats, config, progress, part
         del partial["skip_by_block"]
         save(partial)
     skip_kl = np.array(partial["skip_kl"])
-    count = min(len(blocks) - 1, math.floor(config.max_replaced * len(blocks)))
-    if count < 1:
-        raise ValueError(f"max_replaced = {config.max_replaced} of {len(blocks)} blocks "
-                         "leaves no candidate: raise it")
-    candidates = sorted(int(i) for i in np.argsort(cosine, kind="stable")[:count])
+    candidates = _candidates(cosine, config)
     whitenings = _Whitenings(stats, config.eigen_floor)
     top = config.adapter_ranks[-1]
     if "donors" not in partial:
