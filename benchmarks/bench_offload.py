@@ -48,14 +48,13 @@ def child(args) -> dict:
     batches = [{"input_ids": ids[i:i + args.batch],
                 "attention_mask": torch.ones_like(ids[i:i + args.batch])}
                for i in range(0, args.samples, args.batch)]
-    offload = {} if args.child != "disk" else {
-        "offload_dir": tempfile.mkdtemp(prefix="bench-offload-")}
     factorize = _blockwise_at(args.before) if args.child == "before" else factorize_blockwise_
     with PeakRSS() as before:
         pass
-    with PeakRSS() as rss:
+    with tempfile.TemporaryDirectory(prefix="bench-offload-") as folder, PeakRSS() as rss:
         start = time.perf_counter()
-        factorize(model, batches, progress=False, **offload)
+        factorize(model, batches, progress=False,
+                  **({"offload_dir": folder} if args.child == "disk" else {}))
         seconds = time.perf_counter() - start
     digest = hashlib.sha256()
     for name, layer in nested_layers(model).items():
@@ -74,12 +73,13 @@ def _blockwise_at(rev: str):
     root = Path(__file__).resolve().parents[1]
     source = subprocess.run(["git", "show", f"{rev}:flexrank/compress/blockwise.py"],
                             cwd=root, check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="bench-offload-")) / "blockwise_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("blockwise_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="bench-offload-") as folder:
+        path = Path(folder) / "blockwise_before.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("blockwise_before", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
     return module.factorize_blockwise_
 
 
