@@ -237,8 +237,9 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     `tempfile.gettempdir()`; a RAM-backed /tmp saves nothing: give a folder on a disk),
     when they would take more than offload.AUTO_OFFLOAD_FRACTION of the available memory.
     The files are removed at the end, also on an error. The other arguments of each
-    block's call (attention masks, position embeddings, typically shared by the blocks)
-    stay in memory.
+    block's call stay in memory, held once per batch when the blocks share them (Llama in
+    transformers, sdpa: position embeddings (1, T, head_dim) and no mask without padding;
+    a padded batch adds a bool mask (batch, 1, T, T): 33 MB for 8 x 2048 tokens).
 
     Raises ValueError for a model without target layers or for config.method 'plain' (no
     calibration is needed: use factorize_), BatchError for a batch in another form,
