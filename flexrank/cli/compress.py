@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 
 from flexrank.compress.aliases import DEFAULT_MODEL
-from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig, check_budgets
+from flexrank.compress.config import (
+    CompressConfig,
+    DepthConfig,
+    DistillConfig,
+    ProbeConfig,
+    check_budgets,
+)
 
 
 def budget_list(text: str) -> tuple[float, ...]:
@@ -51,6 +57,52 @@ def positive_number(text: str) -> float:
     return value
 
 
+def open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be in (0, 1) (a "
+                                         "fraction of the blocks; some must stay as donors)")
+    return value
+
+
+def rank_list(text: str) -> tuple[int, ...]:
+    """argparse type for `--adapter-ranks 8,16,32`: whole numbers >= 1, strictly ascending."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} in {text!r} is not a whole number: give ranks like "
+                "8,16,32,64") from None
+    if min(values) < 1 or values != sorted(set(values)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: ranks must be >= 1 and strictly ascending, like "
+            "8,16,32,64")
+    return tuple(values)
+
+
+DEPTH_OPTIONS = {"max_replaced": "--max-replaced", "adapter_ranks": "--adapter-ranks",
+                 "donor_window": "--donor-window"}
+
+
+def depth_config(args) -> DepthConfig | None:
+    """--depth's settings (DepthConfig's defaults for those not given); None without
+    --depth. Raises ValueError for a depth option given without --depth."""
+    given = {key: getattr(args, key) for key in DEPTH_OPTIONS
+             if getattr(args, key, None) is not None}
+    if not getattr(args, "depth", False):
+        if given:
+            raise ValueError(f"{', '.join(DEPTH_OPTIONS[k] for k in given)} set the depth "
+                             "axis: add --depth (or leave them out for ranks only)")
+        return None
+    return DepthConfig(**given)
+
+
 def compress_config(args) -> CompressConfig:
     if args.probe_samples > args.samples:
         raise ValueError(f"--probe-samples {args.probe_samples} is more than --samples "
@@ -67,7 +119,7 @@ def compress_config(args) -> CompressConfig:
                               seed=args.seed, qat=args.qat,
                               qat_block_size=args.qat_block_size,
                               full_budget=full_budget(args)),
-        seed=args.seed, offload_hidden=args.offload_hidden)
+        seed=args.seed, offload_hidden=args.offload_hidden, depth=depth_config(args))
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -131,6 +183,20 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                         "batch in memory at a time (the same factors); auto: in the output "
                         "folder when they would take over a quarter of the available memory "
                         "(default: in memory)")
+    p.add_argument("--depth", action="store_true",
+                   help="a second elastic axis (issue 18): whole blocks may be replaced by "
+                        "stand-ins that share an unpruned block's weights plus low-rank "
+                        "adapters; the plan chooses per budget which blocks and the ranks "
+                        "of the rest (a joint plan)")
+    p.add_argument("--max-replaced", type=open_fraction, default=None, metavar="F",
+                   help=f"with --depth: fraction of the blocks that may be replaced, those "
+                        f"that change their input least (default {DepthConfig.max_replaced})")
+    p.add_argument("--adapter-ranks", type=rank_list, default=None, metavar="R1,R2,...",
+                   help="with --depth: candidate adapter ranks of a stand-in (default "
+                        f"{','.join(map(str, DepthConfig.adapter_ranks))})")
+    p.add_argument("--donor-window", type=whole_number(1), default=None, metavar="N",
+                   help="with --depth: the nearest kept blocks tried as each replaced "
+                        f"block's donor (default {DepthConfig.donor_window})")
 
 
 def cmd_compress(args) -> int:

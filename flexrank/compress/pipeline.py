@@ -1,12 +1,24 @@
-"""`flexrank compress`: load → calibration → covariance → decompose → probe → plan →
-distill → save, each stage's result cached in the output folder so that a re-run after
-a crash (or with more distillation steps) resumes from the last finished stage.
+"""`flexrank compress`: load → calibration → covariance → decompose → probe → [depth →]
+plan → distill → save, each stage's result cached in the output folder so that a re-run
+after a crash (or with more distillation steps) resumes from the last finished stage.
+
+With CompressConfig.depth (`flexrank compress --depth`, issue 18) the depth stage probes
+weight-shared stand-ins for whole blocks (`flexrank.compress.depth.probe_depth`, on the
+rank probe's batches), the plan stage makes a JointPlan (`flexrank.planning.depth`)
+instead of a NestedPlan, and distillation trains the depth-elastic student
+(`make_depth_elastic_`). The stand-ins' adapters are DataSVDs of W_pruned − W_donor
+whitened by the pruned layers' input covariances; the block-by-block decompose keeps no
+covariances, so the depth stage collects them again, from the original model on the
+calibration set, for the candidate blocks' layers only (`depth_candidates`: one cosine
+pass on the probe batches names them), and keeps them in stages/ for the stand-ins built
+before distillation on this and later runs.
 
     OUT/flexrank-compress.json   what was asked (the resume signature) and finished stages;
                                  written before any work, so that a run that fails or is
                                  killed early leaves a folder the next run can use
     OUT/stages/                  calibration tokens, covariances, decomposed factors,
-                                 probe rows, plan, distillation checkpoint
+                                 probe rows, depth probe and its covariances, plan,
+                                 distillation checkpoint
     OUT/elastic/                 the ElasticModel checkpoint (written last, atomically)
 """
 
@@ -36,13 +48,20 @@ from flexrank.compress.calibration import (
 )
 from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
 from flexrank.compress.covariance import CovarianceStats, collect_covariances
+from flexrank.compress.depth import (
+    block_list,
+    depth_candidates,
+    make_depth_elastic_,
+    probe_depth,
+)
 from flexrank.compress.distill import distill, evaluate_budgets
 from flexrank.compress.elastic import ElasticModel, layer_specs, restructure_
 from flexrank.compress.models import load_model
 from flexrank.compress.probe import probe
 from flexrank.compress.surgery import factorize_
 from flexrank.io import atomic_path, check_writable, write_json_atomic
-from flexrank.planning.planner import NestedPlan
+from flexrank.planning.depth import BlockSensitivity, JointPlan, joint_plan, smallest_budget
+from flexrank.planning.planner import BUDGET_RTOL, NestedPlan
 from flexrank.planning.planner import plan as make_plan
 from flexrank.planning.sensitivity import Sensitivity
 from flexrank.table import format_table
@@ -50,7 +69,9 @@ from flexrank.table import format_table
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "flexrank-compress.json"
-STAGES = ("calibration", "covariance", "decompose", "probe", "plan", "distill", "save")
+# "depth" runs only with CompressConfig.depth (a rank-only run never records it)
+STAGES = ("calibration", "covariance", "decompose", "probe", "depth", "plan", "distill",
+          "save")
 
 
 # The first stage that reads each of CompressConfig.signature's settings: a setting may
@@ -59,9 +80,16 @@ STAGES = ("calibration", "covariance", "decompose", "probe", "plan", "distill", 
 FIRST_READER = {"model": "calibration", "calib": "calibration", "num_samples": "calibration",
                 "seq_len": "calibration", "eval_samples": "calibration", "seed": "calibration",
                 "batch_size": "calibration", "factorize": "decompose", "probe": "probe",
-                "probe_samples": "probe", "budgets": "plan", "distill": "distill"}
-# What an unfinished stage may have left in stages/ that a later run would pick up.
-LEFTOVERS = {"probe": ("probe-partial.json",), "distill": ("checkpoint",)}
+                "probe_samples": "probe", "depth": "depth", "budgets": "plan",
+                "distill": "distill"}
+# What an unfinished stage may have left in stages/ that a later run would pick up (the
+# depth stage's covariances: of the candidates of its settings).
+LEFTOVERS = {"probe": ("probe-partial.json",),
+             "depth": ("depth-probe-partial.json", "depth-covariance.safetensors"),
+             "distill": ("checkpoint",)}
+# Stages whose results a changed setting never discards: the distillation (and with it
+# its checkpoint) is the long part of a run.
+KEPT_WORK = ("distill", "save")
 
 
 class CompressError(ValueError):
@@ -86,9 +114,13 @@ def _read_state(path: Path) -> dict:
 
 
 def _check_output(out: Path, signature: dict) -> dict:
-    """The state to run with in `out`: its own when the settings match, or when they differ
-    only in settings that no finished stage read; a fresh one for a new or empty folder.
-    Raises CompressError for a foreign folder or one whose finished stages read other
+    """The state to run with in `out`: its own when the settings match; when they differ,
+    its own less the finished stages that read a changed setting (FIRST_READER: that stage
+    and every later one, run again with the new settings) as long as the distillation has
+    not begun (no finished distill stage, no distillation checkpoint); a fresh one for a
+    new or empty folder. So a run whose plan failed (a budget out of reach) is continued
+    with other budgets or depth settings, its calibration, factors and probes reused.
+    Raises CompressError for a foreign folder or one whose distillation used other
     settings."""
     signature = _canonical(signature)
     state_path = out / STATE_FILE
@@ -109,17 +141,20 @@ def _check_output(out: Path, signature: dict) -> dict:
         return {**state, "signature": signature}
     first = min(STAGES.index(FIRST_READER.get(k, STAGES[0])) for k in changed)
     finished = [stage for stage in STAGES[first:] if stage in state["done"]]
-    if finished:
+    distilling = (out / "stages" / "checkpoint").exists() and "distill" in STAGES[first:]
+    if any(stage in KEPT_WORK for stage in finished) or (finished and distilling):
         raise CompressError(
             f"{out} holds a compression with other settings (differs in: {', '.join(changed)}) "
             f"that its finished stages ({', '.join(finished)}) used; delete that folder to "
             "start over, or choose another output folder")
-    logger.info("%s: settings changed (%s) before any stage that reads them finished; "
-                "continuing with the new settings", out, ", ".join(changed))
+    logger.info("%s: settings changed (%s); %s with the new settings", out,
+                ", ".join(changed), f"running {', '.join(finished)} again" if finished
+                else "no stage that reads them had finished: continuing")
     for stage in STAGES[first:]:
         for name in LEFTOVERS.get(stage, ()):
             _remove(out / "stages" / name)
-    return {"signature": signature, "done": state["done"]}
+    done = {k: v for k, v in state["done"].items() if k not in finished}
+    return {"signature": signature, "done": done}
 
 
 def _foreign_entries(out: Path) -> list[Path]:
@@ -277,31 +312,100 @@ def _decompose(stages: Stages, cfg: CompressConfig, teacher, train_batches):
     return student
 
 
-def _probe_and_plan(stages: Stages, cfg: CompressConfig, student, teacher, train_ids):
-    plan_path = stages.dir / "plan.json"
-    if stages.done("plan"):
-        return NestedPlan.load(plan_path)
+def _probe(stages: Stages, cfg: CompressConfig, student, teacher, probe_batches
+           ) -> Sensitivity:
     sens_path = stages.dir / "sensitivity.json"
     if stages.done("probe"):
-        sens = Sensitivity.load(sens_path)
-    else:
-        started = time.perf_counter()
-        probe_batches = model_batches(train_ids[:cfg.probe_samples], cfg.batch_size, teacher)
-        sens = probe(student, teacher, probe_batches, cfg.probe,
-                     cache_path=stages.dir / "probe-partial.json")
-        sens.save(sens_path)
-        stages.finish("probe", started)
+        return Sensitivity.load(sens_path)
     started = time.perf_counter()
-    nested = make_plan(sens, budgets=list(cfg.budgets))
-    nested.save(plan_path)
-    nested.save_heatmap(stages.out / "rank-heatmap.png")
+    sens = probe(student, teacher, probe_batches, cfg.probe,
+                 cache_path=stages.dir / "probe-partial.json")
+    sens.save(sens_path)
+    stages.finish("probe", started)
+    return sens
+
+
+DEPTH_COVARIANCE = "depth-covariance.safetensors"
+
+
+def _depth_covariances(stages: Stages, teacher, train_batches, candidates: list[int]
+                       ) -> CovarianceStats:
+    """Input covariances of the candidate blocks' linear layers in the original model
+    (`teacher`) over the calibration set: read from stages/ when saved for these
+    candidates, else collected (one forward pass of the calibration set) and saved."""
+    path = stages.dir / DEPTH_COVARIANCE
+    if path.is_file():
+        meta = json.loads(_safetensors_meta(path))
+        if meta.get("candidates") == list(candidates):
+            return CovarianceStats(load_file(str(path)), meta["counts"], meta["leader_of"])
+    prefix, _ = block_list(teacher)
+    heads = tuple(f"{prefix}.{c}." for c in candidates)
+    stats = collect_covariances(teacher, train_batches,
+                                filter_fn=lambda name, module: name.startswith(heads))
+    _save_tensors(path, stats.sums, {"counts": stats.counts, "leader_of": stats.leader_of,
+                                     "candidates": list(candidates)})
+    return stats
+
+
+def _depth(stages: Stages, cfg: CompressConfig, student, teacher, train_batches,
+           probe_batches) -> tuple[BlockSensitivity, CovarianceStats]:
+    """The depth stage: the candidate blocks (`depth_candidates`), their layers' input
+    covariances (`_depth_covariances`), and the depth probe on the rank probe's batches,
+    whose partial results survive a kill (stages/depth-probe-partial.json)."""
+    path = stages.dir / "block-sensitivity.json"
+    if stages.done("depth"):
+        depth = BlockSensitivity.load(path)
+        return depth, _depth_covariances(stages, teacher, train_batches, depth.candidates)
+    started = time.perf_counter()
+    candidates = depth_candidates(student, probe_batches, cfg.depth)
+    stats = _depth_covariances(stages, teacher, train_batches, candidates)
+    depth = probe_depth(student, probe_batches, stats, cfg.depth,
+                        cache_path=stages.dir / "depth-probe-partial.json")
+    depth.save(path)
+    stages.finish("depth", started)
+    return depth, stats
+
+
+def _plan(stages: Stages, cfg: CompressConfig, sens: Sensitivity,
+          depth: BlockSensitivity | None) -> NestedPlan | JointPlan:
+    plan_path = stages.dir / "plan.json"
+    if stages.done("plan"):
+        return JointPlan.load(plan_path) if depth is not None else NestedPlan.load(plan_path)
+    started = time.perf_counter()
+    if depth is None:
+        plan = make_plan(sens, budgets=list(cfg.budgets))
+        plan.save(plan_path)
+        plan.save_heatmap(stages.out / "rank-heatmap.png")
+    else:
+        _check_reachable(cfg, sens, depth)
+        plan = joint_plan(sens, depth, budgets=list(cfg.budgets))
+        plan.save(plan_path)
     stages.finish("plan", started)
-    return nested
+    return plan
 
 
-def whole_model_params(teacher, nested: NestedPlan) -> list[int]:
-    """Whole-model parameters per budget: the plan's factorised layers plus everything else
-    (embeddings, norms, the LM head; tied tensors counted once)."""
+def _check_reachable(cfg: CompressConfig, sens: Sensitivity, depth: BlockSensitivity):
+    """Raises ValueError, before any training, for a budget below what the joint plan
+    reaches, naming the budget, the smallest reachable one and the options that lower it."""
+    low = smallest_budget(sens, depth)
+    out_of_reach = [b for b in sorted(cfg.budgets) if b < low * (1 - BUDGET_RTOL)]
+    if out_of_reach:
+        ranks = cfg.depth.adapter_ranks
+        raise ValueError(
+            f"budget {out_of_reach[0]:g} is out of reach of the joint plan: its smallest "
+            f"budget is {low:.4f} (the {len(depth.candidates)} candidate blocks of "
+            f"--max-replaced {cfg.depth.max_replaced:g} replaced at adapter rank {ranks[0]}, "
+            "every other layer at its lowest candidate rank); give budgets of at least "
+            f"{low:.4f} (--budgets), or let more blocks be replaced (a larger "
+            "--max-replaced), or a smaller first --adapter-ranks; the same -o resumes "
+            "from the finished stages")
+
+
+def whole_model_params(teacher, nested: NestedPlan | JointPlan) -> list[int]:
+    """Whole-model parameters per budget: the plan's factorised layers (a JointPlan's: the
+    kept layers and the stand-ins' adapters and scales) plus everything else (embeddings,
+    norms, the LM head; tied tensors counted once; a stand-in's norms take the place of
+    its block's)."""
     unique = {p.data_ptr(): p.numel() for p in teacher.parameters()}
     factorised_dense = sum(m * n for m, n in nested.shapes)
     rest = sum(unique.values()) - factorised_dense
@@ -342,8 +446,14 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer, model_dir)
     train = model_batches(train_ids, config.batch_size, teacher)
     student = _decompose(stages, config, teacher, train)
-    nested = _probe_and_plan(stages, config, student, teacher, train_ids)
+    probe_batches = model_batches(train_ids[:config.probe_samples], config.batch_size, teacher)
+    sens = _probe(stages, config, student, teacher, probe_batches)
+    depth, depth_stats = _depth(stages, config, student, teacher, train, probe_batches) \
+        if config.depth is not None else (None, None)
+    nested = _plan(stages, config, sens, depth)
     held_out = model_batches(eval_ids, config.batch_size, teacher) if len(eval_ids) else None
+    if depth is not None:  # the blocks the plan replaces become switches over stand-ins
+        make_depth_elastic_(student, nested, depth_stats, config.depth.eigen_floor)
 
     qat = config.distill.qat  # recorded in the checkpoint, for the exporters
     elastic = ElasticModel(student, nested, tokenizer, model_id=model_id,
@@ -368,7 +478,16 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
 FIGURE_NAMES = {"kl": "KL", "ppl": "ppl", "loss": "loss", "cosine": "cosine", "top1": "top-1"}
 
 
-def summary_table(teacher, nested: NestedPlan, before, after, times: dict) -> str:
+def replaced_blocks(plan, beta: float) -> str:
+    """The blocks a JointPlan replaces at `beta`, "3<1@16 5<4@8" (block<donor@adapter
+    rank, by the blocks' indices), "-" for none or a NestedPlan."""
+    if not isinstance(plan, JointPlan):
+        return "-"
+    return " ".join(f"{block.rsplit('.', 1)[-1]}<{donor.rsplit('.', 1)[-1]}@{rank}"
+                    for block, (donor, rank) in plan.replaced_for(beta).items()) or "-"
+
+
+def summary_table(teacher, nested: NestedPlan | JointPlan, before, after, times: dict) -> str:
     first = next(iter(before.values())) if before else {}
     figures = [k for k in ("kl", "ppl") if k in first] or [k for k in FIGURE_NAMES if k in first]
     whole = whole_model_params(teacher, nested)
@@ -376,10 +495,14 @@ def summary_table(teacher, nested: NestedPlan, before, after, times: dict) -> st
     rows = []
     for i, beta in enumerate(nested.budgets):
         row = [beta, f"{nested.params[i]:,}", f"{whole[i]:,}", whole[i] / dense_whole]
+        if isinstance(nested, JointPlan):
+            row.append(replaced_blocks(nested, beta))
         if before and after:
             row += [table[beta][key] for key in figures for table in (before, after)]
         rows.append(row)
     headers = ["budget", "kept params", "whole-model params", "whole kept"]
+    if isinstance(nested, JointPlan):
+        headers.append("replaced (block<donor@adapter rank)")
     headers += [f"{FIGURE_NAMES[key]} {when}" for key in figures
                 for when in ("before", "after")] if before and after else []
     table = format_table(headers, rows, title="\nFlexRank compress: held-out figures per budget "

@@ -512,6 +512,20 @@ def joint_plan(sensitivity: Sensitivity, depth: BlockSensitivity,
         method_errors=tuple((name, tuple(t[2])) for name, t in tables.items()))
 
 
+def smallest_budget(sensitivity: Sensitivity, depth: BlockSensitivity,
+                    cost: str | CostModel = "params") -> float:
+    """The smallest budget `joint_plan` reaches (a fraction of the factorised layers' dense
+    cost): every candidate block at its cheapest option (replaced at the smallest adapter
+    rank, or kept at its lowest ranks when that is cheaper), every other layer at its
+    lowest candidate rank. A budget below it (beyond BUDGET_RTOL) is refused by joint_plan."""
+    model = resolve_cost(cost, sensitivity.shapes, sensitivity.ranks)
+    rank_costs = cost_matrix(model, sensitivity.shapes, sensitivity.ranks)
+    dense = sum(model(m, n, min(m, n)) for m, n in sensitivity.shapes)
+    groups = _groups(sensitivity, depth, rank_costs, model)
+    return float(sum(min([rank_costs[g.layers, 0].sum(), *g.replaced_costs])
+                     for g in groups) / dense)
+
+
 def _deployed_params(sens, depth, groups, ranks, adapters) -> int:
     """Parameters r(m + n - r) of the kept layers plus each stand-in's (ParamsCost)."""
     total = 0
