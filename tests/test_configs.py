@@ -44,7 +44,7 @@ CONFIGS = {
     "CompressConfig": CompressConfig(calib="corpus.txt", num_samples=32, seq_len=64,
                                      eval_samples=4, batch_size=2, budgets=(0.5, 1.0),
                                      probe=PROBE, probe_samples=2, distill=DISTILL,
-                                     factorize=FACTORIZE, seed=3),
+                                     factorize=FACTORIZE, seed=3, offload_hidden="hidden"),
     "FormPolicy": POLICY,
     "OnnxExportConfig": OnnxExportConfig(opset=17, external_data=True, validate=False,
                                          tolerance=5e-3, generate=False, threads=3,
