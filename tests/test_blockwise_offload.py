@@ -193,3 +193,11 @@ def test_compress_offloads_where_told_and_resumes_either_way(tmp_path, monkeypat
     assert "offload_hidden" not in CompressConfig(offload_hidden="auto").signature("m")
     with pytest.raises(ValueError, match="offload_hidden '' must be None, 'auto' or"):
         CompressConfig(offload_hidden="")
+
+
+def test_offload_folder_under_a_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(WriteError, match="cannot write the folder for offloaded hidden "
+                                         "states .*file/hidden"):
+        factorize_blockwise_(deeper(tiny_llama, seed=3), token_batches(100, num=1),
+                             progress=False, offload_dir=tmp_path / "file" / "hidden")
