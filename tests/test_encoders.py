@@ -380,3 +380,33 @@ def test_distillation_trims_padding_columns_exactly():
     assert runs[1][1] == runs[0][1]
     for name, value in runs[0][2].items():
         torch.testing.assert_close(runs[1][2][name], value, msg=name)
+
+
+def test_balanced_factors_keep_every_budget_and_equalise_norms(monkeypatch):
+    """bench_encoder --balance-factors: U diag(d), V diag(1/d) leaves each budget's output
+    as it was (the unbalanced student, run before) and gives each rank component's U and V
+    columns equal norms (DataSVD leaves V's far smaller than U's)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_encoder import balance_factors_
+
+    from flexrank.compress.select import nested_layers
+
+    student, teacher, nested, train, held_out = elastic_student(bert_encoder)
+    elastic = ElasticModel(student, nested)
+    before = {}
+    with torch.no_grad():
+        for beta in BUDGETS:
+            elastic.set_budget(beta)
+            before[beta] = student(**held_out[0]).last_hidden_state
+    ratio = balance_factors_(student)["median_u_over_v_norm_before"]
+    assert ratio > 2, ratio  # the imbalance it removes
+    with torch.no_grad():
+        for beta, reference in before.items():
+            elastic.set_budget(beta)
+            torch.testing.assert_close(student(**held_out[0]).last_hidden_state, reference,
+                                       rtol=1e-4, atol=1e-5, msg=str(beta))
+    for name, layer in nested_layers(student).items():
+        torch.testing.assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0), rtol=1e-4,
+                                   atol=1e-7, msg=name)
