@@ -43,7 +43,12 @@ from flexrank.planning.knapsack import (
     optimal_levels,
     pareto_frontier,
 )
-from flexrank.planning.planner import BUDGET_RTOL, resolve_budgets, resolve_cost
+from flexrank.planning.planner import (
+    BUDGET_RTOL,
+    resolve_budgets,
+    resolve_cost,
+    set_plan_fields_,
+)
 from flexrank.planning.sensitivity import Sensitivity
 
 log = logging.getLogger(__name__)
@@ -189,24 +194,10 @@ class JointPlan:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        conv = {
-            "budgets": tuple(float(b) for b in self.budgets),
-            "layer_names": tuple(map(str, self.layer_names)),
-            "shapes": tuple((int(m), int(n)) for m, n in self.shapes),
-            "ranks": tuple(tuple(int(r) for r in row) for row in self.ranks),
-            "blocks": tuple(map(str, self.blocks)),
-            "donors": tuple(int(d) for d in self.donors),
-            "adapter_ranks": tuple(tuple(int(a) for a in row) for row in self.adapter_ranks),
-            "predicted_error": tuple(float(e) for e in self.predicted_error),
-            "cost": tuple(float(c) for c in self.cost),
-            "params": tuple(int(p) for p in self.params),
-            "dp_error": tuple(float(e) for e in self.dp_error),
-            "method_errors": tuple((str(n), tuple(float(e) for e in errs))
-                                   for n, errs in self.method_errors),
-            "dense_cost": float(self.dense_cost),
-        }
-        for name, value in conv.items():
-            object.__setattr__(self, name, value)
+        set_plan_fields_(
+            self, blocks=tuple(map(str, self.blocks)),
+            donors=tuple(int(d) for d in self.donors),
+            adapter_ranks=tuple(tuple(int(a) for a in row) for row in self.adapter_ranks))
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"joint plan format version {self.format_version} is not "
                              f"supported (this FlexRank reads {FORMAT_VERSION}); re-plan")

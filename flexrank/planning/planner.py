@@ -48,6 +48,27 @@ BUDGET_RTOL = 1e-9
 BUDGET_GRID = 0.05  # num_budgets starts at the smallest reachable beta rounded up to this
 
 
+def set_plan_fields_(plan, **more) -> None:
+    """Set the fields every plan (NestedPlan, planning.depth.JointPlan) has, and `more`, on
+    the frozen dataclass `plan` as plain tuples of Python numbers (JSON and numpy input
+    alike), so that two equal plans compare equal whatever they were built from."""
+    fields = {
+        "budgets": tuple(float(b) for b in plan.budgets),
+        "layer_names": tuple(str(n) for n in plan.layer_names),
+        "shapes": tuple((int(m), int(n)) for m, n in plan.shapes),
+        "ranks": tuple(tuple(int(r) for r in row) for row in plan.ranks),
+        "predicted_error": tuple(float(e) for e in plan.predicted_error),
+        "cost": tuple(float(c) for c in plan.cost),
+        "params": tuple(int(p) for p in plan.params),
+        "dp_error": tuple(float(e) for e in plan.dp_error),
+        "method_errors": tuple((str(name), tuple(float(e) for e in errs))
+                               for name, errs in plan.method_errors),
+        "dense_cost": float(plan.dense_cost),
+    }
+    for name, value in (fields | more).items():
+        object.__setattr__(plan, name, value)
+
+
 @dataclass(frozen=True)
 class NestedPlan:
     """Ranks per budget (nested: non-decreasing in the budget), with what they predict.
@@ -75,22 +96,7 @@ class NestedPlan:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        tuples = {
-            "budgets": tuple(float(b) for b in self.budgets),
-            "layer_names": tuple(str(n) for n in self.layer_names),
-            "shapes": tuple((int(m), int(n)) for m, n in self.shapes),
-            "ranks": tuple(tuple(int(r) for r in row) for row in self.ranks),
-            "predicted_error": tuple(float(e) for e in self.predicted_error),
-            "cost": tuple(float(c) for c in self.cost),
-            "params": tuple(int(p) for p in self.params),
-            "dp_error": tuple(float(e) for e in self.dp_error),
-            "method_errors": tuple((str(name), tuple(float(e) for e in errs))
-                                   for name, errs in self.method_errors),
-            "dense_cost": float(self.dense_cost),
-            "dp_beta_slack": float(self.dp_beta_slack),
-        }
-        for name, value in tuples.items():
-            object.__setattr__(self, name, value)
+        set_plan_fields_(self, dp_beta_slack=float(self.dp_beta_slack))
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"plan format version {self.format_version} is not supported "
                              f"(this FlexRank reads {FORMAT_VERSION}); re-run the planner")
