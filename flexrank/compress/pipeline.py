@@ -393,7 +393,8 @@ def _check_reachable(cfg: CompressConfig, sens: Sensitivity, depth: BlockSensiti
         ranks = cfg.depth.adapter_ranks
         raise ValueError(
             f"budget {out_of_reach[0]:g} is out of reach of the joint plan: its smallest "
-            f"budget is {low:.4f} (the {len(depth.candidates)} candidate blocks of "
+            f"budget is {low:.4f} (the {len(depth.candidates)} candidate block"
+            f"{'s' if len(depth.candidates) != 1 else ''} of "
             f"--max-replaced {cfg.depth.max_replaced:g} replaced at adapter rank {ranks[0]}, "
             "every other layer at its lowest candidate rank); give budgets of at least "
             f"{low:.4f} (--budgets), or let more blocks be replaced (a larger "
