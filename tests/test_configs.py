@@ -13,6 +13,7 @@ import pytest
 
 from flexrank.compress.config import (
     CompressConfig,
+    DepthConfig,
     DistillConfig,
     FactorizeConfig,
     ProbeConfig,
@@ -44,7 +45,9 @@ CONFIGS = {
     "CompressConfig": CompressConfig(calib="corpus.txt", num_samples=32, seq_len=64,
                                      eval_samples=4, batch_size=2, budgets=(0.5, 1.0),
                                      probe=PROBE, probe_samples=2, distill=DISTILL,
-                                     factorize=FACTORIZE, seed=3, offload_hidden="hidden"),
+                                     factorize=FACTORIZE, seed=3, offload_hidden="hidden",
+                                     depth=DepthConfig(max_replaced=0.25, adapter_ranks=(4, 8),
+                                                       donor_window=2, eigen_floor=1e-6)),
     "FormPolicy": POLICY,
     "OnnxExportConfig": OnnxExportConfig(opset=17, external_data=True, validate=False,
                                          tolerance=5e-3, generate=False, threads=3,
