@@ -11,7 +11,8 @@ whitened by the pruned layers' input covariances; the block-by-block decompose k
 covariances, so the depth stage collects them again, from the original model on the
 calibration set, for the candidate blocks' layers only (`depth_candidates`: one cosine
 pass on the probe batches names them), and keeps them in stages/ for the stand-ins built
-before distillation on this and later runs.
+before distillation on this and later runs. A layer whose covariance is missing or
+degenerate gets a plain-SVD adapter instead, with a warning (`depth.build_stand_in`).
 
     OUT/flexrank-compress.json   what was asked (the resume signature) and finished stages;
                                  written before any work, so that a run that fails or is
@@ -380,6 +381,7 @@ def _plan(stages: Stages, cfg: CompressConfig, sens: Sensitivity,
         _check_reachable(cfg, sens, depth)
         plan = joint_plan(sens, depth, budgets=list(cfg.budgets))
         plan.save(plan_path)
+        _remove(stages.out / "rank-heatmap.png")  # of a rank-only plan made here before
     stages.finish("plan", started)
     return plan
 
@@ -442,6 +444,8 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     teacher, tokenizer = load_model(model_spec, dtype=dtype)
     stages.times["load"] = time.perf_counter() - started
     teacher.requires_grad_(False)
+    if config.depth is not None:
+        block_list(teacher)  # a model without a stack of blocks: refused before any work
     model_dir = model_spec if isinstance(model_spec, (str, os.PathLike)) and \
         Path(model_spec).is_dir() else None
     train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer, model_dir)
