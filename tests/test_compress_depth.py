@@ -266,6 +266,26 @@ def test_a_changed_max_replaced_runs_depth_and_plan_again(model_dir, tmp_path, m
                                                     budgets="1,0.6,0.4")))
 
 
+def test_a_changed_setting_is_refused_once_the_distillation_has_begun(model_dir, tmp_path,
+                                                                      monkeypatch):
+    out = tmp_path / "out"
+
+    def killed_in_distillation(*args, output_dir, **kwargs):
+        (output_dir / "checkpoint").mkdir()  # as its first checkpoint would
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "distill", killed_in_distillation)
+        with pytest.raises(KeyboardInterrupt):
+            compress(model_dir[0], out, config_of(argv(model_dir, out)))
+    assert "plan" in finished(out) and "distill" not in finished(out)
+    with pytest.raises(CompressError, match=r"differs in: depth\) that its finished stages "
+                                            r"\(depth, plan\) used and whose distillation "
+                                            "has begun"):
+        compress(model_dir[0], out, config_of(argv(model_dir, out, "--donor-window", "1")))
+    assert (out / "stages" / "checkpoint").is_dir()  # the training is not thrown away
+
+
 # ------------------------------------------------------------------ errors
 
 

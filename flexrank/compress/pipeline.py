@@ -142,12 +142,13 @@ def _check_output(out: Path, signature: dict) -> dict:
         return {**state, "signature": signature}
     first = min(STAGES.index(FIRST_READER.get(k, STAGES[0])) for k in changed)
     finished = [stage for stage in STAGES[first:] if stage in state["done"]]
-    distilling = (out / "stages" / "checkpoint").exists() and "distill" in STAGES[first:]
-    if any(stage in KEPT_WORK for stage in finished) or (finished and distilling):
+    distilling = finished and (out / "stages" / "checkpoint").exists()  # begun, unfinished
+    if any(stage in KEPT_WORK for stage in finished) or distilling:
         raise CompressError(
             f"{out} holds a compression with other settings (differs in: {', '.join(changed)}) "
-            f"that its finished stages ({', '.join(finished)}) used; delete that folder to "
-            "start over, or choose another output folder")
+            f"that its finished stages ({', '.join(finished)}) used"
+            f"{' and whose distillation has begun' if distilling else ''}; delete that "
+            "folder to start over, or choose another output folder")
     logger.info("%s: settings changed (%s); %s with the new settings", out,
                 ", ".join(changed), f"running {', '.join(finished)} again" if finished
                 else "no stage that reads them had finished: continuing")
