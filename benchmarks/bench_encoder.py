@@ -140,6 +140,10 @@ def main():
     parser.add_argument("--probe-points", type=int, default=3, help="ranks probed per layer")
     parser.add_argument("--start", type=Path, default=None,
                         help="folder of the DataSVD + plan student (default OUT/start)")
+    parser.add_argument("--factors-from", type=Path, default=None,
+                        help="a --start folder of the same --calib: its DataSVD factors, "
+                             "re-probed with --probe-batches/--probe-points into a new "
+                             "--start (skips covariances and DataSVD)")
     parser.add_argument("--full-budget", default="refit", choices=["refit", "anchor", "train"],
                         help="DistillConfig.full_budget")
     parser.add_argument("--sampler", default="sandwich", help="DistillConfig.sampler")
@@ -227,9 +231,20 @@ def start_student(teacher, tokenizer, train, held_out, args, results, start: Pat
         elastic = ElasticModel.from_pretrained(start / "elastic", copy.deepcopy(teacher))
         elastic.tokenizer = tokenizer
         return elastic
-    student = copy.deepcopy(teacher)
-    with stage(results["stages"], "covariance+DataSVD"):
-        factorize_(student, collect_covariances(student, train))
+    if args.factors_from is not None:  # its DataSVD factors, re-probed and re-planned
+        saved = json.loads((args.factors_from / "start.json").read_text())
+        if saved["settings"]["calib"] != settings["calib"]:
+            raise SystemExit(f"--factors-from {args.factors_from} was calibrated on "
+                             f"{saved['settings']['calib']} sentences, not {args.calib}")
+        results["stages"]["covariance+DataSVD"] = saved["stages"]["covariance+DataSVD"]
+        source = ElasticModel.from_pretrained(args.factors_from / "elastic",
+                                              copy.deepcopy(teacher))
+        source.set_budget(max(source.budgets))  # every layer at full rank: DataSVD's W
+        student = source.model
+    else:
+        student = copy.deepcopy(teacher)
+        with stage(results["stages"], "covariance+DataSVD"):
+            factorize_(student, collect_covariances(student, train))
     with stage(results["stages"], "probe"):
         sens = probe(student, teacher, train[:args.probe_batches],
                      ProbeConfig(mode="fast", num_levels=16, probe_points=args.probe_points))
@@ -291,7 +306,7 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
         run = distill(student, teacher, nested, args.distill_batches, config,
                       eval_batches=held_out if args.eval_every else None,
                       output_dir=args.out / "distill")
-    results["loss_first_last"] = [run.losses[0], run.losses[-1]]
+    results["loss_first_last"] = [run.losses[0], run.losses[-1]] if run.losses else []
     results["evals"] = [{"step": e["step"], "cosine": {b: v["cosine"]
                                                        for b, v in e["budgets"].items()}}
                         for e in run.evals]
