@@ -226,3 +226,38 @@ def test_missing_elastic_metadata_is_not_taken_for_a_plain_model(checkpoint, tmp
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match=expected):
         ElasticModel.from_pretrained(folder)
+
+
+def _state_folder(tmp_path, done: list[str], checkpoint: bool):
+    """An output folder as a run with signature {model, budgets, distill} left it."""
+    out = tmp_path / "run"
+    (out / "stages").mkdir(parents=True)
+    signature = {"model": "tiny", "budgets": [0.5, 1.0], "distill": {"lr": 1e-4}}
+    (out / STATE_FILE).write_text(json.dumps(
+        {"signature": signature, "done": {stage: {"seconds": 1.0} for stage in done}}))
+    if checkpoint:
+        (out / "stages" / "checkpoint").mkdir()
+        (out / "stages" / "checkpoint" / "state.pt").write_text("trained")
+    return out, signature
+
+
+BEFORE_DISTILL = ["calibration", "covariance", "decompose", "probe", "plan"]
+
+
+def test_a_changed_distill_setting_never_deletes_a_distillation_under_way(tmp_path):
+    out, signature = _state_folder(tmp_path, BEFORE_DISTILL, checkpoint=True)
+    with pytest.raises(CompressError, match="distillation has begun"):
+        pipeline._check_output(out, {**signature, "distill": {"lr": 3e-4}})
+    assert (out / "stages" / "checkpoint" / "state.pt").read_text() == "trained"
+
+
+def test_a_changed_model_or_text_never_discards_finished_factors(tmp_path):
+    out, signature = _state_folder(tmp_path, BEFORE_DISTILL, checkpoint=False)
+    with pytest.raises(CompressError, match=r"differs in: model.*calibration, covariance"):
+        pipeline._check_output(out, {**signature, "model": "other"})
+
+
+def test_changed_budgets_before_distillation_re_plan(tmp_path):
+    out, signature = _state_folder(tmp_path, BEFORE_DISTILL, checkpoint=False)
+    state = pipeline._check_output(out, {**signature, "budgets": [0.4, 1.0]})
+    assert sorted(state["done"]) == ["calibration", "covariance", "decompose", "probe"]

@@ -75,9 +75,9 @@ STAGES = ("calibration", "covariance", "decompose", "probe", "depth", "plan", "d
           "save")
 
 
-# The first stage that reads each of CompressConfig.signature's settings: a setting may
-# change between runs while that stage and the later ones are unfinished, since no finished
-# stage read it. (batch_size: teacher-sampled calibration text is generated in batches.)
+# The first stage that reads each of CompressConfig.signature's settings: a changed setting
+# re-runs that stage and the later ones (`_check_output` says when that is refused).
+# (batch_size: teacher-sampled calibration text is generated in batches.)
 FIRST_READER = {"model": "calibration", "calib": "calibration", "num_samples": "calibration",
                 "seq_len": "calibration", "eval_samples": "calibration", "seed": "calibration",
                 "batch_size": "calibration", "factorize": "decompose", "probe": "probe",
@@ -89,8 +89,11 @@ LEFTOVERS = {"probe": ("probe-partial.json",),
              "depth": ("depth-probe-partial.json", "depth-covariance.safetensors"),
              "distill": ("checkpoint",)}
 # Stages whose results a changed setting never discards: the distillation (and with it
-# its checkpoint) is the long part of a run.
+# its checkpoint) is the long part of a run; calibration and the factors are what every
+# later stage stands on (a changed model, text or factorisation is another compression).
+# A changed probe, depth or budget setting re-runs its finished stages before distillation.
 KEPT_WORK = ("distill", "save")
+BASE_WORK = ("calibration", "covariance", "decompose")
 
 
 class CompressError(ValueError):
@@ -117,12 +120,13 @@ def _read_state(path: Path) -> dict:
 def _check_output(out: Path, signature: dict) -> dict:
     """The state to run with in `out`: its own when the settings match; when they differ,
     its own less the finished stages that read a changed setting (FIRST_READER: that stage
-    and every later one, run again with the new settings) as long as the distillation has
-    not begun (no finished distill stage, no distillation checkpoint); a fresh one for a
-    new or empty folder. So a run whose plan failed (a budget out of reach) is continued
-    with other budgets or depth settings, its calibration, factors and probes reused.
-    Raises CompressError for a foreign folder or one whose distillation used other
-    settings."""
+    and every later one, run again with the new settings) as long as those are probe,
+    depth or plan stages and the distillation has not begun (no finished distill stage, no
+    distillation checkpoint); a fresh one for a new or empty folder. So a run whose plan
+    failed (a budget out of reach) is continued with other budgets or depth settings,
+    its calibration, factors and probes reused. Raises CompressError for a foreign folder,
+    one whose calibration or factors used other settings, or one whose distillation
+    began or finished with other settings."""
     signature = _canonical(signature)
     state_path = out / STATE_FILE
     if not state_path.is_file():
@@ -142,16 +146,20 @@ def _check_output(out: Path, signature: dict) -> dict:
         return {**state, "signature": signature}
     first = min(STAGES.index(FIRST_READER.get(k, STAGES[0])) for k in changed)
     finished = [stage for stage in STAGES[first:] if stage in state["done"]]
-    distilling = finished and (out / "stages" / "checkpoint").exists()  # begun, unfinished
-    if any(stage in KEPT_WORK for stage in finished) or distilling:
+    distilling = (out / "stages" / "checkpoint").exists()  # begun, unfinished
+    if (any(stage in KEPT_WORK or stage in BASE_WORK for stage in finished) or distilling):
+        what = ", ".join(finished) or "none"
         raise CompressError(
             f"{out} holds a compression with other settings (differs in: {', '.join(changed)}) "
-            f"that its finished stages ({', '.join(finished)}) used"
+            f"that its finished stages ({what}) used"
             f"{' and whose distillation has begun' if distilling else ''}; delete that "
             "folder to start over, or choose another output folder")
-    logger.info("%s: settings changed (%s); %s with the new settings", out,
-                ", ".join(changed), f"running {', '.join(finished)} again" if finished
-                else "no stage that reads them had finished: continuing")
+    if finished:
+        logger.warning("%s: settings changed (%s): running %s again with the new settings",
+                       out, ", ".join(changed), ", ".join(finished))
+    else:
+        logger.info("%s: settings changed (%s); no stage that reads them had finished: "
+                    "continuing", out, ", ".join(changed))
     for stage in STAGES[first:]:
         for name in LEFTOVERS.get(stage, ()):
             _remove(out / "stages" / name)
@@ -186,7 +194,7 @@ class Stages:
     def claim(cls, out: Path, signature: dict) -> Stages:
         """Check `out` (see `_check_output`) and write its state file before any work, so
         that a run failing or killed at any later point leaves a folder that the next run
-        resumes (same settings) or continues with new ones (no finished stage read them)."""
+        resumes (same settings) or continues with new ones (`_check_output`)."""
         state = _check_output(out, signature)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / STATE_FILE, state)
