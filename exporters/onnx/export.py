@@ -159,8 +159,9 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
     shutil.rmtree(folder, ignore_errors=True)
     forms = None
     if quantize == "int4" and config.int4_form_slack is not None and kind == "decoder":
-        forms = choose_forms(elastic.model, ranks or elastic.layer_ranks(beta), calibration,
-                             config)
+        with depth_at(elastic.model, getattr(elastic, "plan", None), beta):  # β's blocks
+            forms = choose_forms(elastic.model, ranks or elastic.layer_ranks(beta),
+                                 calibration, config)
     path, records, _ = export_budget_graph(
         elastic, beta, kind, folder, sample, config, ranks=ranks,
         layer_forms={name: choice["form"] for name, choice in (forms or {}).items()})

@@ -121,7 +121,10 @@ class _Whitenings:
         self.stats, self.floor, self.cache = stats, floor, {}
 
     def __call__(self, name: str) -> tuple[Whitening | None, torch.Tensor | None]:
-        if self.stats is None or name not in self.stats:
+        if self.stats is None:
+            return None, None
+        if name not in self.stats:
+            logger.warning("layer %s has no input covariance; its adapter uses plain SVD", name)
             return None, None
         leader = self.stats.leader_of[name]
         if leader not in self.cache:

@@ -30,6 +30,9 @@ import torch
 
 from flexrank.io import WriteError, atomic_path, check_writable
 
+# Each run's folder of offloaded hidden states: `<parent>/flexrank-hidden-XXXX`.
+OFFLOAD_PREFIX = "flexrank-hidden-"
+
 logger = logging.getLogger(__name__)
 
 # "auto" offloads when the hidden states of the calibration set would take more than this
@@ -110,7 +113,7 @@ class HiddenStates:
             self.parent = Path(folder)
             check_writable(self.parent, "the folder for offloaded hidden states")
             self.parent.mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="flexrank-hidden-", dir=self.parent))
+            self.folder = Path(tempfile.mkdtemp(prefix=OFFLOAD_PREFIX, dir=self.parent))
             logger.info("calibration hidden states go to %s", self.folder)
         return self
 

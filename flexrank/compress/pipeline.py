@@ -58,6 +58,7 @@ from flexrank.compress.depth import (
 from flexrank.compress.distill import distill, evaluate_budgets
 from flexrank.compress.elastic import ElasticModel, layer_specs, restructure_
 from flexrank.compress.models import load_model
+from flexrank.compress.offload import OFFLOAD_PREFIX
 from flexrank.compress.probe import probe
 from flexrank.compress.surgery import factorize_
 from flexrank.io import atomic_path, check_writable, write_json_atomic
@@ -306,7 +307,10 @@ def _decompose(stages: Stages, cfg: CompressConfig, teacher, train_batches):
     if saved_sums:
         factorize_(student, _covariance(stages, teacher, train_batches), cfg.factorize)
     elif cfg.factorize.method == "data":
-        # "auto" offloads into the output folder (a disk, where /tmp may be RAM-backed)
+        # "auto" offloads into the output folder (a disk, where /tmp may be RAM-backed);
+        # a killed run's offload folders there are ours and hold nothing to resume from
+        for stale in stages.dir.glob(f"{OFFLOAD_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         factorize_blockwise_(student, train_batches, cfg.factorize,
                              offload_dir=cfg.offload_hidden, auto_dir=stages.dir)
     else:
@@ -445,6 +449,8 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
         raise CalibrationError(f"calibration source {config.calib!r} does not exist; pass a "
                                "text or .jsonl file, a datasets folder, or 'teacher'")
     check_writable(out, "the compress output folder")  # a read-only or full disk: now
+    if config.offload_hidden not in (None, "auto"):
+        check_writable(config.offload_hidden, "the --offload-hidden folder")
     signature = config.signature(model_id)
     if dtype is not None:
         signature["dtype"] = str(dtype)  # a float32 folder does not resume as bf16
