@@ -44,6 +44,7 @@ from flexrank.compress.covariance import CovarianceStats, collect_covariances
 from flexrank.compress.depth import DepthConfig, make_depth_elastic_, probe_depth
 from flexrank.compress.distill import distill, evaluate_budgets
 from flexrank.compress.elastic import ElasticModel
+from flexrank.io import write_json_atomic
 from flexrank.planning.depth import joint_plan
 from flexrank.planning.planner import plan as rank_plan
 from flexrank.planning.sensitivity import Sensitivity
@@ -204,10 +205,14 @@ def main() -> int:
             continue
         plan = plans[name]
         saved = args.out / "checkpoints" / name  # a rerun reuses a variant distilled before
-        if (saved / "distill.json").is_file():
+        settings = {"stages": str(args.stages), "smoke": args.smoke, "steps": args.steps,
+                    "budgets": budgets, "adapter_ranks": list(adapter_ranks),
+                    "max_replaced": args.max_replaced, "donor_window": args.donor_window}
+        record = saved / "distill.json"
+        if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
             elastic = ElasticModel.from_pretrained(saved, model=copy.deepcopy(teacher))
             elastic.tokenizer = tokenizer
-            seconds = json.loads((saved / "distill.json").read_text())["distill_s"]
+            seconds = json.loads(record.read_text())["distill_s"]
         else:
             model = copy.deepcopy(student)
             if hasattr(plan, "adapter_ranks"):
@@ -217,7 +222,7 @@ def main() -> int:
             seconds = time.perf_counter() - started
             elastic = ElasticModel(model, plan, tokenizer=tokenizer, model_id=name)
             elastic.save_pretrained(saved)
-            (saved / "distill.json").write_text(json.dumps({"distill_s": seconds}))
+            write_json_atomic(record, {"distill_s": seconds, "settings": settings})
         quality = evaluate_budgets(elastic, teacher, held_out)
         report["variants"][name] = {
             "distill_s": seconds, "plan": plan.to_dict(),
