@@ -15,17 +15,23 @@ from flexrank.compress.config import (
 )
 
 
-def budget_list(text: str) -> tuple[float, ...]:
-    """argparse type for `--budgets 1,0.8,0.6`: distinct numbers in (0, 1], in any order
-    (argparse names the option in front of the error)."""
+def _comma_list(text: str, convert, what: str, example: str) -> list:
+    """The comma-separated items of `text`, each `convert`ed; ArgumentTypeError naming the
+    item that is not `what` and showing `example`."""
     values = []
     for part in text.split(","):
         try:
-            values.append(float(part))
+            values.append(convert(part))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{part.strip()!r} in {text!r} is not a number: give budgets like "
-                "1,0.8,0.6") from None
+                f"{part.strip()!r} in {text!r} is not {what}: give {example}") from None
+    return values
+
+
+def budget_list(text: str) -> tuple[float, ...]:
+    """argparse type for `--budgets 1,0.8,0.6`: distinct numbers in (0, 1], in any order
+    (argparse names the option in front of the error)."""
+    values = _comma_list(text, float, "a number", "budgets like 1,0.8,0.6")
     try:
         check_budgets(tuple(values))
     except ValueError as err:
@@ -71,14 +77,7 @@ def open_fraction(text: str) -> float:
 
 def rank_list(text: str) -> tuple[int, ...]:
     """argparse type for `--adapter-ranks 8,16,32`: whole numbers >= 1, strictly ascending."""
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{part.strip()!r} in {text!r} is not a whole number: give ranks like "
-                "8,16,32,64") from None
+    values = _comma_list(text, int, "a whole number", "ranks like 8,16,32,64")
     if min(values) < 1 or values != sorted(set(values)):
         raise argparse.ArgumentTypeError(
             f"{text!r} is out of range: ranks must be >= 1 and strictly ascending, like "
