@@ -103,3 +103,31 @@ def test_a_folder_distilled_before_anchoring_resumes_and_is_anchored(model_dir, 
     assert after < 0.8 * drift, (float(drift), float(after))  # 0.30 against 0.48 when written
     with pytest.raises(CompressError, match="differs in: distill"):  # 'refit' trains otherwise
         compress(model, out, replace(old, distill=replace(old.distill, full_budget="refit")))
+
+
+def test_a_finished_run_is_loaded_not_run_again(model_dir, tmp_path, monkeypatch):
+    """A second run with the same settings returns the saved checkpoint without loading
+    the model or distilling; more steps (left out of the resume signature) train on."""
+    import flexrank.compress.pipeline as pipeline
+
+    model, text = model_dir
+    out = tmp_path / "out"
+    first, summary = compress(model, out, config(text, steps=2))
+    calls = []
+    real_distill = pipeline.distill
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: calls.append("load") or
+                        pytest.fail("a finished run loaded the model again"))
+    again, summary_again = compress(model, out, config(text, steps=2))
+    assert summary_again == summary and not calls
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        for beta in (0.7, 1.0):
+            torch.testing.assert_close(again.set_budget(beta).model(ids).logits,
+                                       first.set_budget(beta).model(ids).logits)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: calls.append("distill") or
+                        real_distill(*a, **k))
+    compress(model, out, config(text, steps=3))
+    assert calls == ["distill"]
+    meta = json.loads((out / "stages" / "checkpoint" / "state.json").read_text())
+    assert meta["step"] == 3

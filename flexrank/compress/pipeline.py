@@ -56,7 +56,7 @@ from flexrank.compress.depth import (
     probe_depth,
 )
 from flexrank.compress.distill import distill, evaluate_budgets
-from flexrank.compress.elastic import ElasticModel, layer_specs, restructure_
+from flexrank.compress.elastic import META_FILE, ElasticModel, layer_specs, restructure_
 from flexrank.compress.models import load_model
 from flexrank.compress.offload import OFFLOAD_PREFIX
 from flexrank.compress.probe import probe
@@ -204,9 +204,10 @@ class Stages:
     def done(self, name: str) -> bool:
         return name in self.state["done"]
 
-    def finish(self, name: str, started: float) -> None:
+    def finish(self, name: str, started: float, **record) -> None:
+        """Mark `name` finished, with its seconds and `record` (JSON-ready)."""
         self.times[name] = time.perf_counter() - started
-        self.state["done"][name] = {"seconds": self.times[name]}
+        self.state["done"][name] = {"seconds": self.times[name], **record}
         write_json_atomic(self.out / STATE_FILE, self.state)
 
 
@@ -455,6 +456,9 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     if dtype is not None:
         signature["dtype"] = str(dtype)  # a float32 folder does not resume as bf16
     stages = Stages.claim(out, signature)
+    finished = _finished_run(stages, config)
+    if finished is not None:
+        return finished
     started = time.perf_counter()
     teacher, tokenizer = load_model(model_spec, dtype=dtype)
     stages.times["load"] = time.perf_counter() - started
@@ -486,11 +490,35 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     after = evaluate_budgets(elastic, teacher, held_out) if held_out else None
     started = time.perf_counter()
     elastic.save_pretrained(out / "elastic")
-    stages.finish("save", started)
+    stages.finish("save", started, distill=_trained_with(config))  # see _finished_run
     summary = summary_table(teacher, nested, before, after, stages.times)
     with atomic_path(out / "summary.txt") as tmp:  # a full disk leaves no half summary
         tmp.write_text(summary + "\n")
     return elastic, summary
+
+
+def _trained_with(config: CompressConfig) -> dict:
+    """The distillation settings a saved checkpoint was trained with, those the resume
+    signature leaves out included (steps may grow, full_budget "anchor" refits again)."""
+    data = config.distill.to_dict()
+    for key in ("eval_every", "checkpoint_every"):  # change no weight
+        data.pop(key)
+    return data
+
+
+def _finished_run(stages: Stages, config: CompressConfig) -> tuple[ElasticModel, str] | None:
+    """(the saved ElasticModel, its summary) when this folder's run finished with exactly
+    these settings (the signature is checked by `Stages.claim`; the distillation settings
+    it leaves out, such as more steps, are compared here), so that a second run loads the
+    checkpoint instead of loading the model, evaluating, resuming the distillation and
+    refitting β = 1 again; None when the run must go on or its files are missing."""
+    elastic_dir, summary = stages.out / "elastic", stages.out / "summary.txt"
+    saved = stages.state["done"].get("save", {})
+    if not (saved.get("distill") == _trained_with(config)
+            and (elastic_dir / META_FILE).is_file() and summary.is_file()):
+        return None
+    logger.info("%s: this compression finished earlier; loading its checkpoint", stages.out)
+    return ElasticModel.from_pretrained(elastic_dir), summary.read_text().rstrip("\n")
 
 
 # evaluate_budgets' figures by objective: language models (KL, perplexity), encoders
