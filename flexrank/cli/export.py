@@ -639,12 +639,12 @@ def measure_bundle(folder: Path, manifest, beta: float, profile, fmt: str) -> di
               "for onnxruntime bundles only)")
         return None
     from flexrank.device.host import host_key
-    from flexrank.runtime.session import ElasticSession
+    from flexrank.runtime.host_measure import measure_in_child
 
-    session = ElasticSession(folder, budget=beta, threads=host_threads(profile),
-                             manifest=manifest)
+    # a fresh process: this one's freed compress/export memory would hide the session's
     prompt = profile.targets.prompt_tokens if profile else 64
-    figures = session.measure(prompt_tokens=prompt, new_tokens=MEASURE_NEW_TOKENS)
+    figures = measure_in_child(folder, manifest, beta, host_threads(profile), prompt,
+                               MEASURE_NEW_TOKENS)
     figures["host"] = host_key()
     return figures
 
