@@ -13,14 +13,16 @@ CHATTER = {
     "Found different candidate ONNX initializers": "optimum's tied-weight check",
     "torch/utils/_pytree.py": "torch's Enum registration deprecation (via torchao)",
     "torchao": "torchao's CUDA-kernel and triton notes",
+    "Mutation on a buffer": "ExecuTorch's emitter on the KV cache, the graph printed after it",
+    "cpuinfo_utils": "ExecuTorch's runtime reading ARM CPU files on first load",
 }
 ALWAYS_SEEN_WITH_V = ("TracerWarning", "Found different candidate ONNX initializers")
 
 
-def export(checkpoint, out, *extra: str) -> subprocess.CompletedProcess:
+def export(checkpoint, out, *extra: str, fmt: str = "onnx") -> subprocess.CompletedProcess:
     code = "import sys; from flexrank.cli import export_main; sys.exit(export_main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, str(checkpoint), "--profile", "pixel8",
-                           "--budget", "0.8", "--format", "onnx", "-o", str(out), *extra],
+                           "--budget", "0.8", "--format", fmt, "-o", str(out), *extra],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -34,6 +36,16 @@ def test_export_output_is_clean_by_default_and_verbose_with_v(checkpoint, tmp_pa
     for needle in ALWAYS_SEEN_WITH_V:  # the filters are lifted by -v, not only hidden
         assert needle in loud.stderr, (needle, loud.stderr[-3000:])
     assert "[5/5] manifest" in quiet.stdout and "[5/5] manifest" in loud.stdout
+
+
+def test_executorch_export_output_is_clean_by_default(checkpoint, tmp_path):
+    """The ExecuTorch path (8da4w: torchao, the emitter, the runtime's first load in the
+    validation) prints FlexRank's stages and nothing of the libraries'; the runtime's
+    native lines are kept at DEBUG (-v)."""
+    quiet = export(checkpoint, tmp_path / "quiet", "--precision", "8da4w", fmt="executorch")
+    text = quiet.stdout + quiet.stderr
+    assert not [line for line in text.splitlines() if any(c in line for c in CHATTER)], text
+    assert "[5/5] manifest" in quiet.stdout
 
 
 def test_library_info_and_future_warnings_only_with_v():

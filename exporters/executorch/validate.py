@@ -9,6 +9,10 @@ programs are measured and reported.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from flexrank.exporters.common.validate import (
     _check_outputs,
     torch_greedy,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -49,17 +55,45 @@ def runtime():
     return Runtime.get()
 
 
+@contextmanager
+def native_stderr_at_debug():
+    """What native code writes to the process's stderr inside the block (ExecuTorch's
+    runtime on its first load: "[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/..."
+    on a machine that is not an ARM phone) goes to this module's logger at DEBUG, so the
+    default terminal stays clean and -v shows it. Python's own writes are flushed first."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                captured.seek(0)
+                for line in captured.read().decode(errors="replace").splitlines():
+                    logger.debug("native: %s", line)
+    finally:
+        os.close(saved)
+
+
 def load_program(path: Path):
     """The program at `path` with its weights file beside it when there is one
     (`program.weights_path`: a tied table's program keeps every constant there)."""
     from flexrank.exporters.executorch.program import weights_path
 
     data = weights_path(path)
-    return runtime().load_program(Path(path), data_path=data if data.is_file() else None)
+    with native_stderr_at_debug():
+        return runtime().load_program(Path(path), data_path=data if data.is_file() else None)
 
 
 def load_method(path: Path, name: str = "forward"):
-    return load_program(path).load_method(name)
+    program = load_program(path)
+    with native_stderr_at_debug():
+        return program.load_method(name)
 
 
 def constant_methods(path: Path) -> dict:

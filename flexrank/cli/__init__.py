@@ -27,6 +27,11 @@ QUIET_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree", "onnxruntime.transfor
 # Libraries' notes about their own next versions, e.g. torch's pytree "isinstance(treespec,
 # LeafSpec) is deprecated" while ExecuTorch exports: shown with -v only.
 QUIET_WARNINGS = (FutureWarning,)
+# Notes a FlexRank user cannot act on, by the start of their text: ExecuTorch's emitter on
+# every decoder program ("Mutation on a buffer in the model is detected ...": the KV
+# cache's buffers, whose initial values a decoder never reads, with the whole graph
+# printed after it).
+QUIET_WARNING_MESSAGES = ("Mutation on a buffer in the model is detected",)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -42,6 +47,8 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", category=category)
+    for message in QUIET_WARNING_MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def build_parser() -> argparse.ArgumentParser:
