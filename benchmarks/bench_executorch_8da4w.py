@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,10 +137,12 @@ def build_peer(out: Path, max_seq_len: int) -> Path:
                    "--output-dir", str(tmp), "--output_name", "model.pte"]
         with open(tmp / "export.log", "w") as log:
             done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode != 0:  # the staged folder (and its log) goes when this raises
-            tail = (tmp / "export.log").read_text(errors="replace")[-4000:]
-            raise SystemExit(f"ExecuTorch's export_llama exited {done.returncode}; the end "
-                             f"of its output:\n{tail}")
+        if done.returncode != 0:  # the staged folder goes when this raises; its log stays
+            failed = out / "peer-export-failed.log"
+            shutil.copyfile(tmp / "export.log", failed)
+            tail = failed.read_text(errors="replace")[-4000:]
+            raise SystemExit(f"ExecuTorch's export_llama exited {done.returncode} (its whole "
+                             f"output: {failed}); the end of it:\n{tail}")
         checkpoint.unlink()  # 540 MB, only the export needs it
         (tmp / "command.json").write_text(json.dumps(command[1:]))
     print(f"peer export: {time.perf_counter() - started:.0f} s", file=sys.stderr)
