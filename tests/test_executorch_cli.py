@@ -10,6 +10,7 @@ import json
 import pytest
 
 from flexrank.cli import export_main
+from flexrank.exporters.executorch.validate import constant_methods
 
 
 @pytest.mark.parametrize("fmt, quantize, offered", [
@@ -54,5 +55,11 @@ def test_8da4w_from_the_command_line(checkpoint, tmp_path, capsys):
                                       if f.endswith((".pte", ".ptd")))
         cost = manifest["budget_costs"][-1]
         sizes[quantize, "cost"] = cost["weight_bytes_total"]
+        # stage 4 ran the program in ExecuTorch's runtime, within its static KV cache
+        host = manifest["host_latency"]
+        assert host["runtime"] == "executorch" and host["decode_ms_median"] > 0, host
+        max_len = constant_methods(out / entry["graph"])["get_max_seq_len"]
+        assert host["prompt_tokens"] >= 1 and \
+            host["prompt_tokens"] + host["new_tokens"] < max_len, (host, max_len)
     assert sizes["8da4w", "cost"] == pytest.approx(sizes["none", "cost"] * 4.5 / 32)
     assert sizes["8da4w"] < sizes["none"]

@@ -3,7 +3,8 @@
 Stages of an export, each announced with its time: [1] the elastic checkpoint (loaded,
 or built by `compress` with fast defaults and cached), [2] the budget decision for the
 profile, [3] the export with validation against PyTorch, [4] host measurement of the
-exported budget in onnxruntime, [5] the manifest with the decision, the measured host
+exported budget in its runtime (onnxruntime, or ExecuTorch for a decoder `.pte`; a fresh
+process, so the peak memory is the bundle's), [5] the manifest with the decision, the measured host
 figures and the predicted device figures.
 
 The bundle is finished or absent: the output folder is locked for the whole run, stages
@@ -616,7 +617,8 @@ def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice:
 
 def _measure_stage(stages: Stages, folder: Path, manifest, job: ExportJob,
                    choice: Choice) -> dict | None:
-    stages.start(f"host measurement of β {choice.chosen:g} in onnxruntime")
+    runtime = "ExecuTorch" if job.format == Format.EXECUTORCH else "onnxruntime"
+    stages.start(f"host measurement of β {choice.chosen:g} in {runtime}")
     host = measure_bundle(folder, manifest, choice.chosen, job.profile, job.format)
     stages.done()
     if host:
@@ -633,10 +635,11 @@ def _manifest_stage(stages: Stages, folder: Path, manifest) -> None:
 
 def measure_bundle(folder: Path, manifest, beta: float, profile, fmt: str) -> dict | None:
     """Host figures of budget `beta` of the exported files in `folder`, run from the
-    in-memory `manifest` (the bundle's is not written yet); None for ExecuTorch."""
-    if fmt == Format.EXECUTORCH:
-        print("    (ExecuTorch programs are validated by the exporter; host timing here is "
-              "for onnxruntime bundles only)")
+    in-memory `manifest` (the bundle's is not written yet), in the runtime of the format
+    (`.pte` programs in ExecuTorch's, decoders only); None where not measured."""
+    if fmt == Format.EXECUTORCH and manifest.kind != "decoder":
+        print(f"    (a {manifest.kind} .pte is validated by the exporter; host timing of "
+              "ExecuTorch programs is for decoders)")
         return None
     from flexrank.device.host import host_key
     from flexrank.runtime.host_measure import measure_in_child
@@ -679,7 +682,8 @@ def deployment_of(choice: Choice, profile, host: dict | None) -> Deployment:
                         for b in decision.to_dict()["budgets"]
                         if b["precision"] == precision]}
     if host is not None:
-        host = {**host, "label": f"measured on host {host['host']} in onnxruntime "
+        runtime = host.get("runtime", "onnxruntime")
+        host = {**host, "label": f"measured on host {host['host']} in {runtime} "
                                  f"({host['threads']} threads)"}
     return Deployment(
         chosen_beta=choice.chosen, budget_request=str(choice.request),
