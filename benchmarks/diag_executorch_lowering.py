@@ -51,8 +51,9 @@ def main() -> None:
     started = time.perf_counter()
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     lowered = time.perf_counter() - started
-    ops = collections.Counter(str(n.target).split(":")[0] for n in edge.exported_program(
-        ).graph.nodes if n.op == "call_function")
+    ops = collections.Counter(str(n.target).split(">")[0].removeprefix("<EdgeOpOverload: ")
+                              for n in edge.exported_program().graph.nodes
+                              if n.op == "call_function")
     print(f"{args.layers} layers {args.precision}{' static' if args.static else ''}: "
           f"torch.export {exported:.1f} s, to_edge_transform_and_lower {lowered:.1f} s, "
           f"{ops.pop('executorch_call_delegate', 0)} XNNPACK partitions")
