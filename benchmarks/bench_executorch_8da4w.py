@@ -144,6 +144,7 @@ def build_peer(out: Path, max_seq_len: int) -> Path:
             raise SystemExit(f"ExecuTorch's export_llama exited {done.returncode} (its whole "
                              f"output: {failed}); the end of it:\n{tail}")
         checkpoint.unlink()  # 540 MB, only the export needs it
+        (out / "peer-export-failed.log").unlink(missing_ok=True)  # an earlier attempt's
         (tmp / "command.json").write_text(json.dumps(command[1:]))
     print(f"peer export: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return pte

@@ -228,7 +228,7 @@ class Deployment:
     budget_costs: list = field(default_factory=list)  # flexrank.planning.costs.BudgetCost dicts
     profiles: dict = field(default_factory=dict)  # {profile: decision table, predicted}
     predicted_device_latency: dict | None = None  # flexrank.device.predict, not measured
-    host_latency: dict | None = None  # measured on this host in onnxruntime
+    host_latency: dict | None = None  # measured on this host in the bundle's runtime
 
     def __post_init__(self):
         # stored as JSON reads it back, so that a manifest in memory equals the one loaded

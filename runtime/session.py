@@ -41,7 +41,7 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _status_kib(field: str) -> int | None:
+def status_bytes(field: str) -> int | None:
     """A `field:   N kB` line of /proc/self/status in bytes; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -52,7 +52,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Start a new peak window: Linux resets VmHWM when "5" is written to
     /proc/self/clear_refs (proc(5)). False where that is not possible."""
     try:
@@ -111,8 +111,8 @@ class ElasticSession:
         started = time.perf_counter()
         # the memory the session adds: the process's peak from here on, less what it holds
         # now (a compress run before it in the same process is not the model's footprint)
-        self._rss_before = _status_kib("VmRSS")
-        self._peak_window = _reset_peak_rss() and self._rss_before is not None
+        self._rss_before = status_bytes("VmRSS")
+        self._peak_window = reset_peak_rss() and self._rss_before is not None
         self.bundle_dir = Path(bundle_dir)
         self.manifest = (manifest if manifest is not None
                          else load_manifest(self.bundle_dir, verify=verify))
@@ -402,7 +402,7 @@ class ElasticSession:
         the session began loading, less its resident memory just before (so what ran
         earlier in the process, e.g. a compress run, does not count); elsewhere the
         process's lifetime peak (`peak_rss_bytes()`)."""
-        peak = _status_kib("VmHWM") if self._peak_window else None
+        peak = status_bytes("VmHWM") if self._peak_window else None
         if peak is None:
             return peak_rss_bytes()
         # a later session in the same process resets VmHWM too; then the window no longer

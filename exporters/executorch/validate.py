@@ -60,24 +60,43 @@ def native_stderr_at_debug():
     """What native code writes to the process's stderr inside the block (ExecuTorch's
     runtime on its first load: "[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/..."
     on a machine that is not an ARM phone) goes to this module's logger at DEBUG, so the
-    default terminal stays clean and -v shows it. Python's own writes are flushed first."""
+    default terminal stays clean and -v shows it; when the block raises, the lines are
+    logged at ERROR instead (the runtime explains a failed load there, its Python
+    exception carries only an error code). Python's own writes are flushed first; where
+    stderr cannot be redirected, the block runs as it is."""
     if logger.isEnabledFor(logging.DEBUG):
         yield
         return
     sys.stderr.flush()
-    saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as captured:
-            os.dup2(captured.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-                captured.seek(0)
-                for line in captured.read().decode(errors="replace").splitlines():
-                    logger.debug("native: %s", line)
+        captured = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    except OSError:
+        captured = None
+    try:
+        saved = None if captured is None else os.dup(2)
+    except OSError:
+        saved = None
+    if saved is None:
+        if captured is not None:
+            captured.close()
+        yield
+        return
+    failed = False
+    try:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                logger.log(logging.ERROR if failed else logging.DEBUG, "native: %s", line)
     finally:
         os.close(saved)
+        captured.close()
 
 
 def load_program(path: Path):

@@ -29,8 +29,7 @@ QUIET_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree", "onnxruntime.transfor
 QUIET_WARNINGS = (FutureWarning,)
 # Notes a FlexRank user cannot act on, by the start of their text: ExecuTorch's emitter on
 # every decoder program ("Mutation on a buffer in the model is detected ...": the KV
-# cache's buffers, whose initial values a decoder never reads, with the whole graph
-# printed after it).
+# cache's buffers, whose initial values a decoder never reads).
 QUIET_WARNING_MESSAGES = ("Mutation on a buffer in the model is detected",)
 
 

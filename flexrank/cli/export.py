@@ -641,8 +641,8 @@ def measure_bundle(folder: Path, manifest, beta: float, profile, fmt: str) -> di
         print(f"    (a {manifest.kind} .pte is validated by the exporter; host timing of "
               "ExecuTorch programs is for decoders)")
         return None
+    from flexrank.cli.host_measure import measure_in_child
     from flexrank.device.host import host_key
-    from flexrank.runtime.host_measure import measure_in_child
 
     # a fresh process: this one's freed compress/export memory would hide the session's
     prompt = profile.targets.prompt_tokens if profile else 64

@@ -1,6 +1,7 @@
 """`flexrank compress`: load → calibration → covariance → decompose → probe → [depth →]
 plan → distill → save, each stage's result cached in the output folder so that a re-run
-after a crash (or with more distillation steps) resumes from the last finished stage.
+after a crash (or with more distillation steps) resumes from the last finished stage, and
+a re-run of a finished compression loads its checkpoint.
 
 With CompressConfig.depth (`flexrank compress --depth`, issue 18) the depth stage probes
 weight-shared stand-ins for whole blocks (`flexrank.compress.depth.probe_depth`, on the
@@ -432,6 +433,8 @@ def whole_model_params(teacher, nested: NestedPlan | JointPlan) -> list[int]:
 def compress(model_spec, out_dir, config: CompressConfig | None = None,
              dtype=None) -> tuple[ElasticModel, str]:
     """Run (or resume) the whole pipeline; return the elastic model and a summary table.
+    A folder whose run finished with these settings (distillation steps included) returns
+    its saved checkpoint and summary without loading the model (`_finished_run`).
 
     `dtype` (e.g. torch.bfloat16) loads the model in that dtype (`load_model`): a bf16
     model is compressed in bf16, half the memory, with float64 maths per layer; it is part
@@ -489,6 +492,7 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
     stages.finish("distill", started)
     after = evaluate_budgets(elastic, teacher, held_out) if held_out else None
     started = time.perf_counter()
+    _remove(out / "summary.txt")  # an earlier run's, which `_finished_run` must not return
     elastic.save_pretrained(out / "elastic")
     stages.finish("save", started, distill=_trained_with(config))  # see _finished_run
     summary = summary_table(teacher, nested, before, after, stages.times)
