@@ -46,6 +46,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,8 +129,14 @@ def build_peer(out: Path, max_seq_len: int) -> Path:
     metadata = json.dumps({"get_bos_id": config["bos_token_id"],
                            "get_eos_ids": [config["eos_token_id"]]})
     started = time.perf_counter()
-    with atomic_dir(target) as tmp:
-        checkpoint, params = meta_checkpoint(hf_dir, tmp)
+    # export_llama takes a checkpoint whose *path* contains "8da4w" for one quantized
+    # before (examples/models/llama/model.py: `elif "8da4w" in str(checkpoint_path)`) and
+    # swaps its linears for torchao's pre-quantized modules: the export then dies in
+    # torchao's dequantize_affine ("Expected: torch.int8, got: torch.float32"). So the
+    # checkpoint goes to a folder whose path does not say 8da4w.
+    with atomic_dir(target) as tmp, tempfile.TemporaryDirectory(prefix="flexrank-peer-") as raw:
+        checkpoint, params = meta_checkpoint(hf_dir, Path(raw))
+        assert "8da4w" not in str(checkpoint), checkpoint
         command = [sys.executable, "-m", "executorch.examples.models.llama.export_llama",
                    "--model", "smollm2", "--checkpoint", str(checkpoint), "--params",
                    str(params), *PEER_ARGS, "--max_seq_length", str(max_seq_len),
