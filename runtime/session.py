@@ -109,10 +109,6 @@ class ElasticSession:
     def __init__(self, bundle_dir, budget: float | None = None, threads: int | None = None,
                  verify: bool = True, manifest: Manifest | None = None):
         started = time.perf_counter()
-        # the memory the session adds: the process's peak from here on, less what it holds
-        # now (a compress run before it in the same process is not the model's footprint)
-        self._rss_before = status_bytes("VmRSS")
-        self._peak_window = reset_peak_rss() and self._rss_before is not None
         self.bundle_dir = Path(bundle_dir)
         self.manifest = (manifest if manifest is not None
                          else load_manifest(self.bundle_dir, verify=verify))
@@ -125,10 +121,14 @@ class ElasticSession:
         self.budgets = sorted(self.manifest.betas)
         self.threads = threads or self._manifest_threads()
         self._sessions: dict[str, object] = {}
-        self.tokenizer = None
         self.beta: float | None = None
-        self.set_budget(self.default_budget() if budget is None else budget)
         self.tokenizer = self._load_tokenizer()
+        # the memory the model adds: the process's peak from here on, less what it holds now
+        # (a compress run before it in the same process, and the tokenizer's library,
+        # transformers with torch: ~430 MiB, are not the model's footprint)
+        self._rss_before = status_bytes("VmRSS")
+        self._peak_window = reset_peak_rss() and self._rss_before is not None
+        self.set_budget(self.default_budget() if budget is None else budget)
         self.load_s = time.perf_counter() - started
 
     # ---- budgets ------------------------------------------------------------------------
@@ -169,8 +169,11 @@ class ElasticSession:
         return {}
 
     def _load_tokenizer(self):
-        folder = (self.bundle_dir / self.entry.graph).parent
-        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        """The bundle's tokenizer (every budget folder holds the same files), or None."""
+        folders = [(self.bundle_dir / entry.graph).parent for entry in self.manifest.budgets]
+        folder = next((f for f in folders if any((f / n).is_file() for n in TOKENIZER_FILES)),
+                      None)
+        if folder is None:
             return None
         from transformers import AutoTokenizer
 
@@ -398,10 +401,11 @@ class ElasticSession:
                 "labels": labels}
 
     def peak_rss_bytes(self) -> int:
-        """Peak resident memory of the loaded session: on Linux the process's peak since
-        the session began loading, less its resident memory just before (so what ran
-        earlier in the process, e.g. a compress run, does not count); elsewhere the
-        process's lifetime peak (`peak_rss_bytes()`)."""
+        """Peak resident memory of the loaded model: on Linux the process's peak since the
+        session began loading its graphs (after the tokenizer), less its resident memory
+        just before (so what ran earlier in the process, e.g. a compress run, and the
+        tokenizer's library do not count); elsewhere the process's lifetime peak
+        (`peak_rss_bytes()`)."""
         peak = status_bytes("VmHWM") if self._peak_window else None
         if peak is None:
             return peak_rss_bytes()

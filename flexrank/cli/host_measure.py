@@ -3,7 +3,7 @@ is the loaded bundle's and nothing else's.
 
 In the process that exported the bundle, the compress and export stages have left the
 allocator holding freed pages: onnxruntime's buffers land in them and the resident set
-barely grows (SmolLM2-135M's 86 MB int4 graph measured "6 MiB" that way, 644 MiB in a
+barely grows (SmolLM2-135M's 86 MB int4 graph measured "6 MiB" that way, 198 MiB in a
 fresh process). The child measures an onnxruntime bundle with
 `ElasticSession.measure` and a decoder `.pte` with `exporters.executorch.measure`
 (ExecuTorch's runtime), and writes the figures to a file the parent reads.
