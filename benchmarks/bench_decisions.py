@@ -27,7 +27,7 @@ def main() -> None:
     from flexrank.compress.models import load_model
     from flexrank.compress.quality import PRECISIONS, quality_rows
     from flexrank.device.decide import Candidate, Constraints, Quality, decide
-    from flexrank.device.profiles import RUNTIME_PRECISIONS, list_profiles
+    from flexrank.device.profiles import list_profiles
 
     folder = Path(args.checkpoint).expanduser()
     elastic = ElasticModel.from_pretrained(folder)
@@ -41,15 +41,16 @@ def main() -> None:
     print(f"quality: {note}")
     measured = {(float(r["beta"]), r["precision"]): r for r in rows}
     costs = {prec: budget_costs(elastic, None if prec == "fp32" else prec) for prec in PRECISIONS}
-    print("| profile | runtime → artifact | binding limits | chosen β | precision | ppl | KL | "
+    print("| profile | runtimes | chosen runtime → artifact | binding limits | chosen β | "
+          "precision | ppl | KL | "
           "size MB | decode tok/s (pred.) | TTFT s (pred.) | memory GB (pred.) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     answers = set()
     for profile in list_profiles():
         if profile.tier == "host":
             continue
         candidates = []
-        for prec in RUNTIME_PRECISIONS[profile.runtime]:
+        for prec in profile.precisions():
             for cost in costs[prec]:
                 row = measured.get((float(cost.beta), prec))
                 quality = None if row is None else Quality(row["ppl"], row.get("kl"))
@@ -57,17 +58,18 @@ def main() -> None:
         decision = decide(candidates, profile, Constraints(quality_tolerance=args.tolerance))
         if args.verbose:
             print(decision.table())
-        artifact = ".pte" if profile.runtime == "executorch" else ".onnx"
+        runtimes = " + ".join(r for r, _ in profile.runtimes())
         limits = ", ".join(f"{k} {v.value:g}" for k, v in decision.limits.items()
                            if k in ("memory", "size"))
         c = decision.chosen
         if c is None:
-            print(f"| {profile.name} | {profile.runtime} → {artifact} | {limits} | none | - | "
+            print(f"| {profile.name} | {runtimes} | - | {limits} | none | - | "
                   f"- | - | - | - | - | - |")
             continue
         answers.add((c.beta, c.precision))
         q = c.quality
-        print(f"| {profile.name} | {profile.runtime} → {artifact} | {limits} | {c.beta:g} | "
+        artifact = ".pte" if c.runtime == "executorch" else ".onnx"
+        print(f"| {profile.name} | {runtimes} | {c.runtime} → {artifact} | {limits} | {c.beta:g} | "
               f"{c.precision} | {'-' if q is None else f'{q.ppl:.1f}'} | "
               f"{'-' if q is None or q.kl is None else f'{q.kl:.3f}'} | {c.size_mb:.1f} | "
               f"{c.prediction.decode_tokens_per_s:.0f} | {c.prediction.ttft_s:.3f} | "

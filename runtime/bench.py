@@ -8,7 +8,6 @@ sha256s stay valid). Host runs are shared between tiers with the same thread cou
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from flexrank.budget import same_budget
@@ -44,9 +43,9 @@ def manifest_candidates(deployment) -> list[Candidate]:
 def _as_shipped(profile, manifest):
     """(the profile running the bundle's runtime, that runtime's efficiency at the
     bundle's precision): predictions are of what is shipped."""
-    runtime, backend = FORMAT_RUNTIME.get(str(manifest.export_format),
-                                          (profile.runtime, profile.backend))
-    shipped = replace(profile, runtime=runtime, backend=backend)
+    runtime, _ = FORMAT_RUNTIME.get(str(manifest.export_format),
+                                    (profile.runtime, profile.backend))
+    shipped = profile.running(runtime)
     precision = str(manifest.quantize) if manifest.quantize else "fp32"
     try:
         return shipped, efficiency_for(shipped, precision)
@@ -55,8 +54,10 @@ def _as_shipped(profile, manifest):
 
 
 def tier_decision(candidates: list[Candidate], shipped) -> dict | None:
-    """The decision for one tier over the bundle's candidates, `shipped` being the tier's
-    profile running the bundle's runtime (`_as_shipped`); None without candidates."""
+    """The decision for one tier over the bundle's candidates at the precisions its
+    runtime ships, `shipped` being the tier's profile running the bundle's runtime
+    (`_as_shipped`); None without such candidates."""
+    candidates = [c for c in candidates if c.precision in shipped.precisions()]
     if not candidates:
         return None
     decision = decide(candidates, shipped)

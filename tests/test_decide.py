@@ -22,10 +22,13 @@ from flexrank.planning.costs import BudgetCost
 FLAT = Efficiency(bandwidth=0.5, compute=0.5, overhead_per_layer_s=0.0, source="test")
 
 
-def profile(runtime="onnxruntime", download_mb=None, memory_gb=2.5, decode=20.0, ttft=1.0):
+def profile(runtime="onnxruntime", download_mb=None, memory_gb=2.5, decode=20.0, ttft=1.0,
+            also_runs=()):
     raw = yaml.safe_load((PROFILE_DIR / "pixel8.yaml").read_text())
     raw.update(name="synthetic", runtime=runtime,
                backend="cpu" if runtime == "onnxruntime" else "xnnpack", context_tokens=64)
+    raw["also_runs"] = [{"runtime": r, "backend": "cpu" if r == "onnxruntime" else "xnnpack",
+                         "source": "test"} for r in also_runs]
     raw["compute_gflops"]["value"] = 100.0
     raw["memory_bandwidth_gbps"]["value"] = 10.0
     raw["model_memory_gb"]["value"] = memory_gb
@@ -142,7 +145,7 @@ def test_without_measured_quality_the_largest_budget_at_the_highest_precision():
 
 
 def test_precisions_the_runtime_does_not_run_are_refused():
-    with pytest.raises(ValueError, match=r"runs executorch, which ships fp32, 8da4w; not int4"):
+    with pytest.raises(ValueError, match=r"runs executorch, which ship fp32, 8da4w; not int4"):
         decide(grid(("fp32", "int4")), profile(runtime="executorch"), efficiency=FLAT)
     with pytest.raises(ValueError, match=r"duplicate candidates \['1 fp32'\]"):
         decide(grid(("fp32",))[:1] * 2, profile(), efficiency=FLAT)
@@ -159,3 +162,39 @@ def test_manifest_dict_holds_quality_and_the_choice():
     row = next(b for b in data["budgets"] if b["chosen"])
     assert row["quality"]["ppl"] == 47.0 and row["size_mb"] == pytest.approx(84.4)
     assert data["limits"]["size"] == {"value": 100.0, "source": "profile synthetic"}
+
+
+def test_two_runtimes_each_precision_priced_on_the_runtime_that_ships_it():
+    """A phone that runs ExecuTorch and onnxruntime-genai: 8da4w and fp32 are predicted as
+    a profile running ExecuTorch alone predicts them, int4 as one running onnxruntime
+    alone; the best quality that fits wins whichever runtime ships it."""
+    both = profile(runtime="executorch", also_runs=("onnxruntime",))
+    cands = [candidate(1.0, "fp32", 540.0, 44.0), candidate(1.0, "8da4w", 75.0, 50.0),
+             candidate(1.0, "int4", 84.4, 47.0), candidate(0.8, "int4", 70.0, 56.0)]
+    decision = decide(cands, both)
+    alone = {"executorch": profile(runtime="executorch"), "onnxruntime": profile()}
+    for row in decision.rows:
+        single = decide([c for c in cands if (c.beta, c.precision) == (row.beta, row.precision)],
+                        alone[row.runtime])
+        assert row.runtime == {"fp32": "executorch", "8da4w": "executorch",
+                               "int4": "onnxruntime"}[row.precision]
+        assert row.prediction == single.rows[0].prediction
+    # the executorch and onnxruntime int4 efficiencies differ, so the check above can fail
+    assert decision.efficiencies["int4"] != decision.efficiencies["8da4w"]
+    assert chosen(decision) == (1.0, "int4") and decision.runtime == "onnxruntime"
+    assert "ships on synthetic, in onnxruntime." in decision.explanation
+    assert " runtime " in decision.table().splitlines()[2]  # a runtime column
+    data = decision.to_dict()
+    assert data["chosen_runtime"] == "onnxruntime"
+    assert data["runtimes"] == ["executorch/xnnpack", "onnxruntime/cpu"]
+    assert {(b["precision"], b["runtime"]) for b in data["budgets"]} == \
+        {("fp32", "executorch"), ("8da4w", "executorch"), ("int4", "onnxruntime")}
+
+    # int4 at 84.4 MB over a 80 MB download limit: the 8da4w program (75 MB) ships instead
+    tight = decide(cands, profile(runtime="executorch", also_runs=("onnxruntime",),
+                                  download_mb=80.0), efficiency=FLAT)
+    assert chosen(tight) == (1.0, "8da4w") and tight.runtime == "executorch"
+    # without onnxruntime, int4 is not a candidate the profile can ship
+    with pytest.raises(ValueError, match=r"synthetic runs executorch, which ship fp32, 8da4w; "
+                                         r"not int4"):
+        decide(cands, profile(runtime="executorch"))

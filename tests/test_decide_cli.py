@@ -105,9 +105,26 @@ def job_for(argv):
 
 
 def test_the_artifact_follows_the_runtime(checkpoint):
+    # pixel8 runs ExecuTorch and onnxruntime-genai: the decision weighs both runtimes'
+    # precisions, and the format follows the one that ships the chosen precision
     pixel8 = job_for([str(checkpoint), "--profile", "pixel8"])
-    assert pixel8.format == Format.EXECUTORCH and pixel8.precisions == ("fp32", "8da4w")
-    assert pixel8.profile.runtime == "executorch"
+    assert pixel8.precisions == ("fp32", "8da4w", "int8", "int4")
+    assert pixel8.formats == {"fp32": Format.EXECUTORCH, "8da4w": Format.EXECUTORCH,
+                              "int8": Format.ONNX, "int4": Format.ONNX}
+    assert pixel8.profile.also_runs  # the whole profile reaches the decision
+    for precision, fmt, runtime in (("int4", Format.ONNX, "onnxruntime"),
+                                    ("8da4w", Format.EXECUTORCH, "executorch"),
+                                    ("fp32", Format.EXECUTORCH, "executorch")):
+        shipped = pixel8.shipping(precision)
+        assert shipped.format == fmt and shipped.profile.runtime == runtime
+        assert shipped.profile.also_runs == () and shipped.formats is None
+    executorch_only = job_for([str(checkpoint), "--profile", "pixel8", "--format", "executorch"])
+    assert executorch_only.format == Format.EXECUTORCH
+    assert executorch_only.precisions == ("fp32", "8da4w") and executorch_only.formats is None
+    assert executorch_only.profile.runtimes() == [("executorch", "xnnpack")]
+    int4 = job_for([str(checkpoint), "--profile", "pixel8", "--precision", "int4"])
+    assert int4.format == Format.ONNX and int4.profile.runtime == "onnxruntime"
+    assert int4.precisions == ("int4",)
     laptop = job_for([str(checkpoint), "--profile", "laptop-x86"])
     assert laptop.format == Format.ONNX and laptop.precisions == ("fp32", "int8", "int4")
     onnx_on_phone = job_for([str(checkpoint), "--profile", "pixel8", "--format", "onnx"])
@@ -175,3 +192,62 @@ def test_embedding_bits_reach_the_sizes_the_decision_weighs(work, capsys):
                    if line.split()[:2] == ["1", "int4"])
         fits[bits] = row[-2]  # the "fits" column (the last is "whole kept")
     assert fits == {4: "yes", 8: "no"}, fits
+
+
+def test_a_phone_with_two_runtimes_ships_the_winners_format(work, tmp_path, capsys):
+    """pixel8 runs ExecuTorch and onnxruntime-genai: with int4 β 1 the best measured
+    quality, `--budget auto` ships an ONNX folder that onnxruntime-genai loads and
+    generates from; with 8da4w β 1 the best, the decision picks the ExecuTorch program."""
+    import onnxruntime_genai as og
+
+    from flexrank.manifest import load_manifest
+    from flexrank.runtime.session import ElasticSession
+
+    folder = tmp_path / "work"
+    shutil.copytree(work, folder)
+    quality = folder / "elastic" / QUALITY_FILE
+    assert export_main([str(folder / "elastic"), "--profile", "pixel8", "--dry-run"]) == 0
+    capsys.readouterr()
+    stored = json.loads(quality.read_text())
+    assert {(r["beta"], r["precision"]) for r in stored["rows"]} == \
+        {(b, p) for b in (0.6, 0.8, 1.0) for p in ("fp32", "8da4w", "int8", "int4")}
+
+    def best(winner):  # every other candidate 2x worse than the winner
+        for row in stored["rows"]:
+            row["ppl"] = 50.0 if (row["beta"], row["precision"]) == winner else 100.0
+        quality.write_text(json.dumps(stored))
+
+    best((1.0, "8da4w"))
+    assert export_main([str(folder / "elastic"), "--profile", "pixel8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Chosen: β 1 8da4w. β 1 8da4w (ppl 50" in out and "ships on pixel8, in executorch" in out
+
+    best((1.0, "int4"))
+    dist = tmp_path / "dist"
+    assert export_main([str(folder / "elastic"), "--profile", "pixel8", "-o", str(dist)]) == 0
+    out = capsys.readouterr().out
+    assert "ships on pixel8, in onnxruntime." in out
+    assert f"bundle: {dist} (β 1 int4, onnx, for pixel8)" in out
+    manifest = load_manifest(dist)
+    assert str(manifest["export_format"]) == "onnx" and manifest["quantize"] == "int4"
+    decision = manifest["profiles"]["pixel8"]
+    assert (decision["chosen_precision"], decision["chosen_runtime"]) == ("int4", "onnxruntime")
+    # the prediction shipped is onnxruntime's, as the decision priced int4
+    chosen = next(b for b in decision["budgets"] if b["chosen"])
+    predicted = next(b for b in manifest["predicted_device_latency"]["budgets"]
+                     if b["beta"] == 1.0)
+    assert predicted["decode_tokens_per_s"] == chosen["decode_tokens_per_s"]
+    budget_dir = dist / "budget-1"
+    assert (budget_dir / "genai_config.json").is_file() and not list(dist.rglob("*.pte"))
+    model = og.Model(str(budget_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    prompt = [5, 17, 42, 9]
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    ours = ElasticSession(dist).generate(prompt, max_new_tokens=len(tokens), stop_at_eos=False)
+    assert tokens == list(ours.token_ids) and (len(tokens) == 8 or tokens[-1] == 2)

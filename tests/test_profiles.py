@@ -226,3 +226,40 @@ def test_profiles_table_lists_every_profile():
     host_row = next(line for line in table.splitlines() if line.startswith("host "))
     assert host_row.split().count("measured") == 3  # RAM, bandwidth, compute
     assert "68.3" in next(line for line in table.splitlines() if line.startswith("pixel8 "))
+
+
+def test_other_runtimes_are_optional_sourced_and_checked(tmp_path):
+    pixel8 = load_profile("pixel8")
+    assert pixel8.runtimes() == [("executorch", "xnnpack"), ("onnxruntime", "cpu")]
+    assert pixel8.precisions() == ("fp32", "8da4w", "int8", "int4")
+    assert [pixel8.runtime_for(p) for p in pixel8.precisions()] == \
+        ["executorch", "executorch", "onnxruntime", "onnxruntime"]
+    alone = pixel8.running("onnxruntime")
+    assert (alone.runtime, alone.backend, alone.also_runs) == ("onnxruntime", "cpu", ())
+    assert alone.precisions() == ("fp32", "int8", "int4")
+    # every phone that names ExecuTorch also lists onnxruntime-genai, with a source
+    for profile in list_profiles():
+        if profile.tier == "phone":
+            assert [o.runtime for o in profile.also_runs] == ["onnxruntime"], profile.name
+            assert "onnxruntime-genai" in profile.also_runs[0].source
+        else:
+            assert profile.also_runs == (), profile.name
+    with pytest.raises(ValueError, match=r"laptop-x86 runs onnxruntime, which ship fp32, int8, "
+                                         r"int4; not 8da4w"):
+        load_profile("laptop-x86").runtime_for("8da4w")
+
+    raw = pixel8_raw()
+    del raw["also_runs"]
+    assert load_profile(write(tmp_path, raw)).precisions() == ("fp32", "8da4w")
+    cases = [
+        ([{"runtime": "tflite", "backend": "cpu", "source": "x"}],
+         r"also_runs tflite/cpu is not supported by the latency model"),
+        ([{"runtime": "executorch", "backend": "xnnpack", "source": "x"}],
+         r"name a runtime twice"),
+        ([{"runtime": "onnxruntime", "backend": "cpu"}], r"missing field also_runs\[0\]\.source"),
+        ({"runtime": "onnxruntime"}, r"also_runs must be a list"),
+    ]
+    for also_runs, message in cases:
+        raw["also_runs"] = also_runs
+        with pytest.raises(ProfileError, match=rf"my-phone\.yaml: .*{message}"):
+            load_profile(write(tmp_path, raw))

@@ -80,9 +80,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "quality that meets every target, then the smallest within "
                         "--quality-tolerance), all, or a β of the plan (default: auto)")
     p.add_argument("--precision", choices=("auto", *PRECISION_BITS), default="auto",
-                   help="auto (chosen with the budget among the precisions the format's "
-                        "runtime ships: onnxruntime fp32, int8, int4; executorch fp32, "
-                        "8da4w) or one of them (default: auto; fp32 without a profile)")
+                   help="auto (chosen with the budget among the precisions the profile's "
+                        "runtimes ship: onnxruntime fp32, int8, int4; executorch fp32, "
+                        "8da4w; the artifact follows the chosen one) or one of them "
+                        "(default: auto; fp32 without a profile)")
     p.add_argument("--quality-tolerance", type=_fraction, default=DEFAULT_QUALITY_TOLERANCE,
                    help="candidates within this fraction of the best quality (perplexity; "
                         "an encoder's cosine, a classifier's top-1 agreement) count as "
@@ -98,8 +99,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="longest acceptable time to first token, s; replaces the profile's")
     p.add_argument("--format", choices=[str(f) for f in Format], default=None,
                    help="onnx, ort (onnxruntime's mobile format) or executorch (.pte for "
-                        "XNNPACK) (default: the profile's runtime's, executorch or onnx; "
-                        "onnx without a profile)")
+                        "XNNPACK) (default: the format of the runtime that ships the chosen "
+                        "precision, among the profile's runtimes; onnx without a profile)")
     p.add_argument("--layout", choices=[str(layout) for layout in Layout],
                    default=str(Layout.PER_BUDGET),
                    help="per-budget (one graph per budget), shared (graphs over one weight "
@@ -336,8 +337,10 @@ class ExportJob:
     """The command's options, checked before anything is loaded or written."""
 
     request: str | float  # "auto", "all" or a β
-    profile: object | None  # flexrank.device.profiles.DeviceProfile (its runtime: the format's)
-    format: Format
+    # flexrank.device.profiles.DeviceProfile: with one runtime, the format's; with several
+    # (`also_runs`, no --format), the decision picks one and `shipping` narrows it
+    profile: object | None
+    format: Format  # with several runtimes: the default runtime's, until `shipping`
     layout: Layout
     quantize: Quantization | None  # fixed by --quantize/--precision; else the decision's
     out: Path
@@ -346,6 +349,18 @@ class ExportJob:
     constraints: object | None = None  # flexrank.device.decide.Constraints
     int4: dict | None = None  # OnnxExportConfig int4_* fields from --int4-algo etc.
     form_slack: float | None = None  # --form-slack: int4's int4_form_slack, 8da4w's form_slack
+    formats: dict | None = None  # {precision: Format} when the decision also picks the runtime
+
+    def shipping(self, precision: str) -> ExportJob:
+        """This job narrowed to the runtime that ships `precision` (its format, its profile
+        with that runtime alone); unchanged when the format was fixed."""
+        if not self.formats:
+            return self
+        from dataclasses import replace
+
+        fmt = self.formats[precision]
+        return replace(self, format=fmt, formats=None,
+                       profile=self.profile.running(FORMAT_RUNTIME[fmt]))
 
 
 @dataclass(frozen=True)
@@ -379,6 +394,7 @@ def cmd_export(args) -> int:
             print("dry run: nothing written")
             return 0
         choice = _choose(elastic, job, costs, decision, request)
+        job = job.shipping("fp32" if choice.quantize is None else str(choice.quantize))
         # a bundle is finished or absent: built beside `out`, renamed into place at the end
         with staged_bundle(job.out) as folder:
             manifest = _export_stage(stages, elastic, folder, job, choice)
@@ -411,9 +427,9 @@ def _checked_job(args) -> ExportJob:
     if request == "auto" and not args.profile:
         raise ValueError("--budget auto needs --profile NAME|FILE (see `flexrank profiles`)")
     profile = load_profile(args.profile) if args.profile else None
-    fmt_name = args.format or _format_of(profile)
+    fixed = _fixed_quantize(args)
+    fmt_name = args.format or _format_of(profile, fixed)
     _exporter_available(fmt_name)
-    fixed = _fixed_quantize(args, fmt_name)
     if fixed is not None:
         _quantize_fits(fmt_name, fixed)
     form_slack = getattr(args, "form_slack", None)
@@ -423,9 +439,14 @@ def _checked_job(args) -> ExportJob:
                          "nothing: add --quantize int4 (onnx/ort) or 8da4w (executorch), or "
                          "drop --form-slack")
     fmt, layout, quantize = checked_options(fmt_name, args.layout, fixed)
-    precisions = _candidate_precisions(fmt, layout, fixed, profile)
-    if profile is not None:
-        profile = _shipped_runtime(profile, fmt)
+    formats = _runtime_formats(profile, fmt, layout) \
+        if profile is not None and args.format is None and fixed is None else None
+    if formats:  # the decision picks the precision, and with it the runtime and format
+        precisions = tuple(formats)
+    else:
+        precisions = _candidate_precisions(fmt, layout, fixed, profile)
+        if profile is not None:
+            profile = _shipped_runtime(profile, fmt, fixed if args.format is None else None)
     out = Path(args.output)
     if not args.dry_run:  # the bundle and its lock are built beside `out`, in its parent
         check_writable(out.expanduser().absolute().parent,
@@ -439,7 +460,7 @@ def _checked_job(args) -> ExportJob:
             "int4_embedding_bits": getattr(args, "embedding_bits", 4),
             "int4_form_slack": form_slack}
     return ExportJob(request, profile, fmt, layout, quantize, out, args.dry_run, precisions,
-                     constraints, int4, form_slack)
+                     constraints, int4, form_slack, formats)
 
 
 # Which runtime runs each format, and the format a runtime's profile gets by default.
@@ -448,12 +469,41 @@ FORMAT_RUNTIME = {Format.ONNX: "onnxruntime", Format.ORT: "onnxruntime",
 RUNTIME_FORMAT = {"onnxruntime": Format.ONNX, "executorch": Format.EXECUTORCH}
 
 
-def _format_of(profile) -> str:
-    """The artifact follows the runtime: an ExecuTorch profile gets a .pte."""
-    return str(RUNTIME_FORMAT.get(profile.runtime, Format.ONNX) if profile else Format.ONNX)
+def _format_of(profile, fixed: str | None = None) -> str:
+    """The artifact follows the runtime: an ExecuTorch profile gets a .pte; a precision
+    fixed by --quantize/--precision gets the format of the profile's runtime that ships it
+    (int4 on a phone that also runs onnxruntime-genai: onnx)."""
+    if profile is None:
+        return str(Format.ONNX)
+    runtime = profile.runtime
+    if fixed is not None and fixed != "none" and fixed in profile.precisions():
+        runtime = profile.runtime_for(fixed)  # else _quantize_fits names it and the format
+    return str(RUNTIME_FORMAT.get(runtime, Format.ONNX))
 
 
-def _fixed_quantize(args, fmt: str) -> str | None:
+def _runtime_formats(profile, fmt, layout) -> dict | None:
+    """{precision: Format} over every runtime of the profile whose exporter is installed
+    (fp32 on the default runtime's format, `fmt`), or None when the profile has one
+    runtime or the layout ships fp32 only (quantized exports are per budget)."""
+    from flexrank.exporters import QUANTIZATIONS
+
+    if not profile.also_runs or layout != Layout.PER_BUDGET:
+        return None
+    formats = {"fp32": fmt}
+    for runtime, _ in profile.runtimes():
+        other = RUNTIME_FORMAT[runtime]
+        try:
+            _exporter_available(str(other))
+        except ValueError:
+            logger.info("%s is not installed: %s's %s candidates left out", other,
+                        profile.name, runtime)
+            continue
+        for quantization in QUANTIZATIONS.get(other, ()):
+            formats.setdefault(str(quantization), other)
+    return formats if len(set(formats.values())) > 1 else None
+
+
+def _fixed_quantize(args) -> str | None:
     """The quantization --quantize or --precision fixes ("none" for fp32), or None when
     the decision chooses it (--precision auto with a profile)."""
     quantize, precision = args.quantize, getattr(args, "precision", "auto")
@@ -479,18 +529,20 @@ def _candidate_precisions(fmt, layout, fixed: str | None, profile) -> tuple[str,
     return ("fp32", *map(str, QUANTIZATIONS.get(fmt, ())))
 
 
-def _shipped_runtime(profile, fmt):
-    """The profile as it runs the format: its runtime replaced by the format's when
-    --format names another, so that the prediction uses the shipped runtime's efficiency."""
-    from dataclasses import replace
-
+def _shipped_runtime(profile, fmt, fixed: str | None = None):
+    """The profile as it runs the format, alone: its runtime replaced by the format's when
+    --format (or the runtime of a fixed --precision) names another, so that the prediction
+    uses the shipped runtime's efficiency."""
     runtime = FORMAT_RUNTIME.get(fmt)
-    if runtime is None or runtime == profile.runtime:
+    if runtime is None:
         return profile
-    backend = {"onnxruntime": "cpu", "executorch": "xnnpack"}[runtime]
-    print(f"note: {profile.name}'s runtime is {profile.runtime}; --format {fmt} ships "
-          f"{runtime}, so the prediction uses {runtime}/{backend}'s efficiency")
-    return replace(profile, runtime=runtime, backend=backend)
+    shipped = profile.running(runtime)
+    if runtime != profile.runtime:
+        why = f"{fixed} ships in {runtime}" if fixed \
+            else f"--format {fmt} ships {runtime}"
+        print(f"note: {profile.name}'s default runtime is {profile.runtime}; {why}, so the "
+              f"prediction uses {runtime}/{shipped.backend}'s efficiency")
+    return shipped
 
 
 def checkpoint_folder(args) -> Path | None:

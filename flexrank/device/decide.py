@@ -1,8 +1,10 @@
 """`--budget auto`: the (β, precision) pair to ship for a device profile (`Decision`).
 
-Every candidate (a budget β at a precision the profile's runtime runs) is predicted on the
-device (`flexrank.device.predict`) and checked against the targets: the profile's, with
-the user's `Constraints` replacing them where given. The rule (DESIGN.md §6):
+Every candidate (a budget β at a precision one of the profile's runtimes ships) is
+predicted on the device (`flexrank.device.predict`) with the efficiency of the runtime that
+ships its precision (`DeviceProfile.runtime_for`: fp32 on the default runtime, 8da4w on
+ExecuTorch, int8/int4 on onnxruntime), and checked against the targets: the profile's,
+with the user's `Constraints` replacing them where given. The rule (DESIGN.md §6):
 
 1. keep the candidates that meet every target (decode, TTFT, memory, download size);
 2. among them find the best quality, measured per budget and precision (`Quality`,
@@ -34,7 +36,7 @@ from flexrank.device.predict import (
     predict,
     value_of,
 )
-from flexrank.device.profiles import RUNTIME_PRECISIONS, DeviceProfile, load_profile
+from flexrank.device.profiles import DeviceProfile, load_profile
 from flexrank.planning.costs import BudgetCost
 
 logger = logging.getLogger(__name__)
@@ -287,6 +289,7 @@ class BudgetRow:
     cost: BudgetCost | None = None  # what the prediction was made from
     precision: str = "fp32"
     quality: Quality | None = None
+    runtime: str = ""  # the runtime that ships this precision (its efficiency predicted it)
 
     @property
     def beta(self) -> float:
@@ -341,6 +344,11 @@ class Decision:
     def precision(self) -> str | None:
         return None if self.chosen is None else self.chosen.precision
 
+    @property
+    def runtime(self) -> str | None:
+        """The runtime that ships the chosen candidate (its artifact's format follows)."""
+        return None if self.chosen is None else self.chosen.runtime
+
     def table(self) -> str:
         p = self.profile
         targets = ", ".join(f"{name} {'>=' if _UNITS[name][1] else '<='} {lim.value:g} "
@@ -352,7 +360,8 @@ class Decision:
                      f"{self._input_described()} (batch 1)" if "latency" in self.limits
                      else f"TTFT for {p.targets.prompt_tokens} prompt tokens, memory with the "
                           f"KV cache for {p.context_tokens} tokens")
-        lines = [f"Predicted on {p.name} ({p.tier}; {p.runtime}/{p.backend}, {p.threads} "
+        runtimes = " or ".join(f"{r}/{b}" for r, b in p.runtimes())
+        lines = [f"Predicted on {p.name} ({p.tier}; {runtimes}, {p.threads} "
                  f"threads). Efficiency: {effs}.",
                  f"Targets: {targets}; {per_input}."]
         names = [c.target for c in self.rows[0].checks] if self.rows else []
@@ -360,7 +369,8 @@ class Decision:
         # the measure and its second figure, by model kind (Quality)
         first, second = {"ppl": ("ppl", "KL"), "cosine": ("cosine", "feat. loss"),
                          "top1": ("top-1", "KL")}[metric]
-        header = ["beta", "precision", first, second,
+        several = len({r.runtime for r in self.rows}) > 1
+        header = ["beta", "precision", *(["runtime"] if several else []), first, second,
                   *["ms/inference" if n == "latency" else f"{n} {_UNITS[n][0]}"
                     for n in names], "fits", "whole kept",
                   *([] if "size" in names else ["weights MB"]), ""]
@@ -368,7 +378,7 @@ class Decision:
         for r in self.rows:
             q = r.quality
             extra = None if q is None else q.loss if metric == "cosine" else q.kl
-            body.append([f"{r.beta:g}", r.precision,
+            body.append([f"{r.beta:g}", r.precision, *([r.runtime] if several else []),
                          "-" if q is None else f"{q.value:.4g}",
                          "-" if extra is None else f"{extra:.3g}",
                          *[f"{c.predicted:.3g} {'ok' if c.passed else 'FAIL'}"
@@ -409,6 +419,8 @@ class Decision:
             "label": "predicted",
             "profile": p.name, "tier": p.tier, "runtime": p.runtime, "backend": p.backend,
             "threads": p.threads, "chosen_beta": self.beta, "chosen_precision": self.precision,
+            "chosen_runtime": self.runtime,
+            "runtimes": [f"{r}/{b}" for r, b in p.runtimes()],
             "explanation": self.explanation, "quality_tolerance": self.quality_tolerance,
             "efficiency": asdict(self.efficiency),
             "efficiencies": {k: asdict(v) for k, v in self.efficiencies.items()},
@@ -419,8 +431,8 @@ class Decision:
                         "context_tokens": p.context_tokens},
             "limits": {k: {"value": v.value, "source": v.source} for k, v in self.limits.items()},
             "budgets": [{
-                "beta": r.beta, "precision": r.precision, "fits": r.fits,
-                "chosen": r is self.chosen,
+                "beta": r.beta, "precision": r.precision, "runtime": r.runtime,
+                "fits": r.fits, "chosen": r is self.chosen,
                 "ttft_s": r.prediction.ttft_s,
                 "decode_tokens_per_s": r.prediction.decode_tokens_per_s,
                 "decode_bound": r.prediction.decode_bound,
@@ -450,9 +462,10 @@ def decide(candidates: list[Candidate], profile: DeviceProfile | str,
     """Choose among `candidates` for `profile` by the rule of this module's docstring.
 
     `efficiency`: one for every precision (tests), {precision: Efficiency}, or None for
-    `efficiency_for(profile, precision)`. Candidates at a precision the profile's runtime
-    does not run are refused (ValueError naming them), as are duplicates and a mix of
-    encoder and decoder costs."""
+    `efficiency_for` of the runtime that ships each precision on `profile`
+    (`DeviceProfile.runtime_for`). Candidates at a precision none of the profile's runtimes
+    ships are refused (ValueError naming them), as are duplicates and a mix of encoder and
+    decoder costs."""
     if not candidates:
         raise ValueError("decide needs at least one candidate (budget × precision)")
     keys = [(c.beta, c.precision) for c in candidates]
@@ -463,25 +476,30 @@ def decide(candidates: list[Candidate], profile: DeviceProfile | str,
     if len({c.cost.encoder for c in candidates}) > 1:
         raise ValueError("candidates mix encoder and decoder budgets; pass one model's budgets")
     profile = resolve_measured(load_profile(profile) if isinstance(profile, str) else profile)
-    runs = RUNTIME_PRECISIONS[profile.runtime]
+    runs = profile.precisions()
     foreign = sorted({c.precision for c in candidates} - set(runs))
     if foreign:
-        raise ValueError(f"{profile.name} runs {profile.runtime}, which ships {', '.join(runs)}; "
+        runtimes = ", ".join(r for r, _ in profile.runtimes())
+        raise ValueError(f"{profile.name} runs {runtimes}, which ship {', '.join(runs)}; "
                          f"not {', '.join(foreign)}: leave those precisions out")
     constraints = constraints or Constraints()
     limits = limits_for(profile, constraints, candidates[0].cost.encoder)
+    # each precision is predicted as the runtime that ships it runs it
+    shipped = {p: profile.running(profile.runtime_for(p))
+               for p in dict.fromkeys(c.precision for c in candidates)}
     effs = {}
-    for precision in dict.fromkeys(c.precision for c in candidates):
+    for precision, device in shipped.items():
         effs[precision] = efficiency.get(precision) if isinstance(efficiency, dict) \
             else efficiency
         if effs[precision] is None:
-            effs[precision] = efficiency_for(profile, precision)
+            effs[precision] = efficiency_for(device, precision)
     rows = []
     order = sorted(candidates, key=lambda c: (-c.beta, -PRECISION_BITS[c.precision]))
     for cand in order:
-        prediction = predict(cand.cost, profile, effs[cand.precision])
+        device = shipped[cand.precision]
+        prediction = predict(cand.cost, device, effs[cand.precision])
         rows.append(BudgetRow(prediction, check_candidate(prediction, cand.cost, limits),
-                              cand.cost, cand.precision, cand.quality))
+                              cand.cost, cand.precision, cand.quality, device.runtime))
     chosen, explanation = _choose(rows, profile.name, constraints.quality_tolerance)
     return Decision(profile, chosen, tuple(rows), effs[order[0].precision], explanation,
                     limits, constraints.quality_tolerance, effs)
@@ -524,7 +542,9 @@ def _choose(rows: list[BudgetRow], name: str, tolerance: float,
     chosen = min(near, key=lambda r: (r.size_mb, -_speed_key(r), r.quality.rank()))
     op = "<=" if best.quality.metric == "ppl" else ">="
     measure = best.quality.describe().split(" ")[0]
-    parts = [f"{chosen.brief()} ships on {name}."]
+    runtimes = {r.runtime for r in rows}
+    parts = [f"{chosen.brief()} ships on {name}"
+             + (f", in {chosen.runtime}." if len(runtimes) > 1 else ".")]
     parts.append(f"{len(fitting)} of {len(rows)} candidates meet every target; the best "
                  f"quality among them is {best.brief()}.")
     if chosen is not best:

@@ -18,6 +18,19 @@ An optional `download_limit_mb` (a mapping with its source, like the hardware nu
 the largest download the app may ship: a store's cellular or base-module limit; the
 decision checks each candidate's deployed weights against it (`flexrank.device.decide`).
 
+`runtime`/`backend` name the device's default runtime. An optional `also_runs` lists the
+other runtimes an app on the device can ship, each with the source that says so:
+
+    also_runs:
+      - runtime: onnxruntime
+        backend: cpu
+        source: "onnxruntime-genai's build.py --android --build_java (Java AAR)"
+
+`--budget auto` then chooses among the precisions of every listed runtime (`precisions`),
+each predicted with the efficiency of the runtime that ships it (`runtime_for`), and the
+artifact follows the chosen one (a `.pte` for ExecuTorch, an `.onnx` folder for
+onnxruntime-genai). fp32 is priced on the default runtime.
+
 Units are decimal: 1 GB = 10⁹ bytes, 1 GB/s = 10⁹ bytes/s. `compute_gflops` is the peak
 fp32 FMA throughput of the cores the runtime's threads run on; `memory_bandwidth_gbps`
 is the peak DRAM bandwidth. What a runtime reaches of either is an efficiency factor of
@@ -31,7 +44,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +99,15 @@ class Cores:
 
 
 @dataclass(frozen=True)
+class RuntimeOption:
+    """Another runtime an app on the device can ship (`also_runs`), with its source."""
+
+    runtime: str
+    backend: str
+    source: str
+
+
+@dataclass(frozen=True)
 class Targets:
     """What a budget must meet on the device. `ttft_s` is the time to first token for a
     prompt of `prompt_tokens`; `encoder_latency_ms` applies to encoder models only."""
@@ -122,6 +144,8 @@ class DeviceProfile:
     # The largest model download the app may ship (store cellular-download or base-module
     # limits), MB; None when nothing limits it.
     download_limit_mb: Quantity | None = None
+    # Other runtimes an app on the device can ship, besides `runtime` (the default).
+    also_runs: tuple[RuntimeOption, ...] = ()
     path: str = ""  # the file it was loaded from
 
     def __post_init__(self):
@@ -133,6 +157,16 @@ class DeviceProfile:
             known = ", ".join(f"{r}/{b}" for r, b in RUNTIME_BACKENDS)
             raise ValueError(f"runtime/backend {self.runtime}/{self.backend} is not supported "
                              f"by the latency model; use one of {known}")
+        pairs = [(self.runtime, self.backend)] + [(o.runtime, o.backend) for o in self.also_runs]
+        for runtime, backend in pairs[1:]:
+            if (runtime, backend) not in RUNTIME_BACKENDS:
+                known = ", ".join(f"{r}/{b}" for r, b in RUNTIME_BACKENDS)
+                raise ValueError(f"also_runs {runtime}/{backend} is not supported by the "
+                                 f"latency model; use one of {known}")
+        runtimes = [r for r, _ in pairs]
+        if len(set(runtimes)) != len(runtimes):
+            raise ValueError(f"runtimes {', '.join(f'{r}/{b}' for r, b in pairs)} name a "
+                             "runtime twice; list each once (the default in runtime/backend)")
         if self.threads < 1:
             raise ValueError(f"threads = {self.threads} must be >= 1")
         if self.context_tokens < self.targets.prompt_tokens:
@@ -159,6 +193,34 @@ class DeviceProfile:
             found["download_limit_mb"] = self.download_limit_mb
         return found
 
+    def runtimes(self) -> list[tuple[str, str]]:
+        """[(runtime, backend)]: the default first, then `also_runs` in order."""
+        return [(self.runtime, self.backend)] + [(o.runtime, o.backend) for o in self.also_runs]
+
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision an app on the device can ship: the default runtime's, then what
+        each other runtime adds (`RUNTIME_PRECISIONS`)."""
+        found = [p for runtime, _ in self.runtimes() for p in RUNTIME_PRECISIONS[runtime]]
+        return tuple(dict.fromkeys(found))
+
+    def runtime_for(self, precision: str) -> str:
+        """The runtime that ships `precision` here: the default one when it does, else the
+        first of `also_runs` that does. ValueError when none does."""
+        for runtime, _ in self.runtimes():
+            if precision in RUNTIME_PRECISIONS[runtime]:
+                return runtime
+        raise ValueError(f"{self.name} runs {', '.join(r for r, _ in self.runtimes())}, which "
+                         f"ship {', '.join(self.precisions())}; not {precision}")
+
+    def running(self, runtime: str) -> DeviceProfile:
+        """This profile with `runtime` (one of `runtimes()`, or any supported runtime when
+        the user's --format names it) as its only runtime: predictions of an artifact for
+        that runtime use its efficiency."""
+        if runtime == self.runtime and not self.also_runs:
+            return self
+        backend = dict(self.runtimes()).get(runtime) or dict(RUNTIME_BACKENDS)[runtime]
+        return replace(self, runtime=runtime, backend=backend, also_runs=())
+
     @property
     def is_resolved(self) -> bool:
         """True when no `measured` quantity is still waiting for its measurement."""
@@ -170,7 +232,7 @@ _QUANTITY_UNITS = {"ram_gb": "GB", "model_memory_gb": "GB", "memory_bandwidth_gb
                    "compute_gflops": "GFLOP/s"}
 _TOP_FIELDS = {f.name for f in fields(DeviceProfile)} - {"path"}
 _TARGET_FIELDS = {f.name for f in fields(Targets)}
-_OPTIONAL = {"targets.encoder_latency_ms", "download_limit_mb"}
+_OPTIONAL = {"targets.encoder_latency_ms", "download_limit_mb", "also_runs"}
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
@@ -202,7 +264,7 @@ def profiles_table() -> str:
         t = p.targets
         rows.append((p.name, p.tier, p.soc, _fmt(p.ram_gb), _fmt(p.model_memory_gb),
                      _fmt(p.memory_bandwidth_gbps), _fmt(p.compute_gflops),
-                     f"{p.runtime}/{p.backend}", str(p.threads),
+                     " + ".join(f"{r}/{b}" for r, b in p.runtimes()), str(p.threads),
                      f"{t.decode_tokens_per_s:g} tok/s", f"{t.ttft_s:g} s @{t.prompt_tokens}",
                      "-" if p.download_limit_mb is None else f"{_fmt(p.download_limit_mb)} MB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -270,6 +332,7 @@ def parse_profile(raw: Any, path: Path | str = "<memory>") -> DeviceProfile:
                 _number(targets["encoder_latency_ms"], "targets.encoder_latency_ms", where)),
             download_limit_mb=None if raw.get("download_limit_mb") is None else
             _quantity(raw["download_limit_mb"], "download_limit_mb", "MB", where),
+            also_runs=_runtime_options(raw.get("also_runs"), where),
             path=str(path),
         )
     except ProfileError:
@@ -288,6 +351,23 @@ def _check_keys(raw: dict, allowed: set[str], prefix: str, where: str) -> None:
     if missing:
         raise ProfileError(f"{where}: missing field {prefix}{missing[0]}; {prefix or 'a profile'}"
                            f" needs {', '.join(required)}")
+
+
+def _runtime_options(raw: Any, where: str) -> tuple[RuntimeOption, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ProfileError(f"{where}: also_runs must be a list of {{runtime, backend, source}} "
+                           f"mappings, got {raw!r}")
+    options = []
+    for index, item in enumerate(raw):
+        field = f"also_runs[{index}]"
+        _check_keys(_mapping(item, field, where), {"runtime", "backend", "source"},
+                    f"{field}.", where)
+        options.append(RuntimeOption(_text(item["runtime"], f"{field}.runtime", where),
+                                     _text(item["backend"], f"{field}.backend", where),
+                                     _text(item["source"], f"{field}.source", where)))
+    return tuple(options)
 
 
 def _mapping(value: Any, field: str, where: str) -> dict:
