@@ -98,6 +98,13 @@ def _is_id_sequence(prompt) -> bool:
                                                      for t in prompt)
 
 
+def timing_prompt(tokens: int) -> np.ndarray:
+    """The token ids every host measurement prompts with: (tokens,) int64, cycling through
+    ids 3..99 (above the usual special ids, inside any vocabulary we export). Timing only:
+    the text means nothing."""
+    return (np.arange(tokens) % 97 + 3).astype(np.int64)
+
+
 class ElasticSession:
     """A bundle in onnxruntime at one budget at a time (sha256s checked on load).
 
@@ -424,8 +431,7 @@ class ElasticSession:
         image at the model's size), timed `max(new_tokens, repeats)` times after a warm-up
         run: "latency_ms" (median), "latency_ms_p90", "inferences" (how many were
         timed) and "input" (what one inference was fed)."""
-        vocab_low = 3  # skip the usual special ids
-        prompt = (np.arange(prompt_tokens) % 97 + vocab_low).astype(np.int64)
+        prompt = timing_prompt(prompt_tokens)
         if self.kind != "decoder":
             what = f"{prompt_tokens} token ids"
             if "pixel_values" in self._inputs:  # one image at the model's size

@@ -232,6 +232,7 @@ def test_a_phone_with_two_runtimes_ships_the_winners_format(work, tmp_path, caps
     assert str(manifest["export_format"]) == "onnx" and manifest["quantize"] == "int4"
     decision = manifest["profiles"]["pixel8"]
     assert (decision["chosen_precision"], decision["chosen_runtime"]) == ("int4", "onnxruntime")
+    assert (decision["runtime"], decision["backend"]) == ("onnxruntime", "cpu")
     # the prediction shipped is onnxruntime's, as the decision priced int4
     chosen = next(b for b in decision["budgets"] if b["chosen"])
     predicted = next(b for b in manifest["predicted_device_latency"]["budgets"]

@@ -12,13 +12,11 @@ import numpy as np
 import torch
 
 from flexrank.exporters.executorch.validate import constant_methods, load_method
-from flexrank.runtime.session import peak_rss_bytes, reset_peak_rss, status_bytes
-
-VOCAB_LOW = 3  # prompt ids start here, skipping the usual special ids (as ElasticSession)
+from flexrank.runtime.session import peak_rss_bytes, reset_peak_rss, status_bytes, timing_prompt
 
 
 def measure_pte(path: Path, beta: float, threads: int | None, prompt_tokens: int,
-                new_tokens: int) -> dict:
+                new_tokens: int, max_seq_len: int | None = None) -> dict:
     """TTFT of a `prompt_tokens` prompt (prefill + the first greedy token, s), then
     `new_tokens` decode steps of one token through the program's KV cache (ms/token,
     median and p90), load time (s) and peak resident memory (MiB: the peak since the load
@@ -30,11 +28,13 @@ def measure_pte(path: Path, beta: float, threads: int | None, prompt_tokens: int
     ExecuTorch's process-wide threadpool by one of `threads` (None: the runtime's default,
     one per core), which methods loaded earlier would not use, and its memory figure is
     the process's. The program's signature is the exporter's: forward(input_ids (1, T),
-    cache_position (T,)) -> logits (1, T, V). Raises ValueError when the program's static
-    cache (`get_max_seq_len`) leaves no room for a prompt before the decode steps."""
+    cache_position (T,)) -> logits (1, T, V). `max_seq_len`: the static cache's positions
+    as the manifest records them (None: read from the program's `get_max_seq_len`, one
+    more load of the file). Raises ValueError when the cache leaves no room for a prompt
+    before the decode steps."""
     from executorch.extension.pybindings import portable_lib
 
-    max_len = int(constant_methods(path)["get_max_seq_len"])
+    max_len = int(max_seq_len or constant_methods(path)["get_max_seq_len"])
     prompt_tokens = min(prompt_tokens, max_len - new_tokens - 1)  # within the static cache
     if prompt_tokens < 1:
         raise ValueError(f"{path}: its KV cache holds {max_len} positions, which leaves no "
@@ -47,7 +47,7 @@ def measure_pte(path: Path, beta: float, threads: int | None, prompt_tokens: int
     started = time.perf_counter()
     forward = load_method(path)
     load_s = time.perf_counter() - started
-    prompt = torch.tensor((np.arange(prompt_tokens) % 97 + VOCAB_LOW)[None], dtype=torch.long)
+    prompt = torch.from_numpy(timing_prompt(prompt_tokens))[None]  # (1, T) int64
 
     def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[1])

@@ -69,7 +69,8 @@ def _main(request_path: str, result_path: str) -> None:
 
         entry = budget_entry(manifest, request["beta"])
         figures = measure_pte(bundle / entry.graph, entry.beta, request["threads"],
-                              request["prompt_tokens"], request["new_tokens"])
+                              request["prompt_tokens"], request["new_tokens"],
+                              entry.max_seq_len)
     else:
         from flexrank.runtime.session import ElasticSession
 

@@ -417,7 +417,9 @@ class Decision:
         p, t = self.profile, self.profile.targets
         return {
             "label": "predicted",
-            "profile": p.name, "tier": p.tier, "runtime": p.runtime, "backend": p.backend,
+            # the runtime that ships the choice (the profile's default when nothing fits)
+            "profile": p.name, "tier": p.tier, "runtime": self.runtime or p.runtime,
+            "backend": dict(p.runtimes())[self.runtime or p.runtime],
             "threads": p.threads, "chosen_beta": self.beta, "chosen_precision": self.precision,
             "chosen_runtime": self.runtime,
             "runtimes": [f"{r}/{b}" for r, b in p.runtimes()],
