@@ -116,7 +116,7 @@ def bench(dist_dir, profile_names: list[str], new_tokens: int = 16) -> dict:
             if row["exported"] and session is not None:
                 key = (threads, prompt, cost.beta)
                 if key not in measured:
-                    logger.info("measuring β %g with %d threads, prompt %d", cost.beta, threads,
+                    logger.debug("measuring β %g with %d threads, prompt %d", cost.beta, threads,
                                 prompt)
                     if threads != session.threads:  # a new onnxruntime session per count
                         session = ElasticSession(dist, cost.beta, threads, verify=False)

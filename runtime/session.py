@@ -156,7 +156,7 @@ class ElasticSession:
         if graph not in self._sessions:
             from flexrank.runtime.kv_cache import make_session
 
-            logger.info("loading %s (%d threads)", graph, self.threads)
+            logger.debug("loading %s (%d threads)", graph, self.threads)
             self._sessions[graph] = make_session(self.bundle_dir / graph, self.threads,
                                                  spinning=True)
         self.session = self._sessions[graph]

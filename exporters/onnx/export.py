@@ -92,7 +92,7 @@ def validate_graph(elastic, beta, kind, graph: Path, sample, config: OnnxExportC
         else:
             report = validate_named(session, torch_outputs(model, kind), named_inputs(kind, sample),
                                     config.tolerance, strict, feed_extra)
-    logger.info("β=%g: max |Δ| %.3g, top-1 agreement %.4f, generation %s", beta,
+    logger.debug("β=%g: max |Δ| %.3g, top-1 agreement %.4f, generation %s", beta,
                 report.max_abs_diff, report.top1_agreement, report.generation_match)
     return report.to_dict()
 

@@ -226,6 +226,6 @@ def og_readable_tokenizer_(folder: Path) -> list[str]:
                                    encoding="utf-8")
             changed.append(f"{TOKENIZER_CONFIG_FILE}: tokenizer_class {BYTE_LEVEL_CLASS}")
     if changed:
-        logger.info("%s: byte-level BPE tokenizer made readable by onnxruntime-genai (%s)",
+        logger.debug("%s: byte-level BPE tokenizer made readable by onnxruntime-genai (%s)",
                     folder, "; ".join(changed))
     return changed

@@ -94,7 +94,7 @@ def simplify(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0,
     if siblings:
         done["sibling MatMuls"] = fuse_sibling_matmuls(model)
         done["packed QKV"] = pack_qkv(model.graph)
-    logger.info("graph simplified: %d -> %d nodes (%s)", before, len(model.graph.node),
+    logger.debug("graph simplified: %d -> %d nodes (%s)", before, len(model.graph.node),
                 ", ".join(f"{k} {v}" for k, v in done.items()))
     return model
 

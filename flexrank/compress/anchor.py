@@ -164,7 +164,7 @@ def anchor_full_rank_(model: nn.Module, original: nn.Module, plan,
             after[name] = before[name]
     report = AnchorReport(before, after)
     worst, error = report.worst_after
-    logger.info("full budget anchored to the original weights: largest relative output "
+    logger.debug("full budget anchored to the original weights: largest relative output "
                 "error at full rank %.3g (%s), %.3g before the refit", error, worst,
                 max(before.values(), default=0.0))
     return report

@@ -199,7 +199,7 @@ def resolve_objective(objective, teacher: nn.Module, data: dict[str, torch.Tenso
     with torch.no_grad():
         first = call(teacher, {k: v[:1].to(device) for k, v in data.items()}, positional)
     chosen = resolve(objective, first)
-    logger.info("distillation objective: %s (auto, from %s's output)", chosen.value,
+    logger.debug("distillation objective: %s (auto, from %s's output)", chosen.value,
                 type(teacher).__name__)
     return chosen
 

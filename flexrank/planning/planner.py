@@ -287,7 +287,7 @@ def plan(sensitivity: Sensitivity, budgets: Sequence[float] | None = None,
     levels = candidates[method]
     ranks = sens.ranks[rows[None, :], levels]
     for name, errs in method_errors.items():
-        log.info("nested method %s: total error %.6g (DP optimum %.6g)",
+        log.debug("nested method %s: total error %.6g (DP optimum %.6g)",
                  name, errs.sum(), sum(dp_error))
     return NestedPlan(
         budgets=tuple(budgets), layer_names=tuple(sens.layer_names), shapes=tuple(sens.shapes),
