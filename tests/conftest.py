@@ -129,3 +129,19 @@ def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     ElasticModel(student, plan, char_tokenizer(), model_id="tiny-llama").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def slower_onnxruntime(monkeypatch):
+    """Give onnxruntime/cpu its own (lower) factors: the shipped a-priori factors are the
+    same for both runtimes (flexrank.device.predict), which would hide a mix-up."""
+    from flexrank.device import predict as predict_module
+    from flexrank.device.predict import Efficiency
+
+    for key in [k for k in predict_module.DEFAULT_EFFICIENCY if k[0] == "onnxruntime"]:
+        monkeypatch.setitem(predict_module.DEFAULT_EFFICIENCY, key,
+                            Efficiency(0.3, 0.25, 80e-6, "test: onnxruntime fp32"))
+    for key in [k for k in predict_module.QUANTIZED_EFFICIENCY if k[0] == "onnxruntime"]:
+        monkeypatch.setitem(predict_module.QUANTIZED_EFFICIENCY, key,
+                            Efficiency(0.3, 0.25, 80e-6, "test: onnxruntime quantized",
+                                       compute_scale=4.0))

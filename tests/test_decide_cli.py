@@ -93,7 +93,8 @@ def test_bad_constraints_are_refused(work, capsys):
             export_main([*base, *argv])
         assert exited.value.code == 2 and message in capsys.readouterr().err
     assert export_main([*base, "--precision", "8da4w"]) == 2
-    assert "--quantize 8da4w does not fit --format onnx" in capsys.readouterr().err
+    assert "--precision 8da4w: server-x86 runs onnxruntime, which ships fp32, int8, int4; " \
+        "choose one of those, or add --format" in capsys.readouterr().err
     assert export_main([*base, "--precision", "int8", "--quantize", "int4"]) == 2
     assert "--quantize int4 and --precision int8 disagree" in capsys.readouterr().err
 
@@ -125,6 +126,20 @@ def test_the_artifact_follows_the_runtime(checkpoint):
     int4 = job_for([str(checkpoint), "--profile", "pixel8", "--precision", "int4"])
     assert int4.format == Format.ONNX and int4.profile.runtime == "onnxruntime"
     assert int4.precisions == ("int4",)
+    # ExecuTorch has the per-budget layout only: an elastic bundle for pixel8 is onnx
+    elastic = job_for([str(checkpoint), "--profile", "pixel8", "--layout", "elastic"])
+    assert elastic.format == Format.ONNX and elastic.profile.runtime == "onnxruntime"
+    assert elastic.precisions == ("fp32",)
+
+
+def test_a_runtime_not_installed_is_left_out(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(cli_export, "_runtime_installed", lambda fmt: fmt != Format.EXECUTORCH)
+    pixel8 = job_for([str(checkpoint), "--profile", "pixel8"])
+    assert pixel8.format == Format.ONNX and pixel8.formats is None
+    assert pixel8.precisions == ("fp32", "int8", "int4")
+    assert pixel8.profile.runtimes() == [("onnxruntime", "cpu")]
+    assert "pixel8's default runtime is executorch, which is not installed, so onnxruntime " \
+        "ships (onnx)" in capsys.readouterr().out
     laptop = job_for([str(checkpoint), "--profile", "laptop-x86"])
     assert laptop.format == Format.ONNX and laptop.precisions == ("fp32", "int8", "int4")
     onnx_on_phone = job_for([str(checkpoint), "--profile", "pixel8", "--format", "onnx"])
@@ -194,14 +209,20 @@ def test_embedding_bits_reach_the_sizes_the_decision_weighs(work, capsys):
     assert fits == {4: "yes", 8: "no"}, fits
 
 
-def test_a_phone_with_two_runtimes_ships_the_winners_format(work, tmp_path, capsys):
+def test_a_phone_with_two_runtimes_ships_the_winners_format(work, tmp_path, capsys,
+                                                          slower_onnxruntime):
     """pixel8 runs ExecuTorch and onnxruntime-genai: with int4 β 1 the best measured
     quality, `--budget auto` ships an ONNX folder that onnxruntime-genai loads and
     generates from; with 8da4w β 1 the best, the decision picks the ExecuTorch program."""
     import onnxruntime_genai as og
 
+    from flexrank.cli import main
+    from flexrank.device.predict import efficiency_for, predict
+    from flexrank.device.profiles import load_profile
     from flexrank.manifest import load_manifest
+    from flexrank.planning.costs import BudgetCost
     from flexrank.runtime.session import ElasticSession
+    # slower_onnxruntime: the runtimes' factors differ, so a mix-up shows
 
     folder = tmp_path / "work"
     shutil.copytree(work, folder)
@@ -232,12 +253,19 @@ def test_a_phone_with_two_runtimes_ships_the_winners_format(work, tmp_path, caps
     assert str(manifest["export_format"]) == "onnx" and manifest["quantize"] == "int4"
     decision = manifest["profiles"]["pixel8"]
     assert (decision["chosen_precision"], decision["chosen_runtime"]) == ("int4", "onnxruntime")
-    assert (decision["runtime"], decision["backend"]) == ("onnxruntime", "cpu")
+    assert decision["runtimes"] == ["executorch/xnnpack", "onnxruntime/cpu"]
+    shipped = manifest["predicted_device_latency"]
+    assert (shipped["runtime"], shipped["backend"]) == ("onnxruntime", "cpu")
     # the prediction shipped is onnxruntime's, as the decision priced int4
     chosen = next(b for b in decision["budgets"] if b["chosen"])
     predicted = next(b for b in manifest["predicted_device_latency"]["budgets"]
                      if b["beta"] == 1.0)
-    assert predicted["decode_tokens_per_s"] == chosen["decode_tokens_per_s"]
+    pixel8, cost = load_profile("pixel8"), BudgetCost(**chosen["cost"])
+    rates = {rt: predict(cost, pixel8.running(rt), efficiency_for(pixel8.running(rt), "int4")
+                         if rt == "onnxruntime" else efficiency_for(pixel8.running(rt), "8da4w")
+                         ).decode_tokens_per_s for rt in ("onnxruntime", "executorch")}
+    assert rates["onnxruntime"] != pytest.approx(rates["executorch"])
+    assert predicted["decode_tokens_per_s"] == pytest.approx(rates["onnxruntime"])
     budget_dir = dist / "budget-1"
     assert (budget_dir / "genai_config.json").is_file() and not list(dist.rglob("*.pte"))
     model = og.Model(str(budget_dir))
@@ -252,3 +280,9 @@ def test_a_phone_with_two_runtimes_ships_the_winners_format(work, tmp_path, caps
         tokens.append(int(generator.get_next_tokens()[0]))
     ours = ElasticSession(dist).generate(prompt, max_new_tokens=len(tokens), stop_at_eos=False)
     assert tokens == list(ours.token_ids) and (len(tokens) == 8 or tokens[-1] == 2)
+    # flexrank bench on the ONNX bundle weighs onnxruntime's precisions per tier
+    assert main(["bench", str(dist), "--profiles", "pixel8,laptop-x86", "--tokens", "2"]) == 0
+    report = json.loads((dist / "bench" / "bench.json").read_text())
+    pixel8_tier = report["tiers"][0]["decision"]
+    assert pixel8_tier["runtime"] == "onnxruntime" and pixel8_tier["chosen_precision"] == "int4"
+    assert {c["precision"] for c in pixel8_tier["candidates"]} == {"fp32", "int8", "int4"}

@@ -244,7 +244,7 @@ def test_other_runtimes_are_optional_sourced_and_checked(tmp_path):
             assert "onnxruntime-genai" in profile.also_runs[0].source
         else:
             assert profile.also_runs == (), profile.name
-    with pytest.raises(ValueError, match=r"laptop-x86 runs onnxruntime, which ship fp32, int8, "
+    with pytest.raises(ValueError, match=r"laptop-x86 runs onnxruntime, which ships fp32, int8, "
                                          r"int4; not 8da4w"):
         load_profile("laptop-x86").runtime_for("8da4w")
 

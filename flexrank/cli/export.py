@@ -428,7 +428,11 @@ def _checked_job(args) -> ExportJob:
         raise ValueError("--budget auto needs --profile NAME|FILE (see `flexrank profiles`)")
     profile = load_profile(args.profile) if args.profile else None
     fixed = _fixed_quantize(args)
-    fmt_name = args.format or _format_of(profile, fixed)
+    if profile is not None and args.format is None and fixed not in (None, "none") \
+            and fixed not in profile.precisions():
+        raise ValueError(f"--precision {fixed}: {profile.describe_runtimes()}; choose one of "
+                         f"those, or add --format to ship {fixed} for another runtime")
+    fmt_name = args.format or _format_of(profile, fixed, args.layout)
     _exporter_available(fmt_name)
     if fixed is not None:
         _quantize_fits(fmt_name, fixed)
@@ -446,7 +450,10 @@ def _checked_job(args) -> ExportJob:
     else:
         precisions = _candidate_precisions(fmt, layout, fixed, profile)
         if profile is not None:
-            profile = _shipped_runtime(profile, fmt, fixed if args.format is None else None)
+            runtime = FORMAT_RUNTIME.get(fmt)
+            reason = f"--format {fmt} ships {runtime}" if args.format \
+                else f"{fixed} ships in {runtime}" if fixed not in (None, "none") else None
+            profile = _shipped_runtime(profile, fmt, reason)
     out = Path(args.output)
     if not args.dry_run:  # the bundle and its lock are built beside `out`, in its parent
         check_writable(out.expanduser().absolute().parent,
@@ -469,22 +476,45 @@ FORMAT_RUNTIME = {Format.ONNX: "onnxruntime", Format.ORT: "onnxruntime",
 RUNTIME_FORMAT = {"onnxruntime": Format.ONNX, "executorch": Format.EXECUTORCH}
 
 
-def _format_of(profile, fixed: str | None = None) -> str:
+def _format_of(profile, fixed: str | None = None, layout: str = str(Layout.PER_BUDGET)) -> str:
     """The artifact follows the runtime: an ExecuTorch profile gets a .pte; a precision
     fixed by --quantize/--precision gets the format of the profile's runtime that ships it
-    (int4 on a phone that also runs onnxruntime-genai: onnx)."""
+    (int4 on a phone that also runs onnxruntime-genai: onnx). Otherwise the first of the
+    profile's runtimes that is installed and has `layout` (pixel8 with --layout elastic:
+    onnx); the default runtime's when none is, whose error then names what is missing."""
+    from flexrank.exporters import FORMAT_LAYOUTS
+
     if profile is None:
         return str(Format.ONNX)
-    runtime = profile.runtime
     if fixed is not None and fixed != "none" and fixed in profile.precisions():
-        runtime = profile.runtime_for(fixed)  # else _quantize_fits names it and the format
-    return str(RUNTIME_FORMAT.get(runtime, Format.ONNX))
+        return str(RUNTIME_FORMAT[profile.runtime_for(fixed)])  # else _quantize_fits says
+    for runtime, _ in profile.runtimes():
+        fmt = RUNTIME_FORMAT[runtime]
+        allowed = FORMAT_LAYOUTS.get(fmt, (tuple(Layout), ""))[0]
+        if _runtime_installed(fmt) and layout in [str(a) for a in allowed]:
+            if runtime != profile.runtime:
+                why = f"has no {layout} layout" \
+                    if _runtime_installed(RUNTIME_FORMAT[profile.runtime]) else "is not installed"
+                print(f"note: {profile.name}'s default runtime is {profile.runtime}, which "
+                      f"{why}, so {runtime} ships ({fmt})")
+            return str(fmt)
+    return str(RUNTIME_FORMAT.get(profile.runtime, Format.ONNX))
+
+
+def _runtime_installed(fmt) -> bool:
+    """Whether the runtime package a format needs can be imported (the exporters register
+    without it; ExecuTorch's is imported only when a program is lowered or run)."""
+    import importlib.util
+
+    package = {Format.EXECUTORCH: "executorch"}.get(fmt, "onnxruntime")
+    return importlib.util.find_spec(package) is not None
 
 
 def _runtime_formats(profile, fmt, layout) -> dict | None:
-    """{precision: Format} over every runtime of the profile whose exporter is installed
-    (fp32 on the default runtime's format, `fmt`), or None when the profile has one
-    runtime or the layout ships fp32 only (quantized exports are per budget)."""
+    """{precision: Format} over every runtime of the profile whose package is installed
+    (fp32 on `fmt`, the runtime `_format_of` chose), or None when the profile has one
+    runtime or the layout is not per-budget (the decision then weighs `fmt`'s own
+    precisions: `_candidate_precisions`)."""
     from flexrank.exporters import QUANTIZATIONS
 
     if not profile.also_runs or layout != Layout.PER_BUDGET:
@@ -492,10 +522,8 @@ def _runtime_formats(profile, fmt, layout) -> dict | None:
     formats = {"fp32": fmt}
     for runtime, _ in profile.runtimes():
         other = RUNTIME_FORMAT[runtime]
-        try:
-            _exporter_available(str(other))
-        except ValueError:
-            logger.info("%s is not installed: %s's %s candidates left out", other,
+        if not _runtime_installed(other):
+            logger.info("%s is not installed: %s's %s candidates left out", runtime,
                         profile.name, runtime)
             continue
         for quantization in QUANTIZATIONS.get(other, ()):
@@ -529,18 +557,17 @@ def _candidate_precisions(fmt, layout, fixed: str | None, profile) -> tuple[str,
     return ("fp32", *map(str, QUANTIZATIONS.get(fmt, ())))
 
 
-def _shipped_runtime(profile, fmt, fixed: str | None = None):
+def _shipped_runtime(profile, fmt, reason: str | None = None):
     """The profile as it runs the format, alone: its runtime replaced by the format's when
-    --format (or the runtime of a fixed --precision) names another, so that the prediction
-    uses the shipped runtime's efficiency."""
+    --format (or the runtime of a fixed --precision, or of the layout) names another, so
+    that the prediction uses the shipped runtime's efficiency; `reason` says why in a
+    note (None: `_format_of` said it already)."""
     runtime = FORMAT_RUNTIME.get(fmt)
     if runtime is None:
         return profile
     shipped = profile.running(runtime)
-    if runtime != profile.runtime:
-        why = f"{fixed} ships in {runtime}" if fixed \
-            else f"--format {fmt} ships {runtime}"
-        print(f"note: {profile.name}'s default runtime is {profile.runtime}; {why}, so the "
+    if runtime != profile.runtime and reason:
+        print(f"note: {profile.name}'s default runtime is {profile.runtime}; {reason}, so the "
               f"prediction uses {runtime}/{shipped.backend}'s efficiency")
     return shipped
 
@@ -733,6 +760,8 @@ def deployment_of(choice: Choice, profile, host: dict | None) -> Deployment:
         predicted = {
             "label": f"predicted for {profile.name} by flexrank.device.predict (not measured)",
             "profile": profile.name, "precision": precision,
+            # the runtime the bundle is for, whose efficiency predicted it
+            "runtime": profile.runtime, "backend": profile.backend,
             "budgets": [{"beta": b["beta"], "ttft_s": b["ttft_s"],
                          "decode_tokens_per_s": b["decode_tokens_per_s"],
                          "memory_gb": b["memory_gb"], "fits": b["fits"],

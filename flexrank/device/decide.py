@@ -417,9 +417,8 @@ class Decision:
         p, t = self.profile, self.profile.targets
         return {
             "label": "predicted",
-            # the runtime that ships the choice (the profile's default when nothing fits)
-            "profile": p.name, "tier": p.tier, "runtime": self.runtime or p.runtime,
-            "backend": dict(p.runtimes())[self.runtime or p.runtime],
+            # the profile's default runtime; "runtimes" lists all, "chosen_runtime" ships
+            "profile": p.name, "tier": p.tier, "runtime": p.runtime, "backend": p.backend,
             "threads": p.threads, "chosen_beta": self.beta, "chosen_precision": self.precision,
             "chosen_runtime": self.runtime,
             "runtimes": [f"{r}/{b}" for r, b in p.runtimes()],
@@ -478,12 +477,10 @@ def decide(candidates: list[Candidate], profile: DeviceProfile | str,
     if len({c.cost.encoder for c in candidates}) > 1:
         raise ValueError("candidates mix encoder and decoder budgets; pass one model's budgets")
     profile = resolve_measured(load_profile(profile) if isinstance(profile, str) else profile)
-    runs = profile.precisions()
-    foreign = sorted({c.precision for c in candidates} - set(runs))
+    foreign = sorted({c.precision for c in candidates} - set(profile.precisions()))
     if foreign:
-        runtimes = ", ".join(r for r, _ in profile.runtimes())
-        raise ValueError(f"{profile.name} runs {runtimes}, which ship {', '.join(runs)}; "
-                         f"not {', '.join(foreign)}: leave those precisions out")
+        raise ValueError(f"{profile.describe_runtimes()}; not {', '.join(foreign)}: leave "
+                         "those precisions out")
     constraints = constraints or Constraints()
     limits = limits_for(profile, constraints, candidates[0].cost.encoder)
     # each precision is predicted as the runtime that ships it runs it

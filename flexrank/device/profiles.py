@@ -203,14 +203,20 @@ class DeviceProfile:
         found = [p for runtime, _ in self.runtimes() for p in RUNTIME_PRECISIONS[runtime]]
         return tuple(dict.fromkeys(found))
 
+    def describe_runtimes(self) -> str:
+        """'pixel8 runs executorch, onnxruntime, which ship fp32, 8da4w, int8, int4'."""
+        runtimes = [r for r, _ in self.runtimes()]
+        verb = "ship" if len(runtimes) > 1 else "ships"
+        return (f"{self.name} runs {', '.join(runtimes)}, which {verb} "
+                f"{', '.join(self.precisions())}")
+
     def runtime_for(self, precision: str) -> str:
         """The runtime that ships `precision` here: the default one when it does, else the
         first of `also_runs` that does. ValueError when none does."""
         for runtime, _ in self.runtimes():
             if precision in RUNTIME_PRECISIONS[runtime]:
                 return runtime
-        raise ValueError(f"{self.name} runs {', '.join(r for r, _ in self.runtimes())}, which "
-                         f"ship {', '.join(self.precisions())}; not {precision}")
+        raise ValueError(f"{self.describe_runtimes()}; not {precision}")
 
     def running(self, runtime: str) -> DeviceProfile:
         """This profile with `runtime` (one of `runtimes()`, or any supported runtime when
