@@ -31,6 +31,11 @@ BITS = {None: 32, "none": 32, "int8": 8, "int4": 5, "8da4w": 4.5}
 # 4 or 8 bits in blocks of INT4_TABLE_BLOCK with a float32 scale each (GatherBlockQuantized),
 # or float32; an untied input embedding stays a float32 Gather (only MatMuls are quantized)
 INT4_TABLE_BLOCK = 32
+# 8da4w programs lay the table out as ExecuTorch's LLM export does (exporters/executorch,
+# ExecutorchExportConfig.embedding_bits = 8): the input embedding 8-bit with one float32
+# scale per row, and a tied lm_head a second copy in 8da4w (BENCHMARKS.md, "Tied
+# embedding/lm_head"): SmolLM2-135M's β 1 program is 103.6 MiB, not the 4.5 bits of one copy
+EMBEDDING_8DA4W_BITS = 8
 ACTIVATION_BYTES = 4  # activations and the KV cache stay float32 in every export
 
 
@@ -128,20 +133,27 @@ def budget_cost(elastic, beta: float, quantize: str | None = None,
     activations = (6 * hidden + 2 * intermediate + vocab) * ACTIVATION_BYTES
     matmul = counts.factorised + counts.other
     stored_once = counts.resident - counts.embedding  # every weight but the table
+    # the table's bytes: (stored, read per decoded token: the head's whole table + one row)
+    stored_table = counts.embedding * table_bytes
+    read_table = (table + counts.embedding_row) * table_bytes
+    if quantize == "8da4w":
+        row_bits = EMBEDDING_8DA4W_BITS + 32 / max(counts.embedding_row, 1)
+        head_bits = BITS["8da4w"] if counts.tied else 0  # a tied head: its own 8da4w copy
+        stored_table = counts.embedding * (row_bits + head_bits) / 8
+        read_table = (table * BITS["8da4w"] + counts.embedding_row * row_bits) / 8
     # encoders and vision models: one inference's work, counted by forward hooks
     per_inference = inference_fields(elastic, beta, BITS[quantize]) if encoder else {}
     return BudgetCost(
         beta=float(beta),
         flops_per_token=2.0 * matmul,
-        weight_bytes_per_token=((matmul - table) * weight_bytes
-                                + (table + counts.embedding_row) * table_bytes),
-        weight_bytes_total=stored_once * weight_bytes + counts.embedding * table_bytes,
+        weight_bytes_per_token=(matmul - table) * weight_bytes + read_table,
+        weight_bytes_total=stored_once * weight_bytes + stored_table,
         kv_bytes_per_token=kv,
         n_layers=max(n_layers, 1),
         activation_bytes_per_token=float(activations),
         encoder=encoder,
         dense_weight_bytes_total=((counts.dense_resident - counts.embedding) * weight_bytes
-                                  + counts.embedding * table_bytes),
+                                  + stored_table),
         **per_inference)
 
 
