@@ -21,8 +21,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROFILES = "pixel8,laptop-x86,server-x86"
 # The runtime that runs each export format (the runtime never imports the exporters).
-FORMAT_RUNTIME = {"onnx": ("onnxruntime", "cpu"), "ort": ("onnxruntime", "cpu"),
-                  "executorch": ("executorch", "xnnpack")}
+FORMAT_RUNTIME = {"onnx": "onnxruntime", "ort": "onnxruntime", "executorch": "executorch"}
 
 
 def manifest_candidates(deployment) -> list[Candidate]:
@@ -43,9 +42,7 @@ def manifest_candidates(deployment) -> list[Candidate]:
 def _as_shipped(profile, manifest):
     """(the profile running the bundle's runtime, that runtime's efficiency at the
     bundle's precision): predictions are of what is shipped."""
-    runtime, _ = FORMAT_RUNTIME.get(str(manifest.export_format),
-                                    (profile.runtime, profile.backend))
-    shipped = profile.running(runtime)
+    shipped = profile.running(FORMAT_RUNTIME.get(str(manifest.export_format), profile.runtime))
     precision = str(manifest.quantize) if manifest.quantize else "fp32"
     try:
         return shipped, efficiency_for(shipped, precision)

@@ -486,15 +486,15 @@ def _format_of(profile, fixed: str | None = None, layout: str = str(Layout.PER_B
 
     if profile is None:
         return str(Format.ONNX)
-    if fixed is not None and fixed != "none" and fixed in profile.precisions():
-        return str(RUNTIME_FORMAT[profile.runtime_for(fixed)])  # else _quantize_fits says
+    if fixed not in (None, "none"):  # _checked_job refused one no runtime here ships
+        return str(RUNTIME_FORMAT[profile.runtime_for(fixed)])
+    default_installed = _runtime_installed(RUNTIME_FORMAT[profile.runtime])
     for runtime, _ in profile.runtimes():
         fmt = RUNTIME_FORMAT[runtime]
         allowed = FORMAT_LAYOUTS.get(fmt, (tuple(Layout), ""))[0]
         if _runtime_installed(fmt) and layout in [str(a) for a in allowed]:
             if runtime != profile.runtime:
-                why = f"has no {layout} layout" \
-                    if _runtime_installed(RUNTIME_FORMAT[profile.runtime]) else "is not installed"
+                why = f"has no {layout} layout" if default_installed else "is not installed"
                 print(f"note: {profile.name}'s default runtime is {profile.runtime}, which "
                       f"{why}, so {runtime} ships ({fmt})")
             return str(fmt)
@@ -523,8 +523,8 @@ def _runtime_formats(profile, fmt, layout) -> dict | None:
     for runtime, _ in profile.runtimes():
         other = RUNTIME_FORMAT[runtime]
         if not _runtime_installed(other):
-            logger.info("%s is not installed: %s's %s candidates left out", runtime,
-                        profile.name, runtime)
+            logger.info("%s is not installed: %s's candidates in it left out", runtime,
+                        profile.name)
             continue
         for quantization in QUANTIZATIONS.get(other, ()):
             formats.setdefault(str(quantization), other)
