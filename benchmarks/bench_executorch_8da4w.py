@@ -28,6 +28,9 @@ SmolLM2-135M in 8da4w, both run by ExecuTorch 1.5's runtime (XNNPACK) in one pro
    - prefill ms of a 64-token prompt and decode ms/token, programs interleaved step by
      step in --rounds rounds (order rotated each round); ms = median over rounds of each
      round's median step, ratio = median over rounds of the per-round ratio to the peer;
+   - ExecuTorch's LLM runner (`TextLLMRunner`) on the program as it is, with SmolLM2's
+     tokenizer.json: its greedy text against the program's step-by-step greedy tokens
+     and the fp32 model's (`runner_check`);
    - perplexity on the last 10 % of tinyshakespeare (--eval-tokens, windows of --window
      tokens from position 0, every token after a window's first scored) and top-1
      agreement with the fp32 dense model (PyTorch, float32, same windows), every program
@@ -54,6 +57,7 @@ import numpy as np
 from bench_int4 import dense_folder, heldout_ids, markdown_table
 from tqdm import tqdm
 
+from flexrank.exporters.executorch.program import runner_readable_tokenizer_
 from flexrank.io import atomic_dir, write_json_atomic
 
 PROMPT = 64
@@ -141,7 +145,9 @@ def build_peer(out: Path, max_seq_len: int) -> Path:
                    "--model", "smollm2", "--checkpoint", str(checkpoint), "--params",
                    str(params), *PEER_ARGS, "--max_seq_length", str(max_seq_len),
                    "--max_context_length", str(max_seq_len), "--metadata", metadata,
-                   "--output-dir", str(tmp), "--output_name", "model.pte"]
+                   # a name ending in .pte is taken as a path as it is, not under
+                   # --output-dir (export_llama_lib's output name rule), so: the full path
+                   "--output-dir", str(tmp), "--output_name", str(tmp / "model.pte")]
         with open(tmp / "export.log", "w") as log:
             done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:  # the staged folder goes when this raises; its log stays
@@ -150,6 +156,8 @@ def build_peer(out: Path, max_seq_len: int) -> Path:
             tail = failed.read_text(errors="replace")[-4000:]
             raise SystemExit(f"ExecuTorch's export_llama exited {done.returncode} (its whole "
                              f"output: {failed}); the end of it:\n{tail}")
+        if not (tmp / "model.pte").is_file():
+            raise SystemExit(f"ExecuTorch's export_llama exited 0 but wrote no {tmp}/model.pte")
         checkpoint.unlink()  # 540 MB, only the export needs it
         (out / "peer-export-failed.log").unlink(missing_ok=True)  # an earlier attempt's
         (tmp / "command.json").write_text(json.dumps(command[1:]))
@@ -263,6 +271,55 @@ def dense_reference(windows: list[np.ndarray]) -> tuple[float, np.ndarray]:
     return nll, np.concatenate(argmax)
 
 
+RUNNER_PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+def runner_check(programs: list[Program], new_tokens: int) -> dict:
+    """ExecuTorch's own LLM runner (`TextLLMRunner`, the C++ runner of its demo apps) on
+    each program as it is, with SmolLM2's tokenizer.json, greedy: its text against the
+    program's greedy tokens fed step by step through `executorch.runtime` and against the
+    fp32 dense model's (PyTorch). {name: {"runner", "program", "runner_equals_program",
+    "agree_with_fp32": leading new tokens equal to the dense model's}}."""
+    import executorch.kernels.quantized  # noqa: F401  (8da4w's quantized embedding op)
+    import torch
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(dense_folder())
+    prompt = tokenizer(RUNNER_PROMPT, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(dense_folder(), dtype=torch.float32).eval()
+    with torch.no_grad():
+        dense = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens,
+                               do_sample=False)[0, len(prompt):].tolist()
+    found = {"prompt": RUNNER_PROMPT, "new_tokens": new_tokens,
+             "fp32": tokenizer.decode(dense), "programs": {}}
+    # the tokenizer.json the exporter ships now (`runner_readable_tokenizer_`; the cached
+    # bundles may predate it), for every program: the peer ships none of its own
+    shipped = Path(tempfile.mkdtemp(prefix="flexrank-runner-tok-"))
+    shutil.copy(dense_folder() / "tokenizer.json", shipped / "tokenizer.json")
+    found["tokenizer_changes"] = runner_readable_tokenizer_(shipped)
+    for program in programs:
+        pieces = []
+        runner = TextLLMRunner(str(program.path), str(shipped / "tokenizer.json"), None)
+        runner.generate(RUNNER_PROMPT, GenerationConfig(echo=False, max_new_tokens=new_tokens,
+                                                        temperature=0.0),
+                        token_callback=pieces.append)
+        logits, greedy = program.last_logits(torch.tensor([prompt]), 0), []
+        for step in range(new_tokens):
+            greedy.append(int(logits.argmax()))
+            if greedy[-1] == tokenizer.eos_token_id:
+                break
+            logits = program.last_logits(torch.tensor([[greedy[-1]]]), len(prompt) + step)
+        pairs = zip(greedy, dense, strict=False)  # either may stop early at EOS
+        agree = next((i for i, (a, b) in enumerate(pairs) if a != b),
+                     min(len(greedy), len(dense)))
+        text = tokenizer.decode(greedy)
+        found["programs"][program.name] = {
+            "runner": "".join(pieces), "program": text,
+            "runner_equals_program": "".join(pieces) == text, "agree_with_fp32": agree}
+    return found
+
+
 def programs_in(out: Path) -> list[Program]:
     found = [Program(PEER, out / PEER / "model.pte")]
     for manifest in sorted(out.glob("*-8da4w-b*/flexrank-manifest.json")):
@@ -290,6 +347,7 @@ def measure(args) -> dict:
             "path": str(program.path), "mb": program.path.stat().st_size / 1e6,
             "perplexity": math.exp(nll / scored),
             "top1_vs_fp32": float((argmax == dense_argmax).mean())}
+    results["runner"] = runner_check(programs, args.runner_tokens)
     times = time_interleaved(programs, args.steps, args.rounds)
     peer = times[PEER]
     for name, value in times.items():
@@ -314,7 +372,15 @@ def report(results: dict) -> str:
                      f"{f['top1_vs_fp32']:.3f}"])
     table = markdown_table(["program", "MB", "× peer bytes", "prefill 64 ms", "decode ms/tok",
                             "× peer decode", "perplexity", "top-1 vs fp32"], rows)
-    return (f"{table}\n\nfp32 dense (PyTorch) perplexity "
+    runner = results.get("runner", {})
+    lines = [f"- {name}: TextLLMRunner's text = the program's greedy text: "
+             f"{r['runner_equals_program']}; the first {r['agree_with_fp32']} new tokens are "
+             f"the fp32 model's; runner: {r['runner']!r}"
+             for name, r in runner.get("programs", {}).items()]
+    if runner:
+        lines.insert(0, f"TextLLMRunner, greedy, {runner['new_tokens']} new tokens after "
+                        f"{runner['prompt']!r}; fp32 dense: {runner['fp32']!r}")
+    return "\n".join([*lines, ""]) + (f"{table}\n\nfp32 dense (PyTorch) perplexity "
             f"{results['dense_fp32_perplexity']:.2f} on {results['eval_tokens']} tokens, "
             f"windows of {results['window']}, {results['threads']} threads")
 
@@ -332,6 +398,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--runner-tokens", type=int, default=24,
+                        help="new tokens of the TextLLMRunner check")
     return parser.parse_args(argv)
 
 

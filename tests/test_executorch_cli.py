@@ -74,3 +74,44 @@ def test_8da4w_from_the_command_line(checkpoint, tmp_path, capsys):
     assert sizes["8da4w", "cost"] == pytest.approx(sizes["none", "cost"] * 4.5 / 32
                                                    + embedding_bytes)
     assert sizes["8da4w"] < sizes["none"]
+
+
+def test_a_profiles_context_is_the_context_shipped(checkpoint, tmp_path, capsys):
+    """The decision counts the KV cache for the profile's context_tokens; the bundle holds
+    that many positions: ExecuTorch's static cache (`get_max_seq_len`, read by ExecuTorch's
+    runtime) and onnxruntime-genai's max_length (og's generator stops there)."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import yaml
+
+    from flexrank.device_profiles import PROFILE_DIR
+    from flexrank.runtime.kv_cache import make_session, onnx_greedy
+
+    raw = yaml.safe_load((PROFILE_DIR / "pixel8.yaml").read_text())
+    raw |= {"name": "short-context-phone", "context_tokens": 96}  # the model has 128
+    profile = tmp_path / "short-context-phone.yaml"
+    profile.write_text(yaml.safe_dump(raw))
+    common = [str(checkpoint), "--profile", str(profile), "--budget", "1", "--quantize", "none"]
+    et = tmp_path / "et"
+    assert export_main([*common, "--format", "executorch", "-o", str(et)]) == 0, \
+        capsys.readouterr().err
+    (entry,) = json.loads((et / "flexrank-manifest.json").read_text())["budgets"]
+    assert constant_methods(et / entry["graph"])["get_max_seq_len"] == 96
+    onnx = tmp_path / "onnx"
+    assert export_main([*common, "--format", "onnx", "-o", str(onnx)]) == 0, \
+        capsys.readouterr().err
+    (entry,) = json.loads((onnx / "flexrank-manifest.json").read_text())["budgets"]
+    graph = onnx / entry["graph"]
+    config = json.loads(graph.with_name("genai_config.json").read_text())
+    assert config["search"]["max_length"] == 96 and config["model"]["context_length"] == 128
+    model = og.Model(str(graph.parent))
+    generator = og.Generator(model, og.GeneratorParams(model))  # the folder's defaults
+    prompt = np.array([[5, 17, 42, 9]], np.int64)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    reference = [int(t) for t in onnx_greedy(make_session(graph, 1), prompt, 92).reshape(-1)]
+    assert tokens == reference[:len(tokens)]
+    assert len(tokens) == 92 or tokens[-1] == 2  # stopped at 96 positions, or at eos

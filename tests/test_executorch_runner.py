@@ -34,13 +34,18 @@ TEXT = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that
 def ascii_bpe():
     """A byte-level BPE tokenizer (the kind SmolLM2 ships) of 200 tokens trained here on
     ASCII text only, so every token decodes to valid UTF-8 on its own (the runner hands
-    each piece to Python as a str)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    each piece to Python as a str). Its normalizer and decoder are those of SmolLM2's
+    tokenizer.json as transformers rebuilds it from the GGUF file: an empty normalizer
+    Sequence, which ExecuTorch's tokenizer loader refuses until the exporter writes null
+    (`runner_readable_tokenizer_`), and the SentencePiece-style decoder Sequence."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Replace("\u2581", " "), decoders.ByteLevel()])
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
                                   show_progress=False)
     tok.train_from_iterator(TEXT * 10, trainer)

@@ -200,6 +200,35 @@ def test_genai_config_fields(llama, tmp_path):
     assert search["past_present_share_buffer"] is entry["kv_cache_in_place"] is True
 
 
+def test_context_tokens_bound_what_og_holds(llama, tmp_path):
+    """`context_tokens` (a device profile's context) is what og's generator holds by
+    default: with the folder's own search options it stops at that many tokens, prompt
+    included, on the tokens an onnxruntime session gives; above the model's context it is
+    the model's."""
+    manifest = export(llama, tmp_path / "short", budgets=[0.4],
+                      config=OnnxExportConfig(validate=False, context_tokens=20))
+    graph = tmp_path / "short" / manifest["budgets"][0]["graph"]
+    prompt = PROMPTS[0]
+    model = og.Model(str(graph.parent))
+    generator = og.Generator(model, og.GeneratorParams(model))  # the config's defaults
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    reference = onnx_greedy(make_session(graph, 1), prompt, 20 - prompt.shape[1])
+    assert_same_greedy(tokens, reference)
+    assert len(tokens) == 20 - prompt.shape[1] or tokens[-1] == EOS
+
+    manifest = export(llama, tmp_path / "long", budgets=[0.4],
+                      config=OnnxExportConfig(validate=False, context_tokens=4096))
+    config = json.loads((tmp_path / "long" / manifest["budgets"][0]["graph"])
+                        .with_name(GENAI_CONFIG).read_text())
+    assert config["search"]["max_length"] == config["model"]["context_length"] == 128
+    with pytest.raises(ValueError, match="context_tokens 1 must be at least 2"):
+        OnnxExportConfig(context_tokens=1)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_og_runs_every_decoder_family(family, tmp_path):
     """The families of tests/test_architectures.py: og's greedy tokens are an onnxruntime

@@ -56,6 +56,7 @@ from flexrank.exporters.executorch.program import (
     dynamic_axes,
     encoder_wrapper,
     flexrank_metadata,
+    runner_readable_tokenizer_,
     segment_layout,
     trace_and_lower,
 )
@@ -200,6 +201,7 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize,
                               weights_file=weights_file)
     if elastic.tokenizer is not None and kind != "module":
         save_tokenizer(elastic.tokenizer, folder)
+        runner_readable_tokenizer_(folder)  # TextLLMRunner reads it as Hugging Face does
     extra = {"program": segment_layout(path), "dynamic_axes": dynamic_axes(program),
              "quantization": quantization}
     if kind == "decoder":

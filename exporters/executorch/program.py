@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexrank.io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 REASON_CHARS = 400  # the first characters of torch.export's message kept in our error
@@ -297,3 +299,28 @@ def segment_layout(path: Path) -> dict:
         return {"bytes": size, "flatbuffer_bytes": size, "segment_bytes": 0, **extra}
     return {"bytes": size, "flatbuffer_bytes": int(header.program_size),
             "segment_bytes": size - int(header.segment_base_offset), **extra}
+
+
+def runner_readable_tokenizer_(folder: Path) -> list[str]:
+    """Make `folder`'s tokenizer.json load in ExecuTorch's LLM runner (`TextLLMRunner`,
+    whose C++ Hugging Face tokenizer comes from pytorch/tokenizers), in place; returns what
+    changed, empty when nothing did.
+
+    Why: SmolLM2's tokenizer (rebuilt by transformers from its GGUF file) has an empty
+    normalizer `{"type": "Sequence", "normalizers": []}`, which that loader refuses ("Failed
+    to setup normalizer: Missing normalizers for Normalizer of type Sequence"), so the
+    runner could not load the bundle at all. A Sequence of no steps normalizes nothing,
+    the same as no normalizer (`null`), which the loader takes; Hugging Face's tokenizer
+    encodes alike either way. Nothing else is touched."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    normalizer = data.get("normalizer")
+    if not (isinstance(normalizer, dict) and normalizer.get("type") == "Sequence"
+            and not normalizer.get("normalizers")):
+        return []
+    data["normalizer"] = None
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return ["tokenizer.json: empty normalizer Sequence -> null"]

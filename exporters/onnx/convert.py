@@ -107,6 +107,11 @@ class OnnxExportConfig:
     # with int4 weights is within this factor of the best form's (`int4.choose_forms`);
     # None: plain factors or dense by cost, never gauge-fixed (`forms.quantized_policy`)
     int4_form_slack: float | None = None
+    # decoders: the tokens onnxruntime-genai may hold, prompt + generated (genai_config's
+    # search.max_length; with past_present_share_buffer its KV cache is allocated for this
+    # many positions); None: the model's context (max_position_embeddings). flexrank-export
+    # sets it to the device profile's context_tokens, which the decision's memory assumes.
+    context_tokens: int | None = None
     version: int = 1
 
     def __post_init__(self):
@@ -133,6 +138,9 @@ class OnnxExportConfig:
                              ">= 1 and >= 2")
         if self.int4_form_slack is not None and not self.int4_form_slack >= 1:
             raise ValueError(f"int4_form_slack {self.int4_form_slack} must be >= 1 (or None)")
+        if self.context_tokens is not None and self.context_tokens < 2:
+            raise ValueError(f"context_tokens {self.context_tokens} must be at least 2 (or "
+                             "None: the model's context)")
         if self.int4_accuracy_level not in INT4_ACCURACY_LEVELS:
             raise ValueError(f"int4_accuracy_level {self.int4_accuracy_level} must be one of "
                              f"{list(INT4_ACCURACY_LEVELS)} (MatMulNBits accuracy_level)")

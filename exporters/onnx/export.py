@@ -192,7 +192,8 @@ def _export_budget(elastic, beta, kind, folder, sample, config, quantize, ort, r
         extra["plan_ranks"] = elastic.layer_ranks(beta)  # before rounding to the block size
     graph = convert_to_ort(folder)[0] if ort else path  # the .ort file, if any
     if kind == "decoder":
-        write_genai_config(elastic.model, io_graph, graph, extra["kv_cache_in_place"])
+        write_genai_config(elastic.model, io_graph, graph, extra["kv_cache_in_place"],
+                           config.context_tokens)
         og_readable_tokenizer_(folder)  # og.Tokenizer reads it as Hugging Face does
     return records, graph, extra
 
@@ -305,7 +306,8 @@ def _shared(elastic, out_dir, budgets, kind, sample, config, quantize=None):
         top = max(budgets)
         genai = write_genai_config(elastic.model, graphs[top].graph,
                                    folder / f"model-{budget_name(top)}.onnx",
-                                   all(flags[beta]["kv_cache_in_place"] for beta in budgets))
+                                   all(flags[beta]["kv_cache_in_place"] for beta in budgets),
+                                   config.context_tokens)
         og_readable_tokenizer_(folder)
         support += [genai] if genai is not None else []
     entries = []
@@ -363,7 +365,8 @@ def _elastic(elastic, out_dir, budgets, kind, sample, config, ort, quantize=None
     if ort:
         graph = convert_to_ort(folder)[0]
     if kind == "decoder":  # og runs a budget with generator.set_model_input(RANK_LEVEL, …)
-        write_genai_config(elastic.model, model.graph, graph, flag["kv_cache_in_place"])
+        write_genai_config(elastic.model, model.graph, graph, flag["kv_cache_in_place"],
+                           config.context_tokens)
         og_readable_tokenizer_(folder)
     entries = []
     for level, beta in enumerate(budgets):

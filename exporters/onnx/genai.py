@@ -114,9 +114,12 @@ def _token_ids(model) -> tuple[int, int | list[int], int]:
             int(eos_ids[0] if pad is None else pad))
 
 
-def genai_config(model, graph: onnx.GraphProto, filename: str, share_buffer: bool) -> dict:
+def genai_config(model, graph: onnx.GraphProto, filename: str, share_buffer: bool,
+                 max_length: int | None = None) -> dict:
     """The genai_config of a decoder graph file `filename` exported from `model` (a
-    transformers causal LM); `share_buffer`: the graph may update its KV cache in place."""
+    transformers causal LM); `share_buffer`: the graph may update its KV cache in place;
+    `max_length`: the tokens a generator may hold, prompt + generated (with `share_buffer`
+    the KV cache's positions), None or above the model's context: the model's context."""
     config = model.config
     heads = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
@@ -131,7 +134,8 @@ def genai_config(model, graph: onnx.GraphProto, filename: str, share_buffer: boo
         value = getattr(generation, key, None) if generation is not None else None
         if value is not None:
             search[key] = value
-    search |= {"max_length": context, "past_present_share_buffer": bool(share_buffer)}
+    length = context if max_length is None else min(int(max_length), context)
+    search |= {"max_length": length, "past_present_share_buffer": bool(share_buffer)}
     return {
         "model": {
             "bos_token_id": bos,
@@ -158,13 +162,13 @@ def genai_config(model, graph: onnx.GraphProto, filename: str, share_buffer: boo
 
 
 def write_genai_config(model, graph: onnx.GraphProto, graph_path: Path,
-                       share_buffer: bool) -> Path | None:
+                       share_buffer: bool, max_length: int | None = None) -> Path | None:
     """Write `genai_config.json` beside the decoder graph file `graph_path` (.onnx, or the
     .ort file converted from it), whose inputs and outputs are those of `graph`; returns
     its path, or None, with a warning saying why, for a decoder onnxruntime-genai cannot
     run (no eos token id, no KV cache inputs): the bundle is still complete without it."""
     try:
-        config = genai_config(model, graph, graph_path.name, share_buffer)
+        config = genai_config(model, graph, graph_path.name, share_buffer, max_length)
     except ValueError as error:
         logger.warning("%s: no %s written (%s)", graph_path.parent, GENAI_CONFIG, error)
         return None

@@ -677,16 +677,8 @@ def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice:
 
     stages.start(f"export {job.format}/{job.layout} of β {choice.budgets} with validation")
     request = ExportRequest(job.format, job.layout, tuple(choice.budgets), choice.quantize)
-    options = {}
-    if str(choice.quantize) == "int4" and job.int4:
-        from flexrank.exporters.onnx.convert import OnnxExportConfig
-
-        options["config"] = OnnxExportConfig(**job.int4)
-    elif str(choice.quantize) == "8da4w" and job.form_slack is not None:
-        from flexrank.exporters.executorch.export import ExecutorchExportConfig
-
-        options["config"] = ExecutorchExportConfig(form_slack=job.form_slack)
-    manifest = export_files(elastic, folder, request, **options)
+    manifest = export_files(elastic, folder, request,
+                            config=_exporter_config(elastic, job, choice))
     stages.done()
     for entry in manifest.budgets:
         v = entry.validation or {}
@@ -694,6 +686,29 @@ def _export_stage(stages: Stages, elastic, folder: Path, job: ExportJob, choice:
               f"|Δ| {v.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
               f"{v.get('top1_agreement', float('nan')):.4f}")
     return manifest
+
+
+def _exporter_config(elastic, job: ExportJob, choice: Choice):
+    """The format's exporter config: --int4-* / --form-slack, and for a decoder exported
+    for a profile, the profile's context (capped at the model's positions) as the tokens
+    the runtime holds: ExecuTorch's static KV cache (`max_seq_len`), onnxruntime-genai's
+    max_length. That is the context the decision's memory figure counts the KV cache for."""
+    from flexrank.compress.models import max_positions, model_kind
+
+    context = None
+    if job.profile is not None and model_kind(elastic.model) == "decoder":
+        limit = max_positions(elastic.model)
+        context = job.profile.context_tokens if limit is None \
+            else min(job.profile.context_tokens, limit)
+    if job.format == Format.EXECUTORCH:
+        from flexrank.exporters.executorch.export import ExecutorchExportConfig
+
+        fields = {"form_slack": job.form_slack} if str(choice.quantize) == "8da4w" else {}
+        return ExecutorchExportConfig(**fields, **({"max_seq_len": context} if context else {}))
+    from flexrank.exporters.onnx.convert import OnnxExportConfig
+
+    fields = dict(job.int4 or {}) if str(choice.quantize) == "int4" else {}
+    return OnnxExportConfig(**fields, context_tokens=context)
 
 
 def _measure_stage(stages: Stages, folder: Path, manifest, job: ExportJob,
