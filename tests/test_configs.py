@@ -58,12 +58,13 @@ CONFIGS = {
                                          int4_symmetric=False, int4_accuracy_level=0,
                                          int4_embedding_bits=8, int4_calibration="text.txt",
                                          int4_calibration_samples=4,
-                                         int4_calibration_tokens=32, int4_form_slack=1.5),
+                                         int4_calibration_tokens=32, int4_form_slack=1.5,
+                                         context_tokens=512),
     "ExecutorchExportConfig": ExecutorchExportConfig(max_seq_len=64, max_batch=4, group_size=64,
                                                      validate=False, tolerance=5e-3,
                                                      generate=False, sample_text="hi",
                                                      forms=POLICY, embedding_bits=4,
-                                                     form_slack=1.25),
+                                                     form_slack=1.25, custom_ops=False),
 }
 
 

@@ -120,7 +120,7 @@ def test_runner_reads_the_llm_export_metadata(elastic, tmp_path):
     # runner reads (llm_runner_helper.cpp), with the values of this model
     assert {"get_max_seq_len": 64, "get_max_context_len": 64, "get_vocab_size": len(
         elastic.tokenizer), "get_n_layers": 2, "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True,
         "get_bos_id": 1}.items() <= metadata.items()
     assert metadata["get_eos_ids"] in (2, [2])
 

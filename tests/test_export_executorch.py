@@ -182,6 +182,46 @@ def test_llama_metadata_methods(llama, llama_bundle):
     assert list(_as_list(metadata["get_flexrank_ranks"])) == list(entry["ranks"].values())
 
 
+def _operators(pte) -> set[str]:
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes()).program
+    return {op.name for plan in program.execution_plan for op in plan.operators}
+
+
+@pytest.mark.parametrize("custom_ops", [True, False])
+def test_decoder_kv_cache_ops_and_chunked_prefill(llama, llama_bundle, tmp_path, custom_ops):
+    """By default the program's KV cache and attention are ExecuTorch's LLM ops (as its
+    own LLM export makes them): no index_put and no mask ops are left; with
+    custom_ops=False, transformers' static cache. Either way, a prompt prefilled in two
+    chunks (the second at start position 11) and then decoded step by step gives
+    PyTorch's logits at every position."""
+    if custom_ops:
+        out, manifest = llama_bundle
+        entry = manifest["budgets"][0]
+    else:
+        out = tmp_path
+        (entry,) = export(llama, out, format="executorch", budgets=[0.5], config=(
+            ExecutorchExportConfig(max_seq_len=64, custom_ops=False)))["budgets"]
+    pte = out / entry["graph"]
+    llm_ops = {"llama::custom_sdpa", "llama::update_cache"}
+    ops = _operators(pte)
+    if custom_ops:
+        assert llm_ops <= ops and not {"aten::index_put", "aten::where"} & ops, ops
+    else:
+        assert not llm_ops & ops and "aten::index_put" in ops, ops
+    assert constant_methods(pte)["use_sdpa_with_kv_cache"] is custom_ops
+    ids = torch.tensor([[1, *range(20, 44)]])  # (1, 25)
+    forward = load_method(pte)
+    got = [forward.execute([ids[:, :11], torch.arange(11)])[0],
+           forward.execute([ids[:, 11:18], torch.arange(11, 18)])[0]]
+    got += [forward.execute([ids[:, t:t + 1], torch.tensor([t])])[0] for t in range(18, 25)]
+    llama.set_budget(entry["beta"])
+    with torch.no_grad():
+        expected = llama.model(input_ids=ids).logits
+    torch.testing.assert_close(torch.cat(got, dim=1), expected, atol=1e-4, rtol=1e-4)
+
+
 def _as_list(value):
     return value if isinstance(value, list) else [value]
 

@@ -31,8 +31,10 @@ best (`forms_8da4w.py`); the manifest's `quantization.forms` gives per layer
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from flexrank.exporters.common.sample import SAMPLE_TEXT, sample_for
 from flexrank.exporters.common.validate import DEFAULT_TOLERANCE, GENERATION_TOKENS
 from flexrank.exporters.executorch.forms_8da4w import choose_forms_8da4w
 from flexrank.exporters.executorch.program import (
+    LLMCustomOpsDecoder,
     decoder_metadata,
     decoder_wrapper,
     dynamic_axes,
@@ -97,6 +100,11 @@ class ExecutorchExportConfig:
     # (`forms_8da4w.choose_forms_8da4w`, on the model's own hidden states for token ids
     # sampled from it); None: plain factors or dense by cost (`forms.quantized_policy`)
     form_slack: float | None = None
+    # decoders: the KV cache written by ExecuTorch's `llama::update_cache` and attention by
+    # `llama::custom_sdpa` over the positions filled so far, as ExecuTorch's own LLM export
+    # (`--use_sdpa_with_kv_cache`); False: transformers' static cache (index_put, a mask
+    # and attention over all max_seq_len positions every step)
+    custom_ops: bool = True
     version: int = 1
 
     def __post_init__(self):
@@ -157,6 +165,23 @@ def _positional(kind: str, sample) -> tuple:
     return sample if isinstance(sample, tuple) else (sample,)
 
 
+def _decoder_module(deployed, config: ExecutorchExportConfig, sample):
+    """The decoder's exportable wrapper: ExecuTorch's LLM ops for its KV cache and
+    attention (`LLMCustomOpsDecoder`) where, run eagerly on `sample` (1, T) prefilled in
+    two chunks, they give the model's own logits (its attention goes through transformers'
+    attention functions); else, or with `config.custom_ops` off, transformers' static
+    cache, with the reason logged (e.g. a depth stand-in block's own attention)."""
+    if config.custom_ops:
+        # checked on a copy: a failed attempt leaves nothing behind in the exported model
+        reason = LLMCustomOpsDecoder(copy.deepcopy(deployed), config.max_seq_len).mismatch(
+            sample)
+        if reason is None:
+            return LLMCustomOpsDecoder(deployed, config.max_seq_len)
+        logger.info("KV cache: transformers' static cache, not ExecuTorch's LLM ops (%s)",
+                    reason)
+    return decoder_wrapper(deployed, config.max_seq_len)
+
+
 def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize,
                    calibration=None):
     """Write `folder/model.pte` for `beta`; returns (records, ranks, extra manifest fields,
@@ -184,8 +209,9 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize,
             quantization["forms"] = forms
     metadata = flexrank_metadata(beta, ranks, quantize)
     if kind == "decoder":
-        metadata.update(decoder_metadata(elastic.model, config.max_seq_len))
-        module, traced_inputs = decoder_wrapper(deployed, config.max_seq_len), sample[:1]
+        module, traced_inputs = _decoder_module(deployed, config, sample[:1]), sample[:1]
+        custom = isinstance(module, LLMCustomOpsDecoder)
+        metadata.update(decoder_metadata(elastic.model, config.max_seq_len, custom))
     elif kind == "encoder":
         module = encoder_wrapper(deployed, sample)
         traced_inputs = _positional(kind, sample)
@@ -196,9 +222,12 @@ def _export_budget(elastic, beta, kind, sample, folder: Path, config, quantize,
     # model.ptd, the table once (program.py, "Tied tables"); 8da4w quantizes the two
     # differently (8-bit rows for the lookup, int4 groups for the head), nothing to share
     weights_file = kind == "decoder" and quantize is None and tied_table(deployed)
-    program = trace_and_lower(module, kind, traced_inputs, config.max_seq_len,
-                              config.max_batch, path, metadata, quantized=quantize is not None,
-                              weights_file=weights_file)
+    attention = module.custom_attention() if isinstance(module, LLMCustomOpsDecoder) \
+        else nullcontext()
+    with attention:
+        program = trace_and_lower(module, kind, traced_inputs, config.max_seq_len,
+                                  config.max_batch, path, metadata,
+                                  quantized=quantize is not None, weights_file=weights_file)
     if elastic.tokenizer is not None and kind != "module":
         save_tokenizer(elastic.tokenizer, folder)
         runner_readable_tokenizer_(folder)  # TextLLMRunner reads it as Hugging Face does

@@ -38,6 +38,7 @@ import json
 import logging
 import re
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,8 +57,9 @@ class ExecutorchTraceError(ValueError):
 
 # ---- metadata ---------------------------------------------------------------------------
 
-def decoder_metadata(model: nn.Module, max_seq_len: int) -> dict:
-    """The constant methods ExecuTorch's LLM runner (and optimum-executorch) read."""
+def decoder_metadata(model: nn.Module, max_seq_len: int, custom_ops: bool = False) -> dict:
+    """The constant methods ExecuTorch's LLM runner (and optimum-executorch) read;
+    `custom_ops`: the program's attention and KV cache are ExecuTorch's LLM ops."""
     config = model.config.get_text_config()
     eos = getattr(model.generation_config, "eos_token_id", None) or config.eos_token_id
     eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
@@ -72,7 +74,7 @@ def decoder_metadata(model: nn.Module, max_seq_len: int) -> dict:
         "get_eos_ids": eos_ids,
         "get_n_layers": int(config.num_hidden_layers),
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": bool(custom_ops),
         "enable_dynamic_shape": True,
     }
 
@@ -115,6 +117,123 @@ def decoder_wrapper(deployed: nn.Module, max_seq_len: int) -> nn.Module:
     deployed.config.use_cache = True
     return TorchExportableModuleForDecoderOnlyLM(deployed, batch_size=1,
                                                  max_cache_len=max_seq_len).eval()
+
+
+CUSTOM_SDPA = "flexrank_llama_custom_sdpa"  # our name in transformers' AttentionInterface
+
+
+def _custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
+                           dropout=0.0, **kwargs):
+    """transformers attention function over ExecuTorch's `llama::custom_sdpa`: `query`
+    (B, H, T, D); `key`/`value` the whole KV cache as `_LLMCache.update` returns it,
+    (B, max_seq_len, H_kv, D); causal from `flexrank_start_pos` (grouped-query heads are
+    the op's). Returns ((B, T, H, D), None) as transformers' sdpa_attention_forward."""
+    output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value,
+                                         kwargs["flexrank_start_pos"], None, 0, True, scaling)
+    return output, None
+
+
+class _LLMCache:
+    """A transformers cache (duck-typed) over the wrapper's buffers, written in place by
+    ExecuTorch's `llama::update_cache` at `start_pos`: what ExecuTorch's own LLM export
+    does (examples/models/llama/source_transformation/custom_kv_cache.py), so the program
+    has no index_put and no mask, and attention reads positions [0, start_pos + T) only."""
+
+    is_compileable = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], start_pos):
+        self.keys, self.values, self.start_pos = keys, values, start_pos
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        torch.ops.llama.update_cache(key_states.transpose(1, 2), self.keys[layer_idx],
+                                     self.start_pos)
+        torch.ops.llama.update_cache(value_states.transpose(1, 2), self.values[layer_idx],
+                                     self.start_pos)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # unused: the wrapper passes cache_position
+
+
+class LLMCustomOpsDecoder(nn.Module):
+    """forward(input_ids (1, T), cache_position (T,)) -> logits (1, T, V) of a
+    transformers decoder, its KV cache held as buffers (1, max_seq_len, H_kv, D) per
+    layer and written by `llama::update_cache`, attention by `llama::custom_sdpa`: the
+    ops `export_llama --use_sdpa_with_kv_cache` puts in ExecuTorch's own programs, whose
+    kernels ExecuTorch's runtime and LLM runner ship (executorch.extension.llm.custom_ops).
+    Run or trace it inside `with wrapper.custom_attention():`, which switches the model's
+    config to the `CUSTOM_SDPA` attention (no mask is built) and back afterwards, so the
+    model itself still runs as before outside (the exporter's eager references)."""
+
+    def __init__(self, model: nn.Module, max_seq_len: int):
+        super().__init__()
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (the ops)
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(CUSTOM_SDPA, _custom_sdpa_attention)
+        config = model.config.get_text_config()
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        dtype = next(model.parameters()).dtype
+        self.model, self.max_seq_len = model, max_seq_len
+        self.layers = int(config.num_hidden_layers)
+        for i in range(self.layers):
+            for kind in ("k", "v"):
+                self.register_buffer(f"{kind}_cache_{i}",
+                                     torch.zeros(1, max_seq_len, kv_heads, head_dim,
+                                                 dtype=dtype), persistent=False)
+
+    @contextmanager
+    def custom_attention(self):
+        configs = {id(c): c for c in (self.model.config, self.model.config.get_text_config())}
+        for module in self.model.modules():  # blocks with a config of their own (stand-ins)
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                configs[id(config)] = config
+        before = {key: c._attn_implementation for key, c in configs.items()}
+        try:
+            for c in configs.values():
+                c._attn_implementation = CUSTOM_SDPA
+            yield self
+        finally:
+            for key, c in configs.items():
+                c._attn_implementation = before[key]
+
+    @torch.no_grad()
+    def mismatch(self, input_ids: torch.Tensor, rtol: float = 1e-3) -> str | None:
+        """None when this wrapper, run eagerly on `input_ids` (1, T) prefilled in two
+        chunks, gives the model's own logits (to `rtol` of their largest magnitude);
+        else why not. Every layer's attention must take the cache through transformers'
+        attention functions: a module with attention of its own reads the cache in
+        another layout. The cache buffers are zeroed afterwards."""
+        ids = input_ids[:, :self.max_seq_len - 1]
+        split = max(1, ids.shape[1] // 2)
+        try:
+            expected = self.model(input_ids=ids, use_cache=False).logits
+            with self.custom_attention():
+                got = torch.cat([self(ids[:, :split], torch.arange(split)),
+                                 self(ids[:, split:], torch.arange(split, ids.shape[1]))], 1)
+        except Exception as err:  # noqa: BLE001 - any failure means: not this path
+            return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        finally:
+            for buffer in self.buffers():
+                buffer.zero_()
+        worst = float((got - expected).abs().max())
+        scale = float(expected.abs().max())
+        if not worst <= rtol * max(scale, 1.0):
+            return f"eager logits differ by {worst:.3g} (largest {scale:.3g})"
+        return None
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        start = cache_position[0].item()
+        torch._check_is_size(start)
+        torch._check(start + input_ids.shape[1] <= self.max_seq_len)
+        cache = _LLMCache([getattr(self, f"k_cache_{i}") for i in range(self.layers)],
+                          [getattr(self, f"v_cache_{i}") for i in range(self.layers)], start)
+        return self.model(input_ids=input_ids, cache_position=cache_position,
+                          position_ids=cache_position[None], past_key_values=cache,
+                          use_cache=True, flexrank_start_pos=start).logits
 
 
 def encoder_wrapper(deployed: nn.Module, sample: dict) -> nn.Module:

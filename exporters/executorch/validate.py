@@ -48,7 +48,10 @@ def at_ranks(model, ranks: dict[str, int]):
 def runtime():
     """`executorch.runtime.Runtime` with ExecuTorch's quantized kernels registered (the
     8da4w programs' `quantized_decomposed::embedding_byte` / `embedding_4bit`, which
-    phones' LLM runtimes link; the pip wheel's Python runtime loads them on import)."""
+    phones' LLM runtimes link; the pip wheel's Python runtime loads them on import), and
+    its LLM custom ops (decoders' `llama::update_cache` / `llama::custom_sdpa`, which
+    ExecuTorch's LLM runner and its Android/iOS libraries ship)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (the LLM ops)
     import executorch.kernels.quantized  # noqa: F401  (registers the kernels)
     from executorch.runtime import Runtime
 
