@@ -320,9 +320,14 @@ def runner_check(programs: list[Program], new_tokens: int) -> dict:
     return found
 
 
-def programs_in(out: Path) -> list[Program]:
+def programs_in(out: Path, labels: str | None = None) -> list[Program]:
+    """The peer and every exported program in `out`, or those of the comma-separated
+    checkpoint `labels` only."""
     found = [Program(PEER, out / PEER / "model.pte")]
+    wanted = None if not labels else tuple(f"{label}-8da4w-b" for label in labels.split(","))
     for manifest in sorted(out.glob("*-8da4w-b*/flexrank-manifest.json")):
+        if wanted and not manifest.parent.name.startswith(wanted):
+            continue
         (entry,) = json.loads(manifest.read_text())["budgets"]
         found.append(Program(manifest.parent.name, manifest.parent / entry["graph"]))
     return found
@@ -333,7 +338,7 @@ def measure(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    programs = programs_in(args.out)
+    programs = programs_in(args.out, args.labels)
     ids = heldout_ids(dense_folder(), args.eval_tokens)
     windows = [ids[i:i + args.window] for i in range(0, len(ids) - 1, args.window)]
     windows = [w for w in windows if len(w) > 1]
@@ -398,6 +403,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--labels", help="measure: only these checkpoint labels' programs "
+                        "(comma-separated) beside the peer")
     parser.add_argument("--runner-tokens", type=int, default=24,
                         help="new tokens of the TextLLMRunner check")
     return parser.parse_args(argv)

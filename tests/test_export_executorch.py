@@ -372,3 +372,20 @@ def test_unquantizable_shape_is_a_clear_error(tmp_path):
     with pytest.raises(QuantizationShapeError, match="input width 20 is not a multiple of the "
                                                      "group size 32"):
         export_8da4w(em, tmp_path, sample_inputs=torch.randn(2, 20))
+
+
+def test_the_llm_ops_are_refused_for_a_sliding_window():
+    """ExecuTorch's custom_sdpa has no sliding window: for a Mistral with a window of 4 the
+    eager check names it (the exporter then keeps transformers' static cache, whose own
+    export of sliding windows transformers 4.57 does not build), and for the same model
+    without a window the LLM ops give PyTorch's logits."""
+    from test_architectures import build
+
+    from flexrank.exporters.executorch.program import LLMCustomOpsDecoder
+
+    ids = torch.tensor([[1, *range(20, 31)]])  # (1, 12): three windows long
+    windowed = build("mistral-window-4").model
+    reason = LLMCustomOpsDecoder(windowed, 32).mismatch(ids)
+    assert reason is not None and "sliding_window" in reason, reason
+    windowed.config.sliding_window = None  # the same weights, attention over everything
+    assert LLMCustomOpsDecoder(windowed, 32).mismatch(ids) is None

@@ -208,6 +208,7 @@ def test_context_tokens_bound_what_og_holds(llama, tmp_path):
     manifest = export(llama, tmp_path / "short", budgets=[0.4],
                       config=OnnxExportConfig(validate=False, context_tokens=20))
     graph = tmp_path / "short" / manifest["budgets"][0]["graph"]
+    assert json.loads(graph.with_name(GENAI_CONFIG).read_text())["search"]["max_length"] == 20
     prompt = PROMPTS[0]
     model = og.Model(str(graph.parent))
     generator = og.Generator(model, og.GeneratorParams(model))  # the config's defaults

@@ -127,7 +127,13 @@ def _custom_sdpa_attention(module, query, key, value, attention_mask, scaling=No
     """transformers attention function over ExecuTorch's `llama::custom_sdpa`: `query`
     (B, H, T, D); `key`/`value` the whole KV cache as `_LLMCache.update` returns it,
     (B, max_seq_len, H_kv, D); causal from `flexrank_start_pos` (grouped-query heads are
-    the op's). Returns ((B, T, H, D), None) as transformers' sdpa_attention_forward."""
+    the op's). Returns ((B, T, H, D), None) as transformers' sdpa_attention_forward.
+    Raises NotImplementedError for what the op does not compute (a sliding window, logit
+    soft-capping, attention sinks), so that the exporter falls back to the static cache."""
+    unsupported = [name for name in ("sliding_window", "softcap", "s_aux")
+                   if kwargs.get(name) is not None]
+    if unsupported:
+        raise NotImplementedError(f"llama::custom_sdpa has no {', '.join(unsupported)}")
     output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value,
                                          kwargs["flexrank_start_pos"], None, 0, True, scaling)
     return output, None
@@ -208,12 +214,14 @@ class LLMCustomOpsDecoder(nn.Module):
         attention functions: a module with attention of its own reads the cache in
         another layout. The cache buffers are zeroed afterwards."""
         ids = input_ids[:, :self.max_seq_len - 1]
-        split = max(1, ids.shape[1] // 2)
+        length = ids.shape[1]
+        # a prefill of two chunks, then one decode step: start positions 0, > 0 and T - 1
+        cuts = sorted({0, *(c for c in (length // 2, length - 1) if 0 < c < length), length})
         try:
             expected = self.model(input_ids=ids, use_cache=False).logits
             with self.custom_attention():
-                got = torch.cat([self(ids[:, :split], torch.arange(split)),
-                                 self(ids[:, split:], torch.arange(split, ids.shape[1]))], 1)
+                got = torch.cat([self(ids[:, a:b], torch.arange(a, b))
+                                 for a, b in zip(cuts, cuts[1:], strict=False)], 1)
         except Exception as err:  # noqa: BLE001 - any failure means: not this path
             return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         finally:
