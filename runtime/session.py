@@ -122,7 +122,9 @@ class ElasticSession:
         if self.manifest.export_format not in (Format.ONNX, Format.ORT):
             raise ValueError(f"{self.bundle_dir} is a {self.manifest.export_format} "
                              "bundle; ElasticSession runs onnx and ort bundles (run .pte "
-                             "programs with executorch.runtime)")
+                             "programs with executorch.runtime after importing "
+                             "executorch.extension.llm.custom_ops.custom_ops, or with "
+                             "executorch.extension.llm.runner.TextLLMRunner)")
         self.kind = self.manifest.kind
         self.layout = self.manifest.layout
         self.budgets = sorted(self.manifest.betas)
