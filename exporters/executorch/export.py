@@ -168,9 +168,10 @@ def _positional(kind: str, sample) -> tuple:
 def _decoder_module(deployed, config: ExecutorchExportConfig, sample):
     """The decoder's exportable wrapper: ExecuTorch's LLM ops for its KV cache and
     attention (`LLMCustomOpsDecoder`) where, run eagerly on `sample` (1, T) prefilled in
-    two chunks, they give the model's own logits (its attention goes through transformers'
-    attention functions); else, or with `config.custom_ops` off, transformers' static
-    cache, with the reason logged (e.g. a depth stand-in block's own attention)."""
+    two chunks and one decode step, they give the model's own logits (its attention goes
+    through transformers' attention functions); else, or with `config.custom_ops` off,
+    transformers' static cache, with a warning saying why (e.g. a sliding window, which
+    custom_sdpa lacks)."""
     if config.custom_ops:
         # checked on a copy: a failed attempt leaves nothing behind in the exported model
         try:

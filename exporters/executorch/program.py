@@ -209,10 +209,10 @@ class LLMCustomOpsDecoder(nn.Module):
     @torch.no_grad()
     def mismatch(self, input_ids: torch.Tensor, rtol: float = 1e-3) -> str | None:
         """None when this wrapper, run eagerly on `input_ids` (1, T) prefilled in two
-        chunks, gives the model's own logits (to `rtol` of their largest magnitude);
-        else why not. Every layer's attention must take the cache through transformers'
-        attention functions: a module with attention of its own reads the cache in
-        another layout. The cache buffers are zeroed afterwards."""
+        chunks and then one decode step, gives the model's own logits (to `rtol` of
+        their largest magnitude); else why not. Every layer's attention must take the
+        cache through transformers' attention functions: a module with attention of its
+        own reads the cache in another layout. The cache buffers are zeroed afterwards."""
         ids = input_ids[:, :self.max_seq_len - 1]
         length = ids.shape[1]
         # a prefill of two chunks, then one decode step: start positions 0, > 0 and T - 1
