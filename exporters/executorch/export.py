@@ -72,6 +72,7 @@ from flexrank.exporters.executorch.quant import (
 )
 from flexrank.exporters.executorch.validate import (
     at_ranks,
+    native_stderr_at_debug,
     validate_decoder_pte,
     validate_module_pte,
 )
@@ -174,9 +175,10 @@ def _decoder_module(deployed, config: ExecutorchExportConfig, sample):
     custom_sdpa lacks)."""
     if config.custom_ops:
         # checked on a copy: a failed attempt leaves nothing behind in the exported model
-        try:
-            reason = LLMCustomOpsDecoder(copy.deepcopy(deployed), config.max_seq_len) \
-                .mismatch(sample)
+        try:  # the ops' eager kernels are ExecuTorch's: their native log goes to DEBUG
+            with native_stderr_at_debug():
+                reason = LLMCustomOpsDecoder(copy.deepcopy(deployed), config.max_seq_len) \
+                    .mismatch(sample)
         except Exception as err:  # noqa: BLE001 - any failure means: the static cache
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         if reason is None:
