@@ -111,7 +111,7 @@ def compress_config(args) -> CompressConfig:
         eval_samples=args.eval_samples, batch_size=args.batch_size, budgets=args.budgets,
         probe=ProbeConfig(mode=args.probe_mode, num_levels=args.levels,
                           rank_multiple=args.rank_multiple, probe_points=args.probe_points,
-                          top_k=args.probe_top_k),
+                          top_k=args.probe_top_k, fisher_draws=args.fisher_draws),
         probe_samples=args.probe_samples,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
                               sampler=args.sampler, grad_accum=args.grad_accum,
@@ -148,7 +148,15 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="held-out sequences for the summary table")
     p.add_argument("--budgets", type=budget_list, default=(1.0, 0.8, 0.6, 0.4),
                    help="comma-separated budgets in (0, 1] (default 1,0.8,0.6,0.4)")
-    p.add_argument("--probe-mode", choices=("fast", "exact"), default="fast")
+    p.add_argument("--probe-mode", choices=("fast", "exact", "fisher"),
+                   default=str(ProbeConfig.mode),
+                   help="fast: --probe-points ranks measured per layer, the rest from the "
+                        "tail-energy curve; exact: every rank measured; fisher (language "
+                        "models): every rank from a second-order estimate of the KL, a few "
+                        f"backward passes in all (default {ProbeConfig.mode})")
+    p.add_argument("--fisher-draws", type=whole_number(1), default=ProbeConfig.fisher_draws,
+                   help="fisher mode: backward passes per probe batch, each with labels "
+                        f"sampled from the model (default {ProbeConfig.fisher_draws})")
     p.add_argument("--levels", type=whole_number(2), default=16, help="candidate ranks per layer")
     p.add_argument("--rank-multiple", type=whole_number(1), default=8)
     p.add_argument("--probe-samples", type=whole_number(1), default=4)

@@ -29,6 +29,9 @@ class SvdMethod(enum.StrEnum):
 class ProbeMode(enum.StrEnum):
     EXACT = "exact"  # every candidate rank of every layer is measured
     FAST = "fast"  # `probe_points` ranks per layer, the rest interpolated
+    # every rank of every layer from a second-order (Fisher) estimate of the KL: a few
+    # backward passes of the whole model instead of passes per layer and rank
+    FISHER = "fisher"
 
 
 class Sampler(enum.StrEnum):
@@ -155,11 +158,15 @@ class ProbeConfig:
     # language models: KL over each token's top_k teacher tokens (0: the whole vocabulary);
     # the LM head computes only those rows (probe.Damage; BENCHMARKS.md, issue 20)
     top_k: int = 0
+    # fisher mode: labels sampled per token from the model's own distribution, one
+    # backward pass per draw and probe batch (the estimate's noise falls as 1/√draws)
+    fisher_draws: int = 8
     version: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "mode", _enum(ProbeMode, self.mode, "probe mode"))
-        _at_least(self, {"num_levels": 2, "rank_multiple": 1, "probe_points": 1, "top_k": 0})
+        _at_least(self, {"num_levels": 2, "rank_multiple": 1, "probe_points": 1, "top_k": 0,
+                         "fisher_draws": 1})
 
     def to_dict(self) -> dict:
         return {"type": "ProbeConfig", **json.loads(json.dumps(asdict(self)))}

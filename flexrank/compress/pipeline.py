@@ -102,10 +102,17 @@ class CompressError(ValueError):
     """An output folder that cannot be used for this run."""
 
 
-def _canonical(signature: dict) -> dict:
+def canonical_signature(signature: dict) -> dict:
     """The signature with its budgets in one order (the plan sorts them anyway), so that
-    `1,0.6,0.8` resumes a run started with `0.8,1,0.6`."""
-    return {**signature, "budgets": sorted(float(b) for b in signature.get("budgets", ()))}
+    `1,0.6,0.8` resumes a run started with `0.8,1,0.6`; probe settings that change nothing
+    in the run asked for (top_k 0, fisher_draws outside fisher mode) left out, so that
+    folders written before those settings existed resume."""
+    out = {**signature, "budgets": sorted(float(b) for b in signature.get("budgets", ()))}
+    probe = signature.get("probe")
+    if isinstance(probe, dict):
+        out["probe"] = {k: v for k, v in probe.items() if not (
+            (k == "top_k" and v == 0) or (k == "fisher_draws" and probe.get("mode") != "fisher"))}
+    return out
 
 
 def _read_state(path: Path) -> dict:
@@ -129,7 +136,7 @@ def _check_output(out: Path, signature: dict) -> dict:
     its calibration, factors and probes reused. Raises CompressError for a foreign folder,
     one whose calibration or factors used other settings, or one whose distillation
     began or finished with other settings."""
-    signature = _canonical(signature)
+    signature = canonical_signature(signature)
     state_path = out / STATE_FILE
     if not state_path.is_file():
         if out.exists() and not out.is_dir():
@@ -141,7 +148,7 @@ def _check_output(out: Path, signature: dict) -> dict:
                 "--work-dir)")
         return {"signature": signature, "done": {}}
     state = _read_state(state_path)
-    stored = _canonical(state["signature"])
+    stored = canonical_signature(state["signature"])
     changed = sorted(k for k in signature.keys() | stored.keys()
                      if stored.get(k) != signature.get(k))
     if not changed:

@@ -10,7 +10,11 @@ Cost control (DESIGN.md §4.3):
   blocks 0…b−1 for their cached outputs, so only blocks b…end run;
 - `fast` mode probes a few ranks per layer and fills the others from the layer's exact
   tail-energy curve, scaled to the probed points;
-- the matrix is saved after every layer, so an interrupted probe resumes.
+- the matrix is saved after every layer, so an interrupted probe resumes;
+- `fisher` mode (language models) measures no pass per layer: each layer's KL at every
+  rank comes from a second-order expansion, KL ≈ ½ δᵀ F δ, with F the Fisher information
+  of the model's output distribution with respect to the layer's output and δ the output
+  change of the truncation, from a few backward passes of the whole model (`fisher_rows`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexrank.compress.calibration import as_batch, to_device
-from flexrank.compress.config import Objective, ProbeConfig
-from flexrank.compress.layers import NESTED_TYPES, dense_at_max_rank
+from flexrank.compress.config import Objective, ProbeConfig, ProbeMode
+from flexrank.compress.layers import NESTED_TYPES, NestedLinear, dense_at_max_rank
 from flexrank.compress.objectives import objective_loss, output_tensor, resolve
 from flexrank.compress.select import nested_layers
 from flexrank.io import write_json_atomic
@@ -309,10 +313,24 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     rank_id, world = _dist_info()
     todo = [n for i, n in enumerate(layers) if n not in rows and i % world == rank_id]
     probe_levels = _probe_levels(levels, config)
+    if config.mode == ProbeMode.FISHER:
+        if not damage.is_lm:
+            raise ValueError("fisher probing estimates a language model's token KL; this "
+                             f"model's damage is {damage.metric}: use mode='fast'")
+        probe_levels = list(range(levels - 1))
+        with dense_at_max_rank(layers.values()):
+            estimated = fisher_rows(model, {n: layers[n] for n in todo},
+                                    {n: ranks[n] for n in todo}, batches, masks,
+                                    config.fisher_draws, progress=progress)
+        rows.update({n: [float(max(v, MIN_DAMAGE)) for v in row[:-1]] + [0.0]
+                     for n, row in estimated.items()})
+        if path:
+            write_json_atomic(path, {"signature": signature, "rows": rows})
+        todo = []
     # the layers not being probed (at max rank) run as one dense matmul each, the cached
     # block outputs included
     with dense_at_max_rank(layers.values()):
-        if blocks:
+        if blocks and todo:
             cache.fill(model, batches)
         for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress,
                          unit="layer"):
@@ -328,6 +346,97 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
                        np.array([rows[n] for n in layers]),
                        meta={"mode": config.mode, "metric": damage.metric,
                              "probe_levels": probe_levels, **signature["config"]})
+
+
+def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
+                ranks: Mapping[str, Sequence[int]], batches: Sequence,
+                masks: Sequence[torch.Tensor | None], draws: int, seed: int = 0,
+                progress: bool = False) -> dict[str, list[float]]:
+    """Second-order estimate of each layer's KL(model at max rank ‖ model with that layer
+    alone cut to rank r), mean per real token, at each of `ranks[name]`.
+
+    For a layer y = U Vᵀ x (U (m, R), V (n, R)), cutting to rank r changes its output at
+    token t by δ_t = −Σ_{j≥r} u_j v_jᵀ x_t. The KL's expansion at δ = 0 is ½ δᵀ F δ with
+    F = E_y[g gᵀ], g the gradient of log q(y) (summed over the sequence's real tokens)
+    with respect to the layer's outputs, y sampled per token from the model's own
+    distribution q (Martens, "New insights and perspectives on the natural gradient
+    method", 2020, §9: the Fisher equals the KL's Hessian at its minimum). So
+    δᵀ F δ = E_y[s²] with s = Σ_t g_tᵀ δ_t = −Σ_{j≥r} c_j and
+    c_j = Σ_t (g_tᵀ u_j)(v_jᵀ x_t): one (m, R) and one (n, R) product per layer and token
+    give every rank at once (suffix sums of c). Scores at different tokens are independent
+    with mean zero, so the sequence's sum estimates the sum of per-token KLs without bias.
+
+    Cost: one forward and `draws` backward passes of the whole model per batch, however
+    many layers and ranks. Memory: the autograd graph of one batch and each layer's x V
+    (tokens × R). Exact for small truncations; a quadratic that grows without bound
+    where the true KL bends (BENCHMARKS.md, issue 20, compares the plans it gives with
+    the measured probe's). Layers must be `NestedLinear`; the model's output must be
+    language-model logits (B, T, V). Raises ValueError for another layer type.
+    """
+    wrong = [n for n, layer in layers.items() if not isinstance(layer, NestedLinear)]
+    if wrong:
+        raise ValueError(f"fisher probing supports linear layers; {wrong[:3]} are not: "
+                         "use mode='fast'")
+    names = list(layers)
+    squares = {n: torch.zeros(len(ranks[n]), dtype=torch.float64) for n in names}
+    tokens = 0.0
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=len(batches) * draws, desc="probe (fisher)", disable=not progress,
+               unit="pass")
+    for batch, mask in zip(batches, masks, strict=True):
+        logits, inputs, outputs = _forward_keeping(model, layers, batch)
+        weight = mask if mask is not None else torch.ones(logits.shape[:2])
+        weight = weight.to(logits.device, logits.dtype)
+        tokens += float(weight.sum())
+        with torch.no_grad():
+            xv = {n: (inputs[n] @ layers[n].V.detach().to(inputs[n].dtype)) *
+                  weight[..., None].to(inputs[n].dtype) for n in names}  # (B, T, R)
+        del inputs
+        with torch.enable_grad():
+            log_q = F.log_softmax(logits, -1)
+        probs = log_q.detach().exp().flatten(0, -2)
+        for draw in range(draws):
+            labels = torch.multinomial(probs.cpu(), 1, generator=generator)
+            labels = labels.to(logits.device).view(*logits.shape[:-1], 1)
+            with torch.enable_grad():
+                score = (log_q.gather(-1, labels).squeeze(-1) * weight).sum()
+            grads = torch.autograd.grad(score, [outputs[n] for n in names],
+                                        retain_graph=draw + 1 < draws)
+            with torch.no_grad():
+                for n, g in zip(names, grads, strict=True):
+                    gu = g @ layers[n].U.detach().to(g.dtype)  # (B, T, R)
+                    c = (gu * xv[n]).sum(1).double()  # (B, R)
+                    suffix = c.flip(-1).cumsum(-1).flip(-1)  # Σ_{j≥r} c_j at column r
+                    suffix = torch.cat([suffix, suffix.new_zeros(suffix.shape[0], 1)], -1)
+                    at = torch.as_tensor(ranks[n])
+                    squares[n] += suffix[:, at].square().sum(0).cpu()
+            bar.update()
+        del logits, log_q, outputs, xv
+    bar.close()
+    return {n: (0.5 * squares[n] / draws / max(tokens, 1.0)).tolist() for n in names}
+
+
+def _forward_keeping(model: nn.Module, layers: Mapping[str, nn.Module], batch):
+    """(logits, {name: layer input}, {name: layer output}) of one forward with autograd on;
+    every output is in the graph, so gradients with respect to each can be taken."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if not output.requires_grad:  # a leaf: nothing before it requires grad
+                output.requires_grad_()
+            inputs[name], outputs[name] = args[0].detach(), output
+        return hook
+
+    handles = [layer.register_forward_hook(keep(name)) for name, layer in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, inputs, outputs
 
 
 def _layers_to_probe(model: nn.Module, only: Sequence[str] | None) -> dict[str, nn.Module]:

@@ -1,0 +1,136 @@
+"""Issue 20: cheaper probes of SmolLM2-135M against today's default, judged by the plans
+they give. Each probe variant is run whole (teacher pass, block cache, every one of the
+210 layers) on the same DataSVD factors, timed, planned at the same budgets, and every
+plan's held-out perplexity (the factors truncated to the plan's ranks, no distillation)
+is compared with the plan of the reference probe.
+
+    .venv/bin/python benchmarks/bench_probe_plans.py \
+        --out ~/.cache/flexrank/compress/smollm2-135m-24a601bcc1318977-fast
+
+--out is a `flexrank compress` output folder whose stages/decomposed.safetensors holds
+the factors. Each variant's sensitivity matrix is saved under --out/probe-variants/ with
+its wall time, so a second run only plans and evaluates (delete a file to time it again;
+a run that was interrupted resumes its layers but its time is then not a whole run's and
+is marked so). Probe tokens: the first `samples` sequences of 256 tokens of the first
+80 % of tinyshakespeare; held-out: --eval-tokens tokens from its last 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import CALIBRATION_SPAN, HELDOUT_SPAN, SHAKESPEARE
+from safetensors.torch import load_model as load_st
+
+import flexrank
+from flexrank.compress.config import ProbeConfig
+from flexrank.compress.elastic import restructure_
+from flexrank.compress.evaluate import perplexity, tokenize_text
+from flexrank.compress.pipeline import _safetensors_meta
+from flexrank.compress.probe import probe
+from flexrank.compress.select import nested_layers
+from flexrank.planning.planner import plan
+from flexrank.planning.sensitivity import Sensitivity
+from flexrank.table import format_table
+
+BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+# name: (probe configuration, probe sequences of 256 tokens); the first is the reference
+VARIANTS = {
+    "default (3 points, 4 seq, full KL)": (ProbeConfig(), 4),
+    "2 points, 2 seq, top-64": (ProbeConfig(probe_points=2, top_k=64), 2),
+    "1 point, 2 seq, top-64": (ProbeConfig(probe_points=1, top_k=64), 2),
+    "1 point, 4 seq, top-64": (ProbeConfig(probe_points=1, top_k=64), 4),
+    "fisher, 4 seq, 8 draws": (ProbeConfig(mode="fisher", fisher_draws=8), 4),
+    "fisher, 4 seq, 32 draws": (ProbeConfig(mode="fisher", fisher_draws=32), 4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="variant names (substrings) to run; the reference always is")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    folder = out / "probe-variants"
+    folder.mkdir(exist_ok=True)
+
+    teacher, tokenizer = flexrank.load_model("smollm2-135m")
+    student = copy.deepcopy(teacher)
+    path = out / "stages" / "decomposed.safetensors"
+    restructure_(student, json.loads(_safetensors_meta(path)))
+    load_st(student, str(path), strict=False)
+    layers = nested_layers(student)
+    sequences = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=4, seq_len=256,
+                                          span=CALIBRATION_SPAN, batch_size=2)
+    ids = tokenize_text(tokenizer, SHAKESPEARE.read_text())
+    start = round(HELDOUT_SPAN[0] * len(ids))
+    held_out = ids[start:start + args.eval_tokens]
+
+    names = [n for i, n in enumerate(VARIANTS)
+             if i == 0 or args.only is None or any(s in n for s in args.only)]
+    results = {}
+    for name in names:
+        config, samples = VARIANTS[name]
+        stem = folder / f"variant-{list(VARIANTS).index(name)}"
+        done = stem.with_suffix(".json")
+        if done.is_file():
+            record = json.loads(done.read_text())
+        else:
+            partial = stem.with_suffix(".partial.json")
+            resumed = partial.is_file()
+            begin = time.perf_counter()
+            sens = probe(student, teacher, sequences[:samples // 2], config,
+                         cache_path=partial)
+            record = {"name": name, "seconds": time.perf_counter() - begin,
+                      "whole_run": not resumed, "samples": samples,
+                      "config": config.to_dict(), "sensitivity": sens.to_dict()}
+            done.write_text(json.dumps(record))
+            partial.unlink()
+        sens = Sensitivity.from_dict(record["sensitivity"])
+        nested = plan(sens, budgets=list(BUDGETS))
+        ppl = {}
+        for beta in BUDGETS:
+            ranks = nested.ranks_for(beta)
+            for layer_name, layer in layers.items():
+                layer.rank = ranks[layer_name]
+            ppl[beta] = perplexity(student, held_out)
+        for layer in layers.values():
+            layer.rank = layer.max_rank
+        results[name] = {"seconds": record["seconds"], "whole_run": record["whole_run"],
+                         "ppl": ppl, "plan": nested, "errors": sens.errors}
+        print(f"{name}: {record['seconds'] / 60:.1f} min; ppl "
+              + " ".join(f"{b}:{p:.2f}" for b, p in ppl.items()), flush=True)
+
+    reference = results[names[0]]
+    rows = []
+    for name in names:
+        r = results[name]
+        delta = [100 * (r["ppl"][b] / reference["ppl"][b] - 1) for b in BUDGETS]
+        same = np.mean([np.mean([r["plan"].ranks_for(b)[n] == reference["plan"].ranks_for(b)[n]
+                                 for n in layers]) for b in BUDGETS])
+        rows.append([name, f"{r['seconds'] / 60:.1f}" + ("" if r["whole_run"] else " (resumed)"),
+                     *[f"{r['ppl'][b]:.2f}" for b in BUDGETS], f"{max(delta):+.2f}",
+                     f"{same:.2f}"])
+    print(format_table(["probe", "minutes", *[f"ppl β {b}" for b in BUDGETS],
+                        "worst Δ ppl %", "same rank"], rows,
+                       title=f"\nSmolLM2-135M probes, planned at {BUDGETS}, held-out "
+                             f"perplexity of {len(held_out)} tokens (no distillation), "
+                             f"{args.threads} threads"))
+    (folder / "results.json").write_text(json.dumps(
+        {n: {"seconds": r["seconds"], "whole_run": r["whole_run"],
+             "ppl": {str(b): p for b, p in r["ppl"].items()}} for n, r in results.items()},
+        indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Fisher probing: its second-order KL against the measured KL of each truncation
+(probe's exact mode, itself checked against a brute-force KL in test_probe.py)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama, token_batches
+
+from flexrank.compress.config import ProbeConfig
+from flexrank.compress.covariance import collect_covariances
+from flexrank.compress.probe import probe
+from flexrank.compress.surgery import factorize_
+
+
+def factorised_float64():
+    teacher = tiny_llama(seed=0, init_std=0.2).double()
+    model = copy.deepcopy(teacher)
+    data = token_batches(100, num=2, batch=2, seq=24, seed=0)
+    data[1]["attention_mask"][0, :5] = 0  # padding: those tokens count in neither KL
+    factorize_(model, collect_covariances(model, data, progress=False), progress=False)
+    return model, teacher, data
+
+
+def test_fisher_estimates_the_measured_kl():
+    model, teacher, data = factorised_float64()
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=8),
+                  progress=False)
+    fisher = probe(model, teacher, data,
+                   ProbeConfig(mode="fisher", num_levels=8, fisher_draws=300), progress=False)
+    assert fisher.layer_names == exact.layer_names
+    np.testing.assert_array_equal(fisher.ranks, exact.ranks)
+    assert np.all(fisher.errors[:, -1] == 0) and np.all(fisher.errors[:, :-1] > 0)
+    # near full rank the expansion is exact up to the sampling noise of 300 draws (the
+    # generator is seeded: the same labels on every run)
+    ratio = fisher.errors[:, 6] / exact.errors[:, 6]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.05)
+    assert np.all((ratio > 0.8) & (ratio < 1.2)), ratio
+    # further down it orders the layers as the measurement does
+    for level in (2, 4):
+        ranked = [np.argsort(np.argsort(s.errors[:, level])) for s in (fisher, exact)]
+        assert np.corrcoef(*ranked)[0, 1] > 0.9
+    # the model is left at full rank and unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(model(**data[0]).logits, teacher(**data[0]).logits)
+
+
+def test_fisher_refuses_a_model_without_token_logits():
+    teacher = tiny_bert()
+    model = copy.deepcopy(teacher)
+    data = token_batches(100, num=1, batch=2, seq=8)
+    factorize_(model, collect_covariances(model, data, progress=False), progress=False)
+    with pytest.raises(ValueError, match="fisher probing.*mode='fast'"):
+        probe(model, teacher, data, ProbeConfig(mode="fisher", num_levels=4), progress=False)
