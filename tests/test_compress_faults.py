@@ -261,3 +261,24 @@ def test_changed_budgets_before_distillation_re_plan(tmp_path):
     out, signature = _state_folder(tmp_path, BEFORE_DISTILL, checkpoint=False)
     state = pipeline._check_output(out, {**signature, "budgets": [0.4, 1.0]})
     assert sorted(state["done"]) == ["calibration", "covariance", "decompose", "probe"]
+
+
+def test_a_folder_from_before_top_k_and_fisher_draws_resumes_untouched(tmp_path):
+    """Probe settings added later (top_k, fisher_draws) at values that change nothing do
+    not count as changed settings: a finished, distilled folder written before they
+    existed resumes with nothing run again; a real change is still refused."""
+    out, signature = _state_folder(tmp_path, [*BEFORE_DISTILL, "distill", "save"],
+                                   checkpoint=False)
+    old_probe = {"mode": "fast", "num_levels": 8, "rank_multiple": 8, "probe_points": 2,
+                 "version": 1}
+    state = json.loads((out / STATE_FILE).read_text())
+    state["signature"]["probe"] = old_probe
+    (out / STATE_FILE).write_text(json.dumps(state))
+    now = {**signature, "probe": {**old_probe, "top_k": 0, "fisher_draws": 8}}
+    assert sorted(pipeline._check_output(out, now)["done"]) == sorted(
+        [*BEFORE_DISTILL, "distill", "save"])
+    with pytest.raises(CompressError, match=r"differs in: probe"):
+        pipeline._check_output(out, {**signature, "probe": {**old_probe, "top_k": 64}})
+    with pytest.raises(CompressError, match=r"differs in: probe"):
+        pipeline._check_output(out, {**signature, "probe": {**old_probe, "mode": "fisher",
+                                                           "fisher_draws": 8}})
