@@ -53,3 +53,46 @@ def test_fisher_refuses_a_model_without_token_logits():
     factorize_(model, collect_covariances(model, data, progress=False), progress=False)
     with pytest.raises(ValueError, match="fisher probing.*mode='fast'"):
         probe(model, teacher, data, ProbeConfig(mode="fisher", num_levels=4), progress=False)
+
+
+def test_compress_with_fisher_probing_in_bf16(tmp_path):
+    """`flexrank compress --probe-mode fisher` on a bf16 model: the sensitivity matrix says
+    fisher, every cut rank has a finite positive damage that grows as the rank falls, and
+    the plan meets its budgets; the flags reach the config."""
+    import argparse
+    import json
+
+    from conftest import char_tokenizer
+
+    from flexrank.cli import main
+    from flexrank.cli.compress import add_compress_args, compress_config
+    from flexrank.planning.planner import NestedPlan
+    from flexrank.planning.sensitivity import Sensitivity
+
+    parser = argparse.ArgumentParser()
+    add_compress_args(parser)
+    probe_config = compress_config(parser.parse_args(["--probe-mode", "fisher",
+                                                      "--fisher-draws", "4"])).probe
+    assert (probe_config.mode, probe_config.fisher_draws) == ("fisher", 4)
+
+    tiny_llama(init_std=0.2).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"{i} the quick brown fox jumps over the lazy dog\n"
+                            for i in range(400)))
+    out = tmp_path / "out"
+    assert main(["compress", str(tmp_path / "model"), "-o", str(out), "--dtype", "bfloat16",
+                 "--calib", str(text), "--samples", "16", "--seq-len", "32",
+                 "--eval-samples", "0", "--batch-size", "4", "--budgets", "1,0.7",
+                 "--levels", "4", "--probe-mode", "fisher", "--fisher-draws", "4",
+                 "--probe-samples", "2", "--steps", "0"]) == 0
+    sens = Sensitivity.load(out / "stages" / "sensitivity.json")
+    assert sens.meta["mode"] == "fisher" and sens.meta["fisher_draws"] == 4
+    assert np.all(np.isfinite(sens.errors)) and np.all(sens.errors[:, -1] == 0)
+    assert np.all(sens.errors[:, :-1] > 0)
+    assert np.mean(sens.errors[:, 0] > sens.errors[:, 2]) > 0.9  # damage falls with rank
+    plan = NestedPlan.load(out / "stages" / "plan.json")
+    assert plan.budgets == (0.7, 1.0)
+    assert plan.cost[0] <= 0.7 * plan.dense_cost * 1.001
+    assert json.loads((out / "flexrank-compress.json").read_text())["signature"]["probe"][
+        "mode"] == "fisher"

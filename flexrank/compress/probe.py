@@ -389,8 +389,9 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
         weight = weight.to(logits.device, logits.dtype)
         tokens += float(weight.sum())
         with torch.no_grad():
-            xv = {n: (inputs[n] @ layers[n].V.detach().to(inputs[n].dtype)) *
-                  weight[..., None].to(inputs[n].dtype) for n in names}  # (B, T, R)
+            # float32 at least: a bf16 model's products would round the small terms away
+            xv = {n: (inputs[n].float() @ layers[n].V.detach().float()) * weight[..., None]
+                  for n in names}  # (B, T, R)
         del inputs
         with torch.enable_grad():
             log_q = F.log_softmax(logits, -1)
@@ -404,7 +405,7 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
                                         retain_graph=draw + 1 < draws)
             with torch.no_grad():
                 for n, g in zip(names, grads, strict=True):
-                    gu = g @ layers[n].U.detach().to(g.dtype)  # (B, T, R)
+                    gu = g.float() @ layers[n].U.detach().float()  # (B, T, R)
                     c = (gu * xv[n]).sum(1).double()  # (B, R)
                     suffix = c.flip(-1).cumsum(-1).flip(-1)  # Σ_{j≥r} c_j at column r
                     suffix = torch.cat([suffix, suffix.new_zeros(suffix.shape[0], 1)], -1)
