@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -88,11 +89,12 @@ def main() -> None:
         else:
             partial = stem.with_suffix(".partial.json")
             resumed = partial.is_file()
-            begin = time.perf_counter()
+            begin, load = time.perf_counter(), os.getloadavg()[0]
             sens = probe(student, teacher, sequences[:samples // 2], config,
                          cache_path=partial)
             record = {"name": name, "seconds": time.perf_counter() - begin,
-                      "whole_run": not resumed, "samples": samples,
+                      "whole_run": not resumed, "samples": samples, "threads": args.threads,
+                      "load_average": [load, os.getloadavg()[0]],
                       "config": config.to_dict(), "sensitivity": sens.to_dict()}
             done.write_text(json.dumps(record))
             partial.unlink()
@@ -108,7 +110,8 @@ def main() -> None:
             layer.rank = layer.max_rank
         results[name] = {"seconds": record["seconds"], "whole_run": record["whole_run"],
                          "ppl": ppl, "plan": nested, "errors": sens.errors}
-        print(f"{name}: {record['seconds'] / 60:.1f} min; ppl "
+        print(f"{name}: {record['seconds'] / 60:.1f} min ({record['threads']} threads, load "
+              f"{record['load_average']}); ppl "
               + " ".join(f"{b}:{p:.2f}" for b, p in ppl.items()), flush=True)
 
     reference = results[names[0]]

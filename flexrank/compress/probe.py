@@ -395,9 +395,9 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
         del inputs
         with torch.enable_grad():
             log_q = F.log_softmax(logits, -1)
-        probs = log_q.detach().exp().flatten(0, -2)
+        probs = log_q.detach().exp().flatten(0, -2).cpu()  # (B·T, V): the CPU generator's
         for draw in range(draws):
-            labels = torch.multinomial(probs.cpu(), 1, generator=generator)
+            labels = torch.multinomial(probs, 1, generator=generator)
             labels = labels.to(logits.device).view(*logits.shape[:-1], 1)
             with torch.enable_grad():
                 score = (log_q.gather(-1, labels).squeeze(-1) * weight).sum()
