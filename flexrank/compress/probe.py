@@ -332,7 +332,7 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     with dense_at_max_rank(layers.values()):
         if blocks and todo:
             cache.fill(model, batches)
-        for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress,
+        for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress or not todo,
                          unit="layer"):
             measured = {k: _mean_damage(model, layers[name], ranks[name][k], batches, damage,
                                         cache, block_of[name]) for k in probe_levels}
