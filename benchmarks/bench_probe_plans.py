@@ -49,6 +49,10 @@ VARIANTS = {
     "1 point, 4 seq, top-64": (ProbeConfig(probe_points=1, top_k=64), 4),
     "fisher, 4 seq, 8 draws": (ProbeConfig(mode="fisher", fisher_draws=8), 4),
     "fisher, 4 seq, 32 draws": (ProbeConfig(mode="fisher", fisher_draws=32), 4),
+    "fisher + 1 point, 2 seq, top-64": (ProbeConfig(mode="fisher", fisher_points=1, top_k=64),
+                                        2),
+    "fisher + 2 points, 2 seq, top-64": (ProbeConfig(mode="fisher", fisher_points=2,
+                                                     top_k=64), 2),
 }
 
 

@@ -96,3 +96,23 @@ def test_compress_with_fisher_probing_in_bf16(tmp_path):
     assert plan.cost[0] <= 0.7 * plan.dense_cost * 1.001
     assert json.loads((out / "flexrank-compress.json").read_text())["signature"]["probe"][
         "mode"] == "fisher"
+
+
+def test_fisher_points_rescale_the_estimate_to_measured_kl():
+    """fisher_points=1 measures the middle cut level as exact mode does and scales the
+    estimate's whole curve by that one ratio; the estimate itself (same seed) is the one
+    fisher mode gives alone."""
+    model, teacher, data = factorised_float64()
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=8),
+                  progress=False)
+    alone = probe(model, teacher, data,
+                  ProbeConfig(mode="fisher", num_levels=8, fisher_draws=20), progress=False)
+    scaled = probe(model, teacher, data, ProbeConfig(mode="fisher", num_levels=8,
+                                                     fisher_draws=20, fisher_points=1),
+                   progress=False)
+    assert scaled.meta["probe_levels"] == [3]
+    np.testing.assert_allclose(scaled.errors[:, 3], exact.errors[:, 3], rtol=1e-9)
+    ratio = exact.errors[:, 3] / alone.errors[:, 3]
+    np.testing.assert_allclose(scaled.errors[:, :-1], alone.errors[:, :-1] * ratio[:, None],
+                               rtol=1e-9)
+    assert np.all(scaled.errors[:, -1] == 0)

@@ -111,7 +111,8 @@ def compress_config(args) -> CompressConfig:
         eval_samples=args.eval_samples, batch_size=args.batch_size, budgets=args.budgets,
         probe=ProbeConfig(mode=args.probe_mode, num_levels=args.levels,
                           rank_multiple=args.rank_multiple, probe_points=args.probe_points,
-                          top_k=args.probe_top_k, fisher_draws=args.fisher_draws),
+                          top_k=args.probe_top_k, fisher_draws=args.fisher_draws,
+                          fisher_points=args.fisher_points),
         probe_samples=args.probe_samples,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
                               sampler=args.sampler, grad_accum=args.grad_accum,
@@ -157,6 +158,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fisher-draws", type=whole_number(1), default=ProbeConfig.fisher_draws,
                    help="fisher mode: backward passes per probe batch, each with labels "
                         f"sampled from the model (default {ProbeConfig.fisher_draws})")
+    p.add_argument("--fisher-points", type=whole_number(0), default=ProbeConfig.fisher_points,
+                   help="fisher mode: ranks measured per layer to rescale the estimate "
+                        f"(default {ProbeConfig.fisher_points}: the estimate alone)")
     p.add_argument("--levels", type=whole_number(2), default=16, help="candidate ranks per layer")
     p.add_argument("--rank-multiple", type=whole_number(1), default=8)
     p.add_argument("--probe-samples", type=whole_number(1), default=4)

@@ -161,12 +161,16 @@ class ProbeConfig:
     # fisher mode: labels sampled per token from the model's own distribution, one
     # backward pass per draw and probe batch (the estimate's noise falls as 1/√draws)
     fisher_draws: int = 8
+    # fisher mode: levels measured per layer (as fast mode measures them) to rescale the
+    # estimate, which a quadratic overstates or understates where the true KL bends
+    # (0: the estimate alone)
+    fisher_points: int = 0
     version: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "mode", _enum(ProbeMode, self.mode, "probe mode"))
         _at_least(self, {"num_levels": 2, "rank_multiple": 1, "probe_points": 1, "top_k": 0,
-                         "fisher_draws": 1})
+                         "fisher_draws": 1, "fisher_points": 0})
 
     def to_dict(self) -> dict:
         return {"type": "ProbeConfig", **json.loads(json.dumps(asdict(self)))}

@@ -233,7 +233,13 @@ def _fill_from_tail(sigma: torch.Tensor, ranks: list[int], probed: dict[int, flo
     """Errors at every level from the probed ones: the ratio damage / tail energy is
     interpolated (log-linear in rank) between probed levels, constant beyond them."""
     sq = sigma.double().square()
-    tail = [float(sq[r:].sum()) for r in ranks]
+    return _fill_from_curve([float(sq[r:].sum()) for r in ranks], ranks, probed)
+
+
+def _fill_from_curve(tail: list[float], ranks: list[int], probed: dict[int, float]) -> list[float]:
+    """Errors at every level from the probed ones and a proxy curve `tail` (one value per
+    level): the ratio damage / proxy is interpolated (log-linear in rank) between probed
+    levels, constant beyond them."""
     points = sorted((k, probed[k] / tail[k]) for k in probed if tail[k] > 0 and probed[k] > 0)
     out = []
     for k, r in enumerate(ranks):
@@ -246,6 +252,16 @@ def _fill_from_tail(sigma: torch.Tensor, ranks: list[int], probed: dict[int, flo
             ys = [np.log(v) for _, v in points]
             out.append(float(np.exp(np.interp(r, xs, ys)) * tail[k]))
     return out
+
+
+def _fisher_levels(num_levels: int, points: int) -> list[int]:
+    """The levels measured to scale a fisher estimate: the middle one for one point,
+    else `points` spread from the lowest to the highest cut level."""
+    if points >= num_levels - 1:
+        return list(range(num_levels - 1))
+    if points == 1:
+        return [(num_levels - 2) // 2]
+    return sorted(set(np.linspace(0, num_levels - 2, points).round().astype(int).tolist()))
 
 
 def _probe_levels(num_levels: int, config: ProbeConfig) -> list[int]:
@@ -317,16 +333,18 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
         if not damage.is_lm:
             raise ValueError("fisher probing estimates a language model's token KL; this "
                              f"model's damage is {damage.metric}: use mode='fast'")
-        probe_levels = list(range(levels - 1))
         with dense_at_max_rank(layers.values()):
             estimated = fisher_rows(model, {n: layers[n] for n in todo},
                                     {n: ranks[n] for n in todo}, batches, masks,
                                     config.fisher_draws, progress=progress)
-        rows.update({n: [float(max(v, MIN_DAMAGE)) for v in row[:-1]] + [0.0]
-                     for n, row in estimated.items()})
-        if path:
-            write_json_atomic(path, {"signature": signature, "rows": rows})
-        todo = []
+        estimated = {n: [float(max(v, MIN_DAMAGE)) for v in row[:-1]] + [0.0]
+                     for n, row in estimated.items()}
+        if not config.fisher_points:
+            rows.update(estimated)
+            if path:
+                write_json_atomic(path, {"signature": signature, "rows": rows})
+            todo = []
+        probe_levels = _fisher_levels(levels, config.fisher_points or levels)
     # the layers not being probed (at max rank) run as one dense matmul each, the cached
     # block outputs included
     with dense_at_max_rank(layers.values()):
@@ -336,7 +354,11 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
                          unit="layer"):
             measured = {k: _mean_damage(model, layers[name], ranks[name][k], batches, damage,
                                         cache, block_of[name]) for k in probe_levels}
-            rows[name] = _row(layers[name], ranks[name], measured, config)
+            if config.mode == ProbeMode.FISHER:  # the estimate's curve, scaled to the points
+                rows[name] = _fill_from_curve(estimated[name], ranks[name],
+                                              {**measured, len(ranks[name]) - 1: 0.0})
+            else:
+                rows[name] = _row(layers[name], ranks[name], measured, config)
             if path:
                 write_json_atomic(path, {"signature": signature, "rows": rows})
     rows = _gather_rows(rows, list(layers))
