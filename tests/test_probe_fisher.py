@@ -53,6 +53,20 @@ def test_fisher_refuses_a_model_without_token_logits():
     factorize_(model, collect_covariances(model, data, progress=False), progress=False)
     with pytest.raises(ValueError, match="fisher probing.*mode='fast'"):
         probe(model, teacher, data, ProbeConfig(mode="fisher", num_levels=4), progress=False)
+    # auto: fast mode for it, whose measured points equal fast mode's own
+    auto = probe(model, teacher, data, ProbeConfig(mode="auto", num_levels=4), progress=False)
+    fast = probe(model, teacher, data, ProbeConfig(mode="fast", num_levels=4), progress=False)
+    assert (auto.meta["mode"], auto.meta["asked_mode"]) == ("fast", "auto")
+    np.testing.assert_array_equal(auto.errors, fast.errors)
+
+
+def test_auto_is_fisher_for_a_language_model():
+    model, teacher, data = factorised_float64()
+    config = {"num_levels": 8, "fisher_draws": 20, "fisher_points": 1}
+    auto = probe(model, teacher, data, ProbeConfig(mode="auto", **config), progress=False)
+    fisher = probe(model, teacher, data, ProbeConfig(mode="fisher", **config), progress=False)
+    assert auto.meta["mode"] == "fisher"
+    np.testing.assert_array_equal(auto.errors, fisher.errors)
 
 
 def test_compress_with_fisher_probing_in_bf16(tmp_path):

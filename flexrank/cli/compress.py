@@ -149,12 +149,14 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="held-out sequences for the summary table")
     p.add_argument("--budgets", type=budget_list, default=(1.0, 0.8, 0.6, 0.4),
                    help="comma-separated budgets in (0, 1] (default 1,0.8,0.6,0.4)")
-    p.add_argument("--probe-mode", choices=("fast", "exact", "fisher"),
+    p.add_argument("--probe-mode", choices=("auto", "fast", "exact", "fisher"),
                    default=str(ProbeConfig.mode),
                    help="fast: --probe-points ranks measured per layer, the rest from the "
                         "tail-energy curve; exact: every rank measured; fisher (language "
                         "models): every rank from a second-order estimate of the KL, a few "
-                        f"backward passes in all (default {ProbeConfig.mode})")
+                        "backward passes in all, scaled to --fisher-points measured ranks; "
+                        "auto: fisher for language models, fast for the others "
+                        f"(default {ProbeConfig.mode})")
     p.add_argument("--fisher-draws", type=whole_number(1), default=ProbeConfig.fisher_draws,
                    help="fisher mode: backward passes per probe batch, each with labels "
                         f"sampled from the model (default {ProbeConfig.fisher_draws})")

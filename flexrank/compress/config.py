@@ -32,6 +32,7 @@ class ProbeMode(enum.StrEnum):
     # every rank of every layer from a second-order (Fisher) estimate of the KL: a few
     # backward passes of the whole model instead of passes per layer and rank
     FISHER = "fisher"
+    AUTO = "auto"  # fisher for language models with linear nested layers, fast otherwise
 
 
 class Sampler(enum.StrEnum):

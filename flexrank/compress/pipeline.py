@@ -112,7 +112,8 @@ def canonical_signature(signature: dict) -> dict:
     if isinstance(probe, dict):
         out["probe"] = {k: v for k, v in probe.items() if not (
             (k == "top_k" and v == 0) or (k == "fisher_points" and v == 0)
-            or (k in ("fisher_draws", "fisher_points") and probe.get("mode") != "fisher"))}
+            or (k in ("fisher_draws", "fisher_points")
+                and probe.get("mode") not in ("fisher", "auto")))}
     return out
 
 

@@ -329,7 +329,8 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     rank_id, world = _dist_info()
     todo = [n for i, n in enumerate(layers) if n not in rows and i % world == rank_id]
     probe_levels = _probe_levels(levels, config)
-    if config.mode == ProbeMode.FISHER:
+    mode = _resolve_mode(config.mode, damage, layers)
+    if mode == ProbeMode.FISHER:
         if not damage.is_lm:
             raise ValueError("fisher probing estimates a language model's token KL; this "
                              f"model's damage is {damage.metric}: use mode='fast'")
@@ -350,11 +351,11 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     with dense_at_max_rank(layers.values()):
         if blocks and todo:
             cache.fill(model, batches)
-        for name in tqdm(todo, desc=f"probe ({config.mode})", disable=not progress or not todo,
+        for name in tqdm(todo, desc=f"probe ({mode})", disable=not progress or not todo,
                          unit="layer"):
             measured = {k: _mean_damage(model, layers[name], ranks[name][k], batches, damage,
                                         cache, block_of[name]) for k in probe_levels}
-            if config.mode == ProbeMode.FISHER:  # the estimate's curve, scaled to the points
+            if mode == ProbeMode.FISHER:  # the estimate's curve, scaled to the points
                 rows[name] = _fill_from_curve(estimated[name], ranks[name],
                                               {**measured, len(ranks[name]) - 1: 0.0})
             else:
@@ -366,8 +367,18 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     shapes = [tuple(layer.U.shape[:1]) + tuple(layer.V.shape[:1]) for layer in layers.values()]
     return Sensitivity(list(layers), shapes, np.array([ranks[n] for n in layers]),
                        np.array([rows[n] for n in layers]),
-                       meta={"mode": config.mode, "metric": damage.metric,
-                             "probe_levels": probe_levels, **signature["config"]})
+                       meta={"metric": damage.metric, "probe_levels": probe_levels,
+                             **signature["config"], "mode": str(mode),
+                             "asked_mode": str(config.mode)})
+
+
+def _resolve_mode(mode: ProbeMode, damage: Damage, layers: Mapping[str, nn.Module]) -> ProbeMode:
+    """`auto`: fisher for a language model whose nested layers are all linear (what
+    fisher_rows estimates), fast otherwise."""
+    if mode != ProbeMode.AUTO:
+        return mode
+    linear = all(isinstance(layer, NestedLinear) for layer in layers.values())
+    return ProbeMode.FISHER if damage.is_lm and linear else ProbeMode.FAST
 
 
 def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
