@@ -74,7 +74,7 @@ def main() -> None:
             env = dict(os.environ)
             if code is not None:
                 env["PYTHONPATH"] = f"{code}{os.pathsep}{env.get('PYTHONPATH', '')}"
-            out = Path(tmp) / label.split()[0]
+            out = Path(tmp) / f"out-{label.split()[0]}"  # not the code folder "before"
             done = subprocess.run([sys.executable, __file__, "--once", str(out)], env=env,
                                   capture_output=True, text=True, cwd=Path(__file__).parent)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
