@@ -53,6 +53,7 @@ VARIANTS = {
                                         2),
     "fisher + 2 points, 2 seq, top-64": (ProbeConfig(mode="fisher", fisher_points=2,
                                                      top_k=64), 2),
+    "fisher, 2 seq, 128 draws": (ProbeConfig(mode="fisher", fisher_draws=128), 2),
 }
 
 
