@@ -31,7 +31,7 @@ def test_fisher_estimates_the_measured_kl():
                    ProbeConfig(mode="fisher", num_levels=8, fisher_draws=300), progress=False)
     assert fisher.layer_names == exact.layer_names
     np.testing.assert_array_equal(fisher.ranks, exact.ranks)
-    assert np.all(fisher.errors[:, -1] == 0) and np.all(fisher.errors[:, :-1] > 0)
+    assert fisher.meta["probe_levels"] == []  # nothing measured: the estimate alone
     # near full rank the expansion is exact up to the sampling noise of 300 draws (the
     # generator is seeded: the same labels on every run)
     ratio = fisher.errors[:, 6] / exact.errors[:, 6]
@@ -102,9 +102,9 @@ def test_compress_with_fisher_probing_in_bf16(tmp_path):
                  "--probe-samples", "2", "--steps", "0"]) == 0
     sens = Sensitivity.load(out / "stages" / "sensitivity.json")
     assert sens.meta["mode"] == "fisher" and sens.meta["fisher_draws"] == 4
-    assert np.all(np.isfinite(sens.errors)) and np.all(sens.errors[:, -1] == 0)
-    assert np.all(sens.errors[:, :-1] > 0)
-    assert np.mean(sens.errors[:, 0] > sens.errors[:, 2]) > 0.9  # damage falls with rank
+    assert np.all(np.isfinite(sens.errors))
+    totals = sens.errors.sum(0)  # over layers: the damage falls as the kept rank grows
+    assert totals[0] > totals[1] > totals[2] > 0, totals
     plan = NestedPlan.load(out / "stages" / "plan.json")
     assert plan.budgets == (0.7, 1.0)
     assert plan.cost[0] <= 0.7 * plan.dense_cost * 1.001
@@ -130,3 +130,31 @@ def test_fisher_points_rescale_the_estimate_to_measured_kl():
     np.testing.assert_allclose(scaled.errors[:, :-1], alone.errors[:, :-1] * ratio[:, None],
                                rtol=1e-9)
     assert np.all(scaled.errors[:, -1] == 0)
+
+
+def test_a_resumed_fisher_probe(tmp_path):
+    """A fisher probe whose rows are all in its cache file returns them without running
+    (a run killed after its last row); a partial file written before the fisher settings
+    existed (no fisher keys) is still that probe's."""
+    import json
+
+    model, teacher, data = factorised_float64()
+    config = ProbeConfig(mode="fisher", num_levels=8, fisher_draws=10)
+    path = tmp_path / "probe-partial.json"
+    first = probe(model, teacher, data, config, cache_path=path, progress=False)
+    again = probe(model, teacher, data, config, cache_path=path, progress=False)
+    np.testing.assert_array_equal(again.errors, first.errors)
+
+    fast = ProbeConfig(mode="fast", num_levels=4, probe_points=1)
+    fast_path = tmp_path / "fast-partial.json"
+    done = probe(model, teacher, data, fast, cache_path=fast_path, progress=False)
+    saved = json.loads(fast_path.read_text())
+    assert "fisher_draws" not in saved["signature"]["config"]
+    # as the release before the fisher settings wrote it: top_k 0 in, no fisher keys
+    saved["signature"]["config"] = {"type": "ProbeConfig", "mode": "fast", "num_levels": 4,
+                                    "rank_multiple": 8, "probe_points": 1, "top_k": 0,
+                                    "version": 1}
+    saved["rows"] = {name: [99.0] * 3 + [0.0] for name in saved["rows"]}  # marks reuse
+    fast_path.write_text(json.dumps(saved))
+    resumed = probe(model, teacher, data, fast, cache_path=fast_path, progress=False)
+    assert np.all(resumed.errors[:, :-1] == 99.0) and done.errors[0, 0] != 99.0

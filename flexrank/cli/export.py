@@ -212,10 +212,14 @@ def _default_work_dir(source: str, config) -> Path:
     models, two entries; and on the settings' resume signature, so that other budgets or a
     release with other fast defaults get a folder of their own instead of one that refuses
     them (more --steps resume the same folder: steps are not in the signature)."""
-    from flexrank.compress.pipeline import canonical_signature
-
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(source)).strip("_") or "model"
-    settings = json.dumps(canonical_signature(config.signature("")), sort_keys=True)
+    signature = config.signature("")
+    probe = signature["probe"]  # the fisher settings, where inert, as before they existed
+    fisher = probe["mode"] in ("fisher", "auto")
+    for key in ("fisher_draws", "fisher_points"):
+        if not fisher or (key == "fisher_points" and probe[key] == 0):
+            probe.pop(key)
+    settings = json.dumps(signature, sort_keys=True)
     tag = hashlib.sha256(settings.encode()).hexdigest()[:8]
     return cache_dir("compress", f"{slug[-40:]}-{model_identity(source)[:16]}-fast-{tag}")
 

@@ -150,6 +150,16 @@ class FactorizeConfig:
         return cls(**_checked_dict(cls, data))
 
 
+def without_inert_probe_settings(probe: dict) -> dict:
+    """A ProbeConfig's dict less the settings that change nothing in the probe it asks
+    for (top_k and fisher_points 0; fisher_draws and fisher_points outside the fisher and
+    auto modes), so that what was saved before those settings existed compares equal."""
+    fisher = probe.get("mode") in ("fisher", "auto")
+    return {k: v for k, v in probe.items() if not (
+        (k in ("top_k", "fisher_points") and v == 0)
+        or (k in ("fisher_draws", "fisher_points") and not fisher))}
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     mode: ProbeMode = ProbeMode.FAST

@@ -48,7 +48,12 @@ from flexrank.compress.calibration import (
     model_input_samples,
     takes_token_ids,
 )
-from flexrank.compress.config import CompressConfig, DistillConfig, ProbeConfig
+from flexrank.compress.config import (
+    CompressConfig,
+    DistillConfig,
+    ProbeConfig,
+    without_inert_probe_settings,
+)
 from flexrank.compress.covariance import CovarianceStats, collect_covariances
 from flexrank.compress.depth import (
     block_list,
@@ -105,15 +110,11 @@ class CompressError(ValueError):
 def canonical_signature(signature: dict) -> dict:
     """The signature with its budgets in one order (the plan sorts them anyway), so that
     `1,0.6,0.8` resumes a run started with `0.8,1,0.6`; probe settings that change nothing
-    in the run asked for (top_k and fisher_points 0, fisher settings outside fisher mode)
-    left out, so that folders written before those settings existed resume."""
+    in the run asked for left out (`config.without_inert_probe_settings`), so that folders
+    written before those settings existed resume."""
     out = {**signature, "budgets": sorted(float(b) for b in signature.get("budgets", ()))}
-    probe = signature.get("probe")
-    if isinstance(probe, dict):
-        out["probe"] = {k: v for k, v in probe.items() if not (
-            (k == "top_k" and v == 0) or (k == "fisher_points" and v == 0)
-            or (k in ("fisher_draws", "fisher_points")
-                and probe.get("mode") not in ("fisher", "auto")))}
+    if isinstance(signature.get("probe"), dict):
+        out["probe"] = without_inert_probe_settings(signature["probe"])
     return out
 
 

@@ -34,7 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexrank.compress.calibration import as_batch, to_device
-from flexrank.compress.config import Objective, ProbeConfig, ProbeMode
+from flexrank.compress.config import (
+    Objective,
+    ProbeConfig,
+    ProbeMode,
+    without_inert_probe_settings,
+)
 from flexrank.compress.layers import NESTED_TYPES, NestedLinear, dense_at_max_rank
 from flexrank.compress.objectives import objective_loss, output_tensor, resolve
 from flexrank.compress.select import nested_layers
@@ -255,8 +260,10 @@ def _fill_from_curve(tail: list[float], ranks: list[int], probed: dict[int, floa
 
 
 def _fisher_levels(num_levels: int, points: int) -> list[int]:
-    """The levels measured to scale a fisher estimate: the middle one for one point,
-    else `points` spread from the lowest to the highest cut level."""
+    """The levels measured to scale a fisher estimate: none for 0 points, the middle one
+    for one, else `points` spread from the lowest to the highest cut level."""
+    if points == 0:
+        return []
     if points >= num_levels - 1:
         return list(range(num_levels - 1))
     if points == 1:
@@ -276,7 +283,11 @@ def _load_partial(path: Path, signature: dict) -> dict[str, list[float]]:
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
-    if data.get("signature") != signature:
+    stored = data.get("signature")
+    if isinstance(stored, dict) and isinstance(stored.get("config"), dict):
+        # a file from before a setting existed (or with it at a value that changes nothing)
+        stored = {**stored, "config": without_inert_probe_settings(stored["config"])}
+    if stored != signature:
         raise ValueError(f"{path} holds a probe of another model or configuration; delete "
                          "it or choose another cache path")
     return data["rows"]
@@ -334,18 +345,20 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
         if not damage.is_lm:
             raise ValueError("fisher probing estimates a language model's token KL; this "
                              f"model's damage is {damage.metric}: use mode='fast'")
-        with dense_at_max_rank(layers.values()):
-            estimated = fisher_rows(model, {n: layers[n] for n in todo},
-                                    {n: ranks[n] for n in todo}, batches, masks,
-                                    config.fisher_draws, progress=progress)
+        estimated = {}
+        if todo:  # none left when a resumed probe had finished every row
+            with dense_at_max_rank(layers.values()):
+                estimated = fisher_rows(model, {n: layers[n] for n in todo},
+                                        {n: ranks[n] for n in todo}, batches, masks,
+                                        config.fisher_draws, progress=progress)
         estimated = {n: [float(max(v, MIN_DAMAGE)) for v in row[:-1]] + [0.0]
                      for n, row in estimated.items()}
+        probe_levels = _fisher_levels(levels, config.fisher_points)
         if not config.fisher_points:
             rows.update(estimated)
-            if path:
+            if path and todo:
                 write_json_atomic(path, {"signature": signature, "rows": rows})
             todo = []
-        probe_levels = _fisher_levels(levels, config.fisher_points or levels)
     # the layers not being probed (at max rank) run as one dense matmul each, the cached
     # block outputs included
     with dense_at_max_rank(layers.values()):
@@ -398,6 +411,8 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
     c_j = Σ_t (g_tᵀ u_j)(v_jᵀ x_t): one (m, R) and one (n, R) product per layer and token
     give every rank at once (suffix sums of c). Scores at different tokens are independent
     with mean zero, so the sequence's sum estimates the sum of per-token KLs without bias.
+    Each batch's sum is divided by its real tokens and the batches averaged, as the
+    measured probe (`_mean_damage`) averages them.
 
     Cost: one forward and `draws` backward passes of the whole model per batch, however
     many layers and ranks. Memory: the autograd graph of one batch and each layer's x V
@@ -411,8 +426,7 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
         raise ValueError(f"fisher probing supports linear layers; {wrong[:3]} are not: "
                          "use mode='fast'")
     names = list(layers)
-    squares = {n: torch.zeros(len(ranks[n]), dtype=torch.float64) for n in names}
-    tokens = 0.0
+    damage = {n: torch.zeros(len(ranks[n]), dtype=torch.float64) for n in names}
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=len(batches) * draws, desc="probe (fisher)", disable=not progress,
                unit="pass")
@@ -420,7 +434,8 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
         logits, inputs, outputs = _forward_keeping(model, layers, batch)
         weight = mask if mask is not None else torch.ones(logits.shape[:2])
         weight = weight.to(logits.device, logits.dtype)
-        tokens += float(weight.sum())
+        tokens = max(float(weight.sum()), 1.0)
+        squares = {n: torch.zeros(len(ranks[n]), dtype=torch.float64) for n in names}
         with torch.no_grad():
             # float32 at least: a bf16 model's products would round the small terms away
             xv = {n: (inputs[n].float() @ layers[n].V.detach().float()) * weight[..., None]
@@ -445,9 +460,11 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
                     at = torch.as_tensor(ranks[n])
                     squares[n] += suffix[:, at].square().sum(0).cpu()
             bar.update()
+        for n in names:  # this batch's mean per real token, as _mean_damage takes it
+            damage[n] += 0.5 * squares[n] / draws / tokens
         del logits, log_q, outputs, xv
     bar.close()
-    return {n: (0.5 * squares[n] / draws / max(tokens, 1.0)).tolist() for n in names}
+    return {n: (damage[n] / len(batches)).tolist() for n in names}
 
 
 def _forward_keeping(model: nn.Module, layers: Mapping[str, nn.Module], batch):
@@ -527,7 +544,7 @@ def _signature(layers: Mapping[str, nn.Module], ranks: dict[str, list[int]],
     """What a saved partial probe must match to be reused (see `_load_partial`)."""
     tokens = int(sum(m.sum() if m is not None else 0 for m in masks))
     return {"layers": list(layers), "ranks": [ranks[n] for n in layers],
-            "config": config.to_dict(), "tokens": tokens}
+            "config": without_inert_probe_settings(config.to_dict()), "tokens": tokens}
 
 
 def _mean_damage(model: nn.Module, layer: nn.Module, rank: int, batches: Sequence,
