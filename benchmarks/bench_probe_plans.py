@@ -41,7 +41,8 @@ from flexrank.planning.sensitivity import Sensitivity
 from flexrank.table import format_table
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-# name: (probe configuration, probe sequences of 256 tokens); the first is the reference
+# name: (probe configuration, probe sequences[, seed of the sequences' draw (0), their
+# length in tokens (256)]); the first is the reference
 VARIANTS = {
     "default (3 points, 4 seq, full KL)": (ProbeConfig(), 4),
     "2 points, 2 seq, top-64": (ProbeConfig(probe_points=2, top_k=64), 2),
@@ -54,6 +55,13 @@ VARIANTS = {
     "fisher + 2 points, 2 seq, top-64": (ProbeConfig(mode="fisher", fisher_points=2,
                                                      top_k=64), 2),
     "fisher, 2 seq, 128 draws": (ProbeConfig(mode="fisher", fisher_draws=128), 2),
+    # the reference's own spread: the same probe on 4 other sequences
+    "default on 4 other seq (seed 1)": (ProbeConfig(), 4, 1),
+    "fisher, 4 seq, 64 draws": (ProbeConfig(mode="fisher", fisher_draws=64), 4),
+    # the estimate's sampling noise is per sequence and draw: the same tokens in shorter
+    # sequences give more independent terms
+    "fisher, 16 seq of 64, 32 draws": (ProbeConfig(mode="fisher", fisher_draws=32), 16, 0, 64),
+    "fisher, 8 seq of 128, 32 draws": (ProbeConfig(mode="fisher", fisher_draws=32), 8, 0, 128),
 }
 
 
@@ -64,6 +72,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None,
                         help="variant names (substrings) to run; the reference always is")
+    parser.add_argument("--without-reference", action="store_true",
+                        help="run only --only's variants (e.g. beside a process probing the "
+                             "reference); the comparison table needs the reference's file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -76,33 +87,27 @@ def main() -> None:
     restructure_(student, json.loads(_safetensors_meta(path)))
     load_st(student, str(path), strict=False)
     layers = nested_layers(student)
-    sequences = flexrank.calibration_data(tokenizer, SHAKESPEARE, num_samples=4, seq_len=256,
-                                          span=CALIBRATION_SPAN, batch_size=2)
+    def probe_batches(samples: int, seed: int = 0, seq_len: int = 256) -> list:
+        """`samples` sequences of `seq_len` tokens in batches of 512 tokens: the 256-token
+        windows drawn with `seed` (seed 0: the first 4 are every earlier run's), each cut
+        into 256 / seq_len consecutive pieces."""
+        windows = flexrank.calibration_data(
+            tokenizer, SHAKESPEARE, num_samples=max(4, samples * seq_len // 256), seq_len=256,
+            seed=seed, span=CALIBRATION_SPAN, batch_size=1)
+        ids = torch.cat([w["input_ids"] for w in windows]).reshape(-1, seq_len)[:samples]
+        return [{"input_ids": part, "attention_mask": torch.ones_like(part)}
+                for part in ids.split(512 // seq_len)]
+
     ids = tokenize_text(tokenizer, SHAKESPEARE.read_text())
     start = round(HELDOUT_SPAN[0] * len(ids))
     held_out = ids[start:start + args.eval_tokens]
 
     names = [n for i, n in enumerate(VARIANTS)
-             if i == 0 or args.only is None or any(s in n for s in args.only)]
-    results = {}
-    for name in names:
-        config, samples = VARIANTS[name]
-        stem = folder / f"variant-{list(VARIANTS).index(name)}"
-        done = stem.with_suffix(".json")
-        if done.is_file():
-            record = json.loads(done.read_text())
-        else:
-            partial = stem.with_suffix(".partial.json")
-            resumed = partial.is_file()
-            begin, load = time.perf_counter(), os.getloadavg()[0]
-            sens = probe(student, teacher, sequences[:samples // 2], config,
-                         cache_path=partial)
-            record = {"name": name, "seconds": time.perf_counter() - begin,
-                      "whole_run": not resumed, "samples": samples, "threads": args.threads,
-                      "load_average": [load, os.getloadavg()[0]],
-                      "config": config.to_dict(), "sensitivity": sens.to_dict()}
-            done.write_text(json.dumps(record))
-            partial.unlink()
+             if (i == 0 and not args.without_reference) or args.only is None
+             or any(s in n for s in args.only)]
+
+    def evaluate(record: dict) -> dict:
+        """Plan a probe's sensitivity at BUDGETS; each plan's held-out perplexity."""
         sens = Sensitivity.from_dict(record["sensitivity"])
         nested = plan(sens, budgets=list(BUDGETS))
         ppl = {}
@@ -113,13 +118,42 @@ def main() -> None:
             ppl[beta] = perplexity(student, held_out)
         for layer in layers.values():
             layer.rank = layer.max_rank
-        results[name] = {"seconds": record["seconds"], "whole_run": record["whole_run"],
-                         "ppl": ppl, "plan": nested, "errors": sens.errors}
-        print(f"{name}: {record['seconds'] / 60:.1f} min ({record['threads']} threads, load "
-              f"{record['load_average']}); ppl "
-              + " ".join(f"{b}:{p:.2f}" for b, p in ppl.items()), flush=True)
+        return {"seconds": record["seconds"], "whole_run": record["whole_run"],
+                "ppl": ppl, "plan": nested, "errors": sens.errors}
 
-    reference = results[names[0]]
+    results = {}
+    for name in names:
+        config, samples, *where = VARIANTS[name]
+        stem = folder / f"variant-{list(VARIANTS).index(name)}"
+        done = stem.with_suffix(".json")
+        if done.is_file():
+            record = json.loads(done.read_text())
+        else:
+            partial = stem.with_suffix(".partial.json")
+            resumed = partial.is_file()
+            begin, load = time.perf_counter(), os.getloadavg()[0]
+            sens = probe(student, teacher, probe_batches(samples, *where),
+                         config, cache_path=partial)
+            record = {"name": name, "seconds": time.perf_counter() - begin,
+                      "whole_run": not resumed, "samples": samples, "threads": args.threads,
+                      "load_average": [load, os.getloadavg()[0]],
+                      "config": config.to_dict(), "sensitivity": sens.to_dict()}
+            done.write_text(json.dumps(record))
+            partial.unlink()
+        results[name] = evaluate(record)
+        r = results[name]
+        print(f"{name}: {r['seconds'] / 60:.1f} min ({record['threads']} threads, load "
+              f"{record['load_average']}); ppl "
+              + " ".join(f"{b}:{p:.2f}" for b, p in r["ppl"].items()), flush=True)
+
+    reference_name = list(VARIANTS)[0]
+    if reference_name not in results:
+        first = folder / "variant-0.json"
+        if not first.is_file():
+            return  # no reference yet: each variant's figures are printed above
+        results[reference_name] = evaluate(json.loads(first.read_text()))
+        names.insert(0, reference_name)
+    reference = results[reference_name]
     rows = []
     for name in names:
         r = results[name]

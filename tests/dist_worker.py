@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc_per_node N`: covariance on this rank's shard of the batches
-(all-reduced) and a few distillation steps on this rank's slice of each global batch.
+(all-reduced), a fisher probe with one measured rank per layer (draws and layers split
+over the ranks) and a few distillation steps on this rank's slice of each global batch.
 Rank 0 writes the results to argv[1]. With `--fsdp` as argv[2], Accelerate is asked for
 FSDP (full shard); where it gives another distributed type, rank 0 writes argv[1] + ".skip"
 with what it gave instead and nothing runs. Used by test_distributed.py."""
@@ -13,9 +14,10 @@ from accelerate import Accelerator
 from elastic_fixtures import tiny_elastic
 from safetensors.torch import save_file
 
-from flexrank.compress.config import DistillConfig
+from flexrank.compress.config import DistillConfig, ProbeConfig
 from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.distill import distill
+from flexrank.compress.probe import probe
 
 STEPS = 4
 
@@ -41,6 +43,9 @@ def run(out: Path, fsdp: bool = False) -> None:
         return
     rank, world = accelerator.process_index, accelerator.num_processes
     stats = collect_covariances(teacher, train[rank::world], progress=False)
+    # 5 draws: an uneven split over 2 processes
+    sens = probe(student, teacher, train[:2], ProbeConfig(mode="fisher", num_levels=4,
+                 fisher_draws=5, fisher_points=1), progress=False)
     config = DistillConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=1,
                            checkpoint_every=0)
     distill(student, teacher, plan, train, config, accelerator=accelerator, progress=False)
@@ -49,6 +54,8 @@ def run(out: Path, fsdp: bool = False) -> None:
         tensors |= {f"param.{k}": v.detach().clone() for k, v in student.state_dict().items()
                     if "lm_head" not in k}
         tensors |= {f"initial.{k}": v for k, v in initial.items() if "lm_head" not in k}
+        tensors |= {f"probe.{name}": torch.as_tensor(sens.errors[i])
+                    for i, name in enumerate(sens.layer_names)}
         tensors["tokens"] = torch.tensor([stats.num_tokens])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
 

@@ -1,5 +1,6 @@
-"""Two gloo processes on the CPU (torchrun + Accelerate) give the same covariance and the
-same parameters after N distillation steps as one process with the same global batch."""
+"""Two gloo processes on the CPU (torchrun + Accelerate) give the same covariance, the same
+fisher probe and the same parameters after N distillation steps as one process with the
+same global batch."""
 
 import json
 import os
@@ -59,12 +60,16 @@ def test_two_processes_match_one(tmp_path):
 
 
 def _compare(one: dict, two: dict) -> None:
-    """Two processes' covariances and trained weights against one process's."""
+    """Two processes' covariances, probe rows and trained weights against one process's."""
     assert one.keys() == two.keys()
     assert int(one["tokens"]) == int(two["tokens"]) > 0
     for key in one:
         if key.startswith("cov."):
             torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=1e-9)
+    rows = [k for k in one if k.startswith("probe.")]
+    assert len(rows) == 14 and all(one[k][:-1].min() > 0 for k in rows)
+    for key in rows:  # the same draws, summed in another order; the same measured ranks
+        torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=0)
     params = [k for k in one if k.startswith("param.")]
     assert params
     trained = 0

@@ -345,18 +345,22 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
         if not damage.is_lm:
             raise ValueError("fisher probing estimates a language model's token KL; this "
                              f"model's damage is {damage.metric}: use mode='fast'")
+        # every process estimates every layer left, from its share of the draws
+        pending = _from_rank_zero([n for n in layers if n not in rows])
         estimated = {}
-        if todo:  # none left when a resumed probe had finished every row
+        if pending:  # none left when a resumed probe had finished every row
             with dense_at_max_rank(layers.values()):
-                estimated = fisher_rows(model, {n: layers[n] for n in todo},
-                                        {n: ranks[n] for n in todo}, batches, masks,
-                                        config.fisher_draws, progress=progress)
+                estimated = fisher_rows(model, {n: layers[n] for n in pending},
+                                        {n: ranks[n] for n in pending}, batches, masks,
+                                        config.fisher_draws, progress=progress,
+                                        split=(rank_id, world))
         estimated = {n: [float(max(v, MIN_DAMAGE)) for v in row[:-1]] + [0.0]
                      for n, row in estimated.items()}
         probe_levels = _fisher_levels(levels, config.fisher_points)
+        todo = [n for n in todo if n in estimated]  # rank 0's partial file had the others
         if not config.fisher_points:
             rows.update(estimated)
-            if path and todo:
+            if path and pending:
                 write_json_atomic(path, {"signature": signature, "rows": rows})
             todo = []
     # the layers not being probed (at max rank) run as one dense matmul each, the cached
@@ -397,7 +401,8 @@ def _resolve_mode(mode: ProbeMode, damage: Damage, layers: Mapping[str, nn.Modul
 def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
                 ranks: Mapping[str, Sequence[int]], batches: Sequence,
                 masks: Sequence[torch.Tensor | None], draws: int, seed: int = 0,
-                progress: bool = False) -> dict[str, list[float]]:
+                progress: bool = False, split: tuple[int, int] = (0, 1)
+                ) -> dict[str, list[float]]:
     """Second-order estimate of each layer's KL(model at max rank ‖ model with that layer
     alone cut to rank r), mean per real token, at each of `ranks[name]`.
 
@@ -414,12 +419,19 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
     Each batch's sum is divided by its real tokens and the batches averaged, as the
     measured probe (`_mean_damage`) averages them.
 
-    Cost: one forward and `draws` backward passes of the whole model per batch, however
-    many layers and ranks. Memory: the autograd graph of one batch and each layer's x V
-    (tokens × R). Exact for small truncations; a quadratic that grows without bound
-    where the true KL bends (BENCHMARKS.md, issue 20, compares the plans it gives with
-    the measured probe's). Layers must be `NestedLinear`; the model's output must be
-    language-model logits (B, T, V). Raises ValueError for another layer type.
+    Draw d of batch i samples its labels from a generator seeded with (seed, i, d), so
+    the labels do not depend on which process draws them: with `split` = (rank, world)
+    (under torch.distributed) this process takes draws rank, rank + world, … and the
+    sums are all-reduced, giving every process every row, equal to one process's to
+    float64 summation order.
+
+    Cost: one forward and `draws` backward passes of the whole model per batch (split
+    over the processes), however many layers and ranks. Memory: the autograd graph of
+    one batch and each layer's x V (tokens × R). Exact for small truncations; a
+    quadratic that grows without bound where the true KL bends (BENCHMARKS.md, issue 20,
+    compares the plans it gives with the measured probe's). Layers must be
+    `NestedLinear`; the model's output must be language-model logits (B, T, V). Raises
+    ValueError for another layer type.
     """
     wrong = [n for n, layer in layers.items() if not isinstance(layer, NestedLinear)]
     if wrong:
@@ -427,10 +439,13 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
                          "use mode='fast'")
     names = list(layers)
     damage = {n: torch.zeros(len(ranks[n]), dtype=torch.float64) for n in names}
-    generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=len(batches) * draws, desc="probe (fisher)", disable=not progress,
+    rank_id, world = split
+    mine = list(range(rank_id, draws, world))
+    bar = tqdm(total=len(batches) * len(mine), desc="probe (fisher)", disable=not progress,
                unit="pass")
-    for batch, mask in zip(batches, masks, strict=True):
+    for index, (batch, mask) in enumerate(zip(batches, masks, strict=True)):
+        if not mine:  # more processes than draws: this one only joins the sum
+            break
         logits, inputs, outputs = _forward_keeping(model, layers, batch)
         weight = mask if mask is not None else torch.ones(logits.shape[:2])
         weight = weight.to(logits.device, logits.dtype)
@@ -444,13 +459,15 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
         with torch.enable_grad():
             log_q = F.log_softmax(logits, -1)
         probs = log_q.detach().exp().flatten(0, -2).cpu()  # (B·T, V): the CPU generator's
-        for draw in range(draws):
+        for draw in mine:
+            state = np.random.SeedSequence([seed, index, draw]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(state))
             labels = torch.multinomial(probs, 1, generator=generator)
             labels = labels.to(logits.device).view(*logits.shape[:-1], 1)
             with torch.enable_grad():
                 score = (log_q.gather(-1, labels).squeeze(-1) * weight).sum()
             grads = torch.autograd.grad(score, [outputs[n] for n in names],
-                                        retain_graph=draw + 1 < draws)
+                                        retain_graph=draw != mine[-1])
             with torch.no_grad():
                 for n, g in zip(names, grads, strict=True):
                     gu = g.float() @ layers[n].U.detach().float()  # (B, T, R)
@@ -464,6 +481,10 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
             damage[n] += 0.5 * squares[n] / draws / tokens
         del logits, log_q, outputs, xv
     bar.close()
+    if world > 1:  # every process's share of the draws, summed in one fixed order
+        flat = torch.cat([damage[n] for n in names]) if names else torch.zeros(0)
+        torch.distributed.all_reduce(flat)
+        damage = dict(zip(names, flat.split([len(ranks[n]) for n in names]), strict=True))
     return {n: (damage[n] / len(batches)).tolist() for n in names}
 
 
@@ -575,6 +596,17 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _from_rank_zero(value):
+    """`value` as process 0 has it (under torch.distributed; else unchanged): what every
+    process must agree on before a collective, whatever partial file each one read."""
+    _, world = _dist_info()
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _gather_rows(rows: dict[str, list[float]], names: list[str]) -> dict[str, list[float]]:
