@@ -12,7 +12,12 @@ the factors. Each variant's sensitivity matrix is saved under --out/probe-varian
 its wall time, so a second run only plans and evaluates (delete a file to time it again;
 a run that was interrupted resumes its layers but its time is then not a whole run's and
 is marked so). Probe tokens: the first `samples` sequences of 256 tokens of the first
-80 % of tinyshakespeare; held-out: --eval-tokens tokens from its last 10 %.
+80 % of tinyshakespeare (other seeds or shorter sequences where a variant says so);
+held-out: --eval-tokens tokens from its last 10 %.
+
+`--rescaled 'tail@0,14'` runs no probe: it plans each layer's tail-energy curve (or a
+saved variant's curves) rescaled to the reference's measured damage at the given levels,
+so the choice of measured levels is judged apart from the tokens they are measured on.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from flexrank.compress.config import ProbeConfig
 from flexrank.compress.elastic import restructure_
 from flexrank.compress.evaluate import perplexity, tokenize_text
 from flexrank.compress.pipeline import _safetensors_meta
-from flexrank.compress.probe import probe
+from flexrank.compress.probe import _fill_from_curve, probe
 from flexrank.compress.select import nested_layers
+from flexrank.io import write_json_atomic
 from flexrank.planning.planner import plan
 from flexrank.planning.sensitivity import Sensitivity
 from flexrank.table import format_table
@@ -75,6 +81,11 @@ def main() -> None:
     parser.add_argument("--without-reference", action="store_true",
                         help="run only --only's variants (e.g. beside a process probing the "
                              "reference); the comparison table needs the reference's file")
+    parser.add_argument("--rescaled", nargs="*", default=[], metavar="CURVE@LEVELS",
+                        help="no probe run: CURVE (a variant name substring, or 'tail' for "
+                             "each layer's tail energy) rescaled to the reference's measured "
+                             "damage at LEVELS, e.g. 'tail@0,14' or '64 draws@0'; what "
+                             "measuring those levels on the reference's tokens would give")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -106,18 +117,23 @@ def main() -> None:
              if (i == 0 and not args.without_reference) or args.only is None
              or any(s in n for s in args.only)]
 
-    def evaluate(record: dict) -> dict:
-        """Plan a probe's sensitivity at BUDGETS; each plan's held-out perplexity."""
+    def evaluate(record: dict, file: Path | None = None) -> dict:
+        """Plan a probe's sensitivity at BUDGETS; each plan's held-out perplexity (kept in
+        `file`, the variant's record, for these budgets and held-out tokens)."""
         sens = Sensitivity.from_dict(record["sensitivity"])
         nested = plan(sens, budgets=list(BUDGETS))
-        ppl = {}
-        for beta in BUDGETS:
-            ranks = nested.ranks_for(beta)
-            for layer_name, layer in layers.items():
-                layer.rank = ranks[layer_name]
-            ppl[beta] = perplexity(student, held_out)
-        for layer in layers.values():
-            layer.rank = layer.max_rank
+        key = f"ppl {list(BUDGETS)} {len(held_out)} tokens"
+        ppl = {float(b): p for b, p in record.get(key, {}).items()}
+        if not ppl:
+            for beta in BUDGETS:
+                ranks = nested.ranks_for(beta)
+                for layer_name, layer in layers.items():
+                    layer.rank = ranks[layer_name]
+                ppl[beta] = perplexity(student, held_out)
+            for layer in layers.values():
+                layer.rank = layer.max_rank
+            if file is not None:
+                write_json_atomic(file, {**record, key: {str(b): p for b, p in ppl.items()}})
         return {"seconds": record["seconds"], "whole_run": record["whole_run"],
                 "ppl": ppl, "plan": nested, "errors": sens.errors}
 
@@ -140,7 +156,7 @@ def main() -> None:
                       "config": config.to_dict(), "sensitivity": sens.to_dict()}
             done.write_text(json.dumps(record))
             partial.unlink()
-        results[name] = evaluate(record)
+        results[name] = evaluate(record, done)
         r = results[name]
         print(f"{name}: {r['seconds'] / 60:.1f} min ({record['threads']} threads, load "
               f"{record['load_average']}); ppl "
@@ -151,16 +167,45 @@ def main() -> None:
         first = folder / "variant-0.json"
         if not first.is_file():
             return  # no reference yet: each variant's figures are printed above
-        results[reference_name] = evaluate(json.loads(first.read_text()))
+        results[reference_name] = evaluate(json.loads(first.read_text()), first)
         names.insert(0, reference_name)
     reference = results[reference_name]
+    measured = Sensitivity.from_dict(json.loads((folder / "variant-0.json").read_text())
+                                     ["sensitivity"])
+    for spec in args.rescaled:
+        curve_name, levels = spec.rsplit("@", 1)
+        levels = [int(k) for k in levels.split(",")]
+        if curve_name == "tail":
+            # ‖U_j‖² = σ_j (U = P√σ); the tail energy at rank r is Σ_{j≥r} σ_j², as fast
+            # mode's fill (probe._fill_from_tail) takes it
+            sigma = {n: layers[n].U.detach().double().square().sum(0) for n in layers}
+            curves = [[float(sigma[n][int(r):].square().sum()) for r in measured.ranks[i]]
+                      for i, n in enumerate(measured.layer_names)]
+        else:
+            (match,) = [n for n in VARIANTS if curve_name in n]
+            stem = folder / f"variant-{list(VARIANTS).index(match)}.json"
+            curves = Sensitivity.from_dict(json.loads(stem.read_text())["sensitivity"]).errors
+        errors = [_fill_from_curve(list(curves[i]), [int(r) for r in measured.ranks[i]],
+                                   {**{k: float(measured.errors[i][k]) for k in levels},
+                                    measured.ranks.shape[1] - 1: 0.0})
+                  for i in range(len(measured.layer_names))]
+        sens = Sensitivity(list(measured.layer_names), list(measured.shapes),
+                           measured.ranks.copy(), np.array(errors))
+        name = f"{curve_name} rescaled to the reference's levels {levels}"
+        results[name] = evaluate({"seconds": float("nan"), "whole_run": True,
+                                  "sensitivity": sens.to_dict()})
+        names.append(name)
+        print(f"{name}: ppl " + " ".join(f"{b}:{p:.2f}" for b, p in results[name]["ppl"].items()),
+              flush=True)
     rows = []
     for name in names:
         r = results[name]
         delta = [100 * (r["ppl"][b] / reference["ppl"][b] - 1) for b in BUDGETS]
         same = np.mean([np.mean([r["plan"].ranks_for(b)[n] == reference["plan"].ranks_for(b)[n]
                                  for n in layers]) for b in BUDGETS])
-        rows.append([name, f"{r['seconds'] / 60:.1f}" + ("" if r["whole_run"] else " (resumed)"),
+        minutes = ("-" if np.isnan(r["seconds"]) else f"{r['seconds'] / 60:.1f}"
+                   + ("" if r["whole_run"] else " (resumed)"))
+        rows.append([name, minutes,
                      *[f"{r['ppl'][b]:.2f}" for b in BUDGETS], f"{max(delta):+.2f}",
                      f"{same:.2f}"])
     print(format_table(["probe", "minutes", *[f"ppl β {b}" for b in BUDGETS],
