@@ -13,6 +13,7 @@ from flexrank.compress.anchor import refit_tail, solve_other_factor
 from flexrank.compress.config import DistillConfig
 from flexrank.compress.decompose import Whitening
 from flexrank.compress.distill import budgets_for_step, distill
+from flexrank.compress.select import nested_layers
 
 
 def random_problem(m=8, n=6, seed=0):
@@ -100,3 +101,20 @@ def test_distillation_keeps_the_full_budget_nearer_the_original_model():
         (anchored, trained)
     for beta in (0.4, 0.6):
         assert anchored[beta]["kl"] < 0.9 * before[beta]["kl"], (beta, before, anchored)
+
+
+def test_no_step_no_refit():
+    """`steps=0` (compress without distillation) changes no factor and runs no refit: the
+    DataSVD factors at full rank already give the original model's logits."""
+    student, teacher, plan, train, held_out = tiny_elastic(budgets=[0.4, 1.0])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    result = distill(student, teacher, plan, train,
+                     DistillConfig(steps=0, full_budget="anchor"), progress=False)
+    assert result.anchor is None
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    for layer in nested_layers(student).values():
+        layer.rank = layer.max_rank
+    with torch.no_grad():
+        ids = held_out[0]["input_ids"]
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
