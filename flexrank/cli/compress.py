@@ -165,14 +165,16 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                         f"(default {ProbeConfig.fisher_points}: the estimate alone)")
     p.add_argument("--levels", type=whole_number(2), default=16, help="candidate ranks per layer")
     p.add_argument("--rank-multiple", type=whole_number(1), default=8)
-    p.add_argument("--probe-samples", type=whole_number(1), default=4)
+    p.add_argument("--probe-samples", type=whole_number(1), default=CompressConfig.probe_samples,
+                   help="calibration sequences the probe runs on "
+                        f"(default {CompressConfig.probe_samples})")
     p.add_argument("--probe-points", type=whole_number(1), default=ProbeConfig.probe_points,
                    help="ranks measured per layer in fast mode; the others are interpolated "
                         f"(default {ProbeConfig.probe_points})")
     p.add_argument("--probe-top-k", type=whole_number(0), default=ProbeConfig.top_k,
                    help="language models: probe KL over each token's top-k teacher tokens "
-                        "(0: the whole vocabulary; 256 loses little and skips most of the LM "
-                        "head, BENCHMARKS.md issue 20)")
+                        "(0: the whole vocabulary; the top-k skips most of the LM head, "
+                        f"BENCHMARKS.md issue 20; default {ProbeConfig.top_k})")
     p.add_argument("--steps", type=whole_number(0), default=200,
                    help="distillation steps (sandwich: the largest, the smallest and one other "
                         "budget each step)")

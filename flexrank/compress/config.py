@@ -165,10 +165,14 @@ class ProbeConfig:
     mode: ProbeMode = ProbeMode.FAST
     num_levels: int = 16  # candidate ranks per layer (the last is always full rank)
     rank_multiple: int = 8  # candidate ranks are multiples of this (32 before 4-bit groups)
-    probe_points: int = 3  # ranks actually measured per layer in fast mode
+    # ranks actually measured per layer in fast mode (1: the lowest level). With 1 point,
+    # top-64 KL and 2 probe sequences SmolLM2's probe takes 3.5 min instead of 35-45 min
+    # (3 points, full KL, 4 sequences), and its plans are within that default's own spread
+    # over probe tokens at every budget (BENCHMARKS.md, issue 20, "Probing: cheaper probes")
+    probe_points: int = 1
     # language models: KL over each token's top_k teacher tokens (0: the whole vocabulary);
     # the LM head computes only those rows (probe.Damage; BENCHMARKS.md, issue 20)
-    top_k: int = 0
+    top_k: int = 64
     # fisher mode: labels sampled per token from the model's own distribution, one
     # backward pass per draw and probe batch (the estimate's noise falls as 1/√draws)
     fisher_draws: int = 8
@@ -322,7 +326,7 @@ class CompressConfig:
     batch_size: int = 8
     budgets: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    probe_samples: int = 4  # sequences used to probe (of the calibration set)
+    probe_samples: int = 2  # sequences used to probe (of the calibration set)
     distill: DistillConfig = field(default_factory=DistillConfig)
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
     seed: int = 0
