@@ -28,7 +28,7 @@ from flexrank.planning.sensitivity import Sensitivity
 TABLE = LatencyTable(((16, 8, 2, 3.5e-6), (16, 8, 8, 1.25e-5)), threads=3, batch=2, repeats=7)
 POLICY = FormPolicy(max_condition=50.0, latency=TABLE, force_form="plain", gauge_fixing=False)
 PROBE = ProbeConfig(mode="exact", num_levels=4, rank_multiple=16, probe_points=2,
-                     top_k=64, fisher_draws=16, fisher_points=1)
+                     top_k=32, fisher_draws=16, fisher_points=1)
 DISTILL = DistillConfig(steps=7, batch_size=2, grad_accum=3, lr=1e-3, weight_decay=0.01,
                         warmup_steps=2, min_lr_ratio=0.2, max_grad_norm=0.5, temperature=2.0,
                         sampler="weighted", budget_weights=(1.0, 2.5), uncertainty_weights=True,
@@ -44,7 +44,7 @@ CONFIGS = {
     "DistillConfig": DISTILL,
     "CompressConfig": CompressConfig(calib="corpus.txt", num_samples=32, seq_len=64,
                                      eval_samples=4, batch_size=2, budgets=(0.5, 1.0),
-                                     probe=PROBE, probe_samples=2, distill=DISTILL,
+                                     probe=PROBE, probe_samples=3, distill=DISTILL,
                                      factorize=FACTORIZE, seed=3, offload_hidden="hidden",
                                      depth=DepthConfig(max_replaced=0.25, adapter_ranks=(4, 8),
                                                        donor_window=2, eigen_floor=1e-6)),

@@ -60,7 +60,8 @@ def test_exact_entry_is_kl_of_single_truncation():
     from flexrank.compress.layers import dense_at_max_rank
 
     model, teacher, data = factorised()
-    sens = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4), progress=False)
+    sens = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4, top_k=0),
+                 progress=False)  # the whole vocabulary's KL, as computed below
     name = "model.layers.1.mlp.down_proj"
     row = sens.layer_names.index(name)
     layer = model.get_submodule(name)
@@ -160,7 +161,7 @@ def test_top_k_kl_against_brute_force():
     computed here from the full logits; top_k = vocabulary size is the full KL."""
     model, teacher, data = factorised(lambda seed: tiny_llama(seed=seed, init_std=0.2))
     name = "model.layers.0.self_attn.o_proj"
-    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4),
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4, top_k=0),
                   progress=False, only=[name])
     whole = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=4, top_k=100),
                   progress=False, only=[name])
