@@ -36,9 +36,12 @@ def run_once(out: str) -> dict:
     from flexrank.compress.pipeline import compress
 
     torch.set_num_threads(2)
+    # the full-vocabulary KL, as before top_k existed (and its default became 64)
+    full_kl = {"top_k": 0} if "top_k" in ProbeConfig.__dataclass_fields__ else {}
     config = CompressConfig(calib=str(SHAKESPEARE), num_samples=64, seq_len=256,
                             eval_samples=4, batch_size=8, budgets=(1.0, 0.6),
-                            probe=ProbeConfig(mode="fast", num_levels=4, probe_points=1),
+                            probe=ProbeConfig(mode="fast", num_levels=4, probe_points=1,
+                                              **full_kl),
                             probe_samples=1, distill=DistillConfig(steps=0))
     with PeakRSS() as rss:
         start = time.perf_counter()

@@ -121,7 +121,7 @@ def smoke_setup():
     student = copy.deepcopy(teacher)
     stats = collect_covariances(student, train, progress=False)
     factorize_(student, stats, progress=False)
-    sens = probe(student, teacher, train[:1], ProbeConfig(mode="exact", num_levels=4),
+    sens = probe(student, teacher, train[:1], ProbeConfig(mode="exact", num_levels=4, top_k=0),
                  progress=False)
     return (teacher, None, student, sens, stats, train, train[:1],
             DistillConfig(steps=2, batch_size=8, lr=1e-3, checkpoint_every=0))

@@ -69,8 +69,9 @@ def main() -> None:
     rows = []
     for mode, cached in (("fast", True), ("exact", True), ("exact", False)):
         start = time.perf_counter()
-        probe(student, teacher, batches, ProbeConfig(mode=mode, num_levels=16),
-              use_block_cache=cached, only=names[:args.layers])
+        config = ProbeConfig(mode=mode, num_levels=16, probe_points=3, top_k=0)
+        probe(student, teacher, batches, config, use_block_cache=cached,
+              only=names[:args.layers])
         seconds = time.perf_counter() - start
         per_layer = seconds / args.layers
         rows.append([mode, "yes" if cached else "no", args.layers, seconds, per_layer,
@@ -85,7 +86,8 @@ def compare_top_k(student, teacher, batches, names, args) -> None:
     full-vocabulary KL and with the top-k KL, twice each in the order A B B A on the same
     batches: seconds per layer (each run's teacher pass and block cache amortised over
     the layers) and how the measured entries agree."""
-    configs = {"full KL": ProbeConfig(), f"top-{args.top_k} KL": ProbeConfig(top_k=args.top_k)}
+    configs = {"full KL": ProbeConfig(probe_points=3, top_k=0),
+               f"top-{args.top_k} KL": ProbeConfig(probe_points=3, top_k=args.top_k)}
     labels = list(configs)
     seconds = {label: [] for label in labels}
     rows = {}

@@ -50,7 +50,8 @@ BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 # name: (probe configuration, probe sequences[, seed of the sequences' draw (0), their
 # length in tokens (256)]); the first is the reference
 VARIANTS = {
-    "default (3 points, 4 seq, full KL)": (ProbeConfig(), 4),
+    # the default until 2026-12-02, pinned
+    "default (3 points, 4 seq, full KL)": (ProbeConfig(probe_points=3, top_k=0), 4),
     "2 points, 2 seq, top-64": (ProbeConfig(probe_points=2, top_k=64), 2),
     "1 point, 2 seq, top-64": (ProbeConfig(probe_points=1, top_k=64), 2),
     "1 point, 4 seq, top-64": (ProbeConfig(probe_points=1, top_k=64), 4),
@@ -62,12 +63,15 @@ VARIANTS = {
                                                      top_k=64), 2),
     "fisher, 2 seq, 128 draws": (ProbeConfig(mode="fisher", fisher_draws=128), 2),
     # the reference's own spread: the same probe on 4 other sequences
-    "default on 4 other seq (seed 1)": (ProbeConfig(), 4, 1),
+    "default on 4 other seq (seed 1)": (ProbeConfig(probe_points=3, top_k=0), 4, 1),
     "fisher, 4 seq, 64 draws": (ProbeConfig(mode="fisher", fisher_draws=64), 4),
     # the estimate's sampling noise is per sequence and draw: the same tokens in shorter
     # sequences give more independent terms
     "fisher, 16 seq of 64, 32 draws": (ProbeConfig(mode="fisher", fisher_draws=32), 16, 0, 64),
     "fisher, 8 seq of 128, 32 draws": (ProbeConfig(mode="fisher", fisher_draws=32), 8, 0, 128),
+    # the new default (probe_points 1, top_k 64, 2 sequences) on the other seed's tokens,
+    # to set beside "default on 4 other seq (seed 1)"
+    "1 point, 2 other seq (seed 1), top-64": (ProbeConfig(probe_points=1, top_k=64), 2, 1),
 }
 
 

@@ -79,7 +79,7 @@ def main() -> None:
     config = CompressConfig(
         calib=str(SHAKESPEARE), num_samples=args.samples, seq_len=args.seq_len,
         eval_samples=8, batch_size=8, budgets=BUDGETS,
-        probe=ProbeConfig(mode="fast", num_levels=16), probe_samples=2,
+        probe=ProbeConfig(mode="fast", num_levels=16, probe_points=3, top_k=0), probe_samples=2,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
                               warmup_steps=10, checkpoint_every=20, sampler=args.sampler,
                               budget_weights=trained_weights()))

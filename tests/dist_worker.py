@@ -43,7 +43,10 @@ def run(out: Path, fsdp: bool = False) -> None:
         return
     rank, world = accelerator.process_index, accelerator.num_processes
     stats = collect_covariances(teacher, train[rank::world], progress=False)
-    # 5 draws: an uneven split over 2 processes
+    # 5 draws: an uneven split over 2 processes; the estimate alone, and rescaled to one
+    # measured rank per layer (those layers split over the processes)
+    estimate = probe(student, teacher, train[:2], ProbeConfig(mode="fisher", num_levels=4,
+                     fisher_draws=5), progress=False)
     sens = probe(student, teacher, train[:2], ProbeConfig(mode="fisher", num_levels=4,
                  fisher_draws=5, fisher_points=1), progress=False)
     config = DistillConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=1,
@@ -56,6 +59,8 @@ def run(out: Path, fsdp: bool = False) -> None:
         tensors |= {f"initial.{k}": v for k, v in initial.items() if "lm_head" not in k}
         tensors |= {f"probe.{name}": torch.as_tensor(sens.errors[i])
                     for i, name in enumerate(sens.layer_names)}
+        tensors |= {f"fisher.{name}": torch.as_tensor(estimate.errors[i])
+                    for i, name in enumerate(estimate.layer_names)}
         tensors["tokens"] = torch.tensor([stats.num_tokens])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
 

@@ -118,3 +118,16 @@ def test_no_step_no_refit():
         ids = held_out[0]["input_ids"]
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_resumed_trained_checkpoint_is_refit_with_no_new_step(tmp_path):
+    """steps=0 on a folder whose checkpoint holds trained factors (a rerun with --steps 0):
+    those factors are loaded, and the full budget is still refit to the original."""
+    student, teacher, plan, train, _ = tiny_elastic(budgets=[0.4, 1.0])
+    config = DistillConfig(steps=3, lr=1e-2, warmup_steps=0, batch_size=4,
+                           full_budget="anchor")
+    distill(student, teacher, plan, train, config, output_dir=tmp_path, progress=False)
+    again, *_ = tiny_elastic(budgets=[0.4, 1.0])
+    result = distill(again, teacher, plan, train, DistillConfig(
+        steps=0, batch_size=4, full_budget="anchor"), output_dir=tmp_path, progress=False)
+    assert result.steps_done == 3 and result.anchor is not None

@@ -337,4 +337,6 @@ def test_depth_settings_round_trip_and_key_the_resume_signature():
                                               "donor_window": 4,
                                               "eigen_floor": DepthConfig.eigen_floor}
     assert CompressConfig().signature("m")["depth"] is None
+    # the joint plan adds rank KLs to the depth probe's whole-vocabulary KLs
+    assert config.probe.top_k == 0 and CompressConfig().probe.top_k > 0
     assert pipeline.FIRST_READER["depth"] == "depth"

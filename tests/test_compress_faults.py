@@ -277,7 +277,8 @@ def test_a_folder_from_before_top_k_and_fisher_draws_resumes_untouched(tmp_path)
     now = {**signature, "probe": {**old_probe, "top_k": 0, "fisher_draws": 8}}
     assert sorted(pipeline._check_output(out, now)["done"]) == sorted(
         [*BEFORE_DISTILL, "distill", "save"])
-    with pytest.raises(CompressError, match=r"differs in: probe"):
+    with pytest.raises(CompressError, match=r"differs in: probe.*resumes with "
+                       r"--probe-points 3 --probe-top-k 0 --probe-samples 4"):
         pipeline._check_output(out, {**signature, "probe": {**old_probe, "top_k": 64}})
     with pytest.raises(CompressError, match=r"differs in: probe"):
         pipeline._check_output(out, {**signature, "probe": {**old_probe, "mode": "fisher",

@@ -66,8 +66,8 @@ def _compare(one: dict, two: dict) -> None:
     for key in one:
         if key.startswith("cov."):
             torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=1e-9)
-    rows = [k for k in one if k.startswith("probe.")]
-    assert len(rows) == 14 and all(one[k][:-1].min() > 0 for k in rows)
+    rows = [k for k in one if k.startswith(("probe.", "fisher."))]
+    assert len(rows) == 28 and all(one[k][:-1].min() > 0 for k in rows)
     for key in rows:  # the same draws, summed in another order; the same measured ranks
         torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=0)
     params = [k for k in one if k.startswith("param.")]

@@ -289,7 +289,8 @@ def test_bert_classifier_is_probed_by_class_kl_per_input():
     factorize_(student, None, FactorizeConfig(method="plain"), progress=False)
     sens = probe(student, teacher, batches, ProbeConfig(mode="exact", num_levels=3),
                  use_block_cache=False, progress=False)
-    assert sens.meta["metric"] == "class_kl"
+    # the default top_k (an LM's top-k tokens) does not apply to class logits
+    assert sens.meta["metric"] == "class_kl" and sens.meta["top_k_used"] == 0
     row = int(np.argmax(sens.errors[:, 0]))  # the layer whose cut hurts most
     layer = student.get_submodule(sens.layer_names[row])
     layer.rank = int(sens.ranks[row][0])

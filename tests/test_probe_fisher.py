@@ -25,7 +25,7 @@ def factorised_float64():
 
 def test_fisher_estimates_the_measured_kl():
     model, teacher, data = factorised_float64()
-    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=8),
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=8, top_k=0),
                   progress=False)
     fisher = probe(model, teacher, data,
                    ProbeConfig(mode="fisher", num_levels=8, fisher_draws=300), progress=False)
@@ -117,13 +117,13 @@ def test_fisher_points_rescale_the_estimate_to_measured_kl():
     estimate's whole curve by that one ratio; the estimate itself (same seed) is the one
     fisher mode gives alone."""
     model, teacher, data = factorised_float64()
-    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=8),
+    exact = probe(model, teacher, data, ProbeConfig(mode="exact", num_levels=8, top_k=0),
                   progress=False)
     alone = probe(model, teacher, data,
                   ProbeConfig(mode="fisher", num_levels=8, fisher_draws=20), progress=False)
     scaled = probe(model, teacher, data, ProbeConfig(mode="fisher", num_levels=8,
-                                                     fisher_draws=20, fisher_points=1),
-                   progress=False)
+                                                     fisher_draws=20, fisher_points=1,
+                                                     top_k=0), progress=False)
     assert scaled.meta["probe_levels"] == [3]
     np.testing.assert_allclose(scaled.errors[:, 3], exact.errors[:, 3], rtol=1e-9)
     ratio = exact.errors[:, 3] / alone.errors[:, 3]

@@ -12,7 +12,7 @@ import enum
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from flexrank.budget import same_budget
 
@@ -341,6 +341,10 @@ class CompressConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
+        if self.depth is not None and self.probe.top_k:
+            # the joint plan adds rank-probe KLs to the depth probe's whole-vocabulary KLs
+            # (planning/depth.py): both must measure the same KL
+            object.__setattr__(self, "probe", replace(self.probe, top_k=0))
         if self.offload_hidden is not None and (not isinstance(self.offload_hidden, str)
                                                 or not self.offload_hidden.strip()):
             raise ValueError(f"offload_hidden {self.offload_hidden!r} must be None, 'auto' "

@@ -449,9 +449,10 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
     _train(run, start_step, result, ckpt, saved, eval_batches, progress)
     if ckpt is not None and config.steps > start_step:
         _checkpoint(accelerator, ckpt, config.steps, saved, optimizer, config)
-    # with no step the factors are DataSVD's, whose full rank is the original layer already
-    # (U Vᵀ = W): the refit's covariance pass would only cost time (~8 min for SmolLM2)
-    if config.steps > 0 and config.full_budget != "train" and \
+    # never trained (no step now, none in a resumed checkpoint), the factors are DataSVD's,
+    # whose full rank is the original layer already (U Vᵀ = W): the refit's covariance
+    # pass would only cost time (~8 min for SmolLM2)
+    if result.steps_done > 0 and config.full_budget != "train" and \
             shared_columns(elastic.plan, elastic.layers):
         result.anchor = _anchor_full_budget(run, progress)
     if eval_batches and accelerator.is_main_process and \

@@ -161,11 +161,15 @@ def _check_output(out: Path, signature: dict) -> dict:
     distilling = (out / "stages" / "checkpoint").exists()  # begun, unfinished
     if (any(stage in KEPT_WORK or stage in BASE_WORK for stage in finished) or distilling):
         what = ", ".join(finished) or "none"
+        # the probe defaults changed on 2026-12-02 (BENCHMARKS.md, issue 20)
+        old_defaults = ("; a folder from before the probe defaults changed resumes with "
+                        "--probe-points 3 --probe-top-k 0 --probe-samples 4"
+                        if {"probe", "probe_samples"} & set(changed) else "")
         raise CompressError(
             f"{out} holds a compression with other settings (differs in: {', '.join(changed)}) "
             f"that its finished stages ({what}) used"
             f"{' and whose distillation has begun' if distilling else ''}; delete that "
-            "folder to start over, or choose another output folder")
+            f"folder to start over, or choose another output folder{old_defaults}")
     if finished:
         logger.warning("%s: settings changed (%s): running %s again with the new settings",
                        out, ", ".join(changed), ", ".join(finished))

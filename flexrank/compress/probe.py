@@ -302,8 +302,9 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
     (the original model) on `batches`.
 
     With `cache_path`, finished rows are saved after every layer and reused on restart.
-    `only` restricts probing to the named layers. Under torch.distributed the layers are
-    split across processes and the rows gathered.
+    `only` restricts probing to the named layers. Inside a torch.distributed process group
+    the measured layers are split across processes and the rows gathered; a fisher
+    estimate splits its draws (`fisher_rows`).
 
     Mutates, and leaves on return: every probed layer (every nested layer, or those named
     in `only`) at its max rank, whatever rank it had before; nested layers outside `only`
@@ -386,7 +387,7 @@ def probe(model: nn.Module, teacher: nn.Module, batches: Sequence,
                        np.array([rows[n] for n in layers]),
                        meta={"metric": damage.metric, "probe_levels": probe_levels,
                              **signature["config"], "mode": str(mode),
-                             "asked_mode": str(config.mode)})
+                             "asked_mode": str(config.mode), "top_k_used": damage.top_k})
 
 
 def _resolve_mode(mode: ProbeMode, damage: Damage, layers: Mapping[str, nn.Module]) -> ProbeMode:
@@ -483,7 +484,9 @@ def fisher_rows(model: nn.Module, layers: Mapping[str, nn.Module],
     bar.close()
     if world > 1:  # every process's share of the draws, summed in one fixed order
         flat = torch.cat([damage[n] for n in names]) if names else torch.zeros(0)
+        flat = flat.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
         torch.distributed.all_reduce(flat)
+        flat = flat.cpu()
         damage = dict(zip(names, flat.split([len(ranks[n]) for n in names]), strict=True))
     return {n: (damage[n] / len(batches)).tolist() for n in names}
 
@@ -543,8 +546,9 @@ def _usable_top_k(model: nn.Module, config: ProbeConfig) -> int:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if top_k and callable(get_head) else None
     if top_k and type(head) is not nn.Linear:
-        logger.info("probe: top_k=%d needs a plain Linear LM head (found %s); using the "
-                    "full-vocabulary KL", top_k, type(head).__name__)
+        if head is not None:  # no LM head (an encoder, a classifier): top_k does not apply
+            logger.info("probe: top_k=%d needs a plain Linear LM head (found %s); using the "
+                        "full-vocabulary KL", top_k, type(head).__name__)
         return 0
     return top_k
 
