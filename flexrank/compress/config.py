@@ -168,10 +168,11 @@ class ProbeConfig:
     # ranks actually measured per layer in fast mode (1: the lowest level). With 1 point,
     # top-64 KL and 2 probe sequences SmolLM2's probe takes 3.5 min instead of 35-45 min
     # (3 points, full KL, 4 sequences), and its plans are within that default's own spread
-    # over probe tokens at every budget (BENCHMARKS.md, issue 20, "Probing: cheaper probes")
+    # over probe tokens (BENCHMARKS.md, issue 20, "Probing: the default's own spread")
     probe_points: int = 1
     # language models: KL over each token's top_k teacher tokens (0: the whole vocabulary);
-    # the LM head computes only those rows (probe.Damage; BENCHMARKS.md, issue 20)
+    # the LM head computes only those rows (probe.Damage; BENCHMARKS.md, issue 20). Other
+    # models ignore it; CompressConfig sets 0 with the depth axis (its probe's KL is whole)
     top_k: int = 64
     # fisher mode: labels sampled per token from the model's own distribution, one
     # backward pass per draw and probe batch (the estimate's noise falls as 1/√draws)
