@@ -73,6 +73,10 @@ def test_few_samples_warns(tmp_path, tokenizer, caplog):
     with caplog.at_level(logging.WARNING):
         calibration_data(tokenizer, path, num_samples=4, seq_len=16)
     assert "recommended" in caplog.text
+    caplog.clear()  # held-out text is measured on, not calibrated with: no advice
+    with caplog.at_level(logging.WARNING):
+        calibration_data(tokenizer, path, num_samples=4, seq_len=16, held_out=True)
+    assert "recommended" not in caplog.text
 
 
 def test_teacher_samples_are_seeded_model_text(tokenizer):

@@ -378,11 +378,14 @@ def to_batches(samples: torch.Tensor, batch_size: int) -> list[dict[str, torch.T
 
 def calibration_data(tokenizer, source="teacher", model=None, num_samples: int = 128,
                      seq_len: int = 256, seed: int = 0, batch_size: int = 8,
-                     span: tuple[float, float] = (0.0, 1.0)) -> list[dict[str, torch.Tensor]]:
+                     span: tuple[float, float] = (0.0, 1.0), *, held_out: bool = False
+                     ) -> list[dict[str, torch.Tensor]]:
     """Batches of `{input_ids, attention_mask}` ((batch_size, seq_len) each), `num_samples`
     sequences in all. `source`: 'teacher' (needs `model`), a text/.jsonl file, a datasets
     folder saved with `save_to_disk`, or a list of such paths. With `model`, a `seq_len`
-    beyond its positions is refused (PositionLimitError)."""
+    beyond its positions is refused (PositionLimitError). Fewer than RECOMMENDED_SAMPLES
+    sequences log a warning (a rank-poor covariance), unless `held_out` (text to measure
+    on, not to calibrate with)."""
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         raise CalibrationError(f"num_samples ({num_samples}), seq_len ({seq_len}) and "
                                f"batch_size ({batch_size}) must be positive, seq_len ≥ 2")
@@ -394,7 +397,7 @@ def calibration_data(tokenizer, source="teacher", model=None, num_samples: int =
     if model is not None:
         check_positions(model, seq_len, f"calibration sequences of {seq_len} tokens",
                         "lower seq_len (--seq-len)")
-    if num_samples < RECOMMENDED_SAMPLES:
+    if num_samples < RECOMMENDED_SAMPLES and not held_out:
         logger.warning("calibrating on %d sequences; about %d or more are recommended "
                        "(fewer give a rank-poor covariance)", num_samples, RECOMMENDED_SAMPLES)
     if isinstance(source, str) and source == "teacher":
