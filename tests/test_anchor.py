@@ -131,3 +131,12 @@ def test_a_resumed_trained_checkpoint_is_refit_with_no_new_step(tmp_path):
     result = distill(again, teacher, plan, train, DistillConfig(
         steps=0, batch_size=4, full_budget="anchor"), output_dir=tmp_path, progress=False)
     assert result.steps_done == 3 and result.anchor is not None
+    # its full budget is the first run's, which was refit after its 3 steps, not the
+    # trained checkpoint's
+    for model in (student, again):
+        for layer in nested_layers(model).values():
+            layer.rank = layer.max_rank
+    with torch.no_grad():
+        ids = train[0]["input_ids"]
+        torch.testing.assert_close(again(ids).logits, student(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
