@@ -25,6 +25,14 @@ def random_problem(m=8, n=6, seed=0):
     return W, cov, U, V
 
 
+@torch.no_grad()
+def full_rank_logits(model, ids):
+    """`model`'s logits with every nested layer at its maximal rank (β = 1)."""
+    for layer in nested_layers(model).values():
+        layer.rank = layer.max_rank
+    return model(ids).logits
+
+
 def whitened_error(W, U, V, cov):
     """Σ_x ‖(W − U Vᵀ) x‖² = tr(D Σ Dᵀ)."""
     D = W - U @ V.T
@@ -112,11 +120,9 @@ def test_no_step_no_refit():
                      DistillConfig(steps=0, full_budget="anchor"), progress=False)
     assert result.anchor is None
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
-    for layer in nested_layers(student).values():
-        layer.rank = layer.max_rank
+    ids = held_out[0]["input_ids"]
     with torch.no_grad():
-        ids = held_out[0]["input_ids"]
-        torch.testing.assert_close(student(ids).logits, teacher(ids).logits,
+        torch.testing.assert_close(full_rank_logits(student, ids), teacher(ids).logits,
                                    atol=1e-4, rtol=1e-4)
 
 
@@ -133,10 +139,6 @@ def test_a_resumed_trained_checkpoint_is_refit_with_no_new_step(tmp_path):
     assert result.steps_done == 3 and result.anchor is not None
     # its full budget is the first run's, which was refit after its 3 steps, not the
     # trained checkpoint's
-    for model in (student, again):
-        for layer in nested_layers(model).values():
-            layer.rank = layer.max_rank
-    with torch.no_grad():
-        ids = train[0]["input_ids"]
-        torch.testing.assert_close(again(ids).logits, student(ids).logits,
-                                   atol=1e-5, rtol=1e-5)
+    ids = train[0]["input_ids"]
+    torch.testing.assert_close(full_rank_logits(again, ids), full_rank_logits(student, ids),
+                               atol=1e-5, rtol=1e-5)

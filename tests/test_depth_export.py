@@ -83,7 +83,6 @@ def test_replaced_budget_exports_equal_to_pytorch_with_shared_weights_once(expor
         if array.size >= 64:
             contents[(array.shape, array.tobytes())].append(init.name)
     assert not [names for names in contents.values() if len(names) > 1]
-    assert np.isfinite(manifest["budgets"][0]["validation"]["max_abs_diff"])
 
 
 def _by_form(m: int, n: int, rank: int, form: str) -> int:
