@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,134 @@ VARIANTS = {
 }
 
 
+@dataclass
+class Bench:
+    """What every variant is judged with: the DataSVD student, the teacher, the held-out
+    tokens; `layers` are the student's nested layers."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: object
+    held_out: torch.Tensor
+    layers: dict
+
+    def probe_batches(self, samples: int, seed: int = 0, seq_len: int = 256) -> list:
+        """`samples` sequences of `seq_len` tokens in batches of 512 tokens: the 256-token
+        windows drawn with `seed` (seed 0: the first 4 are every earlier run's), each cut
+        into 256 / seq_len consecutive pieces."""
+        windows = flexrank.calibration_data(
+            self.tokenizer, SHAKESPEARE, num_samples=max(4, samples * seq_len // 256),
+            seq_len=256, seed=seed, span=CALIBRATION_SPAN, batch_size=1)
+        ids = torch.cat([w["input_ids"] for w in windows]).reshape(-1, seq_len)[:samples]
+        return [{"input_ids": part, "attention_mask": torch.ones_like(part)}
+                for part in ids.split(512 // seq_len)]
+
+    def evaluate(self, record: dict, file: Path | None = None) -> dict:
+        """Plan a probe's sensitivity at BUDGETS; each plan's held-out perplexity (kept in
+        `file`, the variant's record, for these budgets and held-out tokens)."""
+        sens = Sensitivity.from_dict(record["sensitivity"])
+        nested = plan(sens, budgets=list(BUDGETS))
+        key = f"ppl {list(BUDGETS)} {len(self.held_out)} tokens"
+        ppl = {float(b): p for b, p in record.get(key, {}).items()}
+        if not ppl:
+            for beta in BUDGETS:
+                ranks = nested.ranks_for(beta)
+                for layer_name, layer in self.layers.items():
+                    layer.rank = ranks[layer_name]
+                ppl[beta] = perplexity(self.student, self.held_out)
+            for layer in self.layers.values():
+                layer.rank = layer.max_rank
+            if file is not None:
+                write_json_atomic(file, {**record, key: {str(b): p for b, p in ppl.items()}})
+        return {"seconds": record["seconds"], "whole_run": record["whole_run"],
+                "ppl": ppl, "plan": nested, "errors": sens.errors}
+
+
+def load_bench(out: Path, eval_tokens: int) -> Bench:
+    """SmolLM2-135M, its DataSVD factors from `out`'s stages/decomposed.safetensors, and
+    `eval_tokens` held-out tokens from the start of tinyshakespeare's last 10 %."""
+    teacher, tokenizer = flexrank.load_model("smollm2-135m")
+    student = copy.deepcopy(teacher)
+    path = out / "stages" / "decomposed.safetensors"
+    restructure_(student, json.loads(_safetensors_meta(path)))
+    load_st(student, str(path), strict=False)
+    ids = tokenize_text(tokenizer, SHAKESPEARE.read_text())
+    start = round(HELDOUT_SPAN[0] * len(ids))
+    return Bench(student, teacher, tokenizer, ids[start:start + eval_tokens],
+                 nested_layers(student))
+
+
+def run_variant(bench: Bench, folder: Path, name: str, threads: int) -> dict:
+    """The variant's probe record, from its file under `folder` or run (and timed) now."""
+    config, samples, *where = VARIANTS[name]
+    stem = folder / f"variant-{list(VARIANTS).index(name)}"
+    done = stem.with_suffix(".json")
+    if done.is_file():
+        return json.loads(done.read_text())
+    partial = stem.with_suffix(".partial.json")
+    resumed = partial.is_file()
+    begin, load = time.perf_counter(), os.getloadavg()[0]
+    sens = probe(bench.student, bench.teacher, bench.probe_batches(samples, *where),
+                 config, cache_path=partial)
+    record = {"name": name, "seconds": time.perf_counter() - begin,
+              "whole_run": not resumed, "samples": samples, "threads": threads,
+              "load_average": [load, os.getloadavg()[0]],
+              "config": config.to_dict(), "sensitivity": sens.to_dict()}
+    done.write_text(json.dumps(record))
+    partial.unlink()
+    return record
+
+
+def rescaled_sensitivity(bench: Bench, folder: Path, spec: str) -> Sensitivity:
+    """`spec` = 'CURVE@LEVELS': CURVE ('tail': each layer's tail energy; else a saved
+    variant's curves, by name substring) rescaled to the reference's measured damage at
+    LEVELS (and 0 at full rank), at the reference's ranks."""
+    measured = Sensitivity.from_dict(json.loads((folder / "variant-0.json").read_text())
+                                     ["sensitivity"])
+    curve_name, levels = spec.rsplit("@", 1)
+    levels = [int(k) for k in levels.split(",")]
+    if curve_name == "tail":
+        # ‖U_j‖² = σ_j (U = P√σ); the tail energy at rank r is Σ_{j≥r} σ_j², as fast
+        # mode's fill (probe._fill_from_tail) takes it
+        sigma = {n: bench.layers[n].U.detach().double().square().sum(0) for n in bench.layers}
+        curves = [[float(sigma[n][int(r):].square().sum()) for r in measured.ranks[i]]
+                  for i, n in enumerate(measured.layer_names)]
+    else:
+        (match,) = [n for n in VARIANTS if curve_name in n]
+        stem = folder / f"variant-{list(VARIANTS).index(match)}.json"
+        curves = Sensitivity.from_dict(json.loads(stem.read_text())["sensitivity"]).errors
+    errors = [_fill_from_curve(list(curves[i]), [int(r) for r in measured.ranks[i]],
+                               {**{k: float(measured.errors[i][k]) for k in levels},
+                                measured.ranks.shape[1] - 1: 0.0})
+              for i in range(len(measured.layer_names))]
+    return Sensitivity(list(measured.layer_names), list(measured.shapes),
+                       measured.ranks.copy(), np.array(errors))
+
+
+def print_table(bench: Bench, results: dict, names: list[str], reference: dict,
+                threads: int) -> None:
+    rows = []
+    for name in names:
+        r = results[name]
+        delta = [100 * (r["ppl"][b] / reference["ppl"][b] - 1) for b in BUDGETS]
+        same = np.mean([np.mean([r["plan"].ranks_for(b)[n] == reference["plan"].ranks_for(b)[n]
+                                 for n in bench.layers]) for b in BUDGETS])
+        minutes = ("-" if np.isnan(r["seconds"]) else f"{r['seconds'] / 60:.1f}"
+                   + ("" if r["whole_run"] else " (resumed)"))
+        rows.append([name, minutes,
+                     *[f"{r['ppl'][b]:.2f}" for b in BUDGETS], f"{max(delta):+.2f}",
+                     f"{same:.2f}"])
+    print(format_table(["probe", "minutes", *[f"ppl β {b}" for b in BUDGETS],
+                        "worst Δ ppl %", "same rank"], rows,
+                       title=f"\nSmolLM2-135M probes, planned at {BUDGETS}, held-out "
+                             f"perplexity of {len(bench.held_out)} tokens (no distillation), "
+                             f"{threads} threads"))
+
+
+def _ppl_line(ppl: dict) -> str:
+    return " ".join(f"{b}:{p:.2f}" for b, p in ppl.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -95,128 +224,35 @@ def main() -> None:
     out = Path(args.out)
     folder = out / "probe-variants"
     folder.mkdir(exist_ok=True)
-
-    teacher, tokenizer = flexrank.load_model("smollm2-135m")
-    student = copy.deepcopy(teacher)
-    path = out / "stages" / "decomposed.safetensors"
-    restructure_(student, json.loads(_safetensors_meta(path)))
-    load_st(student, str(path), strict=False)
-    layers = nested_layers(student)
-    def probe_batches(samples: int, seed: int = 0, seq_len: int = 256) -> list:
-        """`samples` sequences of `seq_len` tokens in batches of 512 tokens: the 256-token
-        windows drawn with `seed` (seed 0: the first 4 are every earlier run's), each cut
-        into 256 / seq_len consecutive pieces."""
-        windows = flexrank.calibration_data(
-            tokenizer, SHAKESPEARE, num_samples=max(4, samples * seq_len // 256), seq_len=256,
-            seed=seed, span=CALIBRATION_SPAN, batch_size=1)
-        ids = torch.cat([w["input_ids"] for w in windows]).reshape(-1, seq_len)[:samples]
-        return [{"input_ids": part, "attention_mask": torch.ones_like(part)}
-                for part in ids.split(512 // seq_len)]
-
-    ids = tokenize_text(tokenizer, SHAKESPEARE.read_text())
-    start = round(HELDOUT_SPAN[0] * len(ids))
-    held_out = ids[start:start + args.eval_tokens]
+    bench = load_bench(out, args.eval_tokens)
 
     names = [n for i, n in enumerate(VARIANTS)
              if (i == 0 and not args.without_reference) or args.only is None
              or any(s in n for s in args.only)]
-
-    def evaluate(record: dict, file: Path | None = None) -> dict:
-        """Plan a probe's sensitivity at BUDGETS; each plan's held-out perplexity (kept in
-        `file`, the variant's record, for these budgets and held-out tokens)."""
-        sens = Sensitivity.from_dict(record["sensitivity"])
-        nested = plan(sens, budgets=list(BUDGETS))
-        key = f"ppl {list(BUDGETS)} {len(held_out)} tokens"
-        ppl = {float(b): p for b, p in record.get(key, {}).items()}
-        if not ppl:
-            for beta in BUDGETS:
-                ranks = nested.ranks_for(beta)
-                for layer_name, layer in layers.items():
-                    layer.rank = ranks[layer_name]
-                ppl[beta] = perplexity(student, held_out)
-            for layer in layers.values():
-                layer.rank = layer.max_rank
-            if file is not None:
-                write_json_atomic(file, {**record, key: {str(b): p for b, p in ppl.items()}})
-        return {"seconds": record["seconds"], "whole_run": record["whole_run"],
-                "ppl": ppl, "plan": nested, "errors": sens.errors}
-
     results = {}
     for name in names:
-        config, samples, *where = VARIANTS[name]
-        stem = folder / f"variant-{list(VARIANTS).index(name)}"
-        done = stem.with_suffix(".json")
-        if done.is_file():
-            record = json.loads(done.read_text())
-        else:
-            partial = stem.with_suffix(".partial.json")
-            resumed = partial.is_file()
-            begin, load = time.perf_counter(), os.getloadavg()[0]
-            sens = probe(student, teacher, probe_batches(samples, *where),
-                         config, cache_path=partial)
-            record = {"name": name, "seconds": time.perf_counter() - begin,
-                      "whole_run": not resumed, "samples": samples, "threads": args.threads,
-                      "load_average": [load, os.getloadavg()[0]],
-                      "config": config.to_dict(), "sensitivity": sens.to_dict()}
-            done.write_text(json.dumps(record))
-            partial.unlink()
-        results[name] = evaluate(record, done)
-        r = results[name]
+        record = run_variant(bench, folder, name, args.threads)
+        results[name] = r = bench.evaluate(record, folder / f"variant-"
+                                           f"{list(VARIANTS).index(name)}.json")
         print(f"{name}: {r['seconds'] / 60:.1f} min ({record['threads']} threads, load "
-              f"{record['load_average']}); ppl "
-              + " ".join(f"{b}:{p:.2f}" for b, p in r["ppl"].items()), flush=True)
+              f"{record['load_average']}); ppl {_ppl_line(r['ppl'])}", flush=True)
 
     reference_name = list(VARIANTS)[0]
     if reference_name not in results:
         first = folder / "variant-0.json"
         if not first.is_file():
             return  # no reference yet: each variant's figures are printed above
-        results[reference_name] = evaluate(json.loads(first.read_text()), first)
+        results[reference_name] = bench.evaluate(json.loads(first.read_text()), first)
         names.insert(0, reference_name)
-    reference = results[reference_name]
-    measured = Sensitivity.from_dict(json.loads((folder / "variant-0.json").read_text())
-                                     ["sensitivity"])
     for spec in args.rescaled:
-        curve_name, levels = spec.rsplit("@", 1)
-        levels = [int(k) for k in levels.split(",")]
-        if curve_name == "tail":
-            # ‖U_j‖² = σ_j (U = P√σ); the tail energy at rank r is Σ_{j≥r} σ_j², as fast
-            # mode's fill (probe._fill_from_tail) takes it
-            sigma = {n: layers[n].U.detach().double().square().sum(0) for n in layers}
-            curves = [[float(sigma[n][int(r):].square().sum()) for r in measured.ranks[i]]
-                      for i, n in enumerate(measured.layer_names)]
-        else:
-            (match,) = [n for n in VARIANTS if curve_name in n]
-            stem = folder / f"variant-{list(VARIANTS).index(match)}.json"
-            curves = Sensitivity.from_dict(json.loads(stem.read_text())["sensitivity"]).errors
-        errors = [_fill_from_curve(list(curves[i]), [int(r) for r in measured.ranks[i]],
-                                   {**{k: float(measured.errors[i][k]) for k in levels},
-                                    measured.ranks.shape[1] - 1: 0.0})
-                  for i in range(len(measured.layer_names))]
-        sens = Sensitivity(list(measured.layer_names), list(measured.shapes),
-                           measured.ranks.copy(), np.array(errors))
-        name = f"{curve_name} rescaled to the reference's levels {levels}"
-        results[name] = evaluate({"seconds": float("nan"), "whole_run": True,
-                                  "sensitivity": sens.to_dict()})
+        name = f"{spec.rsplit('@', 1)[0]} rescaled to the reference's levels " \
+               f"{[int(k) for k in spec.rsplit('@', 1)[1].split(',')]}"
+        results[name] = bench.evaluate({"seconds": float("nan"), "whole_run": True,
+                                        "sensitivity": rescaled_sensitivity(
+                                            bench, folder, spec).to_dict()})
         names.append(name)
-        print(f"{name}: ppl " + " ".join(f"{b}:{p:.2f}" for b, p in results[name]["ppl"].items()),
-              flush=True)
-    rows = []
-    for name in names:
-        r = results[name]
-        delta = [100 * (r["ppl"][b] / reference["ppl"][b] - 1) for b in BUDGETS]
-        same = np.mean([np.mean([r["plan"].ranks_for(b)[n] == reference["plan"].ranks_for(b)[n]
-                                 for n in layers]) for b in BUDGETS])
-        minutes = ("-" if np.isnan(r["seconds"]) else f"{r['seconds'] / 60:.1f}"
-                   + ("" if r["whole_run"] else " (resumed)"))
-        rows.append([name, minutes,
-                     *[f"{r['ppl'][b]:.2f}" for b in BUDGETS], f"{max(delta):+.2f}",
-                     f"{same:.2f}"])
-    print(format_table(["probe", "minutes", *[f"ppl β {b}" for b in BUDGETS],
-                        "worst Δ ppl %", "same rank"], rows,
-                       title=f"\nSmolLM2-135M probes, planned at {BUDGETS}, held-out "
-                             f"perplexity of {len(held_out)} tokens (no distillation), "
-                             f"{args.threads} threads"))
+        print(f"{name}: ppl {_ppl_line(results[name]['ppl'])}", flush=True)
+    print_table(bench, results, names, results[reference_name], args.threads)
     (folder / "results.json").write_text(json.dumps(
         {n: {"seconds": r["seconds"], "whole_run": r["whole_run"],
              "ppl": {str(b): p for b, p in r["ppl"].items()}} for n, r in results.items()},
