@@ -1,19 +1,25 @@
 """Run under `torchrun --nproc_per_node N`: covariance on this rank's shard of the batches
 (all-reduced), a fisher probe with one measured rank per layer (draws and layers split
 over the ranks) and a few distillation steps on this rank's slice of each global batch.
-Rank 0 writes the results to argv[1]. With `--fsdp` as argv[2], Accelerate is asked for
-FSDP (full shard); where it gives another distributed type, rank 0 writes argv[1] + ".skip"
-with what it gave instead and nothing runs. Used by test_distributed.py."""
+Rank 0 writes the results to OUT. Used by test_distributed.py.
 
-import json
-import sys
+    dist_worker.py OUT [--fsdp] [--output-dir DIR] [--stop-after STEP]
+
+--fsdp: FSDP2 (full shard) through Accelerate. --output-dir: distil with checkpoints there
+(every 2 steps), resuming from one found there. --stop-after STEP: every process stops
+right after the checkpoint of STEP is written, as a killed run would, and writes nothing.
+"""
+
+import argparse
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType
 from elastic_fixtures import tiny_elastic
 from safetensors.torch import save_file
 
+import flexrank.compress.distill as distill_module
 from flexrank.compress.config import DistillConfig, ProbeConfig
 from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.distill import distill
@@ -22,25 +28,45 @@ from flexrank.compress.probe import probe
 STEPS = 4
 
 
+class Stopped(Exception):
+    """Raised on every process after the --stop-after checkpoint."""
+
+
 def make_accelerator(fsdp: bool) -> Accelerator:
     if not fsdp:
         return Accelerator(cpu=True)
-    from accelerate import FullyShardedDataParallelPlugin
+    # as examples/accelerate/fsdp.yaml: full shard, one unit per transformer block
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    if torch.cuda.is_available():
+        return Accelerator(fsdp_plugin=plugin)
+    # Accelerate 1.x runs an FSDP plugin on CPU as plain DDP (MULTI_CPU); torch's
+    # fully_shard runs on gloo, so the state is told FSDP once the process group is up:
+    # prepare() then shards through Accelerate's own FSDP2 path (fsdp2_prepare_model)
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    assert accelerator.is_fsdp2
+    return accelerator
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
-    return Accelerator(cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
+
+def stop_after(step: int) -> None:
+    real = distill_module._checkpoint
+
+    def checkpoint_then_stop(accelerator, ckpt, done, *args):
+        real(accelerator, ckpt, done, *args)
+        if done == step:
+            raise Stopped
+    distill_module._checkpoint = checkpoint_then_stop
 
 
-def run(out: Path, fsdp: bool = False) -> None:
+def run(out: Path, fsdp: bool = False, output_dir: Path | None = None,
+        stop: int | None = None) -> None:
     # built before the process group exists, so each rank decomposes from its own full sums
     student, teacher, plan, train, _ = tiny_elastic(seed=7)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     accelerator = make_accelerator(fsdp)
-    if fsdp and accelerator.distributed_type != "FSDP":
-        if accelerator.is_main_process:
-            Path(f"{out}.skip").write_text(json.dumps({"distributed_type": str(
-                accelerator.distributed_type)}))
-        return
     rank, world = accelerator.process_index, accelerator.num_processes
     stats = collect_covariances(teacher, train[rank::world], progress=False)
     # 5 draws: an uneven split over 2 processes; the estimate alone, and rescaled to one
@@ -50,8 +76,14 @@ def run(out: Path, fsdp: bool = False) -> None:
     sens = probe(student, teacher, train[:2], ProbeConfig(mode="fisher", num_levels=4,
                  fisher_draws=5, fisher_points=1), progress=False)
     config = DistillConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=1,
-                           checkpoint_every=0)
-    distill(student, teacher, plan, train, config, accelerator=accelerator, progress=False)
+                           checkpoint_every=2 if output_dir else 0)
+    if stop is not None:
+        stop_after(stop)
+    try:
+        distill(student, teacher, plan, train, config, accelerator=accelerator,
+                output_dir=output_dir, progress=False)
+    except Stopped:
+        return
     if accelerator.is_main_process:
         tensors = {f"cov.{k}": v for k, v in stats.sums.items()}
         tensors |= {f"param.{k}": v.detach().clone() for k, v in student.state_dict().items()
@@ -66,4 +98,10 @@ def run(out: Path, fsdp: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), fsdp=sys.argv[2:] == ["--fsdp"])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--stop-after", type=int, default=None)
+    args = parser.parse_args()
+    run(args.out, args.fsdp, args.output_dir, args.stop_after)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import accelerate
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,25 +23,37 @@ def _launch(worker_args: list[str], procs: int, port: int) -> subprocess.Complet
 
 
 @pytest.mark.slow
-def test_two_processes_fsdp(tmp_path):
-    """FSDP (full shard) through Accelerate, two processes, against one process as in
-    test_two_processes_match_one. Accelerate 1.15 turns an FSDP plugin on CPU into
-    MULTI_CPU (DDP) — torch's own fully_shard does run on gloo, but distill goes through
-    Accelerate — so on a CPU the worker reports the type it got and the test skips,
-    naming it; where Accelerate gives FSDP the worker distils and the weights are
-    compared with one process's."""
+def test_fsdp_resumes_a_one_process_checkpoint_and_matches_one_process(tmp_path):
+    """FSDP2 (full shard) through Accelerate's own preparation (torch's fully_shard, on
+    gloo here: Accelerate 1.x would run an FSDP plugin on CPU as plain DDP, so the worker
+    tells its state FSDP; on GPUs it asks for FSDP as a user's config does). One process
+    trains 2 of 4 steps and stops after its checkpoint, as a killed run would; two FSDP
+    processes resume it (whole tensors scattered into shards, AdamW's moments too) to step
+    4, gather the shards into a last checkpoint and into the caller's model. The weights and
+    that checkpoint against one process that ran all 4 steps uninterrupted (tolerances as
+    for DDP: the same sums in another order)."""
+    run_dir = tmp_path / "run"
+    stopped = _launch([str(tmp_path / "stopped.safetensors"), "--output-dir", str(run_dir),
+                       "--stop-after", "2"], 1, 29507)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2 and not (tmp_path / "stopped.safetensors").exists()
+
     out = tmp_path / "fsdp.safetensors"
-    done = _launch([str(out), "--fsdp"], 2, 29507)
+    done = _launch([str(out), "--fsdp", "--output-dir", str(run_dir)], 2, 29508)
     assert done.returncode == 0, done.stderr[-3000:]
-    skip = Path(f"{out}.skip")
-    if skip.is_file():
-        got = json.loads(skip.read_text())["distributed_type"]
-        pytest.skip(f"Accelerate {accelerate.__version__} runs an FSDP plugin on CPU as {got}, "
-                    "not FSDP: FSDP distillation needs GPUs (run this test on a machine "
-                    "with two)")
-    one = tmp_path / "one.safetensors"  # FSDP ran: the same weights as one process
-    assert _launch([str(one)], 1, 29508).returncode == 0
+    one, one_dir = tmp_path / "one.safetensors", tmp_path / "one"
+    assert _launch([str(one), "--output-dir", str(one_dir)], 1, 29509).returncode == 0
     _compare(load_file(str(one)), load_file(str(out)))
+    # the last checkpoints (the trained factors before the full budget's refit, and AdamW's
+    # moments), gathered from the shards, against the one process's
+    for name in ("weights", "optimizer"):
+        gathered = load_file(str(run_dir / "checkpoint" / f"{name}.safetensors"))
+        reference = load_file(str(one_dir / "checkpoint" / f"{name}.safetensors"))
+        assert gathered.keys() == reference.keys() and len(gathered) >= 28
+        for key, value in reference.items():
+            torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5)
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
 @pytest.mark.slow

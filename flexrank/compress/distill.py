@@ -9,9 +9,13 @@ Optional learned uncertainty weights per budget (Nested Subspace Networks):
 Σ_k exp(−s_k)·L_k + s_k.
 
 Distribution is Accelerate's (DDP; FSDP through its config): each process takes its slice
-of the global batch. Budget and batch choices come from a counter-based RNG seeded by
-(seed, step), identical on every process and needing no state to resume. Checkpoints
-(trainable weights, optimizer state, step) are safetensors, written atomically.
+of the global batch. Under FSDP2 (`fully_shard`, which turns the module it prepares into a
+sharded one for good) a copy of the student is trained, its parameters DTensor shards;
+checkpoints gather them (whole tensors: a run resumes on any number of processes) and the
+trained tensors are copied back into the caller's model at the end. Budget and batch
+choices come from a counter-based RNG seeded by (seed, step), identical on every process
+and needing no state to resume. Checkpoints (trainable weights, optimizer state, step) are
+safetensors, written atomically.
 
 The student runs in eval mode while it trains (no dropout, batch-norm statistics frozen):
 it imitates a deterministic teacher.
@@ -25,12 +29,13 @@ loss, gradient or weight stops training with NonFiniteError naming the step.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -295,9 +300,10 @@ def trainable_parameters(model: nn.Module, train_all: bool) -> dict[str, nn.Para
 
 
 def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, extra: dict) -> None:
-    """Trainable weights, optimizer state and step, atomically (a crash keeps the last)."""
-    state = optimizer.state_dict()
+                    optimizer_state: dict, extra: dict) -> None:
+    """Trainable weights, optimizer state (`Optimizer.state_dict()`, whole tensors) and
+    step, atomically (a crash keeps the last)."""
+    state = optimizer_state
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
@@ -315,6 +321,9 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
 
 def load_checkpoint(directory: Path, params: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer) -> dict:
+    """Load `save_checkpoint`'s folder into `params` and `optimizer`; returns its metadata.
+    Whole tensors go into DTensor shards (FSDP2) as each parameter is sharded, on any
+    number of processes (every process must call it: scattering is a collective)."""
     meta = json.loads((directory / "state.json").read_text())
     weights = load_file(str(directory / "weights.safetensors"))
     if set(weights) != set(params):
@@ -322,17 +331,59 @@ def load_checkpoint(directory: Path, params: dict[str, torch.Tensor],
                          "(different model, plan or train_all); use a new output folder")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(weights[name])
+            param.copy_(_shard_like(param, weights[name]))
     tensors = load_file(str(directory / "optimizer.safetensors"))
+    in_order = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        param = in_order[int(index)]
+        if value.shape == param.shape:  # moments, sharded as their parameter
+            value = _shard_like(param, value)
         state.setdefault(int(index), {})[name] = value
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (an all-gather: every process must call it), else `tensor`."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor, else `tensor`."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` (a parameter's full shape) laid out as `param`: sharded the same way when
+    `param` is a DTensor (a scatter: every process must call it), else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return whole
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+def _full_state(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with whole tensors (gathered under FSDP2: every process
+    must call it, in the same order, which state_dict's is)."""
+    state = optimizer.state_dict()
+    return {**state, "state": {index: {k: _full(v) if torch.is_tensor(v) else v
+                                       for k, v in per_param.items()}
+                               for index, per_param in state["state"].items()}}
+
+
+def _sharded(accelerator) -> bool:
+    """Accelerate prepares the student with FSDP2: its parameters become DTensor shards."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
 
 
 # ---- the loop ------------------------------------------------------------------------
@@ -363,6 +414,7 @@ class _Run:
     config: DistillConfig
     objective: Objective = Objective.TOKEN_KL  # resolved (never "auto")
     positional: bool = False  # the model takes data's values positionally
+    sharded: bool = False  # FSDP2: `elastic` is a sharded copy, run by every process at once
 
 
 def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
@@ -430,25 +482,37 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
              output_dir, accelerator, progress: bool, objective: Objective = Objective.TOKEN_KL,
              positional: bool = False) -> DistillResult:
     """The run itself: optimizer, resume, training steps, last checkpoint, evaluations."""
-    params = _train_only_(model, config.train_all)
+    sharded = _sharded(accelerator)
+    if sharded and config.uncertainty_weights:
+        raise ValueError("DistillConfig.uncertainty_weights is not supported under FSDP (its "
+                         "per-budget weights are not a model parameter FSDP can shard): set "
+                         "it to False, or distil with DDP")
+    # fully_shard turns the module it prepares into a sharded one for good: train a copy
+    trainee = copy.deepcopy(model) if sharded else model
+    run_elastic = ElasticModel(trainee, elastic.plan) if sharded else elastic
+    params = _train_only_(trainee, config.train_all)
     log_vars = nn.Parameter(torch.zeros(len(elastic.budgets))) \
         if config.uncertainty_weights else None
     optimizer = _optimizer(params, log_vars, config)
-    saved = dict(params) | ({"_log_vars": log_vars} if log_vars is not None else {})
+    wrapped, optimizer = accelerator.prepare(trainee, optimizer)
+    # FSDP2 puts sharded parameters (DTensor) in place of the module's: take them by name
+    current = dict(trainee.named_parameters())
+    saved = {name: current[name] for name in params} | \
+        ({"_log_vars": log_vars} if log_vars is not None else {})
     ckpt = Path(output_dir) / CHECKPOINT_DIR if output_dir else None
-    start_step = _resume(ckpt, saved, optimizer)
-
-    names = {id(p): name for name, p in saved.items()}
-    trained = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    run = _Run(elastic, wrapped, teacher.to(accelerator.device), optimizer, trained, log_vars,
-               data, accelerator, config, objective, positional)
+    start_step = _resume(ckpt, saved, getattr(optimizer, "optimizer", optimizer))
+    run = _Run(run_elastic, wrapped, teacher.to(accelerator.device), optimizer, dict(saved),
+               log_vars, data, accelerator, config, objective, positional, sharded)
     result = DistillResult(steps_done=start_step, tokens_seen=0)
-    if eval_batches and accelerator.is_main_process and start_step == 0:
+    if eval_batches and _evaluates_here(run) and start_step == 0:
         _evaluate(run, eval_batches, 0, result)
     _train(run, start_step, result, ckpt, saved, eval_batches, progress)
     if ckpt is not None and config.steps > start_step:
         _checkpoint(accelerator, ckpt, config.steps, saved, optimizer, config)
+    if sharded:  # the trained tensors, whole, into the caller's model; the copy is dropped
+        _copy_back_(model, {name: current[name] for name in params}, accelerator.device)
+        run = replace(run, elastic=elastic, wrapped=model, trained={}, sharded=False)
+        del trainee, run_elastic, wrapped, current, saved, params
     # never trained (no step now, none in a resumed checkpoint), the factors are DataSVD's,
     # whose full rank is the original layer already (U Vᵀ = W): the refit's covariance
     # pass would only cost time (~8 min for SmolLM2)
@@ -459,6 +523,22 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
             (not result.evals or result.evals[-1]["step"] != config.steps):
         _evaluate(run, eval_batches, config.steps, result)
     return result
+
+
+def _copy_back_(model: nn.Module, params: dict[str, nn.Parameter], device) -> None:
+    """Each of `params` (a sharded copy's, by name) whole into `model`'s parameter of that
+    name, `model` moved to `device` as Accelerate moves a DDP student (every process calls
+    it: the gathers are collectives)."""
+    model.to(device)
+    with torch.no_grad():
+        for name, param in params.items():
+            model.get_parameter(name).copy_(_full(param.detach()))
+
+
+def _evaluates_here(run: _Run) -> bool:
+    """Held-out evaluation runs on the main process; under FSDP on every process (each
+    forward gathers the shards, a collective), on the same batches."""
+    return run.sharded or run.accelerator.is_main_process
 
 
 def trained_budgets(elastic: ElasticModel, config: DistillConfig) -> int:
@@ -587,7 +667,7 @@ def _train(run: _Run, start_step: int, result: DistillResult, ckpt: Path | None,
                 and done < config.steps:
             _checkpoint(accelerator, ckpt, done, saved, run.optimizer, config)
         if eval_batches and config.eval_every and done % config.eval_every == 0 \
-                and accelerator.is_main_process:
+                and _evaluates_here(run):
             _evaluate(run, eval_batches, done, result)
 
 
@@ -634,7 +714,7 @@ DIVERGED_ADVICE = ("lower DistillConfig.lr or max_grad_norm, check the batches, 
 def _check_gradients(run: _Run, step: int) -> None:
     """NonFiniteError before the optimizer step when a gradient is NaN or inf."""
     grads = {name: p.grad for name, p in run.trained.items() if p.grad is not None}
-    finite = _all_finite(grads)
+    finite = _all_finite(grads, run.sharded)
     if finite is None:
         return
     bad = [name for name, ok in zip(grads, finite, strict=True) if not ok]
@@ -645,7 +725,7 @@ def _check_gradients(run: _Run, step: int) -> None:
 
 def _check_weights(run: _Run, step: int) -> None:
     """NonFiniteError when the optimizer step left a trained tensor NaN or inf."""
-    finite = _all_finite(run.trained)
+    finite = _all_finite(run.trained, run.sharded)
     if finite is None:
         return
     bad = [name for name, ok in zip(run.trained, finite, strict=True) if not ok]
@@ -653,11 +733,17 @@ def _check_weights(run: _Run, step: int) -> None:
                          f"trained tensors hold NaN/inf (first {bad[:3]}); {DIVERGED_ADVICE}")
 
 
-def _all_finite(tensors: dict[str, torch.Tensor]) -> list[bool] | None:
-    """None when every tensor is finite (one device sync), else a flag per tensor."""
+def _all_finite(tensors: dict[str, torch.Tensor], sharded: bool = False) -> list[bool] | None:
+    """None when every tensor is finite (one device sync), else a flag per tensor. Sharded
+    (DTensor) tensors are checked shard by shard and the flags agreed over the processes
+    (else one would raise while the others wait in the next collective)."""
     if not tensors:
         return None
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    finite = torch.stack([torch.isfinite(_local(t)).all() for t in tensors.values()])
+    if sharded:
+        finite = finite.to(torch.int32)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        finite = finite.bool()
     return None if bool(finite.all()) else finite.tolist()
 
 
@@ -724,7 +810,7 @@ def _loss_error(run: _Run, step: int, beta: float, loss: float,
         cause = (f"the teacher's outputs are not finite (its dtype: {teacher_logits.dtype}; a "
                  "float16 teacher can overflow: load it in bfloat16 or float32)")
     else:
-        bad = [name for name, p in run.trained.items() if not torch.isfinite(p).all()]
+        bad = [name for name, p in run.trained.items() if not torch.isfinite(_local(p)).all()]
         cause = (f"trained tensors hold NaN/inf: {bad[:3]}" if bad else
                  "the student's outputs are not finite although its trained weights are")
     raise NonFiniteError(f"distillation step {step}: the loss at budget {beta:g} is {loss}; "
@@ -732,8 +818,11 @@ def _loss_error(run: _Run, step: int, beta: float, loss: float,
 
 
 def _checkpoint(accelerator, ckpt: Path, step: int, params, optimizer, config) -> None:
+    """The main process writes the checkpoint; under FSDP2 every process first gathers
+    the shards (whole tensors), so that any number of processes can resume it."""
+    weights = {name: _full(p.detach()) for name, p in params.items()}
+    state = _full_state(getattr(optimizer, "optimizer", optimizer))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        inner = getattr(optimizer, "optimizer", optimizer)
-        save_checkpoint(ckpt, step, params, inner, {"config": config.to_dict()})
+        save_checkpoint(ckpt, step, weights, state, {"config": config.to_dict()})
     accelerator.wait_for_everyone()
