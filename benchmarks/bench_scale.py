@@ -89,7 +89,8 @@ def main() -> None:
     blocks = min(args.blocks or depth, depth)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     keep = re.compile(rf"model\.layers\.({'|'.join(map(str, range(blocks)))})\.")
-    targets = find_targets(model, lambda name, module: bool(keep.match(name)))
+    # names only: a dict of the modules would keep every dense layer alive beside its factors
+    targets = set(find_targets(model, lambda name, module: bool(keep.match(name))))
     rest = [n for n in find_targets(model) if n not in targets]
     dense_block = _block_bytes(model)
     growth = factor_growth(model, rest)

@@ -432,6 +432,52 @@ def test_rank_deficient_covariance_is_reported_once(caplog):
     assert "rank-deficient" not in caplog.text
 
 
+def clamped_report(caplog, model, batches):
+    """(warning records, info records) of factorize_'s rank-deficiency report, and the
+    layers numpy's eigh finds deficient in the same covariances."""
+    from flexrank.compress.config import EIGEN_FLOOR
+
+    stats = collect_covariances(model, batches, progress=False)
+    expected = deficient_layers(stats, EIGEN_FLOOR)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flexrank.compress.surgery"):
+        factorize_(model, stats, progress=False)
+    records = [r for r in caplog.records if r.name == "flexrank.compress.surgery"]
+    return ([r.getMessage() for r in records if r.levelno == logging.WARNING],
+            [r.getMessage() for r in records if r.levelno == logging.INFO], expected)
+
+
+def test_a_dead_input_feature_with_enough_tokens_is_conditioning_not_missing_data(caplog):
+    """One input feature of q/k/v held at zero (its norm weight zeroed: 1 of 32 directions,
+    3 %) over 128 varied tokens per dimension: no warning that asks for more text, one info
+    line counting the layers numpy finds deficient."""
+    model = llama64()
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[5] = 0.0
+    warnings, infos, expected = clamped_report(
+        caplog, model, token_batches(VOCAB, num=16, batch=4, seq=64))
+    assert expected == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2)
+                        for p in "qkv"}
+    assert not [w for w in warnings if "rank-deficient" in w], warnings
+    assert len(infos) == 1 and infos[0].startswith(f"{len(expected)} layers' inputs have a few "
+                                                   "directions of variance below"), infos
+
+
+def test_identical_sequences_are_warned_however_many_tokens(caplog):
+    """One 8-token sequence repeated to 2048 tokens (64 per dimension of the widest input):
+    enough tokens, but every input spans at most 8 directions, so the warning asks for
+    varied text, naming every layer numpy finds deficient."""
+    row = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    same = [{"input_ids": row.repeat(4, 1), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+            for _ in range(64)]
+    warnings, infos, expected = clamped_report(caplog, llama64(), same)
+    assert len(expected) == 14  # 7 layers in each of the 2 blocks
+    (warning,) = [w for w in warnings if "rank-deficient" in w]
+    assert warning.startswith(f"{len(expected)} layers read a rank-deficient input covariance")
+    assert "varied" in warning and not infos
+
+
 def test_few_tokens_warning_counts_the_tokens_seen(caplog):
     model = llama64()
     batch = ids(2, 16)

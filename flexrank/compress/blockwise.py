@@ -256,6 +256,7 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     if not targets:
         raise ValueError("the model has no layer FlexRank can factorise (Linear, Conv1d, "
                          "Conv2d, GPT-2 Conv1D)")
+    order = list(targets)
     blocks_name, blocks = find_target_blocks(model, targets)
     if not blocks:
         logger.info("no repeated blocks hold the target layers: calibrating all at once")
@@ -281,7 +282,6 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     finally:
         model.train(was_training)
     warn_few_tokens(seen)
-    order = list(targets)
     return sorted(reports, key=lambda report: order.index(report.name))
 
 
@@ -293,7 +293,8 @@ def _factorize_blocks(blocks, blocks_name, targets, calls_of, store: HiddenState
                       config, precise, progress, keep_last: bool):
     """Each block in turn: covariances on its inputs (taken from `store`), its outputs put
     in `store` as the next block's inputs, its layers factorised, its covariances freed.
-    One batch's hidden states are held at a time (with `store` on disk).
+    One batch's hidden states are held at a time (with `store` on disk). Each block's
+    layers leave `targets` as they are factorised: their dense weights are freed then.
 
     Returns (reports, tokens seen per leader, each batch's last-block output form for
     `_like`); the last block's outputs stay in `store` when `keep_last`."""
@@ -307,7 +308,7 @@ def _factorize_blocks(blocks, blocks_name, targets, calls_of, store: HiddenState
         for index, block in enumerate(blocks):
             last = index + 1 == len(blocks)
             prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
-            mine = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")}
+            mine = {n: targets.pop(n) for n in list(targets) if n.startswith(f"{prefix}.")}
             with CovarianceCollector(mine, precise=precise) as collector:
                 for b, calls in enumerate(calls_of):
                     collector.token_mask = masks[b]
@@ -321,10 +322,11 @@ def _factorize_blocks(blocks, blocks_name, targets, calls_of, store: HiddenState
                         templates[b] = type(output)((None, *output[1:]))
                     del output
             stats = collector.stats.all_reduce_()
+            del collector  # it holds the block's layers: each is freed once replaced
             seen.update({leader: (count, stats.sums[leader].shape[0])
                          for leader, count in stats.counts.items()})
             reports += _swap(block, prefix, mine, stats, config, bar, clamped)
-            del stats, collector  # this block's covariances
+            del stats  # this block's covariances
     clamped.warn_rank_deficient()
     return reports, seen, templates
 def _swap(root: nn.Module, prefix: str, targets, stats, config, bar,

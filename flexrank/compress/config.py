@@ -19,6 +19,11 @@ from flexrank.budget import same_budget
 # Eigenvalues of Σ below EIGEN_FLOOR · λ_max are clamped to it: directions the data never
 # visits get a tiny, but invertible, weight instead of an infinite inverse.
 EIGEN_FLOOR = 1e-8
+# Σ of an n-wide input from N tokens has rank at most N, and its small eigenvalues are noisy
+# long before N < n. compress's default calibration (128 sequences of 256 tokens) gives 21
+# tokens per input dimension on SmolLM2-135M's widest input (1536, the MLP down projection);
+# collect_covariances warns below 16, on the tokens it actually saw.
+RECOMMENDED_TOKENS_PER_DIM = 16
 
 
 class SvdMethod(enum.StrEnum):

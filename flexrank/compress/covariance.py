@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexrank.compress.calibration import as_batch, to_device
+from flexrank.compress.config import RECOMMENDED_TOKENS_PER_DIM
 from flexrank.compress.select import FilterFn, find_targets
 
 logger = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ logger = logging.getLogger(__name__)
 ACCUMULATE_DTYPE = torch.float64
 GRAM_DTYPE = torch.float32
 GRAM_CHUNK = 512
-# Σ of an n-wide input from N tokens has rank at most N, and its small eigenvalues are noisy
-# long before N < n. compress's default calibration (128 sequences of 256 tokens) gives 21
-# tokens per input dimension on SmolLM2-135M's widest input (1536, the MLP down projection);
-# collect_covariances warns below 16, on the tokens it actually saw.
-RECOMMENDED_TOKENS_PER_DIM = 16
 
 
 @dataclass
