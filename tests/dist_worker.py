@@ -6,8 +6,9 @@ Rank 0 writes the results to OUT. Used by test_distributed.py.
     dist_worker.py OUT [--fsdp] [--output-dir DIR] [--stop-after STEP]
 
 --fsdp: FSDP2 (full shard) through Accelerate. --output-dir: distil with checkpoints there
-(every 2 steps), resuming from one found there. --stop-after STEP: every process stops
-right after the checkpoint of STEP is written, as a killed run would, and writes nothing.
+(every 2 steps), resuming from one found there. Held-out figures every 2 steps.
+--stop-after STEP: every process stops right after the checkpoint of STEP is written, as a
+killed run would, and writes nothing.
 """
 
 import argparse
@@ -64,7 +65,7 @@ def stop_after(step: int) -> None:
 def run(out: Path, fsdp: bool = False, output_dir: Path | None = None,
         stop: int | None = None) -> None:
     # built before the process group exists, so each rank decomposes from its own full sums
-    student, teacher, plan, train, _ = tiny_elastic(seed=7)
+    student, teacher, plan, train, held_out = tiny_elastic(seed=7)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     accelerator = make_accelerator(fsdp)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -76,12 +77,12 @@ def run(out: Path, fsdp: bool = False, output_dir: Path | None = None,
     sens = probe(student, teacher, train[:2], ProbeConfig(mode="fisher", num_levels=4,
                  fisher_draws=5, fisher_points=1), progress=False)
     config = DistillConfig(steps=STEPS, batch_size=4, lr=1e-3, warmup_steps=1,
-                           checkpoint_every=2 if output_dir else 0)
+                           checkpoint_every=2 if output_dir else 0, eval_every=2)
     if stop is not None:
         stop_after(stop)
     try:
-        distill(student, teacher, plan, train, config, accelerator=accelerator,
-                output_dir=output_dir, progress=False)
+        result = distill(student, teacher, plan, train, config, eval_batches=held_out,
+                         accelerator=accelerator, output_dir=output_dir, progress=False)
     except Stopped:
         return
     if accelerator.is_main_process:
@@ -94,6 +95,11 @@ def run(out: Path, fsdp: bool = False, output_dir: Path | None = None,
         tensors |= {f"fisher.{name}": torch.as_tensor(estimate.errors[i])
                     for i, name in enumerate(estimate.layer_names)}
         tensors["tokens"] = torch.tensor([stats.num_tokens])
+        tensors["steps_run"] = torch.tensor([len(result.losses)])  # by this launch
+        last = result.evals[-1]  # held-out KL at the last step, before the refit
+        tensors["eval_step"] = torch.tensor([last["step"]])
+        tensors |= {f"eval.{beta}": torch.tensor([figures["kl"]])
+                    for beta, figures in last["budgets"].items()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
 
 

@@ -44,7 +44,9 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_matches_one_process(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     one, one_dir = tmp_path / "one.safetensors", tmp_path / "one"
     assert _launch([str(one), "--output-dir", str(one_dir)], 1, 29509).returncode == 0
-    _compare(load_file(str(one)), load_file(str(out)))
+    resumed, reference = load_file(str(out)), load_file(str(one))
+    assert int(resumed["steps_run"]) == 2 and int(reference["steps_run"]) == 4
+    _compare(reference, resumed)
     # the last checkpoints (the trained factors before the full budget's refit, and AdamW's
     # moments), gathered from the shards, against the one process's
     for name in ("weights", "optimizer"):
@@ -81,6 +83,11 @@ def _compare(one: dict, two: dict) -> None:
     assert len(rows) == 28 and all(one[k][:-1].min() > 0 for k in rows)
     for key in rows:  # the same draws, summed in another order; the same measured ranks
         torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=0)
+    assert int(one["eval_step"]) == int(two["eval_step"]) == 4
+    evals = [k for k in one if k.startswith("eval.")]
+    assert len(evals) == 3 and all(float(one[k]) > 0 for k in evals)
+    for key in evals:  # every budget's held-out KL at step 4, run by every FSDP process
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-7)
     params = [k for k in one if k.startswith("param.")]
     assert params
     trained = 0

@@ -260,6 +260,7 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     blocks_name, blocks = find_target_blocks(model, targets)
     if not blocks:
         logger.info("no repeated blocks hold the target layers: calibrating all at once")
+        del targets  # factorize_ finds them again and frees each one as it is replaced
         stats = collect_covariances(model, batches, filter_fn, config.include_lm_head,
                                     precise=precise, progress=progress)
         return factorize_(model, stats, config, filter_fn, progress=progress)
@@ -267,7 +268,7 @@ def factorize_blockwise_(model: nn.Module, batches: Iterable,
     device = next(model.parameters()).device
     batches = [to_device(as_batch(b, model), device) for b in batches]
     masks = [_token_mask(b) for b in batches]
-    outside = {n: m for n, m in targets.items() if not _inside(n, blocks_name)}
+    outside = {n: targets.pop(n) for n in list(targets) if not _inside(n, blocks_name)}
     was_training = model.training
     model.eval()
     try:
@@ -360,6 +361,7 @@ def _factorize_outside(model, blocks, outside, batches, masks, store: HiddenStat
             collector.end_batch()
             del output, replay
     stats = collector.stats.all_reduce_()
+    del collector  # it holds the layers: each is freed once replaced
     seen.update({leader: (count, stats.sums[leader].shape[0])
                  for leader, count in stats.counts.items()})
     clamped = WhiteningCache(None, config.eigen_floor)

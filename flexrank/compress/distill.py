@@ -303,15 +303,15 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
                     optimizer_state: dict, extra: dict) -> None:
     """Trainable weights, optimizer state (`Optimizer.state_dict()`, whole tensors) and
     step, atomically (a crash keeps the last)."""
-    state = optimizer_state
     tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
+    for index, per_param in optimizer_state["state"].items():
         for key, value in per_param.items():
             if torch.is_tensor(value):
                 tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, **extra}
+    meta = {"step": step, "param_groups": optimizer_state["param_groups"], "scalars": scalars,
+            **extra}
     with atomic_dir(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()},
                   str(tmp / "weights.safetensors"))
@@ -338,7 +338,7 @@ def load_checkpoint(directory: Path, params: dict[str, torch.Tensor],
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         param = in_order[int(index)]
-        if value.shape == param.shape:  # moments, sharded as their parameter
+        if name != "step":  # AdamW's moments, sharded as their parameter
             value = _shard_like(param, value)
         state.setdefault(int(index), {})[name] = value
     for key, value in meta["scalars"].items():
@@ -372,18 +372,36 @@ def _shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
 
 
-def _full_state(optimizer: torch.optim.Optimizer) -> dict:
-    """`optimizer.state_dict()` with whole tensors (gathered under FSDP2: every process
-    must call it, in the same order, which state_dict's is)."""
-    state = optimizer.state_dict()
-    return {**state, "state": {index: {k: _full(v) if torch.is_tensor(v) else v
-                                       for k, v in per_param.items()}
-                               for index, per_param in state["state"].items()}}
+def _gathered(values: dict, keep: bool) -> dict:
+    """`values` with each tensor whole, gathered one at a time (under FSDP2 every process
+    must call it, in the same order); kept, on the CPU, only where `keep` (the writer), so
+    no process holds more than one gathered tensor beyond what it keeps."""
+    out = {}
+    for key, value in values.items():
+        if not torch.is_tensor(value):
+            out[key] = value
+            continue
+        whole = _full(value.detach())
+        if keep:
+            out[key] = whole.cpu()
+        del whole
+    return out
 
 
-def _sharded(accelerator) -> bool:
-    """Accelerate prepares the student with FSDP2: its parameters become DTensor shards."""
-    return bool(getattr(accelerator, "is_fsdp2", False))
+def _sharded(accelerator, config: DistillConfig) -> bool:
+    """Accelerate prepares the student with FSDP2: its parameters become DTensor shards.
+    Raises ValueError under FSDP1 (its flat parameters are not handled here) or with
+    uncertainty weights (not a model parameter FSDP can shard)."""
+    if getattr(accelerator, "distributed_type", None) != "FSDP":
+        return False
+    if not accelerator.is_fsdp2:
+        raise ValueError("distill supports FSDP version 2 only: set fsdp_version: 2 in the "
+                         "Accelerate config (examples/accelerate/fsdp.yaml), or use DDP")
+    if config.uncertainty_weights:
+        raise ValueError("DistillConfig.uncertainty_weights is not supported under FSDP (its "
+                         "per-budget weights are not a model parameter FSDP can shard): set "
+                         "it to False, or distil with DDP")
+    return True
 
 
 # ---- the loop ------------------------------------------------------------------------
@@ -406,7 +424,7 @@ class _Run:
     elastic: ElasticModel  # the student and its plan; set_budget switches every layer
     wrapped: nn.Module  # the student as Accelerate prepared it (DDP-wrapped under DDP)
     teacher: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None once training is over (under FSDP)
     trained: dict[str, torch.Tensor]  # every tensor the optimizer updates, by name
     log_vars: nn.Parameter | None  # one uncertainty weight per budget, or None
     data: dict[str, torch.Tensor]  # every input, (N, ...) each (`stack_batches`)
@@ -482,23 +500,18 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
              output_dir, accelerator, progress: bool, objective: Objective = Objective.TOKEN_KL,
              positional: bool = False) -> DistillResult:
     """The run itself: optimizer, resume, training steps, last checkpoint, evaluations."""
-    sharded = _sharded(accelerator)
-    if sharded and config.uncertainty_weights:
-        raise ValueError("DistillConfig.uncertainty_weights is not supported under FSDP (its "
-                         "per-budget weights are not a model parameter FSDP can shard): set "
-                         "it to False, or distil with DDP")
+    sharded = _sharded(accelerator, config)
     # fully_shard turns the module it prepares into a sharded one for good: train a copy
     trainee = copy.deepcopy(model) if sharded else model
     run_elastic = ElasticModel(trainee, elastic.plan) if sharded else elastic
     params = _train_only_(trainee, config.train_all)
+    names = list(params)
     log_vars = nn.Parameter(torch.zeros(len(elastic.budgets))) \
         if config.uncertainty_weights else None
     optimizer = _optimizer(params, log_vars, config)
+    del params  # under FSDP2 the unsharded tensors are freed once fully_shard has copied them
     wrapped, optimizer = accelerator.prepare(trainee, optimizer)
-    # FSDP2 puts sharded parameters (DTensor) in place of the module's: take them by name
-    current = dict(trainee.named_parameters())
-    saved = {name: current[name] for name in params} | \
-        ({"_log_vars": log_vars} if log_vars is not None else {})
+    saved = _prepared_parameters(names, optimizer, log_vars)
     ckpt = Path(output_dir) / CHECKPOINT_DIR if output_dir else None
     start_step = _resume(ckpt, saved, getattr(optimizer, "optimizer", optimizer))
     run = _Run(run_elastic, wrapped, teacher.to(accelerator.device), optimizer, dict(saved),
@@ -510,9 +523,11 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
     if ckpt is not None and config.steps > start_step:
         _checkpoint(accelerator, ckpt, config.steps, saved, optimizer, config)
     if sharded:  # the trained tensors, whole, into the caller's model; the copy is dropped
-        _copy_back_(model, {name: current[name] for name in params}, accelerator.device)
-        run = replace(run, elastic=elastic, wrapped=model, trained={}, sharded=False)
-        del trainee, run_elastic, wrapped, current, saved, params
+        _copy_back_(model, {name: saved[name] for name in names}, accelerator.device)
+        run = replace(run, elastic=elastic, wrapped=model, optimizer=None, trained={},
+                      sharded=False)
+        del trainee, run_elastic, wrapped, optimizer, saved
+        accelerator.free_memory()  # its references to the sharded copy and its optimizer
     # never trained (no step now, none in a resumed checkpoint), the factors are DataSVD's,
     # whose full rank is the original layer already (U Vᵀ = W): the refit's covariance
     # pass would only cost time (~8 min for SmolLM2)
@@ -523,6 +538,19 @@ def _distill(model: nn.Module, elastic: ElasticModel, teacher: nn.Module,
             (not result.evals or result.evals[-1]["step"] != config.steps):
         _evaluate(run, eval_batches, config.steps, result)
     return result
+
+
+def _prepared_parameters(names: list[str], optimizer, log_vars: nn.Parameter | None
+                         ) -> dict[str, torch.Tensor]:
+    """The trained tensors by name as the optimizer holds them after Accelerate's prepare:
+    the same under DDP; under FSDP2 the DTensor shards that replaced them, which Accelerate
+    maps into the optimizer in order (the module's own names would carry activation
+    checkpointing's wrapper prefix). `names` in the order of `_optimizer`'s first group."""
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    saved = dict(zip(names, groups[0]["params"], strict=True))
+    if log_vars is not None:
+        saved["_log_vars"] = groups[1]["params"][0]
+    return saved
 
 
 def _copy_back_(model: nn.Module, params: dict[str, nn.Parameter], device) -> None:
@@ -820,9 +848,12 @@ def _loss_error(run: _Run, step: int, beta: float, loss: float,
 def _checkpoint(accelerator, ckpt: Path, step: int, params, optimizer, config) -> None:
     """The main process writes the checkpoint; under FSDP2 every process first gathers
     the shards (whole tensors), so that any number of processes can resume it."""
-    weights = {name: _full(p.detach()) for name, p in params.items()}
-    state = _full_state(getattr(optimizer, "optimizer", optimizer))
+    keep = accelerator.is_main_process
+    weights = _gathered(params, keep)
+    state = getattr(optimizer, "optimizer", optimizer).state_dict()
+    state = {**state, "state": {index: _gathered(per_param, keep)
+                                for index, per_param in state["state"].items()}}
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if keep:
         save_checkpoint(ckpt, step, weights, state, {"config": config.to_dict()})
     accelerator.wait_for_everyone()
