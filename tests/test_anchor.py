@@ -27,7 +27,7 @@ def random_problem(m=8, n=6, seed=0):
 
 @torch.no_grad()
 def full_rank_logits(model, ids):
-    """`model`'s logits with every nested layer at its maximal rank (β = 1)."""
+    """Set every nested layer of `model` to its maximal rank (β = 1); its logits then."""
     for layer in nested_layers(model).values():
         layer.rank = layer.max_rank
     return model(ids).logits

@@ -51,7 +51,8 @@ class LayerReport:
 # sequences. Below it, the clamped directions are the ill-conditioning of real activations
 # (DESIGN.md §4.1): SmolLM2-135M on 32k tokens of tinyshakespeare clamps 1-3 of 576 (at
 # most 0.5 %) in 12 inputs, each the direction of one feature (eigenvector ≥ 0.8 on it)
-# that the RMSNorm before it all but zeroes (|weight| 1e-5 to 8e-4), the same at 8k tokens.
+# that the RMSNorm before it all but zeroes (|weight| 1e-5 to 3e-3), the same at 8k tokens
+# (benchmarks/bench_clamped_directions.py).
 RANK_POOR_SHARE = 0.05
 
 
