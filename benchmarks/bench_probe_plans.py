@@ -133,14 +133,17 @@ def load_bench(out: Path, eval_tokens: int) -> Bench:
                  nested_layers(student))
 
 
+def variant_file(folder: Path, name: str) -> Path:
+    return folder / f"variant-{list(VARIANTS).index(name)}.json"
+
+
 def run_variant(bench: Bench, folder: Path, name: str, threads: int) -> dict:
     """The variant's probe record, from its file under `folder` or run (and timed) now."""
     config, samples, *where = VARIANTS[name]
-    stem = folder / f"variant-{list(VARIANTS).index(name)}"
-    done = stem.with_suffix(".json")
+    done = variant_file(folder, name)
     if done.is_file():
         return json.loads(done.read_text())
-    partial = stem.with_suffix(".partial.json")
+    partial = done.with_suffix(".partial.json")
     resumed = partial.is_file()
     begin, load = time.perf_counter(), os.getloadavg()[0]
     sens = probe(bench.student, bench.teacher, bench.probe_batches(samples, *where),
@@ -154,10 +157,10 @@ def run_variant(bench: Bench, folder: Path, name: str, threads: int) -> dict:
     return record
 
 
-def rescaled_sensitivity(bench: Bench, folder: Path, spec: str) -> Sensitivity:
+def rescaled_sensitivity(bench: Bench, folder: Path, spec: str) -> tuple[str, Sensitivity]:
     """`spec` = 'CURVE@LEVELS': CURVE ('tail': each layer's tail energy; else a saved
     variant's curves, by name substring) rescaled to the reference's measured damage at
-    LEVELS (and 0 at full rank), at the reference's ranks."""
+    LEVELS (and 0 at full rank), at the reference's ranks. Returns (a row name, it)."""
     measured = Sensitivity.from_dict(json.loads((folder / "variant-0.json").read_text())
                                      ["sensitivity"])
     curve_name, levels = spec.rsplit("@", 1)
@@ -170,14 +173,15 @@ def rescaled_sensitivity(bench: Bench, folder: Path, spec: str) -> Sensitivity:
                   for i, n in enumerate(measured.layer_names)]
     else:
         (match,) = [n for n in VARIANTS if curve_name in n]
-        stem = folder / f"variant-{list(VARIANTS).index(match)}.json"
-        curves = Sensitivity.from_dict(json.loads(stem.read_text())["sensitivity"]).errors
+        curves = Sensitivity.from_dict(json.loads(variant_file(folder, match).read_text())
+                                       ["sensitivity"]).errors
     errors = [_fill_from_curve(list(curves[i]), [int(r) for r in measured.ranks[i]],
                                {**{k: float(measured.errors[i][k]) for k in levels},
                                 measured.ranks.shape[1] - 1: 0.0})
               for i in range(len(measured.layer_names))]
-    return Sensitivity(list(measured.layer_names), list(measured.shapes),
-                       measured.ranks.copy(), np.array(errors))
+    return (f"{curve_name} rescaled to the reference's levels {levels}",
+            Sensitivity(list(measured.layer_names), list(measured.shapes),
+                        measured.ranks.copy(), np.array(errors)))
 
 
 def print_table(bench: Bench, results: dict, names: list[str], reference: dict,
@@ -232,8 +236,7 @@ def main() -> None:
     results = {}
     for name in names:
         record = run_variant(bench, folder, name, args.threads)
-        results[name] = r = bench.evaluate(record, folder / f"variant-"
-                                           f"{list(VARIANTS).index(name)}.json")
+        results[name] = r = bench.evaluate(record, variant_file(folder, name))
         print(f"{name}: {r['seconds'] / 60:.1f} min ({record['threads']} threads, load "
               f"{record['load_average']}); ppl {_ppl_line(r['ppl'])}", flush=True)
 
@@ -245,11 +248,9 @@ def main() -> None:
         results[reference_name] = bench.evaluate(json.loads(first.read_text()), first)
         names.insert(0, reference_name)
     for spec in args.rescaled:
-        name = f"{spec.rsplit('@', 1)[0]} rescaled to the reference's levels " \
-               f"{[int(k) for k in spec.rsplit('@', 1)[1].split(',')]}"
+        name, sens = rescaled_sensitivity(bench, folder, spec)
         results[name] = bench.evaluate({"seconds": float("nan"), "whole_run": True,
-                                        "sensitivity": rescaled_sensitivity(
-                                            bench, folder, spec).to_dict()})
+                                        "sensitivity": sens.to_dict()})
         names.append(name)
         print(f"{name}: ppl {_ppl_line(results[name]['ppl'])}", flush=True)
     print_table(bench, results, names, results[reference_name], args.threads)

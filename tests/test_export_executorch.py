@@ -92,6 +92,7 @@ def test_encoder_with_dynamic_batch_and_sequence(tmp_path):
     with torch.no_grad():
         expected = em.model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     torch.testing.assert_close(got[0], expected.last_hidden_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], expected.pooler_output, atol=1e-4, rtol=1e-4)
 
 
 class DataDependent(nn.Module):
