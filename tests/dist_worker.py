@@ -3,15 +3,18 @@
 over the ranks) and a few distillation steps on this rank's slice of each global batch.
 Rank 0 writes the results to OUT. Used by test_distributed.py.
 
-    dist_worker.py OUT [--fsdp] [--output-dir DIR] [--stop-after STEP]
+    dist_worker.py OUT [--fsdp] [--output-dir DIR] [--stop-after STEP] [--nan-rank R]
 
 --fsdp: FSDP2 (full shard) through Accelerate. --output-dir: distil with checkpoints there
 (every 2 steps), resuming from one found there. Held-out figures every 2 steps.
 --stop-after STEP: every process stops right after the checkpoint of STEP is written, as a
-killed run would, and writes nothing.
+killed run would, and writes nothing. --nan-rank R: the teacher's logits are NaN on
+process R only (so is its loss); each process writes the NonFiniteError it raises to
+OUT.rank<i>.txt and exits with status 3.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from safetensors.torch import save_file
 import flexrank.compress.distill as distill_module
 from flexrank.compress.config import DistillConfig, ProbeConfig
 from flexrank.compress.covariance import collect_covariances
-from flexrank.compress.distill import distill
+from flexrank.compress.distill import NonFiniteError, distill
 from flexrank.compress.probe import probe
 
 STEPS = 4
@@ -63,7 +66,7 @@ def stop_after(step: int) -> None:
 
 
 def run(out: Path, fsdp: bool = False, output_dir: Path | None = None,
-        stop: int | None = None) -> None:
+        stop: int | None = None, nan_rank: int | None = None) -> None:
     # built before the process group exists, so each rank decomposes from its own full sums
     student, teacher, plan, train, held_out = tiny_elastic(seed=7)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -80,6 +83,16 @@ def run(out: Path, fsdp: bool = False, output_dir: Path | None = None,
                            checkpoint_every=2 if output_dir else 0, eval_every=2)
     if stop is not None:
         stop_after(stop)
+    if nan_rank is not None:
+        if rank == nan_rank:
+            teacher.lm_head.register_forward_hook(lambda module, args, out: out * math.nan)
+        try:
+            distill(student, teacher, plan, train, config, accelerator=accelerator,
+                    progress=False)
+        except NonFiniteError as err:
+            Path(f"{out}.rank{rank}.txt").write_text(str(err))
+            raise SystemExit(3) from None
+        return
     try:
         result = distill(student, teacher, plan, train, config, eval_batches=held_out,
                          accelerator=accelerator, output_dir=output_dir, progress=False)
@@ -109,5 +122,6 @@ if __name__ == "__main__":
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--nan-rank", type=int, default=None)
     args = parser.parse_args()
-    run(args.out, args.fsdp, args.output_dir, args.stop_after)
+    run(args.out, args.fsdp, args.output_dir, args.stop_after, args.nan_rank)

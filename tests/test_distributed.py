@@ -59,6 +59,27 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_matches_one_process(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_a_nan_loss_on_one_process_stops_every_process_with_its_cause(tmp_path, fsdp):
+    """Process 1's teacher gives NaN logits, so its loss alone is NaN: both processes
+    raise NonFiniteError at the same step (process 1 naming the teacher, process 0 naming
+    process 1), neither left waiting in a collective (torchrun would kill it first, and
+    it would write nothing)."""
+    out = tmp_path / "nan.safetensors"
+    done = _launch([str(out), "--nan-rank", "1", *(["--fsdp"] if fsdp else [])], 2,
+                   29510 + fsdp)
+    assert done.returncode != 0
+    reports = {rank: Path(f"{out}.rank{rank}.txt") for rank in (0, 1)}
+    assert all(path.is_file() for path in reports.values()), done.stderr[-3000:]
+    cause, other = reports[1].read_text(), reports[0].read_text()
+    assert cause.startswith("distillation step 0: the loss at budget ")
+    assert "the teacher's outputs are not finite" in cause
+    assert other.startswith("distillation step 0: the loss is NaN/inf on process(es) [1] "
+                            "of 2")
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     results = {}

@@ -709,6 +709,7 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
                                                                                   config))
     step_losses: dict[float, float] = {}
     tokens = 0
+    non_finite = None  # the first NaN/inf loss of this process: (budget, loss, teacher out)
     for micro in range(config.grad_accum):
         batch = _local_batch(run, step * config.grad_accum + micro)
         with torch.no_grad():
@@ -719,13 +720,14 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
             last = micro == config.grad_accum - 1 and position == len(chosen) - 1
             loss = _backward(run, batch, teacher_logits, k, len(chosen), sync=last,
                              teacher_states=teacher_states)
-            if not math.isfinite(loss):
-                _loss_error(run, step, run.elastic.budgets[k], loss, teacher_logits)
+            if not math.isfinite(loss) and non_finite is None:
+                non_finite = run.elastic.budgets[k], loss, teacher_logits
             step_losses[run.elastic.budgets[k]] = loss
         # tokens for token-id models, else inputs (images, rows)
         seen = batch["attention_mask"].sum() if "attention_mask" in batch \
             else len(next(iter(batch.values())))
         tokens += int(seen) * accelerator.num_processes
+    _check_losses(run, step, non_finite)
     if getattr(accelerator, "scaler", None) is None:  # a GradScaler skips such steps itself
         _check_gradients(run, step)  # before clipping, which spreads a NaN to every tensor
     accelerator.clip_grad_norm_(list(run.trained.values()), config.max_grad_norm)
@@ -739,10 +741,35 @@ DIVERGED_ADVICE = ("lower DistillConfig.lr or max_grad_norm, check the batches, 
                    "(a run with output_dir resumes from its last checkpoint)")
 
 
+def _check_losses(run: _Run, step: int,
+                  non_finite: tuple[float, float, torch.Tensor] | None) -> None:
+    """NonFiniteError on every process when any process's loss was NaN or inf this step,
+    before the optimizer step. Each process finishes its step's backward passes first and
+    the processes agree through one all-reduce: a process that raised alone would leave
+    the others waiting in the next collective (with torchrun they are killed without a
+    word; across nodes they wait for the collective's timeout). `non_finite`: this
+    process's first (budget, loss, teacher output) with a NaN/inf loss, or None."""
+    accelerator = run.accelerator
+    others = 0
+    if accelerator.num_processes > 1:
+        flags = torch.zeros(accelerator.num_processes, dtype=torch.int32,
+                            device=accelerator.device)
+        flags[accelerator.process_index] = non_finite is not None
+        torch.distributed.all_reduce(flags)
+        others = int(flags.sum()) - (non_finite is not None)
+    if non_finite is not None:
+        _loss_error(run, step, *non_finite)
+    if others:
+        bad = [i for i, flag in enumerate(flags.tolist()) if flag]
+        raise NonFiniteError(f"distillation step {step}: the loss is NaN/inf on process(es) "
+                             f"{bad} of {accelerator.num_processes} (their error says why); "
+                             f"the weights were not updated; {DIVERGED_ADVICE}")
+
+
 def _check_gradients(run: _Run, step: int) -> None:
     """NonFiniteError before the optimizer step when a gradient is NaN or inf."""
     grads = {name: p.grad for name, p in run.trained.items() if p.grad is not None}
-    finite = _all_finite(grads, run.sharded)
+    finite = _all_finite(grads, run.accelerator.device if run.sharded else None)
     if finite is None:
         return
     bad = [name for name, ok in zip(grads, finite, strict=True) if not ok]
@@ -753,7 +780,7 @@ def _check_gradients(run: _Run, step: int) -> None:
 
 def _check_weights(run: _Run, step: int) -> None:
     """NonFiniteError when the optimizer step left a trained tensor NaN or inf."""
-    finite = _all_finite(run.trained, run.sharded)
+    finite = _all_finite(run.trained, run.accelerator.device if run.sharded else None)
     if finite is None:
         return
     bad = [name for name, ok in zip(run.trained, finite, strict=True) if not ok]
@@ -761,15 +788,18 @@ def _check_weights(run: _Run, step: int) -> None:
                          f"trained tensors hold NaN/inf (first {bad[:3]}); {DIVERGED_ADVICE}")
 
 
-def _all_finite(tensors: dict[str, torch.Tensor], sharded: bool = False) -> list[bool] | None:
-    """None when every tensor is finite (one device sync), else a flag per tensor. Sharded
-    (DTensor) tensors are checked shard by shard and the flags agreed over the processes
-    (else one would raise while the others wait in the next collective)."""
+def _all_finite(tensors: dict[str, torch.Tensor],
+                agree_on: torch.device | None = None) -> list[bool] | None:
+    """None when every tensor is finite (one device sync), else a flag per tensor. With
+    `agree_on` (sharded, DTensor tensors: the accelerator's device) each process checks
+    its shards and the flags are agreed over the processes there (else one would raise
+    while the others wait in the next collective); on that device, not the shards', which
+    are on the CPU when FSDP offloads them and NCCL reduces only GPU tensors."""
     if not tensors:
         return None
     finite = torch.stack([torch.isfinite(_local(t)).all() for t in tensors.values()])
-    if sharded:
-        finite = finite.to(torch.int32)
+    if agree_on is not None:
+        finite = finite.to(device=agree_on, dtype=torch.int32)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         finite = finite.bool()
     return None if bool(finite.all()) else finite.tolist()
