@@ -43,7 +43,6 @@ from flexrank.compress.elastic import ElasticModel
 from flexrank.compress.models import load_model
 from flexrank.compress.objectives import mean_pool
 from flexrank.compress.probe import probe
-from flexrank.compress.select import nested_layers
 from flexrank.compress.surgery import factorize_
 from flexrank.exporters import export
 from flexrank.io import atomic_path
@@ -157,9 +156,9 @@ def main():
                         help="DistillConfig.intermediate_weight: per-block hidden-state "
                              "matching (objectives.layer_loss)")
     parser.add_argument("--balance-factors", action="store_true",
-                        help="before distilling, scale each rank component of every nested "
-                             "layer so that its U column and V column have equal norms "
-                             "(U diag(d), V diag(1/d): every budget's weights unchanged)")
+                        help="DistillConfig.balance_factors: before distilling, scale each "
+                             "rank component of every nested layer so that its U column and "
+                             "V column have equal norms (every budget's weights unchanged)")
     parser.add_argument("--no-export", action="store_true",
                         help="stop after distillation (no export, no onnxruntime figures)")
     parser.add_argument("--skip-refit", action="store_true",
@@ -259,33 +258,12 @@ def start_student(teacher, tokenizer, train, held_out, args, results, start: Pat
     return elastic
 
 
-@torch.no_grad()
-def balance_factors_(model) -> dict:
-    """Scale, in place, column i of every nested layer's U by d_i and of V by 1/d_i, with
-    d_i = sqrt(|V_i| / |U_i|), so both have norm sqrt(|U_i| |V_i|). U[:, :r] V[:, :r]^T is
-    unchanged for every r (so is every budget), but AdamW's per-entry steps (about lr
-    each) now move U and V by similar fractions: DataSVD leaves V's entries ~40x smaller
-    than U's here (rms 0.006-0.012 against 0.2-0.5), so V moves ~40x faster, relatively.
-    Returns the median |U_i| / |V_i| before, over all components."""
-    ratios = []
-    for layer in nested_layers(model).values():
-        nu, nv = layer.U.norm(dim=0), layer.V.norm(dim=0)  # (max_rank,)
-        live = (nu > 0) & (nv > 0)
-        d = torch.where(live, (nv / nu.clamp_min(1e-30)).sqrt(), torch.ones_like(nu))
-        ratios.append((nu[live] / nv[live]).cpu())
-        layer.U.mul_(d)
-        layer.V.div_(d)
-    return {"median_u_over_v_norm_before": float(torch.cat(ratios).median())}
-
-
 def compress_and_distill(teacher, tokenizer, train, held_out, args, results, start: Path
                          ) -> ElasticModel:
     elastic = start_student(teacher, tokenizer, train, held_out, args, results, start)
     student, nested = elastic.model, elastic.plan
     with atomic_path(args.out / "results-before.json") as tmp:  # a long run's first figures
         tmp.write_text(json.dumps(results, indent=1, default=str))
-    if args.balance_factors:
-        results["balance"] = balance_factors_(student)
     weights = tuple(float(w) for w in args.budget_weights.split(",")) \
         if args.budget_weights else None
     config = DistillConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
@@ -293,6 +271,7 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
                            else max(1, args.steps // 20), objective="feature",
                            max_grad_norm=args.max_grad_norm,
                            intermediate_weight=args.intermediate_weight,
+                           balance_factors=args.balance_factors,
                            checkpoint_every=args.eval_every, full_budget=args.full_budget,
                            sampler=args.sampler, budget_weights=weights,
                            eval_every=args.eval_every)
@@ -306,6 +285,8 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
         run = distill(student, teacher, nested, args.distill_batches, config,
                       eval_batches=held_out if args.eval_every else None,
                       output_dir=args.out / "distill")
+    if run.factor_norm_ratio is not None:
+        results["balance"] = {"median_u_over_v_norm_before": run.factor_norm_ratio}
     results["loss_first_last"] = [run.losses[0], run.losses[-1]] if run.losses else []
     results["evals"] = [{"step": e["step"], "cosine": {b: v["cosine"]
                                                        for b, v in e["budgets"].items()}}

@@ -91,6 +91,13 @@ BAD_OPTIONS = [
     (["export", "m", "--steps", "-1"], "argument --steps: -1 is out of range: must be >= 0"),
     (["export", "m", "--budgets", "1,abc"], "argument --budgets: 'abc' in '1,abc' is not a "
                                             "number"),
+    (["compress", "m", "-o", "o", "--budget-weights", "0.6=0.5"],
+     "argument --budget-weights: '0.6=0.5' in '0.6=0.5' is not a budget:weight pair with a "
+     "weight >= 0: give pairs like 0.6:0.5,0.8:0.45,0.4:0.05"),
+    (["compress", "m", "-o", "o", "--budget-weights", "0.6:0.5,0.8:-1"],
+     "argument --budget-weights: '0.8:-1' in '0.6:0.5,0.8:-1' is not a budget:weight pair"),
+    (["compress", "m", "-o", "o", "--intermediate-weight", "-1"],
+     "argument --intermediate-weight: -1.0 is out of range: must be >= 0"),
 ]
 
 
@@ -117,6 +124,31 @@ def test_options_checked_together_before_any_work(argv, message, monkeypatch, ca
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+
+
+def test_compress_budget_weights_by_budget_and_checked_before_any_work(monkeypatch, capsys):
+    """--budget-weights pairs become DistillConfig.budget_weights in ascending budget order
+    (left-out budgets 0), with the other encoder-recipe options; a β that --budgets lacks is
+    refused before the model is loaded."""
+    import flexrank.compress.pipeline as pipeline
+    from flexrank.cli import build_parser
+    from flexrank.cli.compress import compress_config
+
+    args = build_parser().parse_args([
+        "compress", "m", "-o", "o", "--budgets", "1,0.5,0.8,0.6", "--sampler", "weighted",
+        "--budget-weights", "0.8:0.45,0.6:0.5,0.5:0.05", "--intermediate-weight", "1",
+        "--balance-factors"])
+    distill = compress_config(args).distill
+    assert distill.budget_weights == (0.05, 0.5, 0.45, 0.0)  # β 0.5, 0.6, 0.8, 1
+    assert (distill.sampler, distill.intermediate_weight, distill.balance_factors) == \
+        ("weighted", 1.0, True)
+    assert compress_config(build_parser().parse_args(
+        ["compress", "m", "-o", "o"])).distill.balance_factors is False
+    monkeypatch.setattr(pipeline, "compress", not_called)
+    assert main(["compress", "m", "-o", "o", "--budget-weights", "0.5:1,0.6:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --budget-weights names budget(s) [0.5] that --budgets "
+                          "1,0.8,0.6,0.4 does not have"), err
 
 
 def not_called(*args, **kwargs):

@@ -34,7 +34,8 @@ DISTILL = DistillConfig(steps=7, batch_size=2, grad_accum=3, lr=1e-3, weight_dec
                         sampler="weighted", budget_weights=(1.0, 2.5), uncertainty_weights=True,
                         train_all=True, eval_every=5, checkpoint_every=3,
                         mixed_precision="bf16", seed=4, objective="feature", qat="8da4w",
-                        qat_block_size=64, full_budget="refit", intermediate_weight=0.5)
+                        qat_block_size=64, full_budget="refit", intermediate_weight=0.5,
+                        balance_factors=True)
 FACTORIZE = FactorizeConfig(method="plain", eigen_floor=1e-6, include_lm_head=True)
 
 # One instance per config, every field other than `version` away from its default.
@@ -164,3 +165,15 @@ def test_sensitivity_and_plan_round_trip():
         NestedPlan.from_dict({**nested.to_dict(), "format": "flexrank-sensitivity"})
     with pytest.raises(ValueError, match="plan format version 2 is not supported"):
         NestedPlan.from_dict({**nested.to_dict(), "format_version": 2})
+
+
+def test_balance_factors_keys_the_resume_signature_only_when_set():
+    """A folder made before DistillConfig.balance_factors (no key) resumes under the default
+    (off); on changes the training, so it keys the resume."""
+    default = CompressConfig().signature("m")["distill"]
+    assert "balance_factors" not in default
+    keyed = CompressConfig(distill=DistillConfig(balance_factors=True)).signature("m")
+    assert keyed["distill"]["balance_factors"] is True
+    assert {k: v for k, v in keyed["distill"].items() if k != "balance_factors"} == default
+    config = CompressConfig(distill=DistillConfig(balance_factors=True))
+    assert CompressConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -383,31 +383,47 @@ def test_distillation_trims_padding_columns_exactly():
         torch.testing.assert_close(runs[1][2][name], value, msg=name)
 
 
-def test_balanced_factors_keep_every_budget_and_equalise_norms(monkeypatch):
-    """bench_encoder --balance-factors: U diag(d), V diag(1/d) leaves each budget's output
-    as it was (the unbalanced student, run before) and gives each rank component's U and V
-    columns equal norms (DataSVD leaves V's far smaller than U's)."""
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_encoder import balance_factors_
-
+@pytest.mark.parametrize("build, balanced", [
+    (bert_encoder, True), (vit_classifier, True), (bert_encoder, False)],
+    ids=["encoder", "classifier", "off"])
+def test_distill_balances_factors_keeping_every_budget(build, balanced):
+    """DistillConfig.balance_factors: U diag(d), V diag(1/d) before training leaves each
+    budget's output as it was (the student run before, at 0 steps) and gives each rank
+    component's U and V columns equal norms; the reported ratio is the median of the norms
+    measured here first. Off (the default), the factors are untouched."""
     from flexrank.compress.select import nested_layers
 
-    student, teacher, nested, train, held_out = elastic_student(bert_encoder)
+    student, teacher, nested, train, held_out = elastic_student(build)
     elastic = ElasticModel(student, nested)
+    x = held_out[0]
+    run = (lambda: student(**x).last_hidden_state) if build is bert_encoder \
+        else (lambda: student(x).logits)
     before = {}
     with torch.no_grad():
         for beta in BUDGETS:
             elastic.set_budget(beta)
-            before[beta] = student(**held_out[0]).last_hidden_state
-    ratio = balance_factors_(student)["median_u_over_v_norm_before"]
-    assert ratio > 2, ratio  # the imbalance it removes
+            before[beta] = run()
+    layers = nested_layers(student)
+    factors = {name: (layer.U.detach().clone(), layer.V.detach().clone())
+               for name, layer in layers.items()}
+    ratios = np.concatenate([(U.norm(dim=0) / V.norm(dim=0)).numpy()
+                             for U, V in factors.values()])
+    config = DistillConfig(steps=0, batch_size=8, checkpoint_every=0,
+                           balance_factors=balanced)
+    result = distill(student, teacher, nested, train, config, progress=False)
     with torch.no_grad():
         for beta, reference in before.items():
             elastic.set_budget(beta)
-            torch.testing.assert_close(student(**held_out[0]).last_hidden_state, reference,
-                                       rtol=1e-4, atol=1e-5, msg=str(beta))
-    for name, layer in nested_layers(student).items():
+            torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-5, msg=str(beta))
+    if not balanced:
+        assert result.factor_norm_ratio is None
+        for name, layer in layers.items():
+            assert torch.equal(layer.U, factors[name][0]) and torch.equal(layer.V,
+                                                                          factors[name][1])
+        return
+    assert np.median(ratios) > 2, np.median(ratios)  # the imbalance it removes
+    assert result.factor_norm_ratio == pytest.approx(float(np.median(ratios)), rel=1e-5)
+    for name, layer in layers.items():
         torch.testing.assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0), rtol=1e-4,
                                    atol=1e-7, msg=name)
+        assert not torch.equal(layer.U, factors[name][0]), name

@@ -4,6 +4,7 @@ checkpoint (resumable); also the calibration arguments shared with `decompose`."
 from __future__ import annotations
 
 import argparse
+import math
 
 from flexrank.compress.aliases import DEFAULT_MODEL
 from flexrank.compress.config import (
@@ -39,6 +40,35 @@ def budget_list(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def budget_weight_pairs(text: str) -> dict[float, float]:
+    """argparse type for `--budget-weights 0.6:0.5,0.8:0.45,0.4:0.05`: β:weight pairs, each
+    weight a finite number >= 0 (budgets left out get weight 0)."""
+    def pair(item: str) -> tuple[float, float]:
+        beta, sep, weight = item.partition(":")
+        if not sep:
+            raise ValueError(item)
+        beta, weight = float(beta), float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(item)
+        return beta, weight
+    pairs = _comma_list(text, pair, "a budget:weight pair with a weight >= 0",
+                        "pairs like 0.6:0.5,0.8:0.45,0.4:0.05")
+    return dict(pairs)
+
+
+def budget_weights(args) -> tuple[float, ...] | None:
+    """--budget-weights as DistillConfig.budget_weights (one per budget, ascending budgets);
+    ValueError for a β that is not one of --budgets."""
+    if args.budget_weights is None:
+        return None
+    unknown = sorted(set(args.budget_weights) - set(args.budgets))
+    if unknown:
+        raise ValueError(f"--budget-weights names budget(s) {unknown} that --budgets "
+                         f"{','.join(f'{b:g}' for b in args.budgets)} does not have: weigh "
+                         "those budgets (the others get weight 0)")
+    return tuple(args.budget_weights.get(beta, 0.0) for beta in sorted(args.budgets))
+
+
 def whole_number(low: int):
     """argparse type: a whole number >= `low`."""
     def parse(text: str) -> int:
@@ -60,6 +90,17 @@ def positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be > 0")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 0")
     return value
 
 
@@ -115,7 +156,10 @@ def compress_config(args) -> CompressConfig:
                           fisher_points=args.fisher_points),
         probe_samples=args.probe_samples,
         distill=DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr,
-                              sampler=args.sampler, grad_accum=args.grad_accum,
+                              sampler=args.sampler, budget_weights=budget_weights(args),
+                              intermediate_weight=args.intermediate_weight,
+                              balance_factors=args.balance_factors,
+                              grad_accum=args.grad_accum,
                               seed=args.seed, qat=args.qat,
                               qat_block_size=args.qat_block_size,
                               full_budget=full_budget(args)),
@@ -181,7 +225,25 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=whole_number(1), default=4, help="sequences per step")
     p.add_argument("--grad-accum", type=whole_number(1), default=1)
     p.add_argument("--lr", type=positive_number, default=DistillConfig.lr)
-    p.add_argument("--sampler", choices=("uniform", "sandwich"), default=DistillConfig.sampler)
+    p.add_argument("--sampler", choices=("uniform", "sandwich", "weighted"),
+                   default=DistillConfig.sampler,
+                   help="budgets trained each step: sandwich (the largest, the smallest and "
+                        "one other), uniform (one, uniformly) or weighted (one, drawn by "
+                        "--budget-weights)")
+    p.add_argument("--budget-weights", type=budget_weight_pairs, default=None,
+                   metavar="B:W,...",
+                   help="β:weight pairs, e.g. 0.6:0.5,0.8:0.45,0.4:0.05: the probability of "
+                        "each budget with --sampler weighted, of each as the middle one with "
+                        "sandwich; budgets left out are not drawn (BENCHMARKS.md: all-MiniLM-"
+                        "L6-v2's goals were reached this way, one budget a step)")
+    p.add_argument("--intermediate-weight", type=non_negative_number, default=0.0,
+                   help="adds this weight x per-block hidden-state matching (token cosine + "
+                        "normalised MSE of every block's output) to the output objective "
+                        "(default 0: off)")
+    p.add_argument("--balance-factors", action="store_true",
+                   help="before distilling, scale each rank component's U and V columns to "
+                        "equal norms (every budget unchanged; AdamW then moves both at one "
+                        "pace: DataSVD leaves V 30-90x smaller on all-MiniLM-L6-v2)")
     p.add_argument("--qat", choices=("int4", "8da4w"), default=None,
                    help="quantization-aware distillation: train every budget for the 4-bit "
                         "weights it ships with (int4: ONNX MatMulNBits, for --quantize int4; "

@@ -219,6 +219,12 @@ class DistillConfig:
     # > 0: adds this weight × per-block hidden-state matching (objectives.layer_loss) to
     # the output objective; for models whose forward takes output_hidden_states
     intermediate_weight: float = 0.0
+    # True: before training, each rank component's U and V columns are scaled to equal
+    # norms (layers.balance_factors_: every budget unchanged; AdamW then moves U and V at
+    # the same relative pace). On all-MiniLM-L6-v2 at lr 2e-5 it removed the early dip of
+    # the held-out cosine (BENCHMARKS.md, encoders); on a tiny random BERT at lr 3e-4 it
+    # slowed training, so it is not the default
+    balance_factors: bool = False
     sampler: Sampler = Sampler.SANDWICH  # the largest anchors the factors
     # sampler="weighted": the probability of each budget (ascending, as the plan's);
     # "sandwich": of each budget as the random middle one (0: never trained)
@@ -399,4 +405,6 @@ class CompressConfig:
         # afterwards, on every run: such folders resume, and are anchored when resumed
         if data["distill"].get("full_budget") != "refit":
             data["distill"].pop("full_budget", None)
+        if not data["distill"].get("balance_factors"):  # as folders from before it
+            data["distill"].pop("balance_factors", None)
         return {"model": model_id, **data}

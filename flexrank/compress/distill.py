@@ -51,6 +51,7 @@ from flexrank.compress.config import DistillConfig, Objective
 from flexrank.compress.covariance import collect_covariances
 from flexrank.compress.depth_layers import stand_in_parameters
 from flexrank.compress.elastic import ElasticModel
+from flexrank.compress.layers import balance_factors_
 from flexrank.compress.objectives import (
     block_states,
     feature_terms,
@@ -81,6 +82,8 @@ class DistillResult:
     losses: list[dict] = field(default_factory=list)  # per step: {budget: loss}
     evals: list[dict] = field(default_factory=list)  # {step, budgets: {β: {kl, ppl}}}
     anchor: AnchorReport | None = None  # the full budget's refit (DistillConfig.full_budget)
+    # DistillConfig.balance_factors: the median |U_i| / |V_i| before balancing; None if not
+    factor_norm_ratio: float | None = None
 
 
 # ---- pure pieces ---------------------------------------------------------------------
@@ -448,7 +451,10 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     attention_mask, or bare (B, T) integer tensors; for another model (ViT, a CNN) the
     tensor, tuple or dict of tensors its forward takes, e.g. pixel values (B, C, H, W).
     `config.objective` says what is matched ("auto": token KL for language models, class
-    KL for classifiers, the feature loss for encoders; `objectives.resolve`).
+    KL for classifiers, the feature loss for encoders; `objectives.resolve`). With
+    `config.balance_factors` each rank component's U and V columns are first scaled to
+    equal norms (`layers.balance_factors_`; every budget unchanged), the median ratio
+    before in `DistillResult.factor_norm_ratio`.
 
     Mutates, in place, and leaves on return:
     - `model`: the trained parameters (the nested layers' factors and biases; every
@@ -464,7 +470,7 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     Raises ValueError when `config.batch_size` is not divisible by the number of
     processes, or when the plan does not fit the model (see ElasticModel); BatchError for
     batches in another form; NonFiniteError, naming the step, when a loss, gradient or
-    trained weight becomes NaN or inf.
+    trained weight becomes NaN or inf (on every process at once under DDP or FSDP).
     """
     config = config or DistillConfig()
     accelerator = accelerator or _make_accelerator(config)
@@ -482,10 +488,15 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
                          f"a model called by keyword (output_hidden_states=True); "
                          f"{type(model).__name__} takes its inputs positionally: set it to 0")
     half = _upcast_half_(model)
+    # in float32 (the master weights), so a half model's budgets change only by its rounding;
+    # a resumed run's checkpoint replaces these values with its own (balanced at its start)
+    ratio = balance_factors_(nested_layers(model).values()) if config.balance_factors \
+        else None
     quantized = qat_start_(model, config)  # DistillConfig.qat: each budget as it ships
     try:
         result = _distill(model, elastic, teacher, data, config, eval_batches, output_dir,
                           accelerator, progress, objective, positional)
+        result.factor_norm_ratio = ratio
     finally:
         restore_(quantized)
         _restore_dtypes_(model, half)

@@ -98,6 +98,35 @@ class NestedLinear(_NestedFactors):
         return F.linear(F.linear(x, self.V[:, :r].T), self.U[:, :r], self.bias)  # (..., out)
 
 
+@torch.no_grad()
+def balance_factors_(layers: Iterable[nn.Module]) -> float | None:
+    """Rescale, in place, every rank component i of each nested layer: U[:, i] · d_i and
+    V[:, i] / d_i with d_i = sqrt(‖V_i‖ / ‖U_i‖), so that both columns get the norm
+    sqrt(‖U_i‖ ‖V_i‖). U_r V_rᵀ is unchanged at every rank r, so every budget computes what
+    it did (up to float rounding); only the optimizer sees a difference.
+
+    Why: whitened DataSVD splits W S = P σ Rᵀ as U = P √σ, V = S⁻ᵀ R √σ, so V's scale is
+    the inverse of the input's. On all-MiniLM-L6-v2 the median ‖U_i‖ / ‖V_i‖ is 30-90, and
+    AdamW moves every entry by about lr a step, so V moved 30-90× faster than U relative to
+    its size. Held-out cosine first dipped at every budget (0.9739 → 0.9723 at β 0.8 after
+    20 steps) and higher learning rates diverged; balanced, it rises from the first step
+    (BENCHMARKS.md, encoders, "Factor scale").
+
+    layers: nested layers (U (out, R), V (in_flat, R)); components with a zero column are
+    left as they are. Returns the median ‖U_i‖ / ‖V_i‖ before, over every component of every
+    layer (None for no layers or no nonzero component)."""
+    ratios = []
+    for layer in layers:
+        norm_u, norm_v = layer.U.float().norm(dim=0), layer.V.float().norm(dim=0)  # (R,)
+        live = (norm_u > 0) & (norm_v > 0)
+        d = torch.where(live, (norm_v / norm_u.where(live, 1.0)).sqrt(), 1.0)
+        ratios.append((norm_u[live] / norm_v[live]).cpu())
+        layer.U.copy_((layer.U.float() * d).to(layer.U.dtype))
+        layer.V.copy_((layer.V.float() / d).to(layer.V.dtype))
+    ratios = torch.cat(ratios) if ratios else torch.empty(0)
+    return float(ratios.quantile(0.5)) if len(ratios) else None
+
+
 @contextmanager
 def dense_at_max_rank(layers: Iterable[nn.Module]):
     """While active, each `NestedLinear` of `layers` at its max rank R computes x Wᵀ with
