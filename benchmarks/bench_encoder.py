@@ -166,6 +166,10 @@ def main():
                              "β = 1 reads (it collects covariances over every distillation "
                              "sentence: ~8 min for 8192 here); the smaller budgets, which it "
                              "does not touch, are measured as they are; β = 1 is not")
+    parser.add_argument("--wide-heldout", type=int, default=0,
+                        help="also the torch cosines before and after distillation on this "
+                             "many held-out sentences spread evenly over the whole last 10 %% "
+                             "(the --heldout ones are its first, one scene)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="held-out figures and a checkpoint (OUT/distill) every N "
                              "distillation steps: a stopped run resumes there")
@@ -205,6 +209,8 @@ def main():
         with atomic_path(args.out / "results-distilled.json") as tmp:
             tmp.write_text(json.dumps(results, indent=1, default=str))
     print_evals(results)
+    if args.wide_heldout:
+        wide_heldout(teacher, tokenizer, sentences(text, (0.9, 1.0)), elastic, args, results)
     if args.no_export:
         return
     report(elastic, teacher, tokenizer, held_texts, args, results)
@@ -294,6 +300,23 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
     results["after"] = {"torch_cosine": torch_cosines(elastic, teacher, held_out),
                         "eval": evaluate_budgets(elastic, teacher, held_out)}
     return elastic
+
+
+def wide_heldout(teacher, tokenizer, held_texts: list[str], elastic, args, results) -> None:
+    """Torch cosines of the DataSVD + plan student (--start) and of the distilled one on
+    --wide-heldout sentences taken at an even stride over the whole last 10 %."""
+    stride = max(1, len(held_texts) // args.wide_heldout)
+    texts = held_texts[::stride][:args.wide_heldout]
+    batches = batches_of(tokenizer, texts, 32)
+    start = ElasticModel.from_pretrained((args.start or args.out / "start") / "elastic",
+                                         copy.deepcopy(teacher))
+    figures = {"sentences": len(texts), "before": torch_cosines(start, teacher, batches),
+               "after": torch_cosines(elastic, teacher, batches)}
+    results["wide_heldout"] = figures
+    print(format_table(["β", "cosine before (torch)", "cosine after (torch)"],
+                       [[beta, figures["before"][beta], figures["after"][beta]]
+                        for beta in (1.0, *REPORTED)],
+                       title=f"{len(texts)} held-out sentences over the whole last 10 %"))
 
 
 def print_evals(results) -> None:
