@@ -139,3 +139,51 @@ def test_teacher_calibration_of_a_model_that_cannot_generate_is_refused_by_name(
     samples = calibration_data(char_tokenizer(), "teacher", model=tiny_llama(), num_samples=2,
                                seq_len=8)  # a causal LM still samples its own text
     assert samples[0]["input_ids"].shape == (2, 8)
+
+
+def bert_tokenizer(folder):
+    """A BertTokenizerFast over a 19-token vocabulary file written here."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "to", "be", "or", "not", "that",
+             "is", "the", "question", "whether", "tis", "nobler", "in", "mind", "suffer"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+
+
+def test_encoder_windows_get_the_tokenizers_special_tokens(tmp_path, capfd, caplog):
+    """An encoder (a model that cannot generate) is calibrated on inputs shaped as it is
+    deployed: [CLS] + a verbatim window of the text + [SEP], seq_len in all; a language
+    model keeps windows of running text. Tokenising the whole text as one sequence, longer
+    than the model's positions, says nothing."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = bert_tokenizer(tmp_path)
+    text = " ".join(["to be or not to be that is the question"] * 40
+                    + ["whether tis nobler in the mind to suffer"] * 40)
+    path = tmp_path / "a.txt"
+    path.write_text(text)
+    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=64)).eval()
+    with caplog.at_level(logging.WARNING):
+        rows = torch.cat([b["input_ids"] for b in calibration_data(
+            tokenizer, path, model=encoder, num_samples=6, seq_len=12, seed=0)])
+        held = torch.cat([b["input_ids"] for b in calibration_data(
+            tokenizer, path, model=encoder, num_samples=2, seq_len=12, seed=0,
+            span=(0.9, 1.0), held_out=True)])
+    assert rows.shape == (6, 12) and held.shape == (2, 12)
+    stream = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    assert len(stream) > 64  # longer than the model's positions
+    for row in [*rows.tolist(), *held.tolist()]:
+        assert row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id
+        inner = row[1:-1]
+        assert any(stream[i:i + 10] == inner for i in range(0, len(stream) - 9, 10)), row
+    assert "Token indices sequence length" not in capfd.readouterr().err + caplog.text
+    lm_rows = torch.cat([b["input_ids"] for b in calibration_data(
+        tokenizer, path, model=tiny_llama(vocab=len(tokenizer)), num_samples=6,
+        seq_len=12, seed=0)])
+    assert tokenizer.cls_token_id not in lm_rows and tokenizer.sep_token_id not in lm_rows
+    with pytest.raises(CalibrationError, match="seq_len 2 leaves no room for text between "
+                                               "the 2 special tokens"):
+        calibration_data(tokenizer, path, model=encoder, num_samples=6, seq_len=2)

@@ -100,7 +100,9 @@ def token_stream(tokenizer, texts: Sequence[str]) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: the whole text is one sequence here, longer than the model's
+        # positions by design (pack cuts it into windows); no "sequence length" warning
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
@@ -412,5 +414,29 @@ def calibration_data(tokenizer, source="teacher", model=None, num_samples: int =
         samples = teacher_samples(model, tokenizer, num_samples, seq_len, seed, batch_size)
     else:
         stream = token_stream(tokenizer, load_texts(source))
-        samples = pack(stream, num_samples, seq_len, seed, span, what=f"{source}")
+        special = _sequence_specials(tokenizer, model, seq_len)
+        samples = pack(stream, num_samples, seq_len - special, seed, span, what=f"{source}")
+        if special:
+            samples = torch.tensor([tokenizer.build_inputs_with_special_tokens(row)
+                                    for row in samples.tolist()], dtype=torch.long)
     return to_batches(samples, batch_size)
+
+
+def _sequence_specials(tokenizer, model, seq_len: int) -> int:
+    """How many special tokens each window gets: for an encoder or classifier (`model`
+    given and unable to generate) the ones its tokenizer puts around every input ([CLS] …
+    [SEP] for BERT), so calibration and distillation see inputs shaped as the deployed
+    model's; 0 for a language model (windows of running text, as before) or a tokenizer
+    whose `build_inputs_with_special_tokens` does not add them. CalibrationError when
+    `seq_len` leaves no room for text between them."""
+    if model is None or not callable(getattr(model, "can_generate", None)) \
+            or model.can_generate():
+        return 0
+    count = tokenizer.num_special_tokens_to_add(pair=False)
+    if count and len(tokenizer.build_inputs_with_special_tokens([0])) != 1 + count:
+        return 0
+    if count and seq_len <= count:
+        raise CalibrationError(f"seq_len {seq_len} leaves no room for text between the "
+                               f"{count} special tokens each input of this model gets: "
+                               "raise seq_len (--seq-len)")
+    return count

@@ -49,7 +49,8 @@ def windows(ids: torch.Tensor, seq_len: int, stride: int) -> Iterator[Window]:
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     if not text or not text.strip():
         raise EvaluationError("the evaluation text is empty")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+                       dtype=torch.long)  # one long sequence, cut into windows: no warning
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:

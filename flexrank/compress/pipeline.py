@@ -261,8 +261,9 @@ def _calibration(stages: Stages, cfg: CompressConfig, model, tokenizer, model_di
             tokenizer, cfg.calib, model=model, num_samples=cfg.num_samples,
             seq_len=cfg.seq_len, seed=cfg.seed, span=(0.0, 0.8))])
         held_out = torch.cat([b["input_ids"] for b in calibration_data(
-            tokenizer, cfg.calib, num_samples=cfg.eval_samples, seq_len=cfg.seq_len,
-            seed=cfg.seed, span=(0.9, 1.0), held_out=True)]) if cfg.eval_samples \
+            tokenizer, cfg.calib, model=model, num_samples=cfg.eval_samples,
+            seq_len=cfg.seq_len, seed=cfg.seed, span=(0.9, 1.0), held_out=True)]) \
+            if cfg.eval_samples \
             else train[:0]
     _save_tensors(path, {"train": train, "eval": held_out})
     stages.finish("calibration", started)
