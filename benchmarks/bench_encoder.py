@@ -304,15 +304,18 @@ def compress_and_distill(teacher, tokenizer, train, held_out, args, results, sta
 
 def wide_heldout(teacher, tokenizer, held_texts: list[str], elastic, args, results) -> None:
     """Torch cosines of the DataSVD + plan student (--start) and of the distilled one on
-    --wide-heldout sentences taken at an even stride over the whole last 10 %."""
-    stride = max(1, len(held_texts) // args.wide_heldout)
-    texts = held_texts[::stride][:args.wide_heldout]
+    --wide-heldout sentences at evenly spaced places over the whole last 10 % (first to
+    last). Also written to results-distilled.json (with --no-export, the only file)."""
+    picks = np.unique(np.linspace(0, len(held_texts) - 1, args.wide_heldout).round())
+    texts = [held_texts[int(i)] for i in picks]
     batches = batches_of(tokenizer, texts, 32)
     start = ElasticModel.from_pretrained((args.start or args.out / "start") / "elastic",
                                          copy.deepcopy(teacher))
     figures = {"sentences": len(texts), "before": torch_cosines(start, teacher, batches),
                "after": torch_cosines(elastic, teacher, batches)}
     results["wide_heldout"] = figures
+    with atomic_path(args.out / "results-distilled.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, default=str))
     print(format_table(["β", "cosine before (torch)", "cosine after (torch)"],
                        [[beta, figures["before"][beta], figures["after"][beta]]
                         for beta in (1.0, *REPORTED)],

@@ -37,9 +37,11 @@ def main():
         shutil.rmtree(args.work)
     shutil.copytree(args.checkpoint, args.work / "elastic")
     (args.work / "stages").mkdir()
-    _, tokenizer = load_model("all-minilm-l6-v2")
+    model, tokenizer = load_model("all-minilm-l6-v2")
+    # model=: windows wrapped in [CLS] … [SEP], as flexrank compress keeps an encoder's
     held = torch.cat([b["input_ids"] for b in calibration_data(
-        tokenizer, str(SHAKESPEARE), num_samples=16, seq_len=128, seed=0, span=(0.9, 1.0))])
+        tokenizer, str(SHAKESPEARE), model=model, num_samples=16, seq_len=128, seed=0,
+        span=(0.9, 1.0), held_out=True)])
     save_file({"train": held[:1].clone(), "eval": held},
               str(args.work / "stages" / "calibration.safetensors"))
     for tolerance in args.tolerances.split(","):

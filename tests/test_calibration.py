@@ -151,14 +151,35 @@ def bert_tokenizer(folder):
     return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
 
 
-def test_encoder_windows_get_the_tokenizers_special_tokens(tmp_path, capfd, caplog):
+def template_tokenizer(folder):
+    """The same vocabulary as a generic PreTrainedTokenizerFast whose post-processor adds
+    [CLS] … [SEP] (its build_inputs_with_special_tokens adds nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate((folder / "vocab.txt").read_text().split())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]",
+                                   sep_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]",
+                                   model_max_length=64)
+
+
+@pytest.mark.parametrize("kind", ["bert", "template"])
+def test_encoder_windows_get_the_tokenizers_special_tokens(tmp_path, capfd, caplog, kind):
     """An encoder (a model that cannot generate) is calibrated on inputs shaped as it is
-    deployed: [CLS] + a verbatim window of the text + [SEP], seq_len in all; a language
-    model keeps windows of running text. Tokenising the whole text as one sequence, longer
-    than the model's positions, says nothing."""
+    deployed: [CLS] + the window that packing the bare text gives + [SEP], seq_len in all
+    (also for a generic fast tokenizer whose post-processor adds them); a language model
+    keeps windows of running text, as does an encoder whose tokenizer adds nothing.
+    Tokenising the whole text as one sequence, longer than the model's positions, says
+    nothing."""
     from transformers import BertConfig, BertModel
 
     tokenizer = bert_tokenizer(tmp_path)
+    if kind == "template":
+        tokenizer = template_tokenizer(tmp_path)
     text = " ".join(["to be or not to be that is the question"] * 40
                     + ["whether tis nobler in the mind to suffer"] * 40)
     path = tmp_path / "a.txt"
@@ -172,18 +193,33 @@ def test_encoder_windows_get_the_tokenizers_special_tokens(tmp_path, capfd, capl
         held = torch.cat([b["input_ids"] for b in calibration_data(
             tokenizer, path, model=encoder, num_samples=2, seq_len=12, seed=0,
             span=(0.9, 1.0), held_out=True)])
-    assert rows.shape == (6, 12) and held.shape == (2, 12)
-    stream = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    assert len(stream) > 64  # longer than the model's positions
-    for row in [*rows.tolist(), *held.tolist()]:
-        assert row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id
-        inner = row[1:-1]
-        assert any(stream[i:i + 10] == inner for i in range(0, len(stream) - 9, 10)), row
     assert "Token indices sequence length" not in capfd.readouterr().err + caplog.text
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    assert len(stream) > 64  # longer than the model's positions
+    cls, sep = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
+    for got, (n, span) in ((rows, (6, (0.0, 1.0))), (held, (2, (0.9, 1.0)))):
+        expected = pack(stream, n, 10, 0, span)
+        assert torch.equal(got, torch.cat([torch.full((n, 1), cls), expected,
+                                           torch.full((n, 1), sep)], 1))
     lm_rows = torch.cat([b["input_ids"] for b in calibration_data(
         tokenizer, path, model=tiny_llama(vocab=len(tokenizer)), num_samples=6,
         seq_len=12, seed=0)])
-    assert tokenizer.cls_token_id not in lm_rows and tokenizer.sep_token_id not in lm_rows
+    assert torch.equal(lm_rows, pack(stream, 6, 12, 0))
     with pytest.raises(CalibrationError, match="seq_len 2 leaves no room for text between "
                                                "the 2 special tokens"):
         calibration_data(tokenizer, path, model=encoder, num_samples=6, seq_len=2)
+
+
+def test_encoder_windows_stay_text_when_its_tokenizer_adds_nothing(tmp_path, tokenizer):
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path / "a.txt"
+    path.write_text("".join(f"line {i}: to be or not to be\n" for i in range(50)))
+    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=64)).eval()
+    rows = torch.cat([b["input_ids"] for b in calibration_data(
+        tokenizer, path, model=encoder, num_samples=4, seq_len=16, seed=1)])
+    stream = torch.tensor(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
+    assert torch.equal(rows, pack(torch.cat([stream, torch.tensor([tokenizer.eos_token_id])]),
+                                  4, 16, 1))

@@ -149,6 +149,11 @@ def test_compress_budget_weights_by_budget_and_checked_before_any_work(monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --budget-weights names budget(s) [0.5] that --budgets "
                           "1,0.8,0.6,0.4 does not have"), err
+    assert main(["compress", "m", "-o", "o", "--sampler", "weighted", "--budget-weights",
+                 "1:1,0.6:0", "--full-budget", "refit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: distill.budget_weights [0.0, 0.0, 0.0, 1.0] weigh only the "
+                          "full budget, which full_budget 'refit' does not train"), err
 
 
 def not_called(*args, **kwargs):

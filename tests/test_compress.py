@@ -113,6 +113,10 @@ def test_a_finished_run_is_loaded_not_run_again(model_dir, tmp_path, monkeypatch
     model, text = model_dir
     out = tmp_path / "out"
     first, summary = compress(model, out, config(text, steps=2))
+    # off (the default), balance_factors is not recorded: folders that finished before it
+    # was a setting are loaded too
+    saved = json.loads((out / STATE_FILE).read_text())["done"]["save"]["distill"]
+    assert "balance_factors" not in saved and saved["steps"] == 2
     calls = []
     real_distill = pipeline.distill
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: calls.append("load") or

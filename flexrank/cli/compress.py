@@ -243,7 +243,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-factors", action="store_true",
                    help="before distilling, scale each rank component's U and V columns to "
                         "equal norms (every budget unchanged; AdamW then moves both at one "
-                        "pace: DataSVD leaves V 30-90x smaller on all-MiniLM-L6-v2)")
+                        "pace: DataSVD left V's columns 30-87x smaller than U's on "
+                        "all-MiniLM-L6-v2)")
     p.add_argument("--qat", choices=("int4", "8da4w"), default=None,
                    help="quantization-aware distillation: train every budget for the 4-bit "
                         "weights it ships with (int4: ONNX MatMulNBits, for --quantize int4; "

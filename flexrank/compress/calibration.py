@@ -414,29 +414,42 @@ def calibration_data(tokenizer, source="teacher", model=None, num_samples: int =
         samples = teacher_samples(model, tokenizer, num_samples, seq_len, seed, batch_size)
     else:
         stream = token_stream(tokenizer, load_texts(source))
-        special = _sequence_specials(tokenizer, model, seq_len)
+        prefix, suffix = _sequence_specials(tokenizer, model, seq_len)
+        special = len(prefix) + len(suffix)
         samples = pack(stream, num_samples, seq_len - special, seed, span, what=f"{source}")
         if special:
-            samples = torch.tensor([tokenizer.build_inputs_with_special_tokens(row)
-                                    for row in samples.tolist()], dtype=torch.long)
+            n = len(samples)
+            samples = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), samples,
+                                 torch.tensor(suffix, dtype=torch.long).expand(n, -1)], 1)
     return to_batches(samples, batch_size)
 
 
-def _sequence_specials(tokenizer, model, seq_len: int) -> int:
-    """How many special tokens each window gets: for an encoder or classifier (`model`
-    given and unable to generate) the ones its tokenizer puts around every input ([CLS] …
-    [SEP] for BERT), so calibration and distillation see inputs shaped as the deployed
-    model's; 0 for a language model (windows of running text, as before) or a tokenizer
-    whose `build_inputs_with_special_tokens` does not add them. CalibrationError when
-    `seq_len` leaves no room for text between them."""
+SPECIALS_PROBE = "a b c"  # any text: only the ids around its tokens are read
+
+
+def _sequence_specials(tokenizer, model, seq_len: int) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special token ids each window gets. For an encoder or
+    classifier (`model` given and unable to generate) the ones its tokenizer puts around
+    every input ([CLS] … [SEP] for BERT), so calibration and distillation see inputs shaped
+    as the deployed model's; none for a language model (windows of running text, as
+    before). Read from the tokenizer itself: a short text encoded with and without special
+    tokens, the bare ids located inside the full ones (this covers fast tokenizers whose
+    post-processor adds them but whose `build_inputs_with_special_tokens` does not).
+    CalibrationError when `seq_len` leaves no room for text between them."""
     if model is None or not callable(getattr(model, "can_generate", None)) \
             or model.can_generate():
-        return 0
-    count = tokenizer.num_special_tokens_to_add(pair=False)
-    if count and len(tokenizer.build_inputs_with_special_tokens([0])) != 1 + count:
-        return 0
-    if count and seq_len <= count:
+        return [], []
+    full = tokenizer(SPECIALS_PROBE, add_special_tokens=True)["input_ids"]
+    bare = tokenizer(SPECIALS_PROBE, add_special_tokens=False)["input_ids"]
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare]
+    if not bare or not starts:
+        logger.warning("could not tell which special tokens %s puts around an input (%r "
+                       "gives %s, %s without them): calibration windows are text only",
+                       type(tokenizer).__name__, SPECIALS_PROBE, full, bare)
+        return [], []
+    prefix, suffix = full[:starts[0]], full[starts[0] + len(bare):]
+    if (prefix or suffix) and seq_len <= len(prefix) + len(suffix):
         raise CalibrationError(f"seq_len {seq_len} leaves no room for text between the "
-                               f"{count} special tokens each input of this model gets: "
-                               "raise seq_len (--seq-len)")
-    return count
+                               f"{len(prefix) + len(suffix)} special tokens each input of "
+                               "this model gets: raise seq_len (--seq-len)")
+    return prefix, suffix

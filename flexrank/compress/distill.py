@@ -720,7 +720,7 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
                                                                                   config))
     step_losses: dict[float, float] = {}
     tokens = 0
-    non_finite = None  # the first NaN/inf loss of this process: (budget, loss, teacher out)
+    non_finite = None  # this process's first NaN/inf loss: (budget, loss, teacher finite?)
     for micro in range(config.grad_accum):
         batch = _local_batch(run, step * config.grad_accum + micro)
         with torch.no_grad():
@@ -732,7 +732,8 @@ def _step(run: _Run, step: int) -> tuple[dict[float, float], int]:
             loss = _backward(run, batch, teacher_logits, k, len(chosen), sync=last,
                              teacher_states=teacher_states)
             if not math.isfinite(loss) and non_finite is None:
-                non_finite = run.elastic.budgets[k], loss, teacher_logits
+                non_finite = (run.elastic.budgets[k], loss,
+                              bool(torch.isfinite(teacher_logits).all()))
             step_losses[run.elastic.budgets[k]] = loss
         # tokens for token-id models, else inputs (images, rows)
         seen = batch["attention_mask"].sum() if "attention_mask" in batch \
@@ -752,14 +753,14 @@ DIVERGED_ADVICE = ("lower DistillConfig.lr or max_grad_norm, check the batches, 
                    "(a run with output_dir resumes from its last checkpoint)")
 
 
-def _check_losses(run: _Run, step: int,
-                  non_finite: tuple[float, float, torch.Tensor] | None) -> None:
+def _check_losses(run: _Run, step: int, non_finite: tuple[float, float, bool] | None) -> None:
     """NonFiniteError on every process when any process's loss was NaN or inf this step,
     before the optimizer step. Each process finishes its step's backward passes first and
     the processes agree through one all-reduce: a process that raised alone would leave
     the others waiting in the next collective (with torchrun they are killed without a
     word; across nodes they wait for the collective's timeout). `non_finite`: this
-    process's first (budget, loss, teacher output) with a NaN/inf loss, or None."""
+    process's first NaN/inf loss as (budget, loss, whether the teacher's outputs were
+    finite), or None."""
     accelerator = run.accelerator
     others = 0
     if accelerator.num_processes > 1:
@@ -872,12 +873,12 @@ def _backward(run: _Run, batch: dict[str, torch.Tensor], teacher_logits: torch.T
     return raw
 
 
-def _loss_error(run: _Run, step: int, beta: float, loss: float,
-                teacher_logits: torch.Tensor) -> None:
+def _loss_error(run: _Run, step: int, beta: float, loss: float, teacher_finite: bool) -> None:
     """NonFiniteError for a NaN/inf loss, saying where it came from."""
-    if not torch.isfinite(teacher_logits).all():
-        cause = (f"the teacher's outputs are not finite (its dtype: {teacher_logits.dtype}; a "
-                 "float16 teacher can overflow: load it in bfloat16 or float32)")
+    if not teacher_finite:
+        dtype = getattr(next(run.teacher.parameters(), None), "dtype", "unknown")
+        cause = (f"the teacher's outputs are not finite (its dtype: {dtype}; a float16 "
+                 "teacher can overflow: load it in bfloat16 or float32)")
     else:
         bad = [name for name, p in run.trained.items() if not torch.isfinite(_local(p)).all()]
         cause = (f"trained tensors hold NaN/inf: {bad[:3]}" if bad else

@@ -106,11 +106,14 @@ def balance_factors_(layers: Iterable[nn.Module]) -> float | None:
     it did (up to float rounding); only the optimizer sees a difference.
 
     Why: whitened DataSVD splits W S = P σ Rᵀ as U = P √σ, V = S⁻ᵀ R √σ, so V's scale is
-    the inverse of the input's. On all-MiniLM-L6-v2 the median ‖U_i‖ / ‖V_i‖ is 30-90, and
-    AdamW moves every entry by about lr a step, so V moved 30-90× faster than U relative to
-    its size. Held-out cosine first dipped at every budget (0.9739 → 0.9723 at β 0.8 after
-    20 steps) and higher learning rates diverged; balanced, it rises from the first step
-    (BENCHMARKS.md, encoders, "Factor scale").
+    the inverse of the input's. On all-MiniLM-L6-v2 the median ‖U_i‖ / ‖V_i‖ was 30 (1,024
+    calibration sentences) and 87 (8,192), and AdamW moves every entry by about lr a step,
+    so V moved that much faster than U relative to its size. Unbalanced, β 0.8's held-out
+    cosine first dipped (0.9739 → 0.9723 after 20 steps at lr 2e-5; at 1e-4 the training
+    losses rose); balanced, it rose from the first evaluation (0.9758 at step 20)
+    (BENCHMARKS.md, encoders, "Factor scale"). Unchanged budgets hold for float weights: a
+    quantized export rounds U in blocks along the rank, so its error can change (not
+    measured).
 
     layers: nested layers (U (out, R), V (in_flat, R)); components with a zero column are
     left as they are. Returns the median ‖U_i‖ / ‖V_i‖ before, over every component of every

@@ -523,6 +523,8 @@ def _trained_with(config: CompressConfig) -> dict:
     data = config.distill.to_dict()
     for key in ("eval_every", "checkpoint_every"):  # change no weight
         data.pop(key)
+    if not data["balance_factors"]:  # as folders that finished before it was a setting
+        data.pop("balance_factors")
     return data
 
 
