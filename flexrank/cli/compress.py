@@ -234,8 +234,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    metavar="B:W,...",
                    help="β:weight pairs, e.g. 0.6:0.5,0.8:0.45,0.4:0.05: the probability of "
                         "each budget with --sampler weighted, of each as the middle one with "
-                        "sandwich; budgets left out are not drawn (BENCHMARKS.md: all-MiniLM-"
-                        "L6-v2's goals were reached this way, one budget a step)")
+                        "sandwich (which trains the smallest and the largest every step); "
+                        "budgets left out are not drawn (BENCHMARKS.md: all-MiniLM-L6-v2's "
+                        "goals were reached with weighted, one budget a step)")
     p.add_argument("--intermediate-weight", type=non_negative_number, default=0.0,
                    help="adds this weight x per-block hidden-state matching (token cosine + "
                         "normalised MSE of every block's output) to the output objective "
