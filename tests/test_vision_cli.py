@@ -111,6 +111,21 @@ def test_flexrank_export_compresses_a_vit_folder_with_calib(vit_folder, tmp_path
     assert set(worst) == {0.6} and worst[0.6] < 1e-4, worst
 
 
+def test_intermediate_matching_of_a_positional_model_is_refused_before_any_work(
+        vit_folder, tmp_path, capsys):
+    model_dir, images, *_ = vit_folder
+    out = tmp_path / "out"
+    code = main(["compress", str(model_dir), "-o", str(out), "--calib", str(images),
+                 "--samples", "16", "--eval-samples", "4", "--steps", "2",
+                 "--intermediate-weight", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "intermediate_weight 1.0 needs a model called by keyword" in err, err
+    assert "ViTForImageClassification takes its inputs positionally" in err
+    assert (out / "stages" / "calibration.safetensors").exists()  # read, then refused
+    assert not (out / "stages" / "decomposed.safetensors").exists()
+
+
 def test_vision_model_refuses_teacher_calibration(vit_folder, tmp_path, capsys):
     model_dir, *_ = vit_folder
     code = main(["compress", str(model_dir), "-o", str(tmp_path / "out"), "--steps", "0"])

@@ -438,6 +438,17 @@ class _Run:
     sharded: bool = False  # FSDP2: `elastic` is a sharded copy, run by every process at once
 
 
+def check_intermediate(config: DistillConfig, model: nn.Module, positional: bool) -> None:
+    """ValueError when `config.intermediate_weight` asks for per-block matching of a model
+    whose inputs go positionally (it is called with output_hidden_states=True, a keyword).
+    `positional` as `stack_batches` returns it."""
+    if config.intermediate_weight and positional:
+        raise ValueError(f"DistillConfig.intermediate_weight {config.intermediate_weight} needs "
+                         f"a model called by keyword (output_hidden_states=True); "
+                         f"{type(model).__name__} takes its inputs positionally: set it to 0 "
+                         "(flexrank compress --intermediate-weight)")
+
+
 def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
             config: DistillConfig | None = None, eval_batches: Sequence[dict] | None = None,
             output_dir: str | os.PathLike | None = None, accelerator=None,
@@ -483,10 +494,7 @@ def distill(model: nn.Module, teacher: nn.Module, plan, batches: Sequence[dict],
     _freeze_(teacher)
     teacher.eval()
     objective = resolve_objective(config.objective, teacher, data, positional)
-    if config.intermediate_weight and positional:
-        raise ValueError(f"DistillConfig.intermediate_weight {config.intermediate_weight} needs "
-                         f"a model called by keyword (output_hidden_states=True); "
-                         f"{type(model).__name__} takes its inputs positionally: set it to 0")
+    check_intermediate(config, model, positional)
     half = _upcast_half_(model)
     # in float32 (the master weights), so a half model's budgets change only by its rounding;
     # a resumed run's checkpoint replaces these values with its own (balanced at its start)

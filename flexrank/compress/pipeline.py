@@ -61,7 +61,12 @@ from flexrank.compress.depth import (
     make_depth_elastic_,
     probe_depth,
 )
-from flexrank.compress.distill import distill, evaluate_budgets
+from flexrank.compress.distill import (
+    check_intermediate,
+    distill,
+    evaluate_budgets,
+    stack_batches,
+)
 from flexrank.compress.elastic import META_FILE, ElasticModel, layer_specs, restructure_
 from flexrank.compress.models import load_model
 from flexrank.compress.offload import OFFLOAD_PREFIX
@@ -488,6 +493,8 @@ def compress(model_spec, out_dir, config: CompressConfig | None = None,
         Path(model_spec).is_dir() else None
     train_ids, eval_ids = _calibration(stages, config, teacher, tokenizer, model_dir)
     train = model_batches(train_ids, config.batch_size, teacher)
+    if config.distill.steps:  # refused before DataSVD and probing, not at distillation
+        check_intermediate(config.distill, teacher, stack_batches(train[:1], teacher)[1])
     student = _decompose(stages, config, teacher, train)
     probe_batches = model_batches(train_ids[:config.probe_samples], config.batch_size, teacher)
     sens = _probe(stages, config, student, teacher, probe_batches)
