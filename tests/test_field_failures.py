@@ -496,6 +496,25 @@ def test_few_tokens_warning_counts_the_tokens_seen(caplog):
     assert "calibration saw" not in caplog.text
 
 
+def test_few_tokens_warning_of_a_pooler_asks_for_more_sequences(caplog):
+    """A BERT pooler reads one token per sequence: with 16 per dimension everywhere else,
+    the warning names it and asks for more sequences, not longer ones."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32,
+                                 max_position_embeddings=64)).eval()
+    batches = [ids(8, 64, seed) for seed in range(2)]  # 1024 tokens = 32 x 32, 16 sequences
+    with caplog.at_level(logging.WARNING, logger="flexrank.compress.covariance"):
+        collect_covariances(model, batches, progress=False)
+    assert "calibration saw 16 tokens for pooler.dense's 16-wide input (1.0 per dimension; " \
+           "1 of " in caplog.text
+    assert "calibrate on about 256 tokens or more (it reads 16 tokens where other inputs " \
+           "read up to 1024, as a pooler reads one per sequence: more sequences, not longer " \
+           "ones)" in caplog.text
+
+
 # ---- §5 what a budget is a fraction of --------------------------------------------------
 
 

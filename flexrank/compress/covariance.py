@@ -249,9 +249,15 @@ def warn_few_tokens(seen: Mapping[str, tuple[int, int]]) -> None:
         return
     worst = min(short, key=lambda leader: short[leader][0] / short[leader][1])
     count, width = short[worst]
+    most = max(tokens for tokens, _ in seen.values())
+    # an input that reads a fraction of the tokens (a BERT pooler or a classification head
+    # reads one per sequence): longer sequences do not raise its count, more sequences do
+    advice = (f"it reads {count} tokens where other inputs read up to {most}, as a pooler "
+              "reads one per sequence: more sequences, not longer ones") \
+        if count * 2 <= most else "more or longer sequences"
     logger.warning(
         "calibration saw %d tokens for %s's %d-wide input (%.1f per dimension; %d of %d "
         "inputs below %d per dimension): the covariance is rank-poor and DataSVD's whitening "
-        "unreliable; calibrate on about %d tokens or more (more or longer sequences)",
+        "unreliable; calibrate on about %d tokens or more (%s)",
         count, worst, width, count / width, len(short), len(seen),
-        RECOMMENDED_TOKENS_PER_DIM, RECOMMENDED_TOKENS_PER_DIM * width)
+        RECOMMENDED_TOKENS_PER_DIM, RECOMMENDED_TOKENS_PER_DIM * width, advice)
