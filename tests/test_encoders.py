@@ -427,3 +427,33 @@ def test_distill_balances_factors_keeping_every_budget(build, balanced):
         torch.testing.assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0), rtol=1e-4,
                                    atol=1e-7, msg=name)
         assert not torch.equal(layer.U, factors[name][0]), name
+
+
+def test_int8_size_counts_an_encoders_word_embedding_in_float32(tmp_path):
+    """The int8 export quantizes MatMuls only, so a BERT's untied word embedding (a
+    Gather) ships in float32: budget_cost's resident bytes against the exported graph's
+    initializers (with the table counted at 8 bits it was 66 % under them)."""
+    import onnx
+    from onnx import numpy_helper
+    from transformers import BertConfig, BertModel
+
+    from flexrank.compress.budget_cost import budget_cost
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=64)).eval()
+    model = copy.deepcopy(teacher)
+    train = [{"input_ids": torch.randint(0, 1000, (8, 32)),
+              "attention_mask": torch.ones(8, 32, dtype=torch.long)} for _ in range(4)]
+    factorize_(model, collect_covariances(model, train, progress=False), progress=False)
+    nested = make_plan(probe(model, teacher, train[:1], ProbeConfig(mode="exact", num_levels=4),
+                             progress=False), budgets=(0.5, 1.0))
+    em = ElasticModel(model, nested, model_id="bert")
+    manifest = export(em, tmp_path, budgets=[1.0], quantize="int8")
+    graph = onnx.load(str(tmp_path / manifest["budgets"][0]["graph"])).graph
+    arrays = [numpy_helper.to_array(i) for i in graph.initializer]
+    assert any(a.shape == (1000, 32) and a.dtype == np.float32 for a in arrays)
+    stored = sum(a.nbytes for a in arrays)
+    predicted = budget_cost(em, 1.0, "int8").weight_bytes_total
+    assert abs(predicted - stored) / stored < 0.1, (predicted, stored)

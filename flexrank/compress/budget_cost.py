@@ -93,11 +93,16 @@ def table_bits(quantize: str | None, tied: bool, embedding_bits: int | None = No
 
     int4 (see INT4_TABLE_BLOCK): a tied table in `embedding_bits` (None: the export's
     default, 4) plus a float32 scale per block of 32, or 32 when `embedding_bits` is 32; an
-    untied table 32. Other schemes: `BITS[quantize]`, as every weight. Raises ValueError
-    for `embedding_bits` other than 4, 8, 32 or None."""
+    untied table 32. int8 (onnxruntime's quantize_dynamic over MatMuls only,
+    exporters/onnx/convert.py quantize_int8): 8 for a tied table (the lm_head's MatMul),
+    32 for an untied one (a Gather, left float32: an encoder's word embedding). Other
+    schemes: `BITS[quantize]`, as every weight. Raises ValueError for `embedding_bits`
+    other than 4, 8, 32 or None."""
     if embedding_bits not in (None, 4, 8, 32):
         raise ValueError(f"embedding_bits {embedding_bits} is not one an int4 export stores; "
                          "choose 4, 8 or 32")
+    if quantize == "int8" and not tied:
+        return 32.0
     if quantize != "int4":
         return BITS[quantize]
     bits = 4 if embedding_bits is None else embedding_bits
