@@ -96,6 +96,9 @@ BAD_OPTIONS = [
      "weight >= 0: give pairs like 0.6:0.5,0.8:0.45,0.4:0.05"),
     (["compress", "m", "-o", "o", "--budget-weights", "0.6:0.5,0.8:-1"],
      "argument --budget-weights: '0.8:-1' in '0.6:0.5,0.8:-1' is not a budget:weight pair"),
+    (["compress", "m", "-o", "o", "--budget-weights", "0.6:0.5,0.6:0.4"],
+     "argument --budget-weights: '0.6:0.5,0.6:0.4' weighs budget(s) [0.6] more than once: "
+     "give each budget one weight"),
     (["compress", "m", "-o", "o", "--intermediate-weight", "-1"],
      "argument --intermediate-weight: -1.0 is out of range: must be >= 0"),
 ]
@@ -148,7 +151,17 @@ def test_compress_budget_weights_by_budget_and_checked_before_any_work(monkeypat
     assert main(["compress", "m", "-o", "o", "--budget-weights", "0.5:1,0.6:1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --budget-weights names budget(s) [0.5] that --budgets "
-                          "1,0.8,0.6,0.4 does not have"), err
+                          "1,0.8,0.6,0.4 does not have: add them to --budgets"), err
+    for argv, message in (
+            (["--sampler", "weighted"], "--sampler weighted draws one budget a step by "
+                                        "--budget-weights: give them"),
+            (["--sampler", "uniform", "--budget-weights", "0.6:1"],
+             "--budget-weights is read by --sampler weighted and sandwich, not uniform"),
+            (["--budget-weights", "0.6:0,0.8:0"], "--budget-weights {0.6: 0.0, 0.8: 0.0} "
+                                                  "gives every budget weight 0")):
+        assert main(["compress", "m", "-o", "o", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {message}"), err
     assert main(["compress", "m", "-o", "o", "--sampler", "weighted", "--budget-weights",
                  "1:1,0.6:0", "--full-budget", "refit"]) == 2
     err = capsys.readouterr().err.strip()

@@ -53,19 +53,35 @@ def budget_weight_pairs(text: str) -> dict[float, float]:
         return beta, weight
     pairs = _comma_list(text, pair, "a budget:weight pair with a weight >= 0",
                         "pairs like 0.6:0.5,0.8:0.45,0.4:0.05")
+    twice = sorted({beta for beta, _ in pairs if [b for b, _ in pairs].count(beta) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r} weighs budget(s) {twice} more than once: "
+                                         "give each budget one weight")
     return dict(pairs)
 
 
 def budget_weights(args) -> tuple[float, ...] | None:
     """--budget-weights as DistillConfig.budget_weights (one per budget, ascending budgets);
-    ValueError for a β that is not one of --budgets."""
+    ValueError, naming the options, for a β that is not one of --budgets, weights that are
+    all 0, weights with --sampler uniform (which reads none) or --sampler weighted without
+    them."""
     if args.budget_weights is None:
+        if args.sampler == "weighted":
+            raise ValueError("--sampler weighted draws one budget a step by --budget-weights: "
+                             "give them, e.g. --budget-weights 0.6:0.5,0.8:0.5")
         return None
+    if args.sampler == "uniform":
+        raise ValueError("--budget-weights is read by --sampler weighted and sandwich, not "
+                         "uniform: choose one of those, or leave the weights out")
     unknown = sorted(set(args.budget_weights) - set(args.budgets))
     if unknown:
         raise ValueError(f"--budget-weights names budget(s) {unknown} that --budgets "
-                         f"{','.join(f'{b:g}' for b in args.budgets)} does not have: weigh "
-                         "those budgets (the others get weight 0)")
+                         f"{','.join(f'{b:g}' for b in args.budgets)} does not have: add "
+                         "them to --budgets or leave them out of --budget-weights (budgets "
+                         "left out get weight 0)")
+    if not any(args.budget_weights.values()):
+        raise ValueError(f"--budget-weights {args.budget_weights} gives every budget weight "
+                         "0: weigh at least one")
     return tuple(args.budget_weights.get(beta, 0.0) for beta in sorted(args.budgets))
 
 
