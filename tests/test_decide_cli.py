@@ -63,6 +63,13 @@ def test_quality_is_measured_once_stored_and_read_back(work, capsys):
     assert export_main([str(work / "elastic"), "--profile", "laptop-x86", "--dry-run"]) == 0
     assert f"stored in {quality}" in capsys.readouterr().out
     assert quality.stat().st_mtime_ns == before
+    # a budget fixed by hand: the table labels the profile's choice as --budget auto's
+    assert export_main([str(work / "elastic"), "--profile", "laptop-x86", "--dry-run",
+                        "--budget", "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "Chosen:" not in out and "<- chosen" not in out and "<- auto's choice" in out
+    assert "--budget auto would choose: β " in out
+    assert "You asked for β 0.6: that is what is exported." in out
 
 
 def test_each_user_constraint_reaches_the_decision(work, capsys):

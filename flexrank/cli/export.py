@@ -615,7 +615,7 @@ def _decision_stage(stages: Stages, elastic, job: ExportJob, folder: Path | None
         request = elastic._match_budget(request)
     stages.done()
     if decision is not None:
-        print(decision.table())
+        print(decision.table(None if job.request == "auto" else job.request))
     return costs, decision, request
 
 

@@ -349,7 +349,10 @@ class Decision:
         """The runtime that ships the chosen candidate (its artifact's format follows)."""
         return None if self.chosen is None else self.chosen.runtime
 
-    def table(self) -> str:
+    def table(self, requested: float | str | None = None) -> str:
+        """The candidates, the targets and the choice, as text. `requested`: the budget the
+        user fixed (a β, or "all") when not "auto": the choice is then labelled as what
+        --budget auto would ship, not what ships."""
         p = self.profile
         targets = ", ".join(f"{name} {'>=' if _UNITS[name][1] else '<='} {lim.value:g} "
                             f"{_UNITS[name][0]} ({lim.source})"
@@ -385,7 +388,8 @@ class Decision:
                            for c in r.checks],
                          "yes" if r.fits else "no",
                          *_size_cells(r.cost)[:1 if "size" in names else 2],
-                         "<- chosen" if r is self.chosen else ""])
+                         ("<- chosen" if requested is None else "<- auto's choice")
+                         if r is self.chosen else ""])
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         for row in [header, *body]:
             lines.append("  ".join(cell.rjust(w) for cell, w in
@@ -400,7 +404,12 @@ class Decision:
         lines.append(BETA_LABEL.replace("weights MB", "size/weights MB")
                      + f"; {measured}; the rest predicted")
         chosen = "none" if self.chosen is None else self.chosen.label()
-        lines.append(f"Chosen: {chosen}. {self.explanation}")
+        if requested is None:
+            lines.append(f"Chosen: {chosen}. {self.explanation}")
+        else:
+            asked = "every budget" if requested == "all" else f"β {requested:g}"
+            lines.append(f"--budget auto would choose: {chosen}. {self.explanation} You asked "
+                         f"for {asked}: that is what is exported.")
         return "\n".join(lines)
 
     def _input_described(self) -> str:
