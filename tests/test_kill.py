@@ -27,6 +27,18 @@ def export_command(checkpoint: Path, out: Path, budget: str) -> list[str]:
             "--format", "onnx", "--budget", budget, "-o", str(out)]
 
 
+def held_export_command(checkpoint: Path, out: Path, budget: str, stage: int) -> list[str]:
+    """`export_command`, its stage `stage` waiting 60 s once announced: the SIGKILL sent on
+    reading the announcement lands inside that stage, not after it (the manifest stage takes
+    milliseconds, which a busy host's scheduling can exceed)."""
+    command = export_command(checkpoint, out, budget)
+    command[2] = ("import sys, time; import flexrank.cli.export as e; start = e.Stages.start; "
+                  f"e.Stages.start = lambda self, name: (start(self, name), "
+                  f"self.index == {stage} and time.sleep(60)); "
+                  "from flexrank.cli import export_main; sys.exit(export_main(sys.argv[1:]))")
+    return command
+
+
 def run_and_kill_at(command: list[str], stage: int) -> None:
     """Start `command`; SIGKILL it when it announces stage `stage` (or let it finish)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -51,7 +63,7 @@ def run_and_kill_at(command: list[str], stage: int) -> None:
 @pytest.mark.parametrize("stage", range(1, STAGES + 1))
 def test_export_killed_at_each_stage_leaves_no_bundle_and_reruns(checkpoint, tmp_path, stage):
     dist = tmp_path / "dist"
-    run_and_kill_at(export_command(checkpoint, dist, "0.8"), stage)
+    run_and_kill_at(held_export_command(checkpoint, dist, "0.8", stage), stage)
     with pytest.raises(MissingFileError, match="not a finished FlexRank bundle"):
         load_manifest(dist)
     # the same command again succeeds (no stale lock, no folder in the way) and clears
