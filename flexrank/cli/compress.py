@@ -98,12 +98,17 @@ def whole_number(low: int):
     return parse
 
 
-def positive_number(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _number(text: str) -> float:
+    """`text` as a float, or ArgumentTypeError saying it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be > 0")
     return value
@@ -111,10 +116,7 @@ def positive_number(text: str) -> float:
 
 def non_negative_number(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 0")
     return value
@@ -122,10 +124,7 @@ def non_negative_number(text: str) -> float:
 
 def open_fraction(text: str) -> float:
     """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be in (0, 1) (a "
                                          "fraction of the blocks; some must stay as donors)")
